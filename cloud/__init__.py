@@ -1,0 +1,1 @@
+"""edgesplit.cloud (built by later issues)."""

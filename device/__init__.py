@@ -1,0 +1,1 @@
+"""edgesplit.device (built by later issues)."""

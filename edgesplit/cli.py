@@ -1,0 +1,227 @@
+"""The `edgesplit` command: argument parsing and printing only; the work lives in `edgesplit.runtime`.
+
+    edgesplit pull NAME
+    edgesplit convert MODEL --out DIR [--precisions q4,q8,f16,f32]
+    edgesplit generate [--model M] [--chat] [...] PROMPT
+    edgesplit eval --text FILE [...]
+    edgesplit bench [--vs llama.cpp] [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from edgesplit import __version__
+from edgesplit.runtime.errors import ConfigError, EdgesplitError
+from edgesplit.runtime.models import KNOWN_MODELS
+
+log = logging.getLogger("edgesplit.cli")
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MAX_SEQ_LEN = 2048  # capped at the model's context length
+
+
+def _int_list(text: str) -> list[int]:
+    """'0,12,30' -> [0, 12, 30]."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    """'q4,q8' -> ('q4', 'q8')."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"known model name ({', '.join(sorted(KNOWN_MODELS))}), GGUF path or model store "
+                        f"directory (default {DEFAULT_MODEL})")
+
+
+def _add_engine(p: argparse.ArgumentParser, segments: bool = True) -> None:
+    """Precision, accuracy, thread (and segment) flags shared by generate, eval and bench."""
+    p.add_argument("--precision", default="q4", help="layer weight precision: q4, q8, f16, f32 (default q4)")
+    p.add_argument("--head-precision", default="q8", help="embedding/head precision: q8, f16, f32 (default q8)")
+    p.add_argument("--kv-precision", default="f32", help="KV cache precision (default f32)")
+    p.add_argument("--accuracy-level", type=int, default=0,
+                   help="MatMulNBits accuracy level of the layers: 0 = fp32 compute, 4 = int8 activations")
+    p.add_argument("--head-accuracy-level", type=int, default=4, help="accuracy level of the head (default 4)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    if segments:
+        p.add_argument("--segments", type=_int_list, default=None, metavar="A,B,...",
+                       help="cut points of consecutive local segments, e.g. 0,12,30 (default: one segment)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging to stderr")
+    parser = argparse.ArgumentParser(prog="edgesplit", parents=[common],
+                                     description="Run an LLM split between a small device and a cloud worker.")
+    parser.add_argument("--version", action="version", version=f"edgesplit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pull", parents=[common], help="download a known model's GGUF into the cache",
+                       description=f"Known models: {', '.join(sorted(KNOWN_MODELS))}.")
+    p.add_argument("name", metavar="NAME", help=f"one of: {', '.join(sorted(KNOWN_MODELS))}")
+    p.add_argument("--force", action="store_true", help="download again even if a cached file exists")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("convert", parents=[common], help="convert a GGUF into a model store")
+    p.add_argument("model", metavar="MODEL", help="known model name or GGUF path")
+    p.add_argument("--out", required=True, metavar="DIR", help="model store directory to write")
+    p.add_argument("--precisions", type=_str_list, default=("q4", "q8", "f16", "f32"),
+                   help="layer precisions to store (default q4,q8,f16,f32)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", parents=[common], help="generate text, streamed to stdout")
+    _add_model(p)
+    _add_engine(p)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help=f"KV cache capacity in tokens (default {DEFAULT_MAX_SEQ_LEN} or the model context)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible draws)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", parents=[common], help="perplexity and agreement on a text file (JSON)")
+    _add_model(p)
+    p.add_argument("--text", required=True, metavar="FILE", help="text file to evaluate on")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens of the file to use (default 4096)")
+    p.add_argument("--window", type=int, default=512, help="tokens per teacher-forced window (default 512)")
+    _add_engine(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", parents=[common], help="prefill/decode speed (JSON)")
+    _add_model(p)
+    _add_engine(p, segments=False)
+    p.add_argument("--vs", choices=["llama.cpp"], default=None, help="also run this reference on the same GGUF")
+    p.add_argument("--runs", type=int, default=5, help="repetitions (default 5)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from edgesplit.runtime.models import pull
+
+    print(pull(args.name, progress=True, force=args.force))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from edgesplit.runtime.models import resolve_gguf
+    from edgesplit.runtime.store import convert
+
+    print(convert(resolve_gguf(args.model), args.out, precisions=args.precisions, progress=True))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from edgesplit.runtime.generate import check_fits, load_local, load_tokenizer, stream_generate
+    from edgesplit.runtime.models import resolve_store
+    from edgesplit.runtime.sampling import SamplingParams
+    from edgesplit.runtime.store import ModelStore
+
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system needs --chat")
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    store = ModelStore(resolve_store(args.model, (args.precision,)))
+    max_seq_len = args.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, store.config.context_length)
+    tok = load_tokenizer(store)
+    ids = tok.encode(tok.chat_prompt(args.prompt, args.system) if args.chat else args.prompt)
+    check_fits(len(ids), args.max_tokens, max_seq_len)  # before the engines load (seconds)
+    engines = load_local(store, precision=args.precision, head_precision=args.head_precision,
+                         kv_precision=args.kv_precision, max_seq_len=max_seq_len, threads=args.threads,
+                         accuracy_level=args.accuracy_level, head_accuracy_level=args.head_accuracy_level,
+                         segments=args.segments)
+    last, ended_newline = None, True
+    for last in stream_generate(engines, tok, ids, params, max_tokens=args.max_tokens, max_seq_len=max_seq_len):
+        if last.text:
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+            ended_newline = last.text.endswith("\n")
+    if not ended_newline:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if last is not None:
+        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
+              f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
+              f"peak RSS {last.peak_rss_mb:.0f} MB | finish: {last.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def _run_external(module: str, func: str, args: argparse.Namespace) -> int:
+    """Call `edgesplit.runtime.<module>.<func>(args) -> dict` (imported lazily) and print it as JSON."""
+    import importlib
+
+    try:
+        fn = getattr(importlib.import_module(f"edgesplit.runtime.{module}"), func)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"edgesplit.runtime.{module}":
+            raise  # a missing dependency inside the module: show the real error
+        raise EdgesplitError(f"edgesplit.runtime.{module} is not available in this build") from exc
+    print(json.dumps(fn(args)))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    return _run_external("evaluate", "cli_eval", args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return _run_external("bench", "cli_bench", args)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time (so in-process callers can capture it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property always wins
+        pass
+
+
+def _setup_logging(verbose: bool) -> None:
+    """Log to stderr (stdout carries the generated text): INFO by default, DEBUG with -v."""
+    logger = logging.getLogger("edgesplit")
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `edgesplit` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    try:
+        return args.func(args)
+    except EdgesplitError as exc:
+        print(f"edgesplit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgesplit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `edgesplit generate ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1

@@ -1,0 +1,1 @@
+"""edgesplit.firmware_configs (built by later issues)."""

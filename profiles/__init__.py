@@ -1,0 +1,1 @@
+"""edgesplit.profiles (built by later issues)."""

@@ -1,0 +1,157 @@
+"""Throughput benchmark: prefill and greedy decode tok/s of our engine, optionally vs llama.cpp.
+
+Both engines get the same prompt ids and do the same work per step: a forward pass for one token
+and an argmax over the full vocabulary. With `vs_llama`, llama.cpp runs in the same process and
+the timed runs interleave (ours, theirs, ours, theirs, ...) so machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .engine import SegmentEngine
+from .errors import ConfigError, EdgesplitError
+from .evaluate import engine_settings
+from .store import ModelStore
+
+FIRST_ORDINARY_ID = 17  # SmolLM2 has 17 special tokens (ids 0-16); smaller vocabs wrap below
+_STRIDE = 7919  # a prime: consecutive ids spread over the vocabulary
+
+
+def prompt_ids(n: int, vocab_size: int) -> np.ndarray:
+    """Deterministic prompt (n,) int64: (17 + 7919 * i) mod the ordinary-id range, no specials.
+
+    Not text, but speed does not depend on which ids are fed, and both engines get these ids.
+    """
+    first = FIRST_ORDINARY_ID if vocab_size > 2 * FIRST_ORDINARY_ID else 0
+    return (first + (np.arange(n, dtype=np.int64) * _STRIDE) % (vocab_size - first)).astype(np.int64)
+
+
+def _time_ours(eng: SegmentEngine, ids: np.ndarray, decode_tokens: int) -> tuple[float, float]:
+    """(prefill_s, decode_s): prefill + first argmax, then decode_tokens greedy steps."""
+    eng.reset()
+    t0 = time.perf_counter()
+    tok = int(np.argmax(eng.prefill(ids)[-1]))  # logits (1, V) of the last position
+    t1 = time.perf_counter()
+    step = np.empty(1, np.int64)
+    for _ in range(decode_tokens):
+        step[0] = tok
+        tok = int(np.argmax(eng.decode(step)[0]))  # (1, V) -> next id
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _time_llama(llm, ids: list[int], decode_tokens: int, vocab_size: int) -> tuple[float, float]:
+    """llama.cpp doing the same: eval the prompt, argmax, then greedy eval one token at a time.
+
+    With logits_all=False, llama-cpp-python no longer copies logits into `llm.scores`; the last
+    position's row is read in place through llama_get_logits_ith(ctx, -1) (no copy).
+    """
+    import llama_cpp
+
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab_size,))
+
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    tok = int(np.argmax(last_logits()))
+    t1 = time.perf_counter()
+    for _ in range(decode_tokens):
+        llm.eval([tok])
+        tok = int(np.argmax(last_logits()))
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: int = 2, runs: int = 5,
+          prompt_tokens: int = 128, decode_tokens: int = 128, vs_llama: bool = False,
+          **engine_kwargs) -> dict:
+    """Median prefill and decode tok/s over `runs` timed runs after one warm-up run.
+
+    prefill_tok_s = prompt_tokens / (prefill + first argmax) time; decode_tok_s = decode_tokens /
+    time of that many greedy steps (forward + argmax each). peak_rss_mb is this process's peak
+    RSS after our engine ran and before llama.cpp loads (it includes whatever the process held
+    before the call). With vs_llama, llama.cpp runs `gguf_path` in this process, interleaved with
+    ours, and ref_prefill_tok_s, ref_decode_tok_s, prefill_ratio and decode_ratio (ours / theirs)
+    are added. `engine_kwargs` go to SegmentEngine (precision, accuracy_level, ...).
+    """
+    if runs < 1 or prompt_tokens < 1 or decode_tokens < 1:
+        raise ConfigError(f"runs ({runs}), prompt_tokens ({prompt_tokens}) and decode_tokens "
+                          f"({decode_tokens}) must be at least 1")
+    llama_cpp = None
+    if vs_llama:
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise EdgesplitError("bench --vs llama.cpp needs llama-cpp-python: "
+                                 "pip install -e '.[bench]' (extra 'bench')") from exc
+        if gguf_path is None or not Path(gguf_path).is_file():
+            raise EdgesplitError(f"{gguf_path}: GGUF file for llama.cpp not found")
+    cfg = store.config
+    total = prompt_tokens + decode_tokens
+    settings = engine_settings(threads=threads, max_seq_len=total, **engine_kwargs)
+    load_avg_1m = os.getloadavg()[0]  # noise indicator: the machine may be shared
+    ids = prompt_ids(prompt_tokens, cfg.vocab_size)
+
+    eng = SegmentEngine(store, **settings)
+    _time_ours(eng, ids, decode_tokens)  # warm-up
+    peak_rss_mb = _peak_rss_mb()
+
+    llm = None
+    if vs_llama:
+        llm = llama_cpp.Llama(model_path=os.fspath(gguf_path), n_ctx=max(512, total), n_threads=threads,
+                              n_threads_batch=threads, n_batch=max(512, prompt_tokens),
+                              verbose=False, logits_all=False)
+        ref_ids = ids.tolist()
+        _time_llama(llm, ref_ids, decode_tokens, cfg.vocab_size)  # warm-up
+
+    ours, theirs = [], []  # (prefill_s, decode_s) per run
+    for _ in range(runs):
+        ours.append(_time_ours(eng, ids, decode_tokens))
+        if llm is not None:
+            theirs.append(_time_llama(llm, ref_ids, decode_tokens, cfg.vocab_size))
+
+    def rates(times: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+        return ([prompt_tokens / p for p, _ in times], [decode_tokens / d for _, d in times])
+
+    pre, dec = rates(ours)
+    out = {"prefill_tok_s": statistics.median(pre), "decode_tok_s": statistics.median(dec),
+           "peak_rss_mb": peak_rss_mb, "prefill_tok_s_runs": pre, "decode_tok_s_runs": dec}
+    if llm is not None:
+        rpre, rdec = rates(theirs)
+        out.update(ref_prefill_tok_s=statistics.median(rpre), ref_decode_tok_s=statistics.median(rdec),
+                   ref_prefill_tok_s_runs=rpre, ref_decode_tok_s_runs=rdec)
+        out["prefill_ratio"] = out["prefill_tok_s"] / out["ref_prefill_tok_s"]
+        out["decode_ratio"] = out["decode_tok_s"] / out["ref_decode_tok_s"]
+        del llm
+    out.update({k: settings[k] for k in ("precision", "head_precision", "kv_precision",
+                                         "accuracy_level", "head_accuracy_level")})
+    out.update(threads=threads, runs=runs, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+               vs="llama.cpp" if vs_llama else None, load_avg_1m=load_avg_1m)
+    return out
+
+
+def cli_bench(args) -> dict:
+    """`edgesplit bench`: resolve the model store (and GGUF for --vs llama.cpp), then bench."""
+    from .models import resolve_gguf, resolve_store
+
+    vs = getattr(args, "vs", None)
+    if vs not in (None, "llama.cpp"):
+        raise ConfigError(f"--vs {vs!r}: the only reference engine is 'llama.cpp'")
+    store = ModelStore(resolve_store(args.model, precisions=(args.precision,)))
+    gguf = resolve_gguf(args.model) if vs else None
+    kwargs = {k: getattr(args, k) for k in ("precision", "head_precision", "kv_precision",
+                                            "accuracy_level", "head_accuracy_level")
+              if getattr(args, k, None) is not None}
+    return bench(store, gguf, threads=args.threads, runs=args.runs, prompt_tokens=args.prompt_tokens,
+                 decode_tokens=args.decode_tokens, vs_llama=vs is not None, **kwargs)

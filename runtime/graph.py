@@ -1,0 +1,204 @@
+"""Build the onnxruntime graph of one segment: layers [start, end) of a llama model.
+
+One graph per segment keeps per-step overhead low: a decode step is one `run` call. Hidden states
+are 2-D `(T, d)` throughout (one session per engine). The KV cache of every layer is a graph
+input `past_key.{i}` aliased by IO binding to the output `present_key.{i}`, so GroupQueryAttention
+appends in place into a buffer preallocated to the maximum sequence length.
+
+Inputs:  `input_ids` int64 (T,) if start == 0, else `hidden_in` f32 (T, d);
+         `seqlens_k` int32 (1,) = past + T - 1; `total_seq_len` int32 () = past + T;
+         `logits_index` int64 (n,) positions whose logits are wanted (only if end == L).
+Outputs: `logits` f32 (n, V) if end == L, else `hidden_out` f32 (T, d); present_key/value.{i}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .hparams import ModelConfig
+
+KV_TYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
+OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """What one engine runs: a half-open global layer range and its precisions."""
+
+    config: ModelConfig
+    start: int
+    end: int
+    precision: str = "q4"  # layer weights
+    head_precision: str = "q8"  # embedding table and head
+    kv_precision: str = "f32"
+    max_seq_len: int = 2048
+    accuracy_level: int = 0  # layers' MatMulNBits: 0 = fp32 compute (exact), 4 = int8 activations
+    head_accuracy_level: int = 4  # the head's; 8-bit MatMulNBits has no fast fp32 kernel
+
+    @property
+    def has_embedding(self) -> bool:
+        return self.start == 0
+
+    @property
+    def has_head(self) -> bool:
+        return self.end == self.config.n_layers
+
+
+class _Graph:
+    """Accumulates nodes and initializers with unique names."""
+
+    def __init__(self, accuracy_level: int):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.acc = accuracy_level
+        self._n = 0
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        outs = [self.name(op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name("n"), domain=domain, **attrs))
+        return outs
+
+    def op1(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
+        return self.op(op_type, inputs, 1, domain, **attrs)[0]
+
+    def linear(self, x: str, w: dict[str, np.ndarray], prefix: str, k: int, acc: int | None = None) -> str:
+        """y = x @ W^T for one (possibly fused) weight in shard layout; x is (T, K)."""
+        if "weight" in w:  # f16/f32: dense fp32 compute
+            wt = self.init(f"{prefix}.wT", w["weight"].astype(np.float32).T)
+            return self.op1("MatMul", [x, wt])
+        qw = w["qweight"]
+        n, nb = qw.shape[0], qw.shape[1]
+        bits = 4 if qw.shape[2] == 16 else 8
+        inputs = [x, self.init(f"{prefix}.qweight", qw), self.init(f"{prefix}.scales", w["scales"].astype(np.float32).reshape(-1))]
+        # No zero-point input: MatMulNBits then uses 2^(bits-1), its fast path (an explicit
+        # zero-point tensor made the 8-bit head ~200x slower). Q8_0 is exactly d * (u - 128);
+        # Q4_1's d * q + m is rewritten d * (q - 8) + (m + 8d), the mins going in a correction.
+        y = self.op1("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=bits, block_size=32,
+                     accuracy_level=self.acc if acc is None else acc)
+        if bits == 4 and "mins" in w:
+            # sum_b m[n,b] * sum_{k in b} x[k]: blocksum(x) (T, nb) @ M^T (nb, N), added to y
+            xb = self.op1("Reshape", [x, self.init(self.name("shape"), np.array([-1, nb, 32], np.int64))])
+            bs = self.op1("ReduceSum", [xb, self.init(self.name("axes"), np.array([2], np.int64))], keepdims=0)
+            mins = w["mins"].astype(np.float32) + np.float32(8) * w["scales"].astype(np.float32)
+            mt = self.init(f"{prefix}.minsT", mins.T)
+            y = self.op1("Gemm", [bs, mt, y])
+        return y
+
+
+def _fuse(ws: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack several weights of one input along N so one kernel computes them all."""
+    return {key: np.concatenate([w[key] for w in ws], axis=0) for key in ws[0]}
+
+
+def _matrix(layer: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    return {k.split(".", 1)[1]: v for k, v in layer.items() if k.startswith(name + ".")}
+
+
+def rope_cache(cfg: ModelConfig, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables (max_seq_len, head_dim / 2) for RoPE on adjacent pairs."""
+    half = cfg.head_dim // 2
+    inv = (np.float64(cfg.rope_base) ** (-np.arange(half, dtype=np.float64) * 2 / cfg.head_dim))
+    ang = np.arange(max_seq_len, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | None,
+                  head: dict | None, output_norm: np.ndarray | None, kv_scales: dict | None = None
+                  ) -> onnx.ModelProto:
+    """The ONNX model of a segment from its shard tensors (see module docstring for I/O)."""
+    cfg = spec.config
+    d, hd = cfg.d_model, cfg.head_dim
+    g = _Graph(spec.accuracy_level)
+    inputs, outputs = [], []
+    kv_type = KV_TYPES[spec.kv_precision]
+    cache_shape = [1, cfg.n_kv_heads, spec.max_seq_len, hd]
+
+    if spec.has_embedding:
+        inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["T"]))
+        h = _embed(g, embedding, "input_ids")
+    else:
+        inputs.append(helper.make_tensor_value_info("hidden_in", TensorProto.FLOAT, ["T", d]))
+        h = "hidden_in"
+    inputs.append(helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]))
+    inputs.append(helper.make_tensor_value_info("total_seq_len", TensorProto.INT32, []))
+    cos, sin = rope_cache(cfg, spec.max_seq_len)
+    g.init("rope.cos", cos)
+    g.init("rope.sin", sin)
+    shape_3d = g.init("shape.3d", np.array([1, -1, cfg.n_heads * hd + 2 * cfg.n_kv_heads * hd], np.int64))
+    shape_2d = g.init("shape.2d", np.array([-1, d], np.int64))
+    eps = float(cfg.norm_eps)
+
+    pending = None  # residual branch not yet added to h (fused into the next norm)
+    for i in range(spec.start, spec.end):
+        w = layers[i]
+        if pending is None:
+            xn = g.op1("SimplifiedLayerNormalization", [h, g.init(f"{i}.attn_norm", w["attn_norm"])], epsilon=eps, axis=-1)
+        else:
+            xn, _, _, h = g.op("SkipSimplifiedLayerNormalization", [h, pending, g.init(f"{i}.attn_norm", w["attn_norm"])],
+                               n_out=4, domain="com.microsoft", epsilon=eps)
+        qkv = g.linear(xn, _fuse([_matrix(w, "attn_q"), _matrix(w, "attn_k"), _matrix(w, "attn_v")]), f"{i}.qkv", d)
+        qkv3 = g.op1("Reshape", [qkv, shape_3d])
+        pk, pv = f"past_key.{i}", f"past_value.{i}"
+        for name in (pk, pv):
+            inputs.append(helper.make_tensor_value_info(name, kv_type, cache_shape))
+        gqa_in = [qkv3, "", "", pk, pv, "seqlens_k", "total_seq_len", "rope.cos", "rope.sin"]
+        attrs = {}
+        if spec.kv_precision == "int8":
+            ks, vs = kv_scales[i]
+            gqa_in += ["", "", "", g.init(f"{i}.k_scale", ks), g.init(f"{i}.v_scale", vs)]
+            attrs = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+        attn = f"attn.{i}"
+        g.nodes.append(helper.make_node(
+            "GroupQueryAttention", gqa_in, [attn, f"present_key.{i}", f"present_value.{i}"],
+            name=f"gqa.{i}", domain="com.microsoft", num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads,
+            do_rotary=1, rotary_interleaved=1, **attrs))
+        for name in (f"present_key.{i}", f"present_value.{i}"):
+            outputs.append(helper.make_tensor_value_info(name, kv_type, cache_shape))
+        a2 = g.op1("Reshape", [attn, shape_2d])
+        o = g.linear(a2, _matrix(w, "attn_output"), f"{i}.o", d)
+        xn, _, _, h = g.op("SkipSimplifiedLayerNormalization", [h, o, g.init(f"{i}.ffn_norm", w["ffn_norm"])],
+                           n_out=4, domain="com.microsoft", epsilon=eps)
+        gu = g.linear(xn, _fuse([_matrix(w, "ffn_gate"), _matrix(w, "ffn_up")]), f"{i}.gate_up", d)
+        gate, up = g.op("Split", [gu, g.init(g.name("split"), np.array([cfg.d_ffn, cfg.d_ffn], np.int64))], n_out=2, axis=1)
+        act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])  # SwiGLU
+        pending = g.linear(act, _matrix(w, "ffn_down"), f"{i}.down", cfg.d_ffn)
+
+    if pending is not None:
+        h = g.op1("Add", [h, pending])
+    if spec.has_head:
+        inputs.append(helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n"]))
+        hn = g.op1("SimplifiedLayerNormalization", [h, g.init("output_norm", output_norm)], epsilon=eps, axis=-1)
+        hsel = g.op1("Gather", [hn, "logits_index"], axis=0)
+        logits = g.linear(hsel, head, "head", d, acc=spec.head_accuracy_level)
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
+        outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", cfg.vocab_size]))
+    else:
+        g.nodes.append(helper.make_node("Identity", [h], ["hidden_out"], name="hidden_out"))
+        outputs.insert(0, helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT, ["T", d]))
+    graph = helper.make_graph(g.nodes, f"segment_{spec.start}_{spec.end}", inputs, outputs, g.inits)
+    return helper.make_model(graph, opset_imports=OPSETS, ir_version=10)
+
+
+def _embed(g: _Graph, emb: dict[str, np.ndarray], ids: str) -> str:
+    if "weight" in emb:
+        return g.op1("Gather", [g.init("embd.table", emb["weight"].astype(np.float32)), ids], axis=0)
+    qw = emb["qweight"]  # q8 (V, nb, 32) uint8 with zero point 128
+    v, nb = qw.shape[0], qw.shape[1]
+    return g.op1("GatherBlockQuantized", [
+        g.init("embd.qweight", qw.reshape(v, nb * 32)),
+        ids,
+        g.init("embd.scales", emb["scales"].astype(np.float32)),
+        g.init("embd.zp", np.full((v, nb), 128, np.uint8)),
+    ], domain="com.microsoft", bits=8, block_size=32, gather_axis=0, quantize_axis=1)

@@ -1,0 +1,38 @@
+"""Architecture hyperparameters of a llama-family model, shared by the store, engines and reference."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .errors import ModelFormatError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a llama decoder. Layer indices are global: `[0, n_layers)`."""
+
+    n_layers: int
+    d_model: int
+    d_ffn: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    rope_base: float
+    norm_eps: float
+    tied_head: bool  # head matrix is the embedding table (no `output.weight` in the GGUF)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "manifest") -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        missing = names - set(data)
+        if unknown or missing:
+            raise ModelFormatError(
+                f"{source}: config fields unknown {sorted(unknown)} / missing {sorted(missing)}"
+            )
+        return cls(**data)

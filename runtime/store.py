@@ -1,0 +1,246 @@
+"""Model store: a directory made by `convert` that describes itself.
+
+    manifest.json            format version, config, tokenizer, chat template, one entry per shard
+    tokenizer.json           rebuilt from the GGUF metadata with the `tokenizers` library
+    blk.{i}.{precision}.bin  one layer's weights at one precision (norms always f32)
+    token_embd.{p}.bin       embedding table (also the head when the model ties them)
+    output.{p}.bin           head matrix, only for untied models
+    output_norm.f32.bin      final RMSNorm weight
+
+A shard is its tensors back to back at 64-byte aligned offsets, so a segment's layer comes in
+with one contiguous read. Converting twice gives the same bytes (no timestamps, sorted keys).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import quant
+from .errors import ChecksumError, ConfigError, ModelFormatError, StoreVersionError
+from .gguf_model import LAYER_MATRICES, LAYER_NORMS, GGUFModel
+from .hparams import ModelConfig
+from .kv_calibration import CALIBRATION_TEXT, calibrate_kv
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ALIGN = 64
+EMBEDDING_PRECISIONS = ("q8", "f16", "f32")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One file of the store: a layer (`blk.3`), `token_embd`, `output` or `output_norm`."""
+
+    name: str
+    precision: str
+    file: str
+    nbytes: int
+    sha256: str
+    tensors: tuple[TensorEntry, ...]
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["tensors"] = [dict(t.__dict__, shape=list(t.shape)) for t in self.tensors]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardEntry":
+        tensors = tuple(TensorEntry(**dict(t, shape=tuple(t["shape"]))) for t in d["tensors"])
+        return cls(**dict(d, tensors=tensors))
+
+
+def _pack(tensors: dict[str, np.ndarray]) -> tuple[bytes, tuple[TensorEntry, ...]]:
+    """Concatenate tensors at aligned offsets; returns the file bytes and their table."""
+    parts, entries, offset = [], [], 0
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        pad = -offset % ALIGN
+        parts.append(b"\0" * pad)
+        offset += pad
+        entries.append(TensorEntry(name, arr.dtype.name, tuple(arr.shape), offset, arr.nbytes))
+        parts.append(arr.tobytes())
+        offset += arr.nbytes
+    return b"".join(parts), tuple(entries)
+
+
+def _layer_tensors(model: GGUFModel, i: int, precision: str) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name in LAYER_NORMS:
+        out[name] = quant.dequantize(model.tensor(f"blk.{i}.{name}.weight"))
+    for name in LAYER_MATRICES:
+        for part, arr in quant.to_precision(model.tensor(f"blk.{i}.{name}.weight"), precision).items():
+            out[f"{name}.{part}"] = arr
+    return out
+
+
+def _shard_jobs(model: GGUFModel, precisions: tuple[str, ...], head_precisions: tuple[str, ...]):
+    """(name, precision, thunk producing its tensors) for every shard of the store."""
+    jobs = [("output_norm", "f32", lambda: {"weight": quant.dequantize(model.tensor("output_norm.weight"))})]
+    for p in head_precisions:
+        jobs.append(("token_embd", p, lambda p=p: quant.to_precision(model.tensor("token_embd.weight"), p)))
+        if not model.config.tied_head:
+            jobs.append(("output", p, lambda p=p: quant.to_precision(model.tensor("output.weight"), p)))
+    for i in range(model.config.n_layers):
+        for p in precisions:
+            jobs.append((f"blk.{i}", p, lambda i=i, p=p: _layer_tensors(model, i, p)))
+    return jobs
+
+
+def convert(
+    gguf_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    precisions: tuple[str, ...] = quant.PRECISIONS,
+    head_precisions: tuple[str, ...] = EMBEDDING_PRECISIONS,
+    progress: bool = True,
+) -> Path:
+    """Write a model store for `gguf_path` into `out_dir` atomically; returns `out_dir`."""
+    for p in precisions:
+        if p not in quant.PRECISIONS:
+            raise ConfigError(f"layer precision {p!r} is not one of {', '.join(quant.PRECISIONS)}")
+    for p in head_precisions:
+        if p not in EMBEDDING_PRECISIONS:
+            raise ConfigError(f"head precision {p!r} is not one of {', '.join(EMBEDDING_PRECISIONS)}")
+    out = Path(out_dir)
+    if out.exists() and not (out / "manifest.json").is_file():
+        raise ConfigError(f"{out}: exists and is not a model store; refusing to overwrite it")
+    model = GGUFModel(gguf_path)
+    from .tokenizer import build_tokenizer  # heavy; only convert needs it
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shards = []
+        jobs = _shard_jobs(model, tuple(precisions), tuple(head_precisions))
+        for name, p, make in tqdm(jobs, desc=f"convert {Path(gguf_path).name}", unit="shard", disable=not progress):
+            data, entries = _pack(make())
+            file = f"{name}.{p}.bin"
+            (tmp / file).write_bytes(data)
+            shards.append(ShardEntry(name, p, file, len(data), hashlib.sha256(data).hexdigest(), entries))
+        tok = build_tokenizer(model.metadata)
+        tok.save(str(tmp / "tokenizer.json"))
+        manifest = _manifest(model, shards, tuple(precisions), tuple(head_precisions))
+        calibration_ids = tok.encode(CALIBRATION_TEXT, add_special_tokens=False).ids
+        manifest["kv_calibration"] = calibrate_kv(model, calibration_ids)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _manifest(model: GGUFModel, shards, precisions, head_precisions) -> dict:
+    md = model.metadata
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_name": str(md.get("general.name", model.path.stem)),
+        "source": {"file": model.path.name, "bytes": model.path.stat().st_size},
+        "config": model.config.to_dict(),
+        "precisions": list(precisions),
+        "head_precisions": list(head_precisions),
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "bos_id": md.get("tokenizer.ggml.bos_token_id"),
+            "eos_id": md.get("tokenizer.ggml.eos_token_id"),
+            "chat_template": md.get("tokenizer.chat_template"),
+        },
+        "shards": [s.to_dict() for s in shards],
+    }
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Swap `new` into place at `out` so a reader never sees a half-written store."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class ModelStore:
+    """An opened model store. Loads shards on demand and verifies each one's size and sha256."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.is_file():
+            raise ModelFormatError(f"{self.path}: not a model store (no manifest.json)")
+        try:
+            m = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelFormatError(f"{mpath}: not valid JSON ({exc})") from exc
+        version = m.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreVersionError(
+                f"{mpath}: format_version {version!r} is not supported (this runtime reads {FORMAT_VERSION})"
+            )
+        try:
+            self.manifest = m
+            self.config = ModelConfig.from_dict(m["config"], source=str(mpath))
+            self.precisions = tuple(m["precisions"])
+            self.head_precisions = tuple(m["head_precisions"])
+            self.shards = {(s["name"], s["precision"]): ShardEntry.from_dict(s) for s in m["shards"]}
+            self.tokenizer_info = m["tokenizer"]
+        except (KeyError, TypeError) as exc:
+            raise ModelFormatError(f"{mpath}: malformed manifest ({exc!r})") from exc
+        self.bytes_read = 0  # every shard byte this process read from the store
+
+    def shard_entry(self, name: str, precision: str) -> ShardEntry:
+        entry = self.shards.get((name, precision))
+        if entry is None:
+            have = sorted(p for (n, p) in self.shards if n == name)
+            raise ConfigError(
+                f"{self.path}: no shard {name} at precision {precision!r} (have {have}); "
+                "convert with --precisions to add it"
+            )
+        return entry
+
+    def load(self, name: str, precision: str) -> dict[str, np.ndarray]:
+        """Read one shard (one contiguous read), check it, and return its tensors as arrays."""
+        entry = self.shard_entry(name, precision)
+        fpath = self.path / entry.file
+        try:
+            data = fpath.read_bytes()
+        except OSError as exc:
+            raise ModelFormatError(f"{fpath}: cannot read shard ({exc})") from exc
+        self.bytes_read += len(data)
+        if len(data) != entry.nbytes:
+            raise ChecksumError(f"{fpath}: {len(data)} bytes, manifest says {entry.nbytes}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.sha256:
+            raise ChecksumError(f"{fpath}: sha256 {digest[:16]}... does not match manifest {entry.sha256[:16]}...")
+        buf = np.frombuffer(data, np.uint8)
+        return {
+            t.name: buf[t.offset : t.offset + t.nbytes].view(np.dtype(t.dtype)).reshape(t.shape)
+            for t in entry.tensors
+        }
+
+    def layer(self, i: int, precision: str) -> dict[str, np.ndarray]:
+        if not 0 <= i < self.config.n_layers:
+            raise ConfigError(f"layer {i} is outside [0, {self.config.n_layers})")
+        return self.load(f"blk.{i}", precision)
+
+    def head_name(self) -> str:
+        return "token_embd" if self.config.tied_head else "output"

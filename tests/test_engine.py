@@ -1,0 +1,118 @@
+"""Segment engine against the numpy reference, across segments, precisions and KV caches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.errors import ConfigError, KVCacheOverflowError
+from edgesplit.runtime.reference import ReferenceModel
+
+IDS = np.array([1, 40, 7, 263, 259, 90, 100, 2, 5, 33, 61, 120, 200, 3, 4, 9, 11, 260, 261, 8])
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tiny_gguf):
+    return ReferenceModel.from_gguf(tiny_gguf)
+
+
+def _decode_all(engine, ids, n_prefill):
+    """Logits (T, V) from a prefill of n_prefill tokens then one decode step per remaining token."""
+    rows = [engine.prefill(ids[:n_prefill], all_logits=True)]
+    rows += [engine.decode(np.array([t])) for t in ids[n_prefill:]]
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("precision,head", [("f32", "f32"), ("q4", "q8"), ("q4", "f32")])
+def test_engine_matches_reference(tiny_store, tiny_ref, precision, head):
+    # q4 is the GGUF's own Q4_1 blocks and q8 the Q8_0 table: both exact at accuracy level 0
+    e = SegmentEngine(tiny_store, precision=precision, head_precision=head, max_seq_len=64,
+                      head_accuracy_level=0)
+    want = tiny_ref.forward(IDS)
+    assert np.abs(e.prefill(IDS, all_logits=True) - want).max() <= 1e-4
+    e.reset()
+    assert np.abs(_decode_all(e, IDS, 5) - want).max() <= 1e-4
+
+
+def test_prefill_returns_last_position_only_by_default(tiny_store, tiny_ref):
+    e = SegmentEngine(tiny_store, max_seq_len=64)
+    out = e.prefill(IDS)
+    assert out.shape == (1, tiny_store.config.vocab_size)
+    assert int(out.argmax()) == int(tiny_ref.forward(IDS)[-1].argmax())
+
+
+@pytest.mark.parametrize("cuts", [[0, 1, 3], [0, 2, 3], [0, 1, 2, 3]])
+def test_segments_chain_to_the_whole(tiny_store, cuts):
+    whole = SegmentEngine(tiny_store, max_seq_len=64, precision="f32", head_precision="f32")
+    parts = [SegmentEngine(tiny_store, a, b, max_seq_len=64, precision="f32", head_precision="f32")
+             for a, b in zip(cuts, cuts[1:])]
+    want = _decode_all(whole, IDS, 6)
+    x = IDS[:6]
+    for p in parts:
+        x = p.prefill(x, all_logits=True) if p.end == 3 else p.prefill(x)
+    rows = [x]
+    for t in IDS[6:]:
+        x = np.array([t])
+        for p in parts:
+            x = p.decode(x)
+        rows.append(x)
+    got = np.concatenate(rows)
+    assert np.abs(got - want).max() <= 1e-5
+    assert parts[0].start == 0 and parts[-1].end == 3
+
+
+def test_front_segment_returns_hidden_states(tiny_store, tiny_ref):
+    front = SegmentEngine(tiny_store, 0, 2, precision="f32", max_seq_len=64)
+    h = front.prefill(IDS)
+    assert h.shape == (len(IDS), tiny_store.config.d_model)
+    assert np.abs(h - tiny_ref.hidden_states(IDS, 0, 2)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kv,tol", [("f16", 0.05), ("int8", 0.5)])
+def test_low_precision_kv_cache_stays_close(tiny_store, kv, tol):
+    ref = SegmentEngine(tiny_store, precision="f32", head_precision="f32", max_seq_len=64)
+    low = SegmentEngine(tiny_store, precision="f32", head_precision="f32", kv_precision=kv, max_seq_len=64)
+    want, got = _decode_all(ref, IDS, 4), _decode_all(low, IDS, 4)
+    assert 0 < np.abs(got - want).max() <= tol
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    assert low.kv_bytes() < ref.kv_bytes()
+
+
+def test_kv_cache_overflow_is_a_clear_error(tiny_store):
+    e = SegmentEngine(tiny_store, max_seq_len=8)
+    e.prefill(IDS[:7])
+    e.decode(np.array([5]))
+    with pytest.raises(KVCacheOverflowError, match="8 cached \\+ 1 new tokens exceeds max_seq_len 8"):
+        e.decode(np.array([5]))
+    e.reset()
+    e.prefill(IDS[:8])  # reset frees the positions
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(start=2, end=2), r"segment \[2, 2\)"),
+    (dict(start=0, end=4), r"segment \[0, 4\)"),
+    (dict(kv_precision="f8"), "kv precision 'f8'"),
+    (dict(head_precision="q4"), "head precision 'q4'"),
+    (dict(max_seq_len=100000), "max_seq_len 100000"),
+    (dict(accuracy_level=7), "accuracy_level 7"),
+])
+def test_bad_settings_are_named(tiny_store, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        SegmentEngine(tiny_store, **kwargs)
+
+
+def test_engine_reads_only_its_own_shards(tiny_gguf, tmp_path):
+    from edgesplit.runtime.store import ModelStore, convert
+
+    path = convert(tiny_gguf, tmp_path / "s", progress=False)
+    sizes = {}
+    for end in (1, 3):
+        store = ModelStore(path)
+        SegmentEngine(store, 0, end, max_seq_len=16)
+        sizes[end] = store.bytes_read
+        layer = store.shard_entry("blk.0", "q4").nbytes
+    assert sizes[3] - sizes[1] >= 2 * layer  # two more layers, plus the head side
+    back = ModelStore(path)
+    SegmentEngine(back, 2, 3, max_seq_len=16)
+    assert "token_embd" in {n for (n, _) in back.shards} and back.bytes_read < sizes[3]

@@ -1,0 +1,1 @@
+"""edgesplit.transport (built by later issues)."""
