@@ -44,18 +44,32 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         f"directory (default {DEFAULT_MODEL})")
 
 
+ENGINE_FLAGS = ("precision", "head_precision", "kv_precision", "accuracy_level", "outlier_channels",
+                "head_accuracy_level", "head_outlier_channels", "threads")
+
+
 def _add_engine(p: argparse.ArgumentParser, segments: bool = True) -> None:
     """Precision, accuracy, thread (and segment) flags shared by generate, eval and bench."""
     p.add_argument("--precision", default="q4", help="layer weight precision: q4, q8, f16, f32 (default q4)")
     p.add_argument("--head-precision", default="q8", help="embedding/head precision: q8, f16, f32 (default q8)")
     p.add_argument("--kv-precision", default="f32", help="KV cache precision (default f32)")
-    p.add_argument("--accuracy-level", type=int, default=0,
-                   help="MatMulNBits accuracy level of the layers: 0 = fp32 compute, 4 = int8 activations")
+    p.add_argument("--accuracy-level", type=int, default=4,
+                   help="MatMulNBits accuracy level of the layers: 0 = fp32 compute (exact), "
+                        "4 = int8 activations (default, faster)")
+    p.add_argument("--outlier-channels", type=int, default=8,
+                   help="at accuracy level 4: calibrated input channels per attention/FFN input kept in fp32 (default 8)")
     p.add_argument("--head-accuracy-level", type=int, default=4, help="accuracy level of the head (default 4)")
+    p.add_argument("--head-outlier-channels", type=int, default=16,
+                   help="at head accuracy level 4: head input channels kept in fp32 (default 16)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     if segments:
         p.add_argument("--segments", type=_int_list, default=None, metavar="A,B,...",
                        help="cut points of consecutive local segments, e.g. 0,12,30 (default: one segment)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """SegmentEngine keyword arguments from the engine flags."""
+    return {k: getattr(args, k) for k in ENGINE_FLAGS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,10 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = load_tokenizer(store)
     ids = tok.encode(tok.chat_prompt(args.prompt, args.system) if args.chat else args.prompt)
     check_fits(len(ids), args.max_tokens, max_seq_len)  # before the engines load (seconds)
-    engines = load_local(store, precision=args.precision, head_precision=args.head_precision,
-                         kv_precision=args.kv_precision, max_seq_len=max_seq_len, threads=args.threads,
-                         accuracy_level=args.accuracy_level, head_accuracy_level=args.head_accuracy_level,
-                         segments=args.segments)
+    engines = load_local(store, segments=args.segments, max_seq_len=max_seq_len, **engine_kwargs(args))
     last, ended_newline = None, True
     for last in stream_generate(engines, tok, ids, params, max_tokens=args.max_tokens, max_seq_len=max_seq_len):
         if last.text:

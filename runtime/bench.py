@@ -135,7 +135,8 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
         out["decode_ratio"] = out["decode_tok_s"] / out["ref_decode_tok_s"]
         del llm
     out.update({k: settings[k] for k in ("precision", "head_precision", "kv_precision",
-                                         "accuracy_level", "head_accuracy_level")})
+                                         "accuracy_level", "outlier_channels",
+                                            "head_accuracy_level", "head_outlier_channels")})
     out.update(threads=threads, runs=runs, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
                vs="llama.cpp" if vs_llama else None, load_avg_1m=load_avg_1m)
     return out
@@ -151,7 +152,8 @@ def cli_bench(args) -> dict:
     store = ModelStore(resolve_store(args.model, precisions=(args.precision,)))
     gguf = resolve_gguf(args.model) if vs else None
     kwargs = {k: getattr(args, k) for k in ("precision", "head_precision", "kv_precision",
-                                            "accuracy_level", "head_accuracy_level")
+                                            "accuracy_level", "outlier_channels",
+                                            "head_accuracy_level", "head_outlier_channels")
               if getattr(args, k, None) is not None}
     return bench(store, gguf, threads=args.threads, runs=args.runs, prompt_tokens=args.prompt_tokens,
                  decode_tokens=args.decode_tokens, vs_llama=vs is not None, **kwargs)

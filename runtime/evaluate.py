@@ -181,7 +181,8 @@ def evaluate(store: ModelStore, reference, tokens, *, window: int = 512, segment
         stats.add(ref, ours, ids[1:])
     out = stats.result()
     out.update({k: settings[k] for k in ("precision", "head_precision", "kv_precision",
-                                         "accuracy_level", "head_accuracy_level", "threads")})
+                                         "accuracy_level", "outlier_channels",
+                                            "head_accuracy_level", "head_outlier_channels", "threads")})
     out.update(segments=bounds, window=window)
     return out
 
@@ -199,7 +200,8 @@ def cli_eval(args) -> dict:
     tokens = text_tokens(text, load_tokenizer(store), args.tokens)
     reference = ReferenceModel.from_gguf(resolve_gguf(args.model))
     kwargs = {k: getattr(args, k) for k in ("precision", "head_precision", "kv_precision",
-                                            "accuracy_level", "head_accuracy_level", "threads")
+                                            "accuracy_level", "outlier_channels",
+                                            "head_accuracy_level", "head_outlier_channels", "threads")
               if getattr(args, k, None) is not None}
     out = evaluate(store, reference, tokens, window=args.window, segments=args.segments, **kwargs)
     out["text"] = str(text)

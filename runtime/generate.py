@@ -187,12 +187,11 @@ def generate(segments: Sequence[Segment], tokenizer: Tokenizer, prompt: str | Se
     return "".join(r.text for r in stream_generate(segments, tokenizer, prompt, params, **kwargs))
 
 
-def load_local(store: ModelStore | str | os.PathLike, *, precision: str = "q4", head_precision: str = "q8",
-               kv_precision: str = "f32", max_seq_len: int = 2048, threads: int = 2,
-               accuracy_level: int = 0, head_accuracy_level: int = 4,
-               segments: Sequence[int] | None = None) -> list[SegmentEngine]:
+def load_local(store: ModelStore | str | os.PathLike, *, segments: Sequence[int] | None = None,
+               **engine_kwargs) -> list[SegmentEngine]:
     """Consecutive SegmentEngines for the cut points `segments` (e.g. [0, 12, 30]); None = one
-    engine for the whole model. Cut points must start at 0, end at n_layers and increase."""
+    engine for the whole model. Cut points must start at 0, end at n_layers and increase.
+    `engine_kwargs` (precision, accuracy_level, max_seq_len, ...) go to every SegmentEngine."""
     if not isinstance(store, ModelStore):
         store = ModelStore(store)
     n_layers = store.config.n_layers
@@ -202,9 +201,7 @@ def load_local(store: ModelStore | str | os.PathLike, *, precision: str = "q4", 
             f"segments {cuts} must be increasing cut points from 0 to n_layers {n_layers} (e.g. [0, {n_layers}])"
         )
     return [
-        SegmentEngine(store, a, b, precision=precision, head_precision=head_precision,
-                      kv_precision=kv_precision, max_seq_len=max_seq_len, threads=threads,
-                      accuracy_level=accuracy_level, head_accuracy_level=head_accuracy_level)
+        SegmentEngine(store, a, b, **engine_kwargs)
         for a, b in zip(cuts, cuts[1:])
     ]
 

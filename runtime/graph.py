@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .hparams import ModelConfig
 
+SMALL_BYTES = 256
 KV_TYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
 
@@ -54,6 +55,7 @@ class _Graph:
     def __init__(self, accuracy_level: int):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self.external: dict[str, np.ndarray] = {}  # weights handed to onnxruntime without a copy
         self.acc = accuracy_level
         self._n = 0
 
@@ -62,7 +64,17 @@ class _Graph:
         return f"{base}_{self._n}"
 
     def init(self, name: str, arr: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        arr = np.ascontiguousarray(arr)
+        if arr.nbytes <= SMALL_BYTES:  # shapes and axes stay in the graph for the optimizer
+            self.inits.append(numpy_helper.from_array(arr, name))
+            return name
+        # Declared external: the proto stays small and the engine passes the array itself
+        # (SessionOptions.add_external_initializers), so the weights are never serialized.
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        t.external_data.add(key="location", value="edgesplit-in-memory")
+        self.inits.append(t)
+        self.external[name] = arr
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
@@ -73,28 +85,62 @@ class _Graph:
     def op1(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
         return self.op(op_type, inputs, 1, domain, **attrs)[0]
 
-    def linear(self, x: str, w: dict[str, np.ndarray], prefix: str, k: int, acc: int | None = None) -> str:
-        """y = x @ W^T for one (possibly fused) weight in shard layout; x is (T, K)."""
+    def linear(self, x: str, w: dict[str, np.ndarray], prefix: str, k: int, acc: int | None = None,
+               outliers: np.ndarray | None = None) -> str:
+        """y = x @ W^T for one (possibly fused) weight in shard layout; x is (T, K).
+
+        Quantized weights run on MatMulNBits without a zero-point input (its fast path; an
+        explicit zero-point tensor made the 8-bit head ~200x slower): Q8_0 is exactly
+        d * (u - 128), and Q4_1's d * q + m is rewritten d * (q - 8) + m' with m' = m + 8d.
+        The mins term sum_b m'[n, b] * blocksum_b(x) is one small fp32 Gemm: A @ B + y with
+        A = x @ P, P = block indicators (K, nb).
+
+        `outliers`: input channels kept out of int8 activation quantization (accuracy level 4),
+        as in LLM.int8(): one large channel otherwise coarsens the int8 grid of its whole block.
+        They are zeroed in MatMulNBits' input and their exact contribution joins the same Gemm:
+        P gains one-hot columns (A gains x[:, outliers]) and B gains rows W[:, o] - m'[:, b(o)]
+        (the mins part of those channels is already in blocksum).
+        """
         if "weight" in w:  # f16/f32: dense fp32 compute
-            wt = self.init(f"{prefix}.wT", w["weight"].astype(np.float32).T)
-            return self.op1("MatMul", [x, wt])
+            return self.op1("MatMul", [x, self.init(f"{prefix}.wT", w["weight"].astype(np.float32).T)])
         qw = w["qweight"]
         n, nb = qw.shape[0], qw.shape[1]
         bits = 4 if qw.shape[2] == 16 else 8
-        inputs = [x, self.init(f"{prefix}.qweight", qw), self.init(f"{prefix}.scales", w["scales"].astype(np.float32).reshape(-1))]
-        # No zero-point input: MatMulNBits then uses 2^(bits-1), its fast path (an explicit
-        # zero-point tensor made the 8-bit head ~200x slower). Q8_0 is exactly d * (u - 128);
-        # Q4_1's d * q + m is rewritten d * (q - 8) + (m + 8d), the mins going in a correction.
-        y = self.op1("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=bits, block_size=32,
-                     accuracy_level=self.acc if acc is None else acc)
-        if bits == 4 and "mins" in w:
-            # sum_b m[n,b] * sum_{k in b} x[k]: blocksum(x) (T, nb) @ M^T (nb, N), added to y
-            xb = self.op1("Reshape", [x, self.init(self.name("shape"), np.array([-1, nb, 32], np.int64))])
-            bs = self.op1("ReduceSum", [xb, self.init(self.name("axes"), np.array([2], np.int64))], keepdims=0)
-            mins = w["mins"].astype(np.float32) + np.float32(8) * w["scales"].astype(np.float32)
-            mt = self.init(f"{prefix}.minsT", mins.T)
-            y = self.op1("Gemm", [bs, mt, y])
-        return y
+        acc = self.acc if acc is None else acc
+        x_in = x
+        if outliers is not None and acc == 4:
+            mask = np.ones(k, np.float32)
+            mask[outliers] = 0
+            x_in = self.op1("Mul", [x, self.init(f"{prefix}.outlier_mask", mask)])
+        else:
+            outliers = None
+        scales = w["scales"].astype(np.float32)
+        y = self.op1("MatMulNBits", [x_in, self.init(f"{prefix}.qweight", qw), self.init(f"{prefix}.scales", scales.reshape(-1))],
+                     domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=acc)
+        p_cols, b_rows = [], []
+        if bits == 4:
+            mins = w["mins"].astype(np.float32) + np.float32(8) * scales  # m' (N, nb)
+            p_cols.append(np.repeat(np.eye(nb, dtype=np.float32), 32, axis=0))  # (K, nb)
+            b_rows.append(mins.T)
+        if outliers is not None:
+            p_cols.append(np.eye(k, dtype=np.float32)[:, outliers])  # (K, n_out)
+            exact = _dense(w)[:, outliers]  # (N, n_out)
+            if bits == 4:
+                exact = exact - mins[:, outliers // 32]
+            b_rows.append(exact.T)
+        if not p_cols:
+            return y
+        a = self.op1("MatMul", [x, self.init(f"{prefix}.P", np.concatenate(p_cols, axis=1))])
+        return self.op1("Gemm", [a, self.init(f"{prefix}.B", np.concatenate(b_rows, axis=0)), y])
+
+
+def _dense(w: dict[str, np.ndarray]) -> np.ndarray:
+    """fp32 (N, K) values of a quantized weight in shard layout."""
+    from .quant import q4_dense, q8_dense
+
+    if w["qweight"].shape[2] == 16:
+        return q4_dense(w["qweight"], w["scales"], w["mins"])
+    return q8_dense(w["qweight"], w["scales"])
 
 
 def _fuse(ws: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -115,9 +161,15 @@ def rope_cache(cfg: ModelConfig, max_seq_len: int) -> tuple[np.ndarray, np.ndarr
 
 
 def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | None,
-                  head: dict | None, output_norm: np.ndarray | None, kv_scales: dict | None = None
-                  ) -> onnx.ModelProto:
-    """The ONNX model of a segment from its shard tensors (see module docstring for I/O)."""
+                  head: dict | None, output_norm: np.ndarray | None, kv_scales: dict | None = None,
+                  outliers: dict | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The ONNX model of a segment and its external weights, from its shard tensors.
+
+    See the module docstring for inputs and outputs.
+    `outliers` maps (layer, projection input) or "head" to input channels kept out of int8
+    activation quantization; used only where the accuracy level is 4.
+    """
+    outliers = outliers or {}
     cfg = spec.config
     d, hd = cfg.d_model, cfg.head_dim
     g = _Graph(spec.accuracy_level)
@@ -148,7 +200,8 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
         else:
             xn, _, _, h = g.op("SkipSimplifiedLayerNormalization", [h, pending, g.init(f"{i}.attn_norm", w["attn_norm"])],
                                n_out=4, domain="com.microsoft", epsilon=eps)
-        qkv = g.linear(xn, _fuse([_matrix(w, "attn_q"), _matrix(w, "attn_k"), _matrix(w, "attn_v")]), f"{i}.qkv", d)
+        qkv = g.linear(xn, _fuse([_matrix(w, "attn_q"), _matrix(w, "attn_k"), _matrix(w, "attn_v")]), f"{i}.qkv", d,
+                       outliers=outliers.get((i, "attn_in")))
         qkv3 = g.op1("Reshape", [qkv, shape_3d])
         pk, pv = f"past_key.{i}", f"past_value.{i}"
         for name in (pk, pv):
@@ -167,13 +220,14 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
         for name in (f"present_key.{i}", f"present_value.{i}"):
             outputs.append(helper.make_tensor_value_info(name, kv_type, cache_shape))
         a2 = g.op1("Reshape", [attn, shape_2d])
-        o = g.linear(a2, _matrix(w, "attn_output"), f"{i}.o", d)
+        o = g.linear(a2, _matrix(w, "attn_output"), f"{i}.o", d, outliers=outliers.get((i, "o_in")))
         xn, _, _, h = g.op("SkipSimplifiedLayerNormalization", [h, o, g.init(f"{i}.ffn_norm", w["ffn_norm"])],
                            n_out=4, domain="com.microsoft", epsilon=eps)
-        gu = g.linear(xn, _fuse([_matrix(w, "ffn_gate"), _matrix(w, "ffn_up")]), f"{i}.gate_up", d)
+        gu = g.linear(xn, _fuse([_matrix(w, "ffn_gate"), _matrix(w, "ffn_up")]), f"{i}.gate_up", d,
+                      outliers=outliers.get((i, "ffn_in")))
         gate, up = g.op("Split", [gu, g.init(g.name("split"), np.array([cfg.d_ffn, cfg.d_ffn], np.int64))], n_out=2, axis=1)
         act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])  # SwiGLU
-        pending = g.linear(act, _matrix(w, "ffn_down"), f"{i}.down", cfg.d_ffn)
+        pending = g.linear(act, _matrix(w, "ffn_down"), f"{i}.down", cfg.d_ffn, outliers=outliers.get((i, "down_in")))
 
     if pending is not None:
         h = g.op1("Add", [h, pending])
@@ -181,14 +235,14 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
         inputs.append(helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n"]))
         hn = g.op1("SimplifiedLayerNormalization", [h, g.init("output_norm", output_norm)], epsilon=eps, axis=-1)
         hsel = g.op1("Gather", [hn, "logits_index"], axis=0)
-        logits = g.linear(hsel, head, "head", d, acc=spec.head_accuracy_level)
+        logits = g.linear(hsel, head, "head", d, acc=spec.head_accuracy_level, outliers=outliers.get("head"))
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
         outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", cfg.vocab_size]))
     else:
         g.nodes.append(helper.make_node("Identity", [h], ["hidden_out"], name="hidden_out"))
         outputs.insert(0, helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT, ["T", d]))
     graph = helper.make_graph(g.nodes, f"segment_{spec.start}_{spec.end}", inputs, outputs, g.inits)
-    return helper.make_model(graph, opset_imports=OPSETS, ir_version=10)
+    return helper.make_model(graph, opset_imports=OPSETS, ir_version=10), g.external
 
 
 def _embed(g: _Graph, emb: dict[str, np.ndarray], ids: str) -> str:

@@ -108,8 +108,13 @@ class ReferenceModel:
             raise ConfigError(f"token id out of range [0, {self.config.vocab_size}): {ids.tolist()}")
         return self.embd[ids]
 
-    def layer(self, i: int, h: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """Run decoder layer `i` on h (T, d) with causal attention over the same T positions."""
+    def layer(self, i: int, h: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+              taps: dict | None = None) -> np.ndarray:
+        """Run decoder layer `i` on h (T, d) with causal attention over the same T positions.
+
+        `taps`, if given, receives the inputs of the four projections (for calibration):
+        `attn_in`, `o_in` (T, d), `ffn_in` (T, d), `down_in` (T, F), and `k` (T, KVH*hd) post-RoPE, `v`.
+        """
         cfg, w = self.config, self.layers[i]
         t, hd = h.shape[0], cfg.head_dim
         x = rms_norm(h, w.attn_norm, cfg.norm_eps)  # (T, d)
@@ -129,8 +134,10 @@ class ReferenceModel:
         probs = scores / scores.sum(axis=-1, keepdims=True)  # (H, T, T)
         attn = (probs @ vh).transpose(1, 0, 2).reshape(t, cfg.n_heads * hd)  # (T, H*hd)
         h = h + attn @ w.attn_output.T  # (T, d)
-        x = rms_norm(h, w.ffn_norm, cfg.norm_eps)
-        ffn = silu(x @ w.ffn_gate.T) * (x @ w.ffn_up.T)  # (T, F)
+        x2 = rms_norm(h, w.ffn_norm, cfg.norm_eps)
+        ffn = silu(x2 @ w.ffn_gate.T) * (x2 @ w.ffn_up.T)  # (T, F)
+        if taps is not None:
+            taps.update(attn_in=x, o_in=attn, ffn_in=x2, down_in=ffn, k=k.reshape(t, -1), v=v.reshape(t, -1))
         return h + ffn @ w.ffn_down.T  # (T, d)
 
     def hidden_states(self, tokens, start: int, end: int, h: np.ndarray | None = None) -> np.ndarray:

@@ -29,7 +29,7 @@ from . import quant
 from .errors import ChecksumError, ConfigError, ModelFormatError, StoreVersionError
 from .gguf_model import LAYER_MATRICES, LAYER_NORMS, GGUFModel
 from .hparams import ModelConfig
-from .kv_calibration import CALIBRATION_TEXT, calibrate_kv
+from .calibration import CALIBRATION_TEXT, calibrate
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def convert(
         tok.save(str(tmp / "tokenizer.json"))
         manifest = _manifest(model, shards, tuple(precisions), tuple(head_precisions))
         calibration_ids = tok.encode(CALIBRATION_TEXT, add_special_tokens=False).ids
-        manifest["kv_calibration"] = calibrate_kv(model, calibration_ids)
+        manifest["calibration"] = calibrate(model, calibration_ids)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         _replace_dir(tmp, out)
     except BaseException:

@@ -35,8 +35,7 @@ def find_real_gguf() -> Path | None:
     try:
         from edgesplit.runtime.models import KNOWN_MODELS, cache_dir
 
-        src = KNOWN_MODELS["smollm2-135m"]
-        cached = cache_dir() / "models" / "smollm2-135m" / Path(src.file).name
+        cached = cache_dir() / "models" / "smollm2-135m" / KNOWN_MODELS["smollm2-135m"].filename
         if cached.is_file():
             return cached
     except ImportError:

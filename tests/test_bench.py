@@ -30,7 +30,8 @@ def test_bench_figures_and_keys(store):
     assert len(r["decode_tok_s_runs"]) == 1
     assert (r["threads"], r["runs"], r["prompt_tokens"], r["decode_tokens"]) == (2, 1, 16, 8)
     assert (r["precision"], r["head_precision"], r["kv_precision"]) == ("q4", "q8", "f32")
-    assert (r["accuracy_level"], r["head_accuracy_level"], r["vs"]) == (0, 4, None)
+    assert (r["accuracy_level"], r["head_accuracy_level"], r["vs"]) == (4, 4, None)
+    assert (r["outlier_channels"], r["head_outlier_channels"]) == (8, 16)
     assert "ref_decode_tok_s" not in r and "decode_ratio" not in r
 
 

@@ -28,11 +28,55 @@ def _decode_all(engine, ids, n_prefill):
 def test_engine_matches_reference(tiny_store, tiny_ref, precision, head):
     # q4 is the GGUF's own Q4_1 blocks and q8 the Q8_0 table: both exact at accuracy level 0
     e = SegmentEngine(tiny_store, precision=precision, head_precision=head, max_seq_len=64,
-                      head_accuracy_level=0)
+                      accuracy_level=0, head_accuracy_level=0)
     want = tiny_ref.forward(IDS)
     assert np.abs(e.prefill(IDS, all_logits=True) - want).max() <= 1e-4
     e.reset()
     assert np.abs(_decode_all(e, IDS, 5) - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("outliers", [0, 8])
+def test_int8_activations_stay_close(tiny_store, tiny_ref, outliers):
+    e = SegmentEngine(tiny_store, max_seq_len=64, accuracy_level=4, outlier_channels=outliers,
+                      head_outlier_channels=outliers)
+    want, got = tiny_ref.forward(IDS), e.prefill(IDS, all_logits=True)
+    assert 1e-4 < np.abs(got - want).max() <= 0.1  # int8 activations: close, never exact
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def _linear_error(w, x, outliers):
+    """Relative max error of graph.linear at accuracy level 4 against x @ W^T in fp32."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgesplit.runtime.graph import OPSETS, _dense, _Graph
+
+    n, k = _dense(w).shape
+    g = _Graph(accuracy_level=4)
+    g.nodes.append(helper.make_node("Identity", [g.linear("x", w, "w", k, outliers=outliers)], ["y"]))
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], n])], g.inits)
+    so = ort.SessionOptions()
+    so.add_external_initializers(list(g.external), [ort.OrtValue.ortvalue_from_numpy(a) for a in g.external.values()])
+    model = helper.make_model(graph, opset_imports=OPSETS, ir_version=10).SerializeToString()
+    got = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x @ _dense(w).T
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+@pytest.mark.parametrize("precision", ["q4", "q8"])
+def test_linear_with_outlier_channels(tiny_store, precision):
+    """Outlier channels bypass int8 activations exactly: with all 64 of them nothing is quantized."""
+    from edgesplit.runtime.graph import _matrix
+
+    w = _matrix(tiny_store.layer(0, precision), "ffn_up")  # (128, 64)
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    x[:, 7] *= 40  # an outlier channel, the case the decomposition exists for
+    top = np.argsort(-np.abs(x).max(0))
+    plain = _linear_error(w, x, None)
+    assert 1e-5 < plain <= 0.05
+    assert _linear_error(w, x, top[:5]) < 0.5 * plain  # the outlier out of the int8 grid helps
+    assert _linear_error(w, x, top) <= 1e-5
 
 
 def test_prefill_returns_last_position_only_by_default(tiny_store, tiny_ref):

@@ -64,7 +64,7 @@ def test_segments_chain_equals_one_segment(tiny, f32_result):
     assert as_text["segments"] == [0, 2, 3] and as_text["top1_agreement"] == 1.0
 
 
-@pytest.mark.parametrize("kw", [{}, dict(precision="q8"), dict(accuracy_level=4),
+@pytest.mark.parametrize("kw", [{}, dict(precision="q8"), dict(accuracy_level=0),
                                 dict(kv_precision="f16")])
 def test_quantized_configurations(tiny, f32_result, kw):
     store, ref, tokens = tiny
@@ -74,7 +74,7 @@ def test_quantized_configurations(tiny, f32_result, kw):
     assert 0 < r["max_abs_dlogit"] < 1.0  # lossy, but close on this model
     assert r["tokens"] == N - 4
     assert r["precision"] == kw.get("precision", "q4") and r["head_precision"] == "q8"
-    assert r["accuracy_level"] == kw.get("accuracy_level", 0) and r["head_accuracy_level"] == 4
+    assert r["accuracy_level"] == kw.get("accuracy_level", 4) and r["head_accuracy_level"] == 4
 
 
 @pytest.mark.parametrize("n,window,windows", [(64, 32, 2), (65, 32, 3), (10, 512, 1)])

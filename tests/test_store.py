@@ -48,7 +48,7 @@ def test_manifest_describes_the_store(tiny_store):
     for s in m["shards"]:
         data = (tiny_store.path / s["file"]).read_bytes()
         assert len(data) == s["nbytes"] and hashlib.sha256(data).hexdigest() == s["sha256"]
-    assert len(m["kv_calibration"]["k_absmax"]) == 3
+    assert len(m["calibration"]["k_absmax"]) == 3
     assert (tiny_store.path / "tokenizer.json").is_file()
 
 
