@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="repetitions (default 5)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
+    p.add_argument("--segment", type=_int_list, default=None, metavar="START,END",
+                   help="instead of speed: load only layers [START, END), run the prompt, report memory")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -8,7 +8,6 @@ the timed runs interleave (ours, theirs, ours, theirs, ...) so machine noise hit
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from .engine import SegmentEngine
 from .errors import ConfigError, EdgesplitError
 from .evaluate import engine_settings
+from .memory import peak_rss_mb, segment_memory
 from .store import ModelStore
 
 FIRST_ORDINARY_ID = 17  # SmolLM2 has 17 special tokens (ids 0-16); smaller vocabs wrap below
@@ -68,11 +68,6 @@ def _time_llama(llm, ids: list[int], decode_tokens: int, vocab_size: int) -> tup
     return t1 - t0, time.perf_counter() - t1
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: int = 2, runs: int = 5,
           prompt_tokens: int = 128, decode_tokens: int = 128, vs_llama: bool = False,
           **engine_kwargs) -> dict:
@@ -105,7 +100,7 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
 
     eng = SegmentEngine(store, **settings)
     _time_ours(eng, ids, decode_tokens)  # warm-up
-    peak_rss_mb = _peak_rss_mb()
+    peak_mb = peak_rss_mb()
 
     llm = None
     if vs_llama:
@@ -126,7 +121,7 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
 
     pre, dec = rates(ours)
     out = {"prefill_tok_s": statistics.median(pre), "decode_tok_s": statistics.median(dec),
-           "peak_rss_mb": peak_rss_mb, "prefill_tok_s_runs": pre, "decode_tok_s_runs": dec}
+           "peak_rss_mb": peak_mb, "prefill_tok_s_runs": pre, "decode_tok_s_runs": dec}
     if llm is not None:
         rpre, rdec = rates(theirs)
         out.update(ref_prefill_tok_s=statistics.median(rpre), ref_decode_tok_s=statistics.median(rdec),
@@ -143,8 +138,19 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
 
 
 def cli_bench(args) -> dict:
-    """`edgesplit bench`: resolve the model store (and GGUF for --vs llama.cpp), then bench."""
+    """`edgesplit bench`: resolve the model store (and GGUF for --vs llama.cpp), then bench;
+    with --segment A,B only the memory of that segment (see memory.segment_memory)."""
     from .models import resolve_gguf, resolve_store
+
+    if getattr(args, "segment", None):
+        if len(args.segment) != 2 or args.vs:
+            raise ConfigError(f"--segment takes START,END and no --vs (got {args.segment}, vs={args.vs})")
+        store = ModelStore(resolve_store(args.model, precisions=(args.precision,)))
+        kwargs = {k: getattr(args, k) for k in ("precision", "head_precision", "kv_precision", "accuracy_level",
+                                                "outlier_channels", "head_accuracy_level",
+                                                "head_outlier_channels", "threads")}
+        return segment_memory(store, *args.segment, prompt_tokens=args.prompt_tokens,
+                              max_seq_len=args.prompt_tokens + args.decode_tokens, **kwargs)
 
     vs = getattr(args, "vs", None)
     if vs not in (None, "llama.cpp"):

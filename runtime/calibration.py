@@ -26,7 +26,9 @@ CALIBRATION_TEXT = (
     "    return a + b\n"
 )
 HEADROOM = np.float32(1.25)
-PROJECTION_INPUTS = ("attn_in", "o_in", "ffn_in", "down_in")  # values beyond the calibrated range saturate; leave some room
+PROJECTION_INPUTS = ("attn_in", "o_in", "ffn_in", "down_in")
+CALIBRATION_KEYS = ("tokens", "k_absmax", "v_absmax", "head_input_absmax") + tuple(
+    f"{name}_absmax" for name in PROJECTION_INPUTS)  # values beyond the calibrated range saturate; leave some room
 
 
 def calibrate(model: GGUFModel, tokens: list[int]) -> dict:

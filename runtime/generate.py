@@ -12,7 +12,6 @@ segment later. Segments are chained: token ids go into the first, each output (h
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol, Sequence
@@ -21,14 +20,10 @@ import numpy as np
 
 from .engine import SegmentEngine
 from .errors import ConfigError
+from .memory import peak_rss_mb
 from .sampling import SamplingParams, make_rng, sample
 from .store import ModelStore
 from .tokenizer import Tokenizer
-
-try:
-    import resource  # POSIX only
-except ImportError:  # Windows: fall back to psutil's peak working set
-    resource = None
 
 # Eos-like tokens beyond the manifest's eos id: SmolLM2's chat model ends turns with <|im_end|>.
 EXTRA_EOS = ("<|im_end|>", "<|endoftext|>")
@@ -56,15 +51,7 @@ class GenerationResponse:
     finish_reason: str | None  # None while running, then 'stop' (a stop id) or 'length' (max_tokens)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    if resource is None:
-        import psutil
 
-        info = psutil.Process().memory_info()
-        return getattr(info, "peak_wset", info.rss) / (1024 * 1024)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def segment_max_seq_len(segments: Sequence[Segment]) -> int | None:

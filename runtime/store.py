@@ -29,7 +29,7 @@ from . import quant
 from .errors import ChecksumError, ConfigError, ModelFormatError, StoreVersionError
 from .gguf_model import LAYER_MATRICES, LAYER_NORMS, GGUFModel
 from .hparams import ModelConfig
-from .calibration import CALIBRATION_TEXT, calibrate
+from .calibration import CALIBRATION_KEYS, CALIBRATION_TEXT, calibrate
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,9 @@ class ModelStore:
             self.head_precisions = tuple(m["head_precisions"])
             self.shards = {(s["name"], s["precision"]): ShardEntry.from_dict(s) for s in m["shards"]}
             self.tokenizer_info = m["tokenizer"]
+            missing = set(CALIBRATION_KEYS) - set(m["calibration"])
+            if missing:
+                raise ModelFormatError(f"{mpath}: calibration lacks {sorted(missing)}; convert again")
         except (KeyError, TypeError) as exc:
             raise ModelFormatError(f"{mpath}: malformed manifest ({exc!r})") from exc
         self.bytes_read = 0  # every shard byte this process read from the store

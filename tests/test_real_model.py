@@ -65,26 +65,15 @@ def test_segments_equal_one_segment(real_store, ids):
     assert max(np.abs(la - lb).max() for (_, la), (_, lb) in zip(a, b)) <= 1e-4
 
 
-# VmHWM, not ru_maxrss: a child inherits its parent's ru_maxrss across fork and exec.
-MEMORY_PROBE = """
-import json, sys
-from edgesplit.runtime.store import ModelStore
-from edgesplit.runtime.engine import SegmentEngine
-store = ModelStore(sys.argv[1])
-e = SegmentEngine(store, 0, int(sys.argv[2]), max_seq_len=256)
-e.prefill(list(range(100, 164)))
-hwm_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"bytes_read": store.bytes_read, "peak_rss_mb": hwm_kb / 1024}))
-"""
-
-
 def test_device_segment_loads_only_its_own_layers(real_store):
     """Peak RSS and bytes read grow with the segment, not with the model (separate processes)."""
     runs = {}
     for end in (5, 30):
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(real_store.path), str(end)],
+        out = subprocess.run([sys.executable, "-m", "edgesplit", "bench", "--model", str(real_store.path),
+                              "--segment", f"0,{end}", "--prompt-tokens", "64"],
                              capture_output=True, text=True, check=True)
         runs[end] = json.loads(out.stdout)
     layer = real_store.shard_entry("blk.0", "q4").nbytes
-    assert runs[30]["bytes_read"] - runs[5]["bytes_read"] >= 25 * layer
+    assert runs[5]["segment"] == [0, 5] and runs[30]["segment"] == [0, 30]
+    assert runs[30]["bytes_read"] - runs[5]["bytes_read"] == 25 * layer + real_store.shard_entry("output_norm", "f32").nbytes
     assert runs[30]["peak_rss_mb"] - runs[5]["peak_rss_mb"] >= 25 * layer / 2**20

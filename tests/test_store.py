@@ -121,3 +121,12 @@ def test_untied_head_gets_its_own_shard(tmp_path):
     store = ModelStore(convert(write_tiny_gguf(tmp_path / "u.gguf", tied=False), tmp_path / "s", progress=False))
     assert store.head_name() == "output"
     assert ("output", "q8") in store.shards
+
+
+def test_store_without_calibration_is_refused(tiny_gguf, tmp_path):
+    out = convert(tiny_gguf, tmp_path / "s", progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    del m["calibration"]["head_input_absmax"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelFormatError, match="head_input_absmax"):
+        ModelStore(out)
