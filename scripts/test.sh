@@ -3,5 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# A cache inside the checkout: a fresh clone fetches and converts the model for real.
+export EDGESPLIT_CACHE="${EDGESPLIT_CACHE:-$PWD/.cache}"
 .venv/bin/edgesplit pull smollm2-135m
 .venv/bin/python -m pytest -q "$@"

