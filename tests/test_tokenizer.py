@@ -7,6 +7,8 @@ import pytest
 from edgesplit.runtime.errors import ConfigError, ModelFormatError
 from edgesplit.runtime.tokenizer import StreamDecoder, Tokenizer, build_tokenizer
 
+from tiny_gguf import bytes_to_unicode
+
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a tiny test model<|im_end|>\n' }}{% endif %}"
@@ -26,20 +28,6 @@ STRINGS = [
     "😀👍🏽 👨‍👩‍👧 ﬁ ½ Ωmega",
     "   trailing   ",
 ]
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def tiny_metadata(**overrides) -> dict:
