@@ -56,6 +56,7 @@ class _Graph:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.external: dict[str, np.ndarray] = {}  # weights handed to onnxruntime without a copy
+        self._names: set[str] = set()
         self.acc = accuracy_level
         self._n = 0
 
@@ -64,6 +65,10 @@ class _Graph:
         return f"{base}_{self._n}"
 
     def init(self, name: str, arr: np.ndarray) -> str:
+        """Register a constant under `name` (once: a repeated name reuses the first)."""
+        if name in self._names:
+            return name
+        self._names.add(name)
         arr = np.ascontiguousarray(arr)
         if arr.nbytes <= SMALL_BYTES:  # shapes and axes stay in the graph for the optimizer
             self.inits.append(numpy_helper.from_array(arr, name))
@@ -93,13 +98,13 @@ class _Graph:
         explicit zero-point tensor made the 8-bit head ~200x slower): Q8_0 is exactly
         d * (u - 128), and Q4_1's d * q + m is rewritten d * (q - 8) + m' with m' = m + 8d.
         The mins term sum_b m'[n, b] * blocksum_b(x) is one small fp32 Gemm: A @ B + y with
-        A = x @ P, P = block indicators (K, nb).
+        A = blocksum(x) (T, nb).
 
         `outliers`: input channels kept out of int8 activation quantization (accuracy level 4),
         as in LLM.int8(): one large channel otherwise coarsens the int8 grid of its whole block.
         They are zeroed in MatMulNBits' input and their exact contribution joins the same Gemm:
-        P gains one-hot columns (A gains x[:, outliers]) and B gains rows W[:, o] - m'[:, b(o)]
-        (the mins part of those channels is already in blocksum).
+        A gains the columns x[:, outliers] and B the rows W[:, o] - m'[:, b(o)] (the mins part
+        of those channels is already in blocksum).
         """
         if "weight" in w:  # f16/f32: dense fp32 compute
             return self.op1("MatMul", [x, self.init(f"{prefix}.wT", w["weight"].astype(np.float32).T)])
@@ -117,21 +122,27 @@ class _Graph:
         scales = w["scales"].astype(np.float32)
         y = self.op1("MatMulNBits", [x_in, self.init(f"{prefix}.qweight", qw), self.init(f"{prefix}.scales", scales.reshape(-1))],
                      domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=acc)
-        p_cols, b_rows = [], []
+        a_parts, b_rows = [], []
         if bits == 4:
             mins = w["mins"].astype(np.float32) + np.float32(8) * scales  # m' (N, nb)
-            p_cols.append(np.repeat(np.eye(nb, dtype=np.float32), 32, axis=0))  # (K, nb)
+            a_parts.append(self.blocksum(x, nb))
             b_rows.append(mins.T)
         if outliers is not None:
-            p_cols.append(np.eye(k, dtype=np.float32)[:, outliers])  # (K, n_out)
+            a_parts.append(self.op1("Gather", [x, self.init(f"{prefix}.outliers", outliers.astype(np.int64))], axis=1))
             exact = _dense(w)[:, outliers]  # (N, n_out)
             if bits == 4:
                 exact = exact - mins[:, outliers // 32]
             b_rows.append(exact.T)
-        if not p_cols:
+        if not a_parts:
             return y
-        a = self.op1("MatMul", [x, self.init(f"{prefix}.P", np.concatenate(p_cols, axis=1))])
+        a = a_parts[0] if len(a_parts) == 1 else self.op1("Concat", a_parts, axis=1)
         return self.op1("Gemm", [a, self.init(f"{prefix}.B", np.concatenate(b_rows, axis=0)), y])
+
+    def blocksum(self, x: str, nb: int) -> str:
+        """Sums of each block of 32 inputs: (T, K) -> (T, nb). Reshape + ReduceSum measured 2.5x
+        cheaper than a MatMul with a 0/1 matrix, which also streams that matrix every token."""
+        xb = self.op1("Reshape", [x, self.init(f"shape.blocks.{nb}", np.array([-1, nb, 32], np.int64))])
+        return self.op1("ReduceSum", [xb, self.init("axes.last", np.array([2], np.int64))], keepdims=0)
 
 
 def _dense(w: dict[str, np.ndarray]) -> np.ndarray:
