@@ -58,7 +58,7 @@ def test_generate_streams_text_and_summary(gguf, tmp_path, monkeypatch, capsys):
 
 def test_generate_chat_split_equals_whole(gguf, capsys):
     base = ["generate", "--model", str(gguf), "--max-tokens", "10", "--temperature", "1.2", "--seed", "5",
-            "--chat", "--system", "be brief"]
+            "--chat", "--system", "be brief", "--accuracy-level", "0", "--head-accuracy-level", "0"]
     assert main([*base, "hello"]) == 0
     whole = capsys.readouterr().out
     assert main([*base, "--segments", "0,1,3", "hello"]) == 0
