@@ -1,0 +1,355 @@
+"""Activation codec: the hidden state (T, d) float32 at the cut <-> a self-describing byte blob.
+
+Pure functions, no sockets. Codec settings (`CodecSpec`, CLI form `name[:key=value,...]`):
+  f32 (lossless), f16, int8 (per token scale + zero point), tabq (TAB-Q: per token bit width
+  2..8 chosen to meet an error budget), ts+tabq (threshold-split outliers sent sparse, then TAB-Q).
+  Keys: bits (fixed width), budget (per token ||r - r_hat|| / ||r|| of the dense remainder r: the
+  token without its channels and outliers, which travel as fp16), tau (fixed TS threshold), k (TS
+  threshold in per-token standard deviations), channels (calibrated outlier channels, `507/247`),
+  rotate (1 = block Hadamard rotation of the dense part).
+
+Blob layout, little-endian (format version 1):
+  header  12 B: u8 version, u8 codec id (0 f32, 1 f16, 2 int8, 3 tabq), u8 flags, u8 reserved=0,
+               u32 T, u32 d.   flags: 1 sparse section (TS), 2 sparse indices flat u32 (else per
+               row u16), 4 dense part rotated, 8 outlier channel section.
+  channels (flag 8): u16 C, C x (u16 if d <= 65536 else u32) channel indices, (T, C) fp16 values.
+  sparse   (flag 1): u32 n; per row: (T,) u16 counts, (n,) u16 index in row; flat: (n,) u32 index
+               t*d + j; then (n,) fp16 values. The encoder picks the smaller form.
+  dense:   f32 (T, d) f32 | f16 (T, d) fp16 | int8 (T, 2) fp16 [step, lo] + (T, d) u8 codes |
+           tabq (T,) u8 bits + (T, 2) fp16 [step, lo] + packed rows, grouped by bit width
+           ascending, token order within a group (see codec_quant.pack_rows).
+Decoding overwrites channel and outlier positions with their fp16 values after un-rotating.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import codec_quant as cq
+from .errors import ConfigError, EdgesplitError
+
+FORMAT_VERSION = 1
+NAMES = ("f32", "f16", "int8", "tabq", "ts+tabq")
+_CODEC_ID = {"f32": 0, "f16": 1, "int8": 2, "tabq": 3, "ts+tabq": 3}
+_HEADER = struct.Struct("<BBBBII")
+HEADER_NBYTES = _HEADER.size  # 12
+F_SPARSE, F_FLAT, F_ROTATE, F_CHANNELS = 1, 2, 4, 8
+_KEYS = {"bits": "bits", "budget": "error_budget", "tau": "tau", "k": "k_sigma",
+         "channels": "outlier_channels", "rotate": "rotate"}
+
+
+class CodecError(EdgesplitError):
+    """An activation cannot be encoded, or a blob is malformed (untrusted input from the wire)."""
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(float(v))
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """One codec setting; validated on construction (ConfigError naming the field)."""
+
+    name: str
+    bits: int | None = None
+    error_budget: float | None = None
+    tau: float | None = None
+    k_sigma: float | None = None
+    outlier_channels: tuple[int, ...] = field(default=())
+    rotate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in NAMES:
+            raise ConfigError(f"codec name {self.name!r} unknown; expected one of {', '.join(NAMES)}")
+        set_fields = [k for k, a in _KEYS.items() if getattr(self, a) not in (None, (), False)]
+        if self.name in ("f32", "f16", "int8"):
+            if set_fields:
+                raise ConfigError(f"codec {self.name!r} takes no options; got {', '.join(set_fields)}")
+            return
+        if (self.bits is None) == (self.error_budget is None):
+            raise ConfigError(f"codec {self.name!r}: give exactly one of bits (fixed width) or budget")
+        if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, int)
+                                      or not cq.MIN_BITS <= self.bits <= cq.MAX_BITS):
+            raise ConfigError(f"codec field bits={self.bits!r} must be an integer in 2..8")
+        for key, attr, hi in (("budget", "error_budget", 1.0), ("tau", "tau", math.inf),
+                              ("k", "k_sigma", math.inf)):
+            v = getattr(self, attr)
+            if v is not None:
+                if not isinstance(v, (int, float, np.integer, np.floating)) or not (0 < v < hi) or math.isnan(v):
+                    raise ConfigError(f"codec field {key}={v!r} must be a number in (0, {hi})")
+                object.__setattr__(self, attr, float(v))
+        if self.name == "ts+tabq" and (self.tau is None) == (self.k_sigma is None):
+            raise ConfigError("codec 'ts+tabq': give exactly one of tau (fixed threshold) or k (sigmas)")
+        if self.name == "tabq" and (self.tau is not None or self.k_sigma is not None):
+            raise ConfigError("codec 'tabq' takes no tau/k (threshold splitting is 'ts+tabq')")
+        chans = tuple(self.outlier_channels)
+        if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0 for c in chans) \
+                or len(set(chans)) != len(chans):
+            raise ConfigError(f"codec field channels={chans!r} must be distinct non-negative integers")
+        object.__setattr__(self, "outlier_channels", tuple(sorted(int(c) for c in chans)))
+        if not isinstance(self.rotate, (bool, np.bool_)):
+            raise ConfigError(f"codec field rotate={self.rotate!r} must be a bool")
+        object.__setattr__(self, "rotate", bool(self.rotate))
+
+    def __str__(self) -> str:
+        parts = []
+        if self.bits is not None:
+            parts.append(f"bits={self.bits}")
+        for key, attr in (("budget", "error_budget"), ("tau", "tau"), ("k", "k_sigma")):
+            if getattr(self, attr) is not None:
+                parts.append(f"{key}={_fmt(getattr(self, attr))}")
+        if self.outlier_channels:
+            parts.append("channels=" + "/".join(map(str, self.outlier_channels)))
+        if self.rotate:
+            parts.append("rotate=1")
+        return self.name + (":" + ",".join(parts) if parts else "")
+
+
+def parse_codec(text: str) -> CodecSpec:
+    """Parse a CLI codec setting such as `int8`, `tabq:budget=0.02` or `ts+tabq:k=6,budget=0.02,rotate=1`."""
+    name, _, opts = text.strip().partition(":")
+    kwargs: dict = {}
+    for item in filter(None, (s.strip() for s in opts.split(","))) if opts else ():
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key not in _KEYS:
+            raise ConfigError(f"codec {text!r}: unknown field {key!r}; expected one of {', '.join(_KEYS)}")
+        if not eq or not value:
+            raise ConfigError(f"codec {text!r}: field {key!r} has no value (write {key}=VALUE)")
+        if _KEYS[key] in kwargs:
+            raise ConfigError(f"codec {text!r}: field {key!r} given twice")
+        try:
+            if key == "bits":
+                parsed = int(value)
+            elif key == "channels":
+                parsed = tuple(int(c) for c in value.split("/"))
+            elif key == "rotate":
+                parsed = {"0": False, "1": True}[value]
+            else:
+                parsed = float(value)
+        except (ValueError, KeyError):
+            raise ConfigError(f"codec {text!r}: field {key!r} has a bad value {value!r}") from None
+        kwargs[_KEYS[key]] = parsed
+    return CodecSpec(name.strip(), **kwargs)
+
+def _check_input(x: np.ndarray, spec: CodecSpec) -> None:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+        raise CodecError(f"codec input must be a (T, d) float32 array, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} with shape {getattr(x, 'shape', None)}")
+    if x.shape[1] < 1 or x.size > 2**32:  # flat outlier indices are u32
+        raise CodecError(f"codec input shape {x.shape} unsupported: need d >= 1 and T*d <= 2**32")
+    bad = [c for c in spec.outlier_channels if c >= x.shape[1]]
+    if bad:
+        raise CodecError(f"codec outlier channels {bad} out of range for d={x.shape[1]}")
+    if spec.name != "f32" and x.size:
+        m = np.abs(x).max()
+        if not m <= cq.F16_MAX:  # also catches NaN
+            raise CodecError(f"codec {spec}: input holds {m} outside the fp16 range (|x| <= 65504); use f32")
+
+
+def _sections(x: np.ndarray, spec: CodecSpec) -> tuple[bytes, list[tuple[int, object]]]:
+    """Header bytes and the sections as (nbytes, array or thunk); the single source of sizes."""
+    _check_input(x, spec)
+    t, d = x.shape
+    flags, secs = 0, []
+    if spec.name in ("f32", "f16"):
+        dt = "<f4" if spec.name == "f32" else "<f2"
+        secs.append((t * d * np.dtype(dt).itemsize, lambda: x.astype(dt)))
+    elif spec.name == "int8":
+        lo16, hi = cq.range_params(x)
+        s16 = cq.scale_for(lo16, hi, 8)
+        secs += [(t * 4, lambda: np.stack([s16, lo16], 1).astype("<f2")),
+                 (t * d, lambda: cq.quantize(x, lo16, s16, 8))]
+    else:
+        dense = x.copy()
+        sent = np.zeros((t, d), bool)  # positions overwritten at decode
+        if spec.outlier_channels:
+            flags |= F_CHANNELS
+            ch = np.asarray(spec.outlier_channels, np.int64)
+            vals = x[:, ch].astype(np.float16)
+            dense[:, ch], sent[:, ch] = 0, True
+            idt = "<u2" if d <= 65536 else "<u4"
+            secs += [(2, lambda: np.array([ch.size], "<u2")),
+                     (ch.size * np.dtype(idt).itemsize, lambda: ch.astype(idt)),
+                     (t * ch.size * 2, lambda: vals.astype("<f2"))]
+        if spec.name == "ts+tabq":
+            flags |= F_SPARSE
+            rows, cols = cq.threshold_split(x, sent, spec.tau, spec.k_sigma)
+            n = rows.size
+            vals_o = x[rows, cols].astype(np.float16)
+            dense[rows, cols] = 0
+            secs.append((4, lambda: np.array([n], "<u4")))
+            if d > 65535 or 6 * n < 2 * t + 4 * n:  # flat u32 (6 B/outlier) vs per row (+2 B/token)
+                flags |= F_FLAT
+                secs.append((4 * n, lambda: (rows * d + cols).astype("<u4")))
+            else:
+                secs += [(2 * t, lambda: np.bincount(rows, minlength=t).astype("<u2")),
+                         (2 * n, lambda: cols.astype("<u2"))]
+            secs.append((2 * n, lambda: vals_o.astype("<f2")))
+        if spec.rotate:
+            flags |= F_ROTATE
+            dense = cq.rotate(dense)
+        if spec.bits is not None:
+            bits, lo16, s16, q = cq.fixed_quantize(dense, spec.bits)
+        else:  # budget relative to the dense remainder: the part the quantizer sees
+            lim = np.float32(spec.error_budget) ** 2 * np.einsum("ij,ij->i", dense, dense)
+            bits, lo16, s16, q = cq.adaptive_quantize(dense, lim)
+        secs += [(t, lambda: bits.astype(np.uint8)),
+                 (t * 4, lambda: np.stack([s16, lo16], 1).astype("<f2")),
+                 (int(cq.packed_row_nbytes(d, bits.astype(np.int64)).sum()), lambda: cq.pack_groups(q, bits))]
+    header = _HEADER.pack(FORMAT_VERSION, _CODEC_ID[spec.name], flags, 0, t, d)
+    return header, secs
+
+
+def encoded_nbytes(x: np.ndarray, spec: CodecSpec) -> int:
+    """Exact length of encode(x, spec), computed from the section sizes without serializing."""
+    header, secs = _sections(x, spec)
+    return len(header) + sum(n for n, _ in secs)
+
+
+def encode(x: np.ndarray, spec: CodecSpec) -> bytes:
+    """Encode hidden states x (T, d) float32 into a self-describing blob (layout: module docstring)."""
+    header, secs = _sections(x, spec)
+    blob = b"".join([header] + [m if isinstance(m, bytes) else np.ascontiguousarray(m).tobytes()
+                                for m in (make() for _, make in secs)])
+    if len(blob) != len(header) + sum(n for n, _ in secs):  # invariant: the accounting is the wire
+        raise AssertionError(f"codec {spec}: blob of {len(blob)} bytes, accounted otherwise")
+    return blob
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What a blob declares: codec, shape, side sections and per-token bit widths (tabq)."""
+
+    version: int
+    codec: str  # 'f32' | 'f16' | 'int8' | 'tabq' | 'ts+tabq'
+    t: int
+    d: int
+    rotate: bool
+    n_channels: int
+    n_outliers: int
+    flat_indices: bool
+    bits: np.ndarray | None  # (T,) uint8 for tabq
+    nbytes: int
+
+
+class _Reader:
+    def __init__(self, blob: bytes) -> None:
+        self.buf, self.off = memoryview(blob), HEADER_NBYTES
+
+    def take(self, dtype: str, count: int, what: str) -> np.ndarray:
+        n = np.dtype(dtype).itemsize * count
+        if self.off + n > len(self.buf):
+            raise CodecError(f"codec blob truncated or sizes wrong: {what} needs {n} bytes at offset "
+                             f"{self.off} (blob of at least {self.off + n} bytes expected), "
+                             f"but the blob has {len(self.buf)} bytes")
+        arr = np.frombuffer(self.buf, dtype, count, self.off)
+        self.off += n
+        return arr
+
+
+def _parse(blob: bytes) -> tuple[BlobInfo, dict]:
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CodecError(f"codec blob must be bytes, got {type(blob).__name__}")
+    if len(blob) < HEADER_NBYTES:
+        raise CodecError(f"codec blob truncated: {len(blob)} bytes, the header alone needs {HEADER_NBYTES}")
+    version, cid, flags, reserved, t, d = _HEADER.unpack_from(blob, 0)
+    if version != FORMAT_VERSION:
+        raise CodecError(f"codec blob format version {version} unknown (this runtime reads {FORMAT_VERSION})")
+    if cid > 3 or reserved or flags > 15 or (cid < 3 and flags) or (flags & F_FLAT and not flags & F_SPARSE) or d < 1:
+        raise CodecError(f"codec blob header invalid: codec id {cid}, flags {flags:#x}, reserved {reserved}, d={d}")
+    r, p = _Reader(blob), {}
+    if flags & F_CHANNELS:
+        c = int(r.take("<u2", 1, "channel count")[0])
+        p["ch"] = r.take("<u2" if d <= 65536 else "<u4", c, "channel indices").astype(np.int64)
+        if c and (p["ch"].max() >= d or np.unique(p["ch"]).size != c):
+            raise CodecError(f"codec blob channel indices invalid for d={d}: {p['ch'].tolist()}")
+        p["ch_vals"] = r.take("<f2", t * c, "channel values").reshape(t, c)
+    n_out = 0
+    if flags & F_SPARSE:
+        n_out = int(r.take("<u4", 1, "outlier count")[0])
+        if flags & F_FLAT:
+            flat = r.take("<u4", n_out, "outlier flat indices").astype(np.int64)
+            if n_out and flat.max() >= t * d:
+                raise CodecError(f"codec blob outlier index {flat.max()} out of range for T*d={t * d}")
+            p["rows"], p["cols"] = flat // d, flat % d
+        else:
+            counts = r.take("<u2", t, "outlier counts per token").astype(np.int64)
+            if counts.sum() != n_out:
+                raise CodecError(f"codec blob outlier counts sum to {counts.sum()}, header says {n_out}")
+            p["cols"] = r.take("<u2", n_out, "outlier indices").astype(np.int64)
+            if n_out and p["cols"].max() >= d:
+                raise CodecError(f"codec blob outlier index {p['cols'].max()} out of range for d={d}")
+            p["rows"] = np.repeat(np.arange(t), counts)
+        p["out_vals"] = r.take("<f2", n_out, "outlier values")
+    bits = None
+    if cid in (0, 1):
+        p["dense"] = r.take("<f4" if cid == 0 else "<f2", t * d, "dense values").reshape(t, d)
+    elif cid == 2:
+        p["params"] = r.take("<f2", 2 * t, "per-token step/lo").reshape(t, 2)
+        p["q"] = r.take("u1", t * d, "int8 codes").reshape(t, d)
+    else:
+        bits = r.take("u1", t, "per-token bit widths")
+        if t and (bits.min() < cq.MIN_BITS or bits.max() > cq.MAX_BITS):
+            raise CodecError(f"codec blob bit width {int(bits.min())}..{int(bits.max())} outside 2..8")
+        p["params"] = r.take("<f2", 2 * t, "per-token step/lo").reshape(t, 2)
+        p["groups"] = [(b, r.take("u1", int((bits == b).sum()) * cq.packed_row_nbytes(d, int(b)),
+                                  f"{b}-bit codes")) for b in np.unique(bits)]
+    for key in ("ch_vals", "out_vals", "params") + (("dense",) if cid == 1 else ()):
+        if key in p and not np.isfinite(p[key]).all():  # the encoder never writes inf/nan in fp16
+            raise CodecError(f"codec blob section {key!r} holds non-finite fp16 values")
+    if r.off != len(blob):
+        raise CodecError(f"codec blob size mismatch: declared sections total {r.off} bytes, "
+                         f"blob has {len(blob)} bytes")
+    name = ["f32", "f16", "int8", "ts+tabq" if flags & F_SPARSE else "tabq"][cid]
+    info = BlobInfo(version, name, t, d, bool(flags & F_ROTATE), len(p.get("ch", ())), n_out,
+                    bool(flags & F_FLAT), bits, len(blob))
+    return info, p
+
+
+def blob_matches_setting(info: BlobInfo, setting: str) -> bool:
+    """Whether a blob (as described) can have been written by the codec setting `setting`."""
+    try:
+        spec = parse_codec(setting)
+    except ConfigError:
+        return False
+    return _CODEC_ID[spec.name] == _CODEC_ID[info.codec]
+
+
+def describe(blob: bytes) -> BlobInfo:
+    """Validate a blob and report what it declares (for accounting and tests); CodecError if malformed."""
+    return _parse(blob)[0]
+
+
+def decode(blob: bytes, d: int | None = None) -> np.ndarray:
+    """Decode a blob into hidden states (T, d) float32; `d`, when given, must match the blob's width.
+
+    The blob is untrusted: every declared size is checked against its length (CodecError).
+    """
+    info, p = _parse(blob)
+    if d is not None and d != info.d:
+        raise CodecError(f"codec blob width d={info.d}, expected d={d}")
+    t, d = info.t, info.d
+    if info.codec in ("f32", "f16"):
+        return p["dense"].astype(np.float32)  # copy: never a view of the caller's buffer
+    lo16, s16 = p["params"][:, 1], p["params"][:, 0]
+    if info.codec == "int8":
+        return cq.dequantize(p["q"], lo16, s16)
+    q = np.empty((t, d), np.uint8)
+    for b, packed in p["groups"]:
+        q[info.bits == b] = cq.unpack_rows(packed.reshape(-1, cq.packed_row_nbytes(d, int(b))), d, int(b))
+    x = cq.dequantize(q, lo16, s16)
+    if info.rotate:
+        x = cq.rotate(x)
+    if "ch" in p:
+        x[:, p["ch"]] = p["ch_vals"]
+    if "rows" in p:
+        x[p["rows"], p["cols"]] = p["out_vals"]
+    return x
