@@ -12,15 +12,15 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from .errors import ConfigError, KVCacheOverflowError
+from .errors import ConfigError
 from .calibration import outlier_channels
 from .graph import KV_TYPES, SegmentSpec, build_segment
+from .kv_cache import KVCache
 from .store import EMBEDDING_PRECISIONS, ModelStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 2048
-KV_NUMPY = {"f32": np.float32, "f16": np.float16, "int8": np.int8}
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -69,23 +69,7 @@ class SegmentEngine:
         self.head_outlier_channels = head_outlier_channels
         self.threads = threads
         self._session = self._build()
-        self._io = self._session.io_binding()
-        self._out_name = "logits" if self.spec.has_head else "hidden_out"
-        self._in_name = "input_ids" if self.spec.has_embedding else "hidden_in"
-        self._step, self._step_values = self._step_buffers()
-        self._decode_bound = False
-        self._io.bind_output(self._out_name)  # first, so it is get_outputs()[0]
-        self._kv = []
-        self._kv_nbytes = 0
-        for i in range(start, end):
-            for kind in ("key", "value"):
-                buf = np.zeros((1, cfg.n_kv_heads, max_seq_len, cfg.head_dim), KV_NUMPY[kv_precision])
-                val = ort.OrtValue.ortvalue_from_numpy(buf)
-                self._kv_nbytes += buf.nbytes
-                self._kv.append(val)
-                self._io.bind_ortvalue_input(f"past_{kind}.{i}", val)
-                self._io.bind_ortvalue_output(f"present_{kind}.{i}", val)
-        self.pos = 0  # tokens held in the KV cache
+        self.cache = self.new_cache()  # the default session; a cloud worker makes one per device
 
     def _build(self) -> ort.InferenceSession:
         s, st = self.spec, self.store
@@ -132,84 +116,38 @@ class SegmentEngine:
     def end(self) -> int:
         return self.spec.end
 
-    def reset(self) -> None:
+    def new_cache(self) -> KVCache:
+        """A fresh, empty KV cache for another session on the same weights."""
+        return KVCache(self._session, self.spec)
+
+    @property
+    def pos(self) -> int:
+        """Tokens held in the default cache."""
+        return self.cache.pos
+
+    def reset(self, cache: KVCache | None = None) -> None:
         """Forget the session so far (the buffers stay allocated and are overwritten)."""
-        self.pos = 0
+        (cache or self.cache).reset()
 
-    def _step_buffers(self) -> tuple[dict[str, np.ndarray], list[ort.OrtValue]]:
-        """One-token inputs and output, preallocated and wrapped once: a decode step only writes
-        into these arrays (rebinding and fetching cost ~0.4 ms a step otherwise)."""
-        cfg = self.store.config
-        step = {
-            self._in_name: np.zeros(1, np.int64) if self.spec.has_embedding else np.zeros((1, cfg.d_model), np.float32),
-            "seqlens_k": np.zeros(1, np.int32),
-            "total_seq_len": np.zeros((), np.int32),
-            self._out_name: np.zeros((1, cfg.vocab_size if self.spec.has_head else cfg.d_model), np.float32),
-        }
-        if self.spec.has_head:
-            step["logits_index"] = np.zeros(1, np.int64)
-        return step, {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in step.items()}
-
-    def _decode_step(self, x: np.ndarray) -> np.ndarray:
-        if self.pos + 1 > self.spec.max_seq_len:
-            raise KVCacheOverflowError(f"{self.pos} cached + 1 new tokens exceeds max_seq_len {self.spec.max_seq_len}")
-        if not self._decode_bound:
-            for name, value in self._step_values.items():
-                if name == self._out_name:
-                    self._io.bind_ortvalue_output(name, value)
-                else:
-                    self._io.bind_ortvalue_input(name, value)
-            self._decode_bound = True
-        step = self._step
-        step[self._in_name][...] = x.reshape(step[self._in_name].shape)
-        step["seqlens_k"][0] = self.pos
-        step["total_seq_len"][...] = self.pos + 1
-        self._session.run_with_iobinding(self._io)
-        self.pos += 1
-        return step[self._out_name].copy()
-
-    def _run(self, x: np.ndarray, logits_index: np.ndarray | None) -> np.ndarray:
-        t = x.shape[0]
-        if t == 0:
-            raise ConfigError("a step needs at least one token")
-        if self.pos + t > self.spec.max_seq_len:
-            raise KVCacheOverflowError(
-                f"{self.pos} cached + {t} new tokens exceeds max_seq_len {self.spec.max_seq_len}"
-            )
-        io = self._io
-        if self.spec.has_embedding:
-            io.bind_cpu_input("input_ids", np.ascontiguousarray(x, np.int64))
-        else:
-            io.bind_cpu_input("hidden_in", np.ascontiguousarray(x, np.float32))
-        io.bind_cpu_input("seqlens_k", np.array([self.pos + t - 1], np.int32))
-        io.bind_cpu_input("total_seq_len", np.array(self.pos + t, np.int32))
-        if self.spec.has_head:
-            idx = np.array([t - 1], np.int64) if logits_index is None else np.asarray(logits_index, np.int64)
-            io.bind_cpu_input("logits_index", idx)
-        io.bind_output(self._out_name)
-        self._decode_bound = False
-        self._session.run_with_iobinding(io)
-        self.pos += t
-        return io.get_outputs()[0].numpy()
-
-    def prefill(self, x: np.ndarray, all_logits: bool = False) -> np.ndarray:
+    def prefill(self, x: np.ndarray, all_logits: bool = False, cache: KVCache | None = None) -> np.ndarray:
         """Run a prompt: token ids (T,) at the front, hidden states (T, d) elsewhere.
 
         Returns hidden states (T, d) for a segment without the head; with it, logits (1, V) of the
         last position, or (T, V) for every position when `all_logits` (teacher forcing, eval).
+        `cache`: the session to extend (default: the engine's own).
         """
-        t = np.asarray(x).shape[0]
-        return self._run(np.asarray(x), np.arange(t) if all_logits else None)
+        x = np.asarray(x)
+        return (cache or self.cache).run(x, np.arange(x.shape[0]) if all_logits else None)
 
-    def decode(self, x: np.ndarray) -> np.ndarray:
+    def decode(self, x: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
         """One step for one new token (id, or hidden row (1, d)); returns (1, d) or logits (1, V)."""
         x = np.asarray(x)
         if x.ndim == 0:
             x = x.reshape(1)
         if x.shape[0] != 1:
             raise ConfigError(f"decode takes one token, got {x.shape[0]}")
-        return self._decode_step(x)
+        return (cache or self.cache).step(x)
 
     def kv_bytes(self) -> int:
-        """Bytes held by this engine's preallocated KV cache."""
-        return self._kv_nbytes
+        """Bytes held by the default session's preallocated KV cache."""
+        return self.cache.nbytes

@@ -160,3 +160,20 @@ def test_engine_reads_only_its_own_shards(tiny_gguf, tmp_path):
     back = ModelStore(path)
     SegmentEngine(back, 2, 3, max_seq_len=16)
     assert "token_embd" in {n for (n, _) in back.shards} and back.bytes_read < sizes[3]
+
+
+def test_sessions_share_weights_with_their_own_caches(tiny_store, tiny_ref):
+    """Two interleaved sessions on one engine each match the reference (a cloud worker's case)."""
+    e = SegmentEngine(tiny_store, max_seq_len=64, precision="f32", head_precision="f32",
+                      accuracy_level=0, head_accuracy_level=0)
+    a, b = e.new_cache(), e.new_cache()
+    ids_a, ids_b = IDS, IDS[::-1].copy()
+    rows_a = [e.prefill(ids_a[:4], all_logits=True, cache=a)]
+    rows_b = [e.prefill(ids_b[:6], all_logits=True, cache=b)]
+    for i in range(4, len(IDS)):
+        rows_a.append(e.decode(np.array([ids_a[i]]), cache=a))
+        if i + 2 < len(IDS):
+            rows_b.append(e.decode(np.array([ids_b[i + 2]]), cache=b))
+    assert np.abs(np.concatenate(rows_a) - tiny_ref.forward(ids_a)).max() <= 1e-4
+    assert np.abs(np.concatenate(rows_b) - tiny_ref.forward(ids_b)).max() <= 1e-4
+    assert (a.pos, b.pos, e.pos) == (len(IDS), len(IDS), 0)
