@@ -16,6 +16,7 @@ import os
 import sys
 
 from edgesplit import __version__
+from edgesplit.cli_split import add_split_commands
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
 from edgesplit.runtime.models import KNOWN_MODELS
 
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=_int_list, default=None, metavar="START,END",
                    help="instead of speed: load only layers [START, END), run the prompt, report memory")
     p.set_defaults(func=cmd_bench)
+    add_split_commands(sub, common)
     return parser
 
 

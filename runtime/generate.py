@@ -1,8 +1,10 @@
 """One generation loop for local, split or remote segments (three levels, like mlx-lm).
 
-A segment is anything with `prefill(x)`, `decode(x)` and `reset()`: a SegmentEngine today, a remote
-segment later. Segments are chained: token ids go into the first, each output (hidden states
-(T, d)) feeds the next, and the last returns logits (1, V) of the last position.
+A segment is anything with `prefill(x)`, `decode(x)` and `reset()`: a SegmentEngine or a remote
+segment. Segments are chained: token ids go into the first, each output (hidden states
+(T, d)) feeds the next, and the last returns logits (1, V) of the last position -- or, when it has
+the class attribute `returns_token = True` (a cloud back segment that samples remotely), the
+sampled token id itself; the loop then yields (token, None) and does not sample.
 
     generate_step   -> (token id, logits (V,)) pairs: prefill, then one decode per token
     stream_generate -> GenerationResponse per token: printable text plus speed and memory figures
@@ -80,10 +82,13 @@ def check_fits(prompt_tokens: int, max_tokens: int, max_seq_len: int | None) -> 
         )
 
 
-def _forward(segments: Sequence[Segment], x: np.ndarray, step: str) -> np.ndarray:
-    """Run `x` through the chain with `step` ('prefill' or 'decode'); returns logits as (V,)."""
+def _forward(segments: Sequence[Segment], x: np.ndarray, step: str) -> np.ndarray | int:
+    """Run `x` through the chain with `step` ('prefill' or 'decode'); returns logits as (V,),
+    or the token id when the last segment `returns_token` (it sampled remotely)."""
     for seg in segments:
         x = getattr(seg, step)(x)
+    if getattr(segments[-1], "returns_token", False):
+        return int(x)
     x = np.asarray(x, np.float32)
     if x.ndim != 2 or x.shape[0] != 1:  # hidden states (T, d) mean the chain lacks the head
         raise ConfigError(f"the last segment returned shape {x.shape}, not logits (1, V): does it hold the head?")
@@ -102,8 +107,11 @@ def _decode(segments: Sequence[Segment], token: int) -> np.ndarray:
 
 def generate_step(segments: Sequence[Segment], prompt_ids: Sequence[int], params: SamplingParams | None = None,
                   *, max_tokens: int = 128, stop_ids: Iterable[int] = (),
-                  max_seq_len: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                  max_seq_len: int | None = None) -> Iterator[tuple[int, np.ndarray | None]]:
     """Yield (token id, logits (V,) it was sampled from) for each generated token.
+
+    When the last segment `returns_token` it samples itself (with the same params, stop ids and
+    max_tokens, given to it by its owner); the logits are then None and `params` is not used here.
 
     Resets every segment first (a new session). Stops after a stop id (yielded last, so the caller
     knows why it ended; it is never fed back) or after `max_tokens` tokens. `max_seq_len` defaults
@@ -122,9 +130,13 @@ def generate_step(segments: Sequence[Segment], prompt_ids: Sequence[int], params
     history = [int(i) for i in ids]
     for seg in segments:
         seg.reset()
+    remote_sampling = bool(getattr(segments[-1], "returns_token", False))
     logits = _prefill(segments, ids)
     for n in range(max_tokens):
-        token = sample(logits, params, rng, history)
+        if remote_sampling:
+            token, logits = logits, None  # the segment returned the sampled id
+        else:
+            token = sample(logits, params, rng, history)
         yield token, logits
         if token in stops or n + 1 == max_tokens:
             return  # the last token is never decoded: no KV slot is spent on it

@@ -1,0 +1,131 @@
+"""One device session on the cloud worker: its plan, back-segment KV cache, sampler and counters.
+
+The state is explicit and small on purpose (design.md, "Recovery"): everything a session holds is
+the plan, the sampling settings, the KV cache (rebuildable by replaying the cut activations), the
+tokens generated so far (the repetition history) and the sequence position. The engine it runs on
+is shared with every other session of the same back-segment configuration; only the cache is its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.random import Generator
+
+from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.kv_cache import KVCache
+from edgesplit.runtime.plan import Plan
+from edgesplit.runtime.sampling import SamplingParams, make_rng, sample
+from edgesplit.transport.protocol import (
+    DECODE, PREFILL, SEQUENCE, TOO_LONG, OpenFrame, PrefillFrame, ProtocolError, SequenceCheck,
+)
+
+
+@dataclass
+class StepResult:
+    """What one prefill/decode step produced: the token, why generation ended (or None), its cost in ms."""
+
+    token: int
+    finish_reason: str | None  # None: go on; 'stop': a stop id; 'length': max_tokens or max_seq_len
+    compute_ms: float  # back segment + sampling, wall clock in this process
+
+
+@dataclass
+class Session:
+    """A device session: created on `open`, advanced by `prefill` then `decode`s, freed on `close`.
+
+    `identity`: the ZeroMQ routing id of the device that opened it (for logs; replies always go to
+    the sender of the frame being answered).
+    """
+
+    session_id: str
+    identity: bytes
+    plan: Plan
+    params: SamplingParams
+    max_tokens: int
+    stop_ids: frozenset[int]
+    engine: SegmentEngine  # shared by every session with the same back-segment configuration
+    cache: KVCache  # this session's own KV cache on `engine`
+    rng: Generator
+    seq: SequenceCheck
+    history: list[int] = field(default_factory=list)  # generated token ids (the cloud never sees the prompt ids)
+    finish_reason: str | None = None  # set once a token frame finished the session
+    last_active_s: float = field(default_factory=time.monotonic)  # time.monotonic() of the last accepted frame
+
+    @classmethod
+    def from_open(cls, frame: OpenFrame, identity: bytes, engine: SegmentEngine) -> "Session":
+        """A fresh session for an accepted `open` frame, with its own KV cache on `engine`."""
+        params = frame.sampling_params()
+        return cls(frame.session, identity, frame.plan, params, int(frame.sampling["max_tokens"]),
+                   frozenset(int(i) for i in frame.sampling["stop_ids"]), engine, engine.new_cache(),
+                   make_rng(params.seed), SequenceCheck(frame.session))
+
+    @property
+    def generated(self) -> int:
+        """Tokens sampled so far in this session."""
+        return len(self.history)
+
+    @property
+    def pos(self) -> int:
+        """Positions held in this session's KV cache (prompt + fed-back tokens)."""
+        return self.cache.pos
+
+    def touch(self, now_s: float | None = None) -> None:
+        """Mark activity now (monotonic seconds), for the idle timeout."""
+        self.last_active_s = time.monotonic() if now_s is None else now_s
+
+    def idle_s(self, now_s: float) -> float:
+        """Seconds since the last accepted frame."""
+        return now_s - self.last_active_s
+
+    def check_order(self, frame: PrefillFrame) -> None:
+        """Refuse (ProtocolError 'sequence') a frame out of seq or lifecycle order, without changing state.
+
+        The seq itself is only consumed by `accept`, so a refused frame (wrong order, bad tensor)
+        leaves the session as it was and a correct frame may follow (docs/protocol.md).
+        """
+        expected = self.seq.last + 1
+        if frame.seq != expected:
+            probe = SequenceCheck(self.session_id, self.seq.last)  # raises the standard duplicate/gap message
+            probe.check(frame.seq)
+        where = f"session {self.session_id}: "
+        if frame.kind == PREFILL and self.seq.last != 0:
+            raise ProtocolError(SEQUENCE, where + f"a second prefill (seq {frame.seq}); the prompt was "
+                                f"already prefilled at seq 1", self.session_id, frame.seq)
+        if frame.kind == DECODE and self.seq.last == 0:
+            raise ProtocolError(SEQUENCE, where + f"decode (seq {frame.seq}) before prefill; "
+                                "send prefill with seq 1 first", self.session_id, frame.seq)
+        if self.finish_reason is not None:
+            raise ProtocolError(SEQUENCE, where + f"{frame.kind} (seq {frame.seq}) after the session finished "
+                                f"(finish_reason {self.finish_reason!r}); send close", self.session_id, frame.seq)
+
+    def check_room(self, frame: PrefillFrame, t: int) -> None:
+        """Refuse (ProtocolError 'too_long') `t` new positions that would exceed plan.max_seq_len."""
+        cap = self.plan.max_seq_len
+        if self.pos + t > cap:
+            raise ProtocolError(TOO_LONG, f"session {self.session_id}: {self.pos} cached + {t} new tokens "
+                                f"exceeds plan.max_seq_len {cap}", self.session_id, frame.seq)
+
+    def accept(self, frame: PrefillFrame) -> None:
+        """Consume the frame's seq (after `check_order` and every input check passed)."""
+        self.seq.check(frame.seq)
+        self.touch()
+
+    def step(self, hidden: np.ndarray, kind: str) -> StepResult:
+        """Run the back segment on `hidden` (T, d) float32, sample the next token, update the counters."""
+        t0 = time.perf_counter()
+        if kind == PREFILL:
+            logits = self.engine.prefill(hidden, cache=self.cache)
+        else:
+            logits = self.engine.decode(hidden, cache=self.cache)
+        token = sample(logits[0], self.params, self.rng, self.history)
+        self.history.append(token)
+        compute_ms = (time.perf_counter() - t0) * 1000.0
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        elif self.generated >= self.max_tokens or self.pos >= self.plan.max_seq_len:
+            # At pos == max_seq_len the token just sampled could not be fed back: no KV room left.
+            self.finish_reason = "length"
+        return StepResult(token, self.finish_reason, compute_ms)

@@ -1,0 +1,279 @@
+"""The cloud worker: a ZeroMQ ROUTER serving the back segment [cut, L), the head and the sampler.
+
+Each device session (cloud/session.py) gets its own KV cache; the back-segment engine (the
+weights, one onnxruntime session) is built once per configuration and shared by every session
+using it. Frames are handled one at a time, in arrival order (docs/protocol.md): `open` creates a
+session (no reply), `prefill`/`decode` answer one `token` frame, `close` frees (no reply). Every
+refused frame gets an `error` frame sent to the identity it came from, and the worker goes on
+serving the other sessions. Session routing lives here, never in the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Callable
+
+import zmq
+
+from edgesplit.runtime import codec
+from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.errors import EdgesplitError
+from edgesplit.runtime.models import resolve_store
+from edgesplit.runtime.plan import ModelIdentity, Plan
+from edgesplit.runtime.store import ModelStore
+from edgesplit.transport.protocol import (
+    BAD_FRAME, INTERNAL, LIMIT, PLAN_MISMATCH, SEQUENCE, TENSOR, TOO_LONG, UNKNOWN_SESSION,
+    CloseFrame, DecodeFrame, ErrorFrame, Frame, OpenFrame, PrefillFrame, ProtocolError, TokenFrame,
+    decode_frame, encode_frame, error_frame_for,
+)
+
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+# Error codes after which the session's state is dropped (docs/protocol.md, "Error codes").
+ENDS_SESSION = frozenset((TOO_LONG, PLAN_MISMATCH, LIMIT, INTERNAL))
+POLL_MS = 50  # longest wait for a frame before the idle sweep and the stop event are checked again
+
+EngineKey = tuple  # (cut, back_precision, head_precision, kv_precision, max_seq_len, accuracy_level)
+
+
+class CloudWorker:
+    """Serves sessions of `store` on a ROUTER socket bound to `bind`.
+
+    bind: a ZeroMQ endpoint; a port of 0 (`tcp://127.0.0.1:0`) binds a random free port. The bound
+    address is `.endpoint`. max_sessions: sessions held at once (more are refused with `limit`).
+    idle_timeout_s: a session with no accepted frame for this many seconds is freed. threads:
+    onnxruntime intra-op threads per engine. engine_kwargs: further SegmentEngine settings
+    (e.g. outlier_channels, head_outlier_channels); precisions, KV precision, capacity and the
+    accuracy level come from each session's plan.
+    """
+
+    def __init__(self, store: ModelStore, *, bind: str, max_sessions: int = 16, idle_timeout_s: float = 60.0,
+                 threads: int = 2, **engine_kwargs):
+        if max_sessions < 1:
+            raise EdgesplitError(f"max_sessions must be >= 1, got {max_sessions}")
+        if not idle_timeout_s > 0:
+            raise EdgesplitError(f"idle_timeout_s must be > 0 seconds, got {idle_timeout_s}")
+        self.store = store
+        self.max_sessions, self.idle_timeout_s, self.threads = max_sessions, float(idle_timeout_s), threads
+        self.engine_kwargs = engine_kwargs
+        self.sessions: dict[str, Session] = {}
+        self.engines: dict[EngineKey, SegmentEngine] = {}
+        self.frames_handled = 0
+        self._ctx = zmq.Context()  # own context: close() can terminate it without touching others
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)  # close() must not wait for unsent replies
+        # No zmq.MAXMSGSIZE: zmq would drop such a peer silently, while decode_frame answers a
+        # frame over the protocol limit with a `limit` error frame.
+        self.endpoint = self._bind(bind)
+        log.info("cloud worker for %s bound to %s (max %d sessions, idle timeout %.1f s)",
+                 store.path, self.endpoint, max_sessions, self.idle_timeout_s)
+
+    def _bind(self, bind: str) -> str:
+        base, _, port = bind.rpartition(":")
+        if bind.startswith("tcp://") and port in ("0", "*"):
+            return f"{base}:{self._sock.bind_to_random_port(base)}"
+        self._sock.bind(bind)
+        return self._sock.getsockopt_string(zmq.LAST_ENDPOINT) or bind
+
+    # ------------------------------------------------------------------ loop
+    def serve_forever(self, stop_event: threading.Event | None = None) -> None:
+        """Handle frames one at a time until `stop_event` is set (checked every POLL_MS at least)."""
+        stop_event = stop_event or threading.Event()
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        # A tiny idle timeout (tests) needs sweeps more often than every POLL_MS.
+        poll_ms = max(1, min(POLL_MS, int(self.idle_timeout_s * 1000 / 4)))
+        while not stop_event.is_set():
+            if poller.poll(poll_ms):
+                self.handle_message(self._sock.recv_multipart())
+            self.evict_idle()
+        log.info("cloud worker on %s stopping with %d session(s) open", self.endpoint, len(self.sessions))
+
+    def close(self) -> None:
+        """Free every session and close the socket (the engines go with the worker)."""
+        self.sessions.clear()
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> "CloudWorker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def evict_idle(self, now_s: float | None = None) -> list[str]:
+        """Free sessions idle for longer than idle_timeout_s; returns their ids."""
+        now_s = time.monotonic() if now_s is None else now_s
+        gone = [sid for sid, s in self.sessions.items() if s.idle_s(now_s) > self.idle_timeout_s]
+        for sid in gone:
+            s = self.sessions.pop(sid)
+            log.info("session %s evicted after %.1f s idle (%d token(s) generated)", sid, s.idle_s(now_s), s.generated)
+        return gone
+
+    # ------------------------------------------------------------------ one frame
+    def handle_message(self, parts: list[bytes]) -> None:
+        """Handle one ROUTER message [identity, frame] and send its reply, if any, to that identity."""
+        self.frames_handled += 1
+        identity = parts[0]
+        if len(parts) != 2:
+            # A REQ socket or a multipart sender: one frame per message is the protocol.
+            sizes = [len(p) for p in parts[1:]]
+            reply: Frame | None = ErrorFrame(None, None, BAD_FRAME, f"message must be one part (one frame), "
+                                             f"got {len(parts) - 1} parts of {sizes} bytes")
+        else:
+            reply = self._reply_for(identity, parts[1])
+        if reply is not None:
+            self._send(identity, reply)
+
+    def _reply_for(self, identity: bytes, data: bytes) -> Frame | None:
+        """The reply to one frame: a token frame, None (open/close), or the error frame refusing it."""
+        frame: Frame | None = None
+        try:
+            frame = decode_frame(data)
+            return self._dispatch(identity, frame)
+        except EdgesplitError as exc:
+            err = error_frame_for(exc, getattr(frame, "session", None), getattr(frame, "seq", None))
+        # The one broad catch of the worker: a bug or an onnxruntime failure in one session must
+        # become an `internal` error for that session, not take down every other session.
+        except Exception as exc:  # noqa: BLE001
+            log.exception("internal error on a %s frame (session %s)", getattr(frame, "kind", "?"),
+                          getattr(frame, "session", None))
+            err = error_frame_for(exc, getattr(frame, "session", None), getattr(frame, "seq", None))
+        if err.code in ENDS_SESSION and err.session is not None and not isinstance(frame, OpenFrame):
+            if self.sessions.pop(err.session, None) is not None:
+                log.info("session %s dropped: %s", err.session, err.code)
+        log.info("refused frame (session %s, seq %s): %s: %s", err.session, err.seq, err.code, err.message)
+        return err
+
+    def _dispatch(self, identity: bytes, frame: Frame) -> Frame | None:
+        if isinstance(frame, OpenFrame):
+            return self._open(identity, frame)
+        if isinstance(frame, (TokenFrame, ErrorFrame)):
+            raise ProtocolError(BAD_FRAME, f"kind: {frame.kind!r} frames go from the cloud to the device, "
+                                "not to the cloud", frame.session, frame.seq)
+        session = self.sessions.get(frame.session)
+        if session is None:
+            raise ProtocolError(UNKNOWN_SESSION, f"session {frame.session} is not held by this worker "
+                                "(never opened, closed, or timed out)", frame.session, frame.seq)
+        if isinstance(frame, CloseFrame):
+            session.seq.check(frame.seq)  # a stale or future close is refused, the session kept
+            del self.sessions[frame.session]
+            log.info("session %s closed (%d token(s) generated)", frame.session, session.generated)
+            return None
+        return self._step(session, frame)
+
+    def _open(self, identity: bytes, frame: OpenFrame) -> None:
+        sid, plan = frame.session, frame.plan
+        if sid in self.sessions:
+            raise ProtocolError(SEQUENCE, f"open: session {sid} is already open; close it first", sid, 0)
+        self._check_plan(sid, plan)
+        if len(self.sessions) >= self.max_sessions:
+            raise ProtocolError(LIMIT, f"open: this worker holds {len(self.sessions)} sessions, its limit "
+                                f"max_sessions is {self.max_sessions}; retry later or use another worker", sid, 0)
+        self.sessions[sid] = Session.from_open(frame, identity, self._engine_for(plan))
+        log.info("session %s opened: cut %d, max_seq_len %d, codec %s (%d open)", sid, plan.cut,
+                 plan.max_seq_len, plan.codec, len(self.sessions))
+        return None  # a successful open has no reply (docs/protocol.md)
+
+    def _check_plan(self, sid: str, plan: Plan) -> None:
+        """Refuse a plan for another model, other shards, or one this worker cannot serve."""
+        cfg = self.store.config
+        mine = ModelIdentity.of_store(self.store, plan.precisions)
+        if plan.model != mine:
+            raise ProtocolError(PLAN_MISMATCH, f"open: plan.model {plan.model.name!r} fingerprint "
+                                f"{plan.model.fingerprint} differs from this worker's {mine.name!r} fingerprint "
+                                f"{mine.fingerprint} (precisions {', '.join(plan.precisions)})", sid, 0)
+        if plan.n_layers != cfg.n_layers:
+            raise ProtocolError(PLAN_MISMATCH, f"open: plan.n_layers {plan.n_layers} but this worker's model "
+                                f"has {cfg.n_layers} layers", sid, 0)
+        needed = [(f"blk.{i}", plan.back_precision) for i in range(plan.cut, plan.n_layers)]
+        needed += [(self.store.head_name(), plan.head_precision), ("output_norm", "f32")]
+        missing = [f"{n}@{p}" for n, p in needed if (n, p) not in self.store.shards]
+        if missing:
+            raise ProtocolError(PLAN_MISMATCH, f"open: this worker's store {self.store.path} lacks shard(s) "
+                                f"{missing[:4]}{' ...' if len(missing) > 4 else ''} of the plan", sid, 0)
+        if plan.max_seq_len > cfg.context_length:
+            raise ProtocolError(LIMIT, f"open: plan.max_seq_len {plan.max_seq_len} exceeds the model context "
+                                f"{cfg.context_length}", sid, 0)
+        try:
+            codec.parse_codec(plan.codec)
+        except EdgesplitError as exc:
+            raise ProtocolError(BAD_FRAME, f"open: plan.codec {plan.codec!r}: {exc}", sid, 0) from None
+
+    def _engine_for(self, plan: Plan) -> SegmentEngine:
+        """The shared back-segment engine for the plan's configuration (built on first use)."""
+        key = (plan.cut, plan.back_precision, plan.head_precision, plan.kv_precision, plan.max_seq_len,
+               plan.accuracy_level)
+        engine = self.engines.get(key)
+        if engine is None:
+            t0 = time.perf_counter()
+            # The plan's accuracy level holds on both sides and for the head too (device/remote.py
+            # load_front does the same), so a lossless codec reproduces unsplit output exactly.
+            engine = SegmentEngine(self.store, plan.cut, plan.n_layers, precision=plan.back_precision,
+                                   head_precision=plan.head_precision, kv_precision=plan.kv_precision,
+                                   max_seq_len=plan.max_seq_len, threads=self.threads,
+                                   accuracy_level=plan.accuracy_level, head_accuracy_level=plan.accuracy_level,
+                                   **self.engine_kwargs)
+            self.engines[key] = engine
+            log.info("back segment [%d, %d) %s built in %.0f ms", plan.cut, plan.n_layers, key,
+                     (time.perf_counter() - t0) * 1000.0)
+        return engine
+
+    def _step(self, session: Session, frame: PrefillFrame) -> TokenFrame:
+        """Run one prefill/decode frame on its session and build the token frame."""
+        session.check_order(frame)
+        t0 = time.perf_counter()
+        try:
+            hidden = codec.decode(frame.tensor.data, self.store.config.d_model)
+        except codec.CodecError as exc:
+            raise ProtocolError(TENSOR, f"{frame.kind} tensor.data: {exc}", frame.session, frame.seq) from None
+        decode_ms = (time.perf_counter() - t0) * 1000.0
+        if codec.parse_codec(frame.tensor.codec).name != codec.parse_codec(session.plan.codec).name:
+            raise ProtocolError(TENSOR, f"{frame.kind} tensor.codec {frame.tensor.codec!r} is not the plan's "
+                                f"codec {session.plan.codec!r}", frame.session, frame.seq)
+        session.check_room(frame, hidden.shape[0])
+        session.accept(frame)
+        result = session.step(hidden, frame.kind)
+        return TokenFrame(frame.session, frame.seq, result.token, result.finish_reason,
+                          {"cloud_compute": result.compute_ms, "decode_activation": decode_ms})
+
+    def _send(self, identity: bytes, frame: Frame) -> None:
+        try:
+            self._sock.send_multipart([identity, encode_frame(frame)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            # The peer's queue is full (or it is gone): dropping one reply beats stalling every session.
+            log.warning("reply to %r dropped: the peer is not reading (%s)", identity, frame.kind)
+
+
+def serve(model: str, bind: str, *, stop_event: threading.Event | None = None,
+          precisions: tuple[str, ...] | None = None, **opts) -> None:
+    """Resolve `model` (a name, GGUF or store path) and serve it on `bind` until SIGINT/SIGTERM.
+
+    `opts` go to CloudWorker (max_sessions, idle_timeout_s, threads, engine settings). Signal
+    handlers are installed only when called from the main thread, and restored on return.
+    """
+    if not logging.getLogger().handlers:  # a bare `python -c` launch (device/simulate.py) still logs
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    kwargs = {} if precisions is None else {"precisions": tuple(precisions)}
+    store = ModelStore(resolve_store(model, progress=False, **kwargs))
+    stop_event = stop_event or threading.Event()
+    previous: dict[int, Callable | int | None] = {}
+    if threading.current_thread() is threading.main_thread():
+        def _stop(signum, _frame) -> None:
+            log.info("signal %d: stopping", signum)
+            stop_event.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _stop)
+    worker = CloudWorker(store, bind=bind, **opts)
+    try:
+        worker.serve_forever(stop_event)
+    finally:
+        worker.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,125 @@
+"""CLI subcommands of the split: `cloud serve`, `device run` and `simulate` (parsing and printing)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from edgesplit.runtime.sampling import SamplingParams
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _add_split_flags(p: argparse.ArgumentParser) -> None:
+    """Plan and sampling flags shared by `device run` and `simulate`."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"known model name, GGUF or store path (default {DEFAULT_MODEL})")
+    p.add_argument("--cut", type=int, required=True, help="device runs layers [0, CUT), the cloud [CUT, L)")
+    p.add_argument("--codec", default="f32", help="activation codec, e.g. f32, f16, int8, ts+tabq:tau=40,budget=0.1,rotate=1")
+    p.add_argument("--network", default="loopback", help="emulated link profile (loopback, wifi, lte, 5g, 3g-poor) or TOML path")
+    p.add_argument("--precision", default="q4", help="front and back layer precision (default q4)")
+    p.add_argument("--head-precision", default="q8", help="embedding/head precision (default q8)")
+    p.add_argument("--kv-precision", default="f32", help="KV cache precision on both sides (default f32)")
+    p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy level on both sides (default 4)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="KV capacity on both sides (default 2048)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2, help="device onnxruntime threads (default 2)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("prompt", metavar="PROMPT")
+
+
+def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
+    """Register `cloud serve`, `device run` and `simulate` on the top-level subparsers."""
+    cloud = sub.add_parser("cloud", parents=[common], help="the cloud worker")
+    csub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")
+    p = csub.add_parser("serve", parents=[common], help="serve back segments to devices over ZeroMQ")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint (default tcp://127.0.0.1:5555)")
+    p.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions (default 16)")
+    p.add_argument("--idle-timeout-s", type=float, default=60.0, help="evict a silent session after this (default 60)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
+    p.set_defaults(func=cmd_cloud_serve)
+
+    device = sub.add_parser("device", parents=[common], help="the device client")
+    dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
+    p = dsub.add_parser("run", parents=[common], help="generate with the back segment on a cloud worker")
+    p.add_argument("--cloud", required=True, help="the worker's ZeroMQ endpoint, e.g. tcp://10.0.0.2:5555")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="give up when the cloud is silent this long")
+    _add_split_flags(p)
+    p.set_defaults(func=cmd_device_run)
+
+    p = sub.add_parser("simulate", parents=[common],
+                       help="a split run on loopback: cloud worker process + this device, emulated link")
+    _add_split_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=cmd_simulate)
+
+
+def _params(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _plan_kwargs(args) -> dict:
+    return dict(front_precision=args.precision, back_precision=args.precision, head_precision=args.head_precision,
+                kv_precision=args.kv_precision, max_seq_len=args.max_seq_len, accuracy_level=args.accuracy_level)
+
+
+def cmd_cloud_serve(args: argparse.Namespace) -> int:
+    from edgesplit.cloud.worker import serve
+
+    serve(args.model, args.bind, max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout_s,
+          threads=args.threads)
+    return 0
+
+
+def _stream(resp) -> None:
+    if resp.text:
+        sys.stdout.write(resp.text)
+        sys.stdout.flush()
+
+
+def cmd_device_run(args: argparse.Namespace) -> int:
+    from edgesplit.device.remote import make_plan, run_split
+    from edgesplit.profiles.network import load_network_profile
+    from edgesplit.runtime.generate import load_tokenizer
+    from edgesplit.runtime.models import resolve_store
+    from edgesplit.runtime.store import ModelStore
+    from edgesplit.transport.link import EmulatedLink
+
+    precisions = tuple(sorted({args.precision, args.head_precision, "f32"}))
+    store = ModelStore(resolve_store(args.model, precisions=precisions))
+    plan = make_plan(store, args.cut, args.codec, **_plan_kwargs(args))
+    tok = load_tokenizer(store)
+    ids = tok.encode(tok.chat_prompt(args.prompt) if args.chat else args.prompt)
+    link = EmulatedLink(load_network_profile(args.network)) if args.network != "loopback" else None
+    last = None
+    for last in run_split(store, args.cloud, plan, ids, _params(args), args.max_tokens, link,
+                          tokenizer=tok, threads=args.threads, timeout_s=args.timeout_s):
+        _stream(last)
+    sys.stdout.write("\n")
+    if last is not None:
+        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | decode: "
+              f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | cut {plan.cut}, codec {plan.codec} "
+              f"| finish: {last.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from edgesplit.device.simulate import simulate
+
+    kw = _plan_kwargs(args)
+    result = simulate(args.model, args.cut, args.network, args.codec, args.prompt, args.max_tokens, args.chat,
+                      params=_params(args), threads=args.threads, on_token=None if args.json else _stream, **kw)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    b = result["breakdown_ms"]
+    print(f"\nper token {result['per_token_ms']:.2f} ms ({result['tok_s']:.1f} tok/s), first token "
+          f"{result['ttft_ms']:.1f} ms, {result['bytes_per_token']:.0f} B/token up | "
+          + ", ".join(f"{k} {v:.2f}" for k, v in b.items())
+          + f" ms | overhead {result['overhead_ratio']:.2f}", file=sys.stderr)
+    return 0

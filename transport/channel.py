@@ -1,0 +1,172 @@
+"""The device's end of the device <-> cloud link: one ZeroMQ DEALER socket carrying protocol frames.
+
+`Channel.send` / `Channel.recv` move one frame (transport/protocol.py) each way. When an
+`EmulatedLink` is given, the link is emulated here, on the device side only, in both directions:
+a frame going up is held back for its uplink delay before it is handed to ZeroMQ, and a frame
+coming down is held back for its downlink delay after it arrives. The cloud worker therefore needs
+no knowledge of the emulation, and every emulated millisecond is measured in the device process.
+
+`recv` never hangs: it waits at most `timeout_s` (zmq.Poller) and raises `TransportError`.
+An `error` frame from the cloud is raised as `RemoteError` with its code and message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from edgesplit.profiles.network import DOWNLINK, UPLINK
+from edgesplit.runtime.errors import EdgesplitError
+from edgesplit.transport.link import EmulatedLink, sleep_until
+from edgesplit.transport.protocol import ErrorFrame, Frame, decode_frame, encode_frame
+
+log = logging.getLogger(__name__)
+
+
+class TransportError(EdgesplitError):
+    """The link failed: no reply within the timeout, a socket error, or an unexpected reply."""
+
+
+class RemoteError(EdgesplitError):
+    """The cloud answered with an `error` frame (docs/protocol.md, "Error codes")."""
+
+    def __init__(self, code: str, message: str, session: str | None = None, seq: int | None = None):
+        super().__init__(f"cloud refused ({code}): {message}")
+        self.code, self.remote_message, self.session, self.seq = code, message, session, seq
+
+
+@dataclass
+class ChannelStats:
+    """Counters of one channel. Lists hold one entry per frame, in order (for per-token breakdowns)."""
+
+    frames_up: int = 0
+    frames_down: int = 0
+    bytes_up: int = 0  # encoded frame bytes handed to the link, device -> cloud
+    bytes_down: int = 0  # encoded frame bytes received, cloud -> device
+    emulated_up_ms: list[float] = field(default_factory=list)  # emulated uplink delay actually slept, ms
+    emulated_down_ms: list[float] = field(default_factory=list)  # emulated downlink delay slept, ms
+    send_ms: list[float] = field(default_factory=list)  # ZeroMQ send call, ms (real loopback cost)
+
+    def to_dict(self) -> dict:
+        """Totals as a JSON-able dict (sums of the per-frame lists, ms)."""
+        return {"frames_up": self.frames_up, "frames_down": self.frames_down,
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "emulated_up_ms": sum(self.emulated_up_ms), "emulated_down_ms": sum(self.emulated_down_ms),
+                "send_ms": sum(self.send_ms)}
+
+
+class Channel:
+    """A DEALER socket connected to a cloud worker's ROUTER at `endpoint` (e.g. tcp://127.0.0.1:5555).
+
+    `link`: an EmulatedLink applied to both directions (None = the real link as is).
+    `timeout_s`: how long `recv` waits for a reply before raising TransportError.
+    After each `send` / `recv`, `last_uplink_ms` / `last_downlink_ms` hold what that frame cost on
+    the device side: uplink = emulated delay + the real send call; downlink = emulated delay + the
+    time to decode and validate the frame.
+    """
+
+    def __init__(self, endpoint: str, *, link: EmulatedLink | None = None, timeout_s: float = 10.0,
+                 context: zmq.Context | None = None):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.endpoint, self.link, self.timeout_s = endpoint, link, float(timeout_s)
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)  # close never blocks on frames the cloud did not take
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close()
+            raise TransportError(f"cannot connect to {endpoint}: {exc}") from exc
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self.stats = ChannelStats()
+        self.last_uplink_ms = 0.0
+        self.last_downlink_ms = 0.0
+        self.last_up_bytes = 0
+        self.last_down_bytes = 0
+        self.closed = False
+
+    def _emulate(self, nbytes: int, direction: str) -> float:
+        """Hold the frame for the link's delay (measured); return the ms actually waited."""
+        if self.link is None:
+            return 0.0
+        start = time.perf_counter()
+        delay_ms = self.link.send(nbytes, direction, now_ms=start * 1000.0)
+        sleep_until(start + delay_ms / 1000.0)
+        return (time.perf_counter() - start) * 1000.0
+
+    def send(self, frame: Frame, *, emulate: bool = True) -> float:
+        """Encode and send one frame; returns the uplink ms (emulated delay + real send call).
+
+        `emulate=False` skips the link delay (bytes are still counted): for fire-and-forget frames
+        such as `close`, whose crossing nobody waits for on a real link.
+        """
+        self._check_open()
+        data = encode_frame(frame)
+        emulated = self._emulate(len(data), UPLINK) if emulate else 0.0
+        t0 = time.perf_counter()
+        try:
+            # NOBLOCK: a full queue (the cloud gone for long) is an error, not a hang.
+            self._sock.send(data, zmq.NOBLOCK, copy=False)
+        except zmq.Again as exc:
+            raise TransportError(f"cannot send to {self.endpoint}: send queue full (is the cloud worker up?)") from exc
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot send to {self.endpoint}: {exc}") from exc
+        send_ms = (time.perf_counter() - t0) * 1000.0
+        st = self.stats
+        st.frames_up += 1
+        st.bytes_up += len(data)
+        st.emulated_up_ms.append(emulated)
+        st.send_ms.append(send_ms)
+        self.last_up_bytes = len(data)
+        self.last_uplink_ms = emulated + send_ms
+        log.debug("sent %s (%d bytes) to %s: emulated %.3f ms, send %.3f ms",
+                  frame.kind, len(data), self.endpoint, emulated, send_ms)
+        return self.last_uplink_ms
+
+    def recv(self, timeout_s: float | None = None) -> Frame:
+        """Wait for one frame (at most `timeout_s`, default the channel's), apply the downlink delay,
+        decode it. Raises TransportError on timeout, RemoteError for an `error` frame, and
+        ProtocolError for a frame that breaks the protocol."""
+        self._check_open()
+        timeout = self.timeout_s if timeout_s is None else float(timeout_s)
+        if not self._poller.poll(int(timeout * 1000)):
+            raise TransportError(f"no reply from {self.endpoint} within {timeout:g} s "
+                                 "(is the cloud worker running and reachable?)")
+        try:
+            data = self._sock.recv(zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot receive from {self.endpoint}: {exc}") from exc
+        emulated = self._emulate(len(data), DOWNLINK)
+        t0 = time.perf_counter()
+        frame = decode_frame(data)
+        decode_ms = (time.perf_counter() - t0) * 1000.0
+        st = self.stats
+        st.frames_down += 1
+        st.bytes_down += len(data)
+        st.emulated_down_ms.append(emulated)
+        self.last_down_bytes = len(data)
+        self.last_downlink_ms = emulated + decode_ms
+        if isinstance(frame, ErrorFrame):
+            raise RemoteError(frame.code, frame.message, frame.session, frame.seq)
+        return frame
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise TransportError(f"channel to {self.endpoint} is closed")
+
+    def close(self) -> None:
+        """Close the socket (pending frames are dropped: LINGER 0). Idempotent."""
+        if not self.closed:
+            self._sock.close()
+            self.closed = True
+
+    def __enter__(self) -> "Channel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
