@@ -58,6 +58,18 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=cmd_simulate)
 
+    p = sub.add_parser("loadtest", parents=[common],
+                       help="N device processes against one cloud worker for a fixed time (JSON)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--cut", type=int, default=15)
+    p.add_argument("--devices", type=int, default=16)
+    p.add_argument("--duration-s", type=float, default=60.0)
+    p.add_argument("--codec", default="f32")
+    p.add_argument("--network", default="loopback")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per session (default 32)")
+    p.add_argument("--max-seq-len", type=int, default=256)
+    p.set_defaults(func=cmd_loadtest)
+
 
 def _params(args) -> SamplingParams:
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -122,4 +134,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{result['ttft_ms']:.1f} ms, {result['bytes_per_token']:.0f} B/token up | "
           + ", ".join(f"{k} {v:.2f}" for k, v in b.items())
           + f" ms | overhead {result['overhead_ratio']:.2f}", file=sys.stderr)
+    return 0
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from edgesplit.device.loadtest import loadtest
+
+    print(json.dumps(loadtest(args.model, args.cut, args.devices, args.duration_s, args.codec, args.network,
+                              args.max_tokens, args.max_seq_len)))
     return 0
