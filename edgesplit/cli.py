@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the file to use (default 4096)")
     p.add_argument("--window", type=int, default=512, help="tokens per teacher-forced window (default 512)")
     _add_engine(p)
+    p.add_argument("--cut", type=int, default=None, metavar="K",
+                   help="evaluate the split [0, K) + [K, L) with --codec at the cut (instead of --segments)")
+    p.add_argument("--codec", default=None, metavar="C",
+                   help="activation codec at the cut, e.g. int8 or 'ts+tabq:tau=40,budget=0.1' (with --cut)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", parents=[common], help="prefill/decode speed (JSON)")

@@ -24,6 +24,18 @@ _ROWS = 128  # rows per float64 log-softmax chunk: (128, 49152) f64 = 50 MB
 _WORD = re.compile(r"\S+")
 
 
+def check_inputs(store: ModelStore, tokens, window: int, engine_kwargs: dict) -> tuple[np.ndarray, dict]:
+    """Tokens as int64 (N,) and the engine settings (without max_seq_len), or ConfigError."""
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if tokens.size < 2:
+        raise ConfigError(f"need at least 2 tokens, got {tokens.size}")
+    if min(window, tokens.size) > store.config.context_length:
+        raise ConfigError(f"window {window} exceeds the model context {store.config.context_length}")
+    settings = engine_settings(**engine_kwargs)
+    settings.pop("max_seq_len")
+    return tokens, settings
+
+
 def engine_settings(**engine_kwargs) -> dict:
     """SegmentEngine's keyword defaults updated with `engine_kwargs` (the settings actually used)."""
     params = inspect.signature(SegmentEngine).parameters
@@ -163,13 +175,7 @@ def evaluate(store: ModelStore, reference, tokens, *, window: int = 512, segment
     (= N - number of windows), max_abs_dlogit and the settings used.
     """
     cfg = store.config
-    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-    if tokens.size < 2:
-        raise ConfigError(f"need at least 2 tokens, got {tokens.size}")
-    if min(window, tokens.size) > cfg.context_length:
-        raise ConfigError(f"window {window} exceeds the model context {cfg.context_length}")
-    settings = engine_settings(**engine_kwargs)
-    settings.pop("max_seq_len")
+    tokens, settings = check_inputs(store, tokens, window, engine_kwargs)
     bounds = parse_segments(segments, cfg.n_layers)
     chain = EngineChain(store, bounds, min(window, tokens.size), **settings)
     stats = LogitComparison()
@@ -193,6 +199,15 @@ def cli_eval(args) -> dict:
     from .models import resolve_gguf, resolve_store
     from .reference import ReferenceModel
 
+    cut, codec = getattr(args, "cut", None), getattr(args, "codec", None)
+    if (cut is None) != (codec is None):
+        raise ConfigError("--cut and --codec go together (the codec runs at the cut)")
+    if cut is not None and getattr(args, "segments", None) is not None:
+        raise ConfigError("--cut replaces --segments; give one or the other")
+    if codec is not None:
+        from .codec import parse_codec
+
+        parse_codec(codec)  # a bad setting fails before the model loads
     text = Path(args.text)
     if not text.is_file():
         raise EdgesplitError(f"{text}: text file not found")
@@ -203,6 +218,11 @@ def cli_eval(args) -> dict:
                                             "accuracy_level", "outlier_channels",
                                             "head_accuracy_level", "head_outlier_channels", "threads")
               if getattr(args, k, None) is not None}
-    out = evaluate(store, reference, tokens, window=args.window, segments=args.segments, **kwargs)
+    if cut is not None or codec is not None:
+        from .evaluate_split import evaluate_split
+
+        out = evaluate_split(store, reference, tokens, cut=cut, codec=codec, window=args.window, **kwargs)
+    else:
+        out = evaluate(store, reference, tokens, window=args.window, segments=args.segments, **kwargs)
     out["text"] = str(text)
     return out

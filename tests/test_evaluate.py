@@ -15,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # tiny_gguf, with or without tes
 from tiny_gguf import write_tiny_gguf  # noqa: E402
 
 from edgesplit.runtime.errors import ConfigError, EdgesplitError  # noqa: E402
+from edgesplit.runtime.codec import encode, parse_codec  # noqa: E402
 from edgesplit.runtime.evaluate import evaluate, parse_segments, text_tokens  # noqa: E402
+from edgesplit.runtime.evaluate_split import evaluate_split  # noqa: E402
 from edgesplit.runtime.gguf_model import GGUFModel  # noqa: E402
 from edgesplit.runtime.reference import ReferenceModel  # noqa: E402
 from edgesplit.runtime.store import ModelStore, convert  # noqa: E402
@@ -122,3 +124,73 @@ def test_real_model_wikitext_quality(real_store, real_gguf, wikitext):
     assert r["tokens"] == 1022
     assert r["top1_agreement"] >= 0.97, r
     assert abs(r["ppl"] - r["ppl_ref"]) <= 0.01 * r["ppl_ref"], r
+
+
+# ----------------------------------------------------------------------------- split with codec
+
+
+@pytest.fixture(scope="module")
+def split_setup(tiny_store, tiny_gguf):
+    """(store, reference, tokens, unsplit f32 result) on the shared tiny store."""
+    ref = ReferenceModel.from_gguf(GGUFModel(tiny_gguf))
+    tokens = np.random.default_rng(1).integers(3, tiny_store.config.vocab_size, N)
+    return tiny_store, ref, tokens, evaluate(tiny_store, ref, tokens, window=WINDOW, **F32)
+
+
+def test_split_lossless_equals_unsplit(split_setup):
+    store, ref, tokens, whole = split_setup
+    r = evaluate_split(store, ref, tokens, cut=1, codec="f32", window=WINDOW, **F32)
+    assert (r["cut"], r["codec"], r["segments"], r["tokens"]) == (1, "f32", [0, 1, 3], N - 4)
+    # the unsplit engine differs from any chain of segments by float32 rounding only (~3e-8 relative)
+    for key in ("ppl", "ppl_ref", "top1_agreement"):
+        assert r[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-6), key
+    assert abs(r["max_abs_dlogit"] - whole["max_abs_dlogit"]) < 1e-4
+    # ... and the lossless codec in the loop changes nothing: identical to the plain chain at the cut
+    chain = evaluate(store, ref, tokens, window=WINDOW, segments=[0, 1, 3], **F32)
+    for key in ("ppl", "ppl_ref", "top1_agreement", "kl_mean", "max_abs_dlogit"):
+        assert r[key] == chain[key], key
+    assert r["ppl"] == r["ppl_lossless"] and r["top1_vs_lossless"] == 1.0
+    d = store.config.d_model
+    assert r["bytes_per_token"] == len(encode(np.zeros((1, d), np.float32), parse_codec("f32")))
+    # whole windows as one blob: 4 blobs (32, 32, 32, 4 rows), each one header + 4 d bytes per row
+    assert r["bytes_per_prompt_token"] == pytest.approx((4 * 12 + N * 4 * d) / N)
+
+
+def test_split_int8_bytes(split_setup):
+    store, ref, tokens, _ = split_setup
+    lossless = evaluate_split(store, ref, tokens, cut=2, codec="f32", window=WINDOW, **F32)
+    r = evaluate_split(store, ref, tokens, cut=2, codec="int8", window=WINDOW, **F32)
+    row = np.random.default_rng(2).standard_normal((1, store.config.d_model)).astype(np.float32)
+    assert r["bytes_per_token"] == len(encode(row, parse_codec("int8")))
+    assert r["bytes_per_token"] < lossless["bytes_per_token"]
+    assert r["bytes_per_prompt_token"] < r["bytes_per_token"]  # one header per window, not per row
+    assert r["ppl_lossless"] == pytest.approx(lossless["ppl"], abs=1e-9)
+    assert r["ppl_ref"] == pytest.approx(lossless["ppl_ref"], abs=1e-9)
+    assert 0.5 <= r["top1_vs_lossless"] <= 1.0 and r["kl_mean"] >= 0
+    assert r["codec"] == "int8" and r["tokens"] == N - 4
+
+
+def test_split_bad_settings(split_setup):
+    store, ref, tokens, _ = split_setup
+    with pytest.raises(ConfigError, match="int9"):
+        evaluate_split(store, ref, tokens, cut=1, codec="int9", window=WINDOW)
+    with pytest.raises(ConfigError, match="budgett"):
+        evaluate_split(store, ref, tokens, cut=1, codec="tabq:budgett=0.1", window=WINDOW)
+    for cut in (0, 3, -1, 7):
+        with pytest.raises(ConfigError, match="cut .* out of range"):
+            evaluate_split(store, ref, tokens, cut=cut, codec="f32", window=WINDOW)
+
+
+def test_eval_cli_flags():
+    from edgesplit.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--text", "t.txt", "--cut", "15", "--codec", "int8"])
+    assert (args.cut, args.codec, args.segments) == (15, "int8", None)
+    args = build_parser().parse_args(["eval", "--text", "t.txt"])
+    assert (args.cut, args.codec) == (None, None)
+    from edgesplit.runtime.evaluate import cli_eval
+
+    for argv, msg in ((["--cut", "1"], "go together"), (["--codec", "int8"], "go together"),
+                      (["--cut", "1", "--codec", "int8", "--segments", "0,1,3"], "replaces --segments")):
+        with pytest.raises(ConfigError, match=msg):
+            cli_eval(build_parser().parse_args(["eval", "--text", "t.txt", *argv]))
