@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .hparams import ModelConfig
+from .quant import dense_columns
 
 SMALL_BYTES = 256
 KV_TYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
@@ -129,7 +130,7 @@ class _Graph:
             b_rows.append(mins.T)
         if outliers is not None:
             a_parts.append(self.op1("Gather", [x, self.init(f"{prefix}.outliers", outliers.astype(np.int64))], axis=1))
-            exact = _dense(w)[:, outliers]  # (N, n_out)
+            exact = dense_columns(w, outliers)  # (N, n_out)
             if bits == 4:
                 exact = exact - mins[:, outliers // 32]
             b_rows.append(exact.T)
@@ -143,15 +144,6 @@ class _Graph:
         cheaper than a MatMul with a 0/1 matrix, which also streams that matrix every token."""
         xb = self.op1("Reshape", [x, self.init(f"shape.blocks.{nb}", np.array([-1, nb, 32], np.int64))])
         return self.op1("ReduceSum", [xb, self.init("axes.last", np.array([2], np.int64))], keepdims=0)
-
-
-def _dense(w: dict[str, np.ndarray]) -> np.ndarray:
-    """fp32 (N, K) values of a quantized weight in shard layout."""
-    from .quant import q4_dense, q8_dense
-
-    if w["qweight"].shape[2] == 16:
-        return q4_dense(w["qweight"], w["scales"], w["mins"])
-    return q8_dense(w["qweight"], w["scales"])
 
 
 def _fuse(ws: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

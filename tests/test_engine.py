@@ -49,9 +49,11 @@ def _linear_error(w, x, outliers):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from edgesplit.runtime.graph import OPSETS, _dense, _Graph
+    from edgesplit.runtime.graph import OPSETS, _Graph
+    from edgesplit.runtime.quant import dense_columns
 
-    n, k = _dense(w).shape
+    dense = dense_columns(w, np.arange(x.shape[1]))  # (N, K)
+    n, k = dense.shape
     g = _Graph(accuracy_level=4)
     g.nodes.append(helper.make_node("Identity", [g.linear("x", w, "w", k, outliers=outliers)], ["y"]))
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
@@ -60,7 +62,7 @@ def _linear_error(w, x, outliers):
     so.add_external_initializers(list(g.external), [ort.OrtValue.ortvalue_from_numpy(a) for a in g.external.values()])
     model = helper.make_model(graph, opset_imports=OPSETS, ir_version=10).SerializeToString()
     got = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    want = x @ _dense(w).T
+    want = x @ dense.T
     return np.abs(got - want).max() / np.abs(want).max()
 
 

@@ -37,6 +37,15 @@ def test_q4_and_q8_layouts_dequantize_like_gguf(tmp_path, qtype):
         assert np.abs(q8 - dense).max() <= np.abs(dense).max() / 100
 
 
+@pytest.mark.parametrize("precision", ["q4", "q8"])
+def test_dense_columns_equal_the_dense_matrix(tiny_store, precision):
+    layer = tiny_store.layer(0, precision)
+    w = {k.split(".", 1)[1]: v for k, v in layer.items() if k.startswith("ffn_down.")}
+    dense = quant.q4_dense(**w) if precision == "q4" else quant.q8_dense(**w)
+    cols = np.array([0, 1, 31, 32, 33, 127])
+    assert np.array_equal(quant.dense_columns(w, cols), dense[:, cols])
+
+
 def test_manifest_describes_the_store(tiny_store):
     m = tiny_store.manifest
     assert m["format_version"] == 1
