@@ -26,7 +26,7 @@ from edgesplit.runtime.plan import ModelIdentity, Plan
 from edgesplit.runtime.store import ModelStore
 from edgesplit.transport.protocol import (
     BAD_FRAME, INTERNAL, LIMIT, PLAN_MISMATCH, SEQUENCE, TENSOR, TOO_LONG, UNKNOWN_SESSION,
-    CloseFrame, DecodeFrame, ErrorFrame, Frame, OpenFrame, PrefillFrame, ProtocolError, TokenFrame,
+    CloseFrame, ErrorFrame, Frame, OpenFrame, PrefillFrame, ProtocolError, TokenFrame,
     decode_frame, encode_frame, error_frame_for,
 )
 

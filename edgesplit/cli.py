@@ -17,6 +17,7 @@ import sys
 
 from edgesplit import __version__
 from edgesplit.cli_split import add_split_commands
+from edgesplit.runtime.engine import engine_kwargs_of
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
 from edgesplit.runtime.models import KNOWN_MODELS
 
@@ -45,10 +46,6 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         f"directory (default {DEFAULT_MODEL})")
 
 
-ENGINE_FLAGS = ("precision", "head_precision", "kv_precision", "accuracy_level", "outlier_channels",
-                "head_accuracy_level", "head_outlier_channels", "threads")
-
-
 def _add_engine(p: argparse.ArgumentParser, segments: bool = True) -> None:
     """Precision, accuracy, thread (and segment) flags shared by generate, eval and bench."""
     p.add_argument("--precision", default="q4", help="layer weight precision: q4, q8, f16, f32 (default q4)")
@@ -66,11 +63,6 @@ def _add_engine(p: argparse.ArgumentParser, segments: bool = True) -> None:
     if segments:
         p.add_argument("--segments", type=_int_list, default=None, metavar="A,B,...",
                        help="cut points of consecutive local segments, e.g. 0,12,30 (default: one segment)")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    """SegmentEngine keyword arguments from the engine flags."""
-    return {k: getattr(args, k) for k in ENGINE_FLAGS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = load_tokenizer(store)
     ids = tok.encode(tok.chat_prompt(args.prompt, args.system) if args.chat else args.prompt)
     check_fits(len(ids), args.max_tokens, max_seq_len)  # before the engines load (seconds)
-    engines = load_local(store, segments=args.segments, max_seq_len=max_seq_len, **engine_kwargs(args))
+    engines = load_local(store, segments=args.segments, max_seq_len=max_seq_len, **engine_kwargs_of(args))
     last, ended_newline = None, True
     for last in stream_generate(engines, tok, ids, params, max_tokens=args.max_tokens, max_seq_len=max_seq_len):
         if last.text:

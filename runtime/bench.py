@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import SegmentEngine
+from .engine import ENGINE_SETTINGS, SegmentEngine, engine_kwargs_of
 from .errors import ConfigError, EdgesplitError
 from .evaluate import engine_settings
 from .memory import peak_rss_mb, segment_memory
@@ -129,9 +129,7 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
         out["prefill_ratio"] = out["prefill_tok_s"] / out["ref_prefill_tok_s"]
         out["decode_ratio"] = out["decode_tok_s"] / out["ref_decode_tok_s"]
         del llm
-    out.update({k: settings[k] for k in ("precision", "head_precision", "kv_precision",
-                                         "accuracy_level", "outlier_channels",
-                                            "head_accuracy_level", "head_outlier_channels")})
+    out.update({k: settings[k] for k in ENGINE_SETTINGS})
     out.update(threads=threads, runs=runs, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
                vs="llama.cpp" if vs_llama else None, load_avg_1m=load_avg_1m)
     return out
@@ -146,20 +144,14 @@ def cli_bench(args) -> dict:
         if len(args.segment) != 2 or args.vs:
             raise ConfigError(f"--segment takes START,END and no --vs (got {args.segment}, vs={args.vs})")
         store = ModelStore(resolve_store(args.model, precisions=(args.precision,)))
-        kwargs = {k: getattr(args, k) for k in ("precision", "head_precision", "kv_precision", "accuracy_level",
-                                                "outlier_channels", "head_accuracy_level",
-                                                "head_outlier_channels", "threads")}
         return segment_memory(store, *args.segment, prompt_tokens=args.prompt_tokens,
-                              max_seq_len=args.prompt_tokens + args.decode_tokens, **kwargs)
+                              max_seq_len=args.prompt_tokens + args.decode_tokens, **engine_kwargs_of(args))
 
     vs = getattr(args, "vs", None)
     if vs not in (None, "llama.cpp"):
         raise ConfigError(f"--vs {vs!r}: the only reference engine is 'llama.cpp'")
     store = ModelStore(resolve_store(args.model, precisions=(args.precision,)))
     gguf = resolve_gguf(args.model) if vs else None
-    kwargs = {k: getattr(args, k) for k in ("precision", "head_precision", "kv_precision",
-                                            "accuracy_level", "outlier_channels",
-                                            "head_accuracy_level", "head_outlier_channels")
-              if getattr(args, k, None) is not None}
+    kwargs = {k: v for k, v in engine_kwargs_of(args).items() if k != "threads"}  # bench takes threads itself
     return bench(store, gguf, threads=args.threads, runs=args.runs, prompt_tokens=args.prompt_tokens,
                  decode_tokens=args.decode_tokens, vs_llama=vs is not None, **kwargs)

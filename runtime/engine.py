@@ -7,7 +7,6 @@ The same call interface serves a whole model, a device front (ids in, hidden out
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import onnxruntime as ort
@@ -32,6 +31,17 @@ def session_options(threads: int) -> ort.SessionOptions:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     return so
+
+
+# SegmentEngine's settings besides the layer range and max_seq_len; CLI flags, eval and bench
+# outputs use the same names.
+ENGINE_SETTINGS = ("precision", "head_precision", "kv_precision", "accuracy_level", "outlier_channels",
+                   "head_accuracy_level", "head_outlier_channels", "threads")
+
+
+def engine_kwargs_of(obj) -> dict:
+    """The ENGINE_SETTINGS that `obj` (e.g. parsed CLI arguments) sets, as SegmentEngine kwargs."""
+    return {k: getattr(obj, k) for k in ENGINE_SETTINGS if getattr(obj, k, None) is not None}
 
 
 class SegmentEngine:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import SegmentEngine
+from .engine import ENGINE_SETTINGS, SegmentEngine, engine_kwargs_of
 from .errors import ConfigError, EdgesplitError
 from .store import ModelStore
 
@@ -186,9 +186,7 @@ def evaluate(store: ModelStore, reference, tokens, *, window: int = 512, segment
         ref = reference.forward(ids)[:-1]
         stats.add(ref, ours, ids[1:])
     out = stats.result()
-    out.update({k: settings[k] for k in ("precision", "head_precision", "kv_precision",
-                                         "accuracy_level", "outlier_channels",
-                                            "head_accuracy_level", "head_outlier_channels", "threads")})
+    out.update({k: settings[k] for k in ENGINE_SETTINGS})
     out.update(segments=bounds, window=window)
     return out
 
@@ -214,10 +212,7 @@ def cli_eval(args) -> dict:
     store = ModelStore(resolve_store(args.model, precisions=(args.precision,)))
     tokens = text_tokens(text, load_tokenizer(store), args.tokens)
     reference = ReferenceModel.from_gguf(resolve_gguf(args.model))
-    kwargs = {k: getattr(args, k) for k in ("precision", "head_precision", "kv_precision",
-                                            "accuracy_level", "outlier_channels",
-                                            "head_accuracy_level", "head_outlier_channels", "threads")
-              if getattr(args, k, None) is not None}
+    kwargs = engine_kwargs_of(args)
     if cut is not None or codec is not None:
         from .evaluate_split import evaluate_split
 

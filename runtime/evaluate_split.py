@@ -18,12 +18,10 @@ import numpy as np
 from .codec import CodecSpec, decode, encode, parse_codec
 from .errors import ConfigError
 from .evaluate import LogitComparison, check_inputs, windows
-from .engine import SegmentEngine
+from .engine import ENGINE_SETTINGS, SegmentEngine
 from .store import ModelStore
 
 LOSSLESS = "f32"
-_SETTING_KEYS = ("precision", "head_precision", "kv_precision", "accuracy_level", "outlier_channels",
-                 "head_accuracy_level", "head_outlier_channels", "threads")
 
 
 def codec_rows(h: np.ndarray, spec: CodecSpec) -> tuple[np.ndarray, list[int]]:
@@ -96,7 +94,7 @@ def evaluate_split(store: ModelStore, reference, tokens, *, cut, codec, window: 
         scored += ours.shape[0]
     out = stats.result()
     lossless_result = stats_lossless.result()
-    out.update({key: settings[key] for key in _SETTING_KEYS})
+    out.update({key: settings[key] for key in ENGINE_SETTINGS})
     out.update(segments=[0, k, cfg.n_layers], window=window, cut=k, codec=str(spec),
                ppl_lossless=lossless_result["ppl"], top1_lossless=lossless_result["top1_agreement"],
                top1_vs_lossless=agree_vs_lossless / max(scored, 1),

@@ -1,6 +1,5 @@
 """Tokenizer rebuilt from GGUF metadata: a hand-made vocabulary, then the real SmolLM2 model."""
 
-from pathlib import Path
 
 import pytest
 
