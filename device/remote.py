@@ -25,6 +25,7 @@ from edgesplit.runtime import codec
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.generate import GenerationResponse, load_tokenizer, stream_generate
+from edgesplit.runtime.models import resolve_store
 from edgesplit.runtime.plan import ModelIdentity, Plan
 from edgesplit.runtime.sampling import SamplingParams
 from edgesplit.runtime.store import ModelStore
@@ -72,15 +73,33 @@ class SplitResponse(GenerationResponse):
     timings: SplitTimings | None = None
 
 
-def make_plan(store: ModelStore, cut: int, codec_setting: str = "f32", *, front_precision: str = "q4",
-              back_precision: str = "q4", head_precision: str = "q8", kv_precision: str = "f32",
-              max_seq_len: int = 2048, accuracy_level: int = 4) -> Plan:
-    """A Plan for `store` cut at `cut`, with the model identity (fingerprint) of the precisions used."""
+PLAN_DEFAULTS = dict(front_precision="q4", back_precision="q4", head_precision="q8", kv_precision="f32",
+                     max_seq_len=2048, accuracy_level=4)
+
+
+def make_plan(store: ModelStore, cut: int, codec_setting: str = "f32", **plan_kwargs) -> Plan:
+    """A Plan for `store` cut at `cut`, with the model identity (fingerprint) of the precisions used.
+
+    `plan_kwargs` override PLAN_DEFAULTS (precisions, kv_precision, max_seq_len, accuracy_level).
+    """
     codec.parse_codec(codec_setting)  # refuse a bad codec setting here, not at the first frame
-    precisions = {front_precision, back_precision, head_precision}
-    return Plan(ModelIdentity.of_store(store, precisions), store.config.n_layers, cut, front_precision,
-                back_precision, head_precision, kv_precision, codec_setting,
-                min(max_seq_len, store.config.context_length), accuracy_level)
+    kw = {**PLAN_DEFAULTS, **plan_kwargs}
+    precisions = {kw["front_precision"], kw["back_precision"], kw["head_precision"]}
+    return Plan(ModelIdentity.of_store(store, precisions), store.config.n_layers, cut, kw["front_precision"],
+                kw["back_precision"], kw["head_precision"], kw["kv_precision"], codec_setting,
+                min(kw["max_seq_len"], store.config.context_length), kw["accuracy_level"])
+
+
+def prepare_split(model: str, cut: int, codec_setting: str, prompt: str, chat: bool,
+                  **plan_kwargs) -> tuple[ModelStore, Plan, Tokenizer, list[int]]:
+    """What a split run needs before it starts: the store (converted with the precisions the plan
+    uses), the plan, the tokenizer and the prompt's ids (chat template applied when `chat`)."""
+    kw = {**PLAN_DEFAULTS, **plan_kwargs}
+    wanted = tuple(sorted({kw["front_precision"], kw["back_precision"], kw["head_precision"], "f32"}))
+    store = ModelStore(resolve_store(model, precisions=wanted))
+    plan = make_plan(store, cut, codec_setting, **plan_kwargs)
+    tok = load_tokenizer(store)
+    return store, plan, tok, tok.encode(tok.chat_prompt(prompt) if chat else prompt)
 
 
 class RemoteSegment:

@@ -19,14 +19,11 @@ from typing import Callable
 
 import numpy as np
 
-from edgesplit.device.remote import BREAKDOWN_KEYS, SplitResponse, load_front, make_plan, run_split
+from edgesplit.device.remote import BREAKDOWN_KEYS, SplitResponse, load_front, prepare_split, run_split
 from edgesplit.profiles.network import load_network_profile
 from edgesplit.runtime import codec as codec_lib
 from edgesplit.runtime.errors import ConfigError
-from edgesplit.runtime.generate import load_tokenizer
-from edgesplit.runtime.models import resolve_store
 from edgesplit.runtime.sampling import SamplingParams
-from edgesplit.runtime.store import ModelStore
 from edgesplit.transport.channel import Channel, RemoteError, TransportError
 from edgesplit.transport.link import EmulatedLink
 from edgesplit.transport.protocol import Activation, DecodeFrame, new_session_id
@@ -118,14 +115,10 @@ def simulate(model: str, cut: int, network: str = "loopback", codec: str = "f32"
     `cut`, `network`, `codec`, `tokens`, `text` and a few more (see `summarize`).
     """
     profile = load_network_profile(network)
-    precisions = tuple(sorted({front_precision, back_precision, head_precision, "f32"}))
-    store = ModelStore(resolve_store(model, precisions=precisions))
-    plan = make_plan(store, cut, codec, front_precision=front_precision, back_precision=back_precision,
-                     head_precision=head_precision, kv_precision=kv_precision, max_seq_len=max_seq_len,
-                     accuracy_level=accuracy_level)
-    tok = load_tokenizer(store)
-    text_in = tok.chat_prompt(prompt) if chat else prompt
-    ids = tok.encode(text_in)
+    store, plan, tok, ids = prepare_split(
+        model, cut, codec, prompt, chat, front_precision=front_precision, back_precision=back_precision,
+        head_precision=head_precision, kv_precision=kv_precision, max_seq_len=max_seq_len,
+        accuracy_level=accuracy_level)
     front = load_front(store, plan, threads=threads)  # loaded before the clock starts
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"

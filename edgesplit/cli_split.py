@@ -95,18 +95,12 @@ def _stream(resp) -> None:
 
 
 def cmd_device_run(args: argparse.Namespace) -> int:
-    from edgesplit.device.remote import make_plan, run_split
+    from edgesplit.device.remote import prepare_split, run_split
     from edgesplit.profiles.network import load_network_profile
-    from edgesplit.runtime.generate import load_tokenizer
-    from edgesplit.runtime.models import resolve_store
-    from edgesplit.runtime.store import ModelStore
     from edgesplit.transport.link import EmulatedLink
 
-    precisions = tuple(sorted({args.precision, args.head_precision, "f32"}))
-    store = ModelStore(resolve_store(args.model, precisions=precisions))
-    plan = make_plan(store, args.cut, args.codec, **_plan_kwargs(args))
-    tok = load_tokenizer(store)
-    ids = tok.encode(tok.chat_prompt(args.prompt) if args.chat else args.prompt)
+    store, plan, tok, ids = prepare_split(args.model, args.cut, args.codec, args.prompt, args.chat,
+                                          **_plan_kwargs(args))
     link = EmulatedLink(load_network_profile(args.network)) if args.network != "loopback" else None
     last = None
     for last in run_split(store, args.cloud, plan, ids, _params(args), args.max_tokens, link,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import ENGINE_SETTINGS, SegmentEngine, engine_kwargs_of
+from .generate import load_local
 from .errors import ConfigError, EdgesplitError
 from .store import ModelStore
 
@@ -151,8 +152,7 @@ class EngineChain:
     """Segment engines run back to back: ids -> hidden -> ... -> logits (T, V) of every position."""
 
     def __init__(self, store: ModelStore, boundaries: list[int], max_seq_len: int, **engine_kwargs):
-        self.engines = [SegmentEngine(store, a, b, max_seq_len=max_seq_len, **engine_kwargs)
-                        for a, b in zip(boundaries, boundaries[1:])]
+        self.engines = load_local(store, segments=boundaries, max_seq_len=max_seq_len, **engine_kwargs)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """Teacher-forced logits (T, V) float32 of ids (T,), from empty KV caches."""
