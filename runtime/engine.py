@@ -22,9 +22,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
-def session_options(threads: int) -> ort.SessionOptions:
-    """CPU session options tuned for small-batch latency."""
+def session_options(threads: int, spin: bool = True) -> ort.SessionOptions:
+    """CPU session options tuned for small-batch latency. `spin` False: idle intra-op threads
+    sleep instead of busy-waiting (for processes that wait on a network between runs)."""
     so = ort.SessionOptions()
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -44,6 +47,20 @@ def engine_kwargs_of(obj) -> dict:
     return {k: getattr(obj, k) for k in ENGINE_SETTINGS if getattr(obj, k, None) is not None}
 
 
+def segment_outliers(manifest: dict, s: SegmentSpec, n_channels: int, head_n_channels: int) -> dict:
+    """Calibrated outlier input channels for the projections of `s` that quantize activations."""
+    out = {}
+    if s.has_head and s.head_accuracy_level == 4:
+        out["head"] = outlier_channels(manifest, "head_input", head_n_channels)
+    if s.accuracy_level == 4:
+        for i in range(s.start, s.end):
+            # The normed attention and FFN inputs carry the outliers that matter; measured on
+            # WikiText the o/down inputs gain little for their cost.
+            for key in ("attn_in", "ffn_in"):
+                out[(i, key)] = outlier_channels(manifest, key, n_channels, layer=i)
+    return {k: v for k, v in out.items() if v is not None}
+
+
 class SegmentEngine:
     """Runs one segment. `prefill` and `decode` append to the KV cache; `reset` empties it.
 
@@ -57,7 +74,8 @@ class SegmentEngine:
     def __init__(self, store: ModelStore, start: int = 0, end: int | None = None, *,
                  precision: str = "q4", head_precision: str = "q8", kv_precision: str = "f32",
                  max_seq_len: int | None = None, threads: int = 2, accuracy_level: int = 4,
-                 outlier_channels: int = 8, head_accuracy_level: int = 4, head_outlier_channels: int = 16):
+                 outlier_channels: int = 8, head_accuracy_level: int = 4, head_outlier_channels: int = 16,
+                 embed_ids: bool = True, with_head: bool = True, spin: bool = True):
         cfg = store.config
         end = cfg.n_layers if end is None else end
         max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.context_length) if max_seq_len is None else max_seq_len
@@ -73,11 +91,11 @@ class SegmentEngine:
             if acc not in (0, 1, 2, 3, 4):
                 raise ConfigError(f"{name} {acc} is not in 0..4")
         self.spec = SegmentSpec(cfg, start, end, precision, head_precision, kv_precision, max_seq_len,
-                                accuracy_level, head_accuracy_level)
+                                accuracy_level, head_accuracy_level, embed_ids, with_head)
         self.store = store
         self.outlier_channels = outlier_channels
         self.head_outlier_channels = head_outlier_channels
-        self.threads = threads
+        self.threads, self.spin = threads, spin
         self._session = self._build()
         self.cache = self.new_cache()  # the default session; a cloud worker makes one per device
 
@@ -93,24 +111,14 @@ class SegmentEngine:
         kv_scales = self._kv_scales() if s.kv_precision == "int8" else None
         model, weights = build_segment(s, layers, embedding, head, norm, kv_scales, self._outliers())
         del layers, embedding, head
-        so = session_options(self.threads)
+        so = session_options(self.threads, self.spin)
         # onnxruntime reads these arrays in place; they must live as long as the session.
         self._weights = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
         so.add_external_initializers(list(weights), self._weights)
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
     def _outliers(self) -> dict:
-        """Calibrated outlier input channels for the projections that quantize activations."""
-        s, m, out = self.spec, self.store.manifest, {}
-        if s.has_head and s.head_accuracy_level == 4:
-            out["head"] = outlier_channels(m, "head_input", self.head_outlier_channels)
-        if s.accuracy_level == 4:
-            for i in range(s.start, s.end):
-                # The normed attention and FFN inputs carry the outliers that matter; measured on
-                # WikiText the o/down inputs gain little for their cost.
-                for key in ("attn_in", "ffn_in"):
-                    out[(i, key)] = outlier_channels(m, key, self.outlier_channels, layer=i)
-        return {k: v for k, v in out.items() if v is not None}
+        return segment_outliers(self.store.manifest, self.spec, self.outlier_channels, self.head_outlier_channels)
 
     def _kv_scales(self) -> dict:
         """Per-channel int8 KV scales from the store's calibration table."""

@@ -5,10 +5,10 @@ are 2-D `(T, d)` throughout (one session per engine). The KV cache of every laye
 input `past_key.{i}` aliased by IO binding to the output `present_key.{i}`, so GroupQueryAttention
 appends in place into a buffer preallocated to the maximum sequence length.
 
-Inputs:  `input_ids` int64 (T,) if start == 0, else `hidden_in` f32 (T, d);
+Inputs:  `input_ids` int64 (T,) if start == 0 (and spec.embed_ids), else `hidden_in` f32 (T, d);
          `seqlens_k` int32 (1,) = past + T - 1; `total_seq_len` int32 () = past + T;
          `logits_index` int64 (n,) positions whose logits are wanted (only if end == L).
-Outputs: `logits` f32 (n, V) if end == L, else `hidden_out` f32 (T, d); present_key/value.{i}.
+Outputs: `logits` f32 (n, V) if end == L (and spec.with_head), else `hidden_out` f32 (T, d); present_key/value.{i}.
 """
 
 from __future__ import annotations
@@ -40,14 +40,16 @@ class SegmentSpec:
     max_seq_len: int = 2048
     accuracy_level: int = 0  # layers' MatMulNBits: 0 = fp32 compute (exact), 4 = int8 activations
     head_accuracy_level: int = 4  # the head's; 8-bit MatMulNBits has no fast fp32 kernel
+    embed_ids: bool = True  # False: a segment starting at 0 takes hidden states (T, d), embedded outside
+    with_head: bool = True  # False: a segment ending at n_layers returns hidden states, no norm/head
 
     @property
     def has_embedding(self) -> bool:
-        return self.start == 0
+        return self.start == 0 and self.embed_ids
 
     @property
     def has_head(self) -> bool:
-        return self.end == self.config.n_layers
+        return self.end == self.config.n_layers and self.with_head
 
 
 class _Graph:

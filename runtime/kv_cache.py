@@ -53,6 +53,10 @@ class KVCache:
         self._step_bound = False
         self.pos = 0
 
+    def bind_input(self, name: str, value: ort.OrtValue) -> None:
+        """Bind an extra graph input (e.g. streamed weights); it stays bound across steps."""
+        self._io.bind_ortvalue_input(name, value)
+
     def reset(self) -> None:
         """Forget the session so far (the buffers stay allocated and are overwritten)."""
         self.pos = 0
