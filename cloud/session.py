@@ -2,8 +2,9 @@
 
 The state is explicit and small on purpose (design.md, "Recovery"): everything a session holds is
 the plan, the sampling settings, the KV cache (rebuildable by replaying the cut activations), the
-tokens generated so far (the repetition history) and the sequence position. The engine it runs on
-is shared with every other session of the same back-segment configuration; only the cache is its own.
+repetition history (the prompt ids when the device sent them, then the tokens generated) and the
+sequence position. The engine it runs on is shared with every other session of the same
+back-segment configuration; only the cache is its own.
 """
 
 from __future__ import annotations
@@ -15,12 +16,20 @@ import numpy as np
 from numpy.random import Generator
 
 from edgesplit.runtime.engine import SegmentEngine
-from edgesplit.runtime.kv_cache import KVCache
+from edgesplit.runtime.kv_cache import KV_NUMPY, KVCache
 from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.sampling import SamplingParams, make_rng, sample
 from edgesplit.transport.protocol import (
-    DECODE, PREFILL, SEQUENCE, TOO_LONG, OpenFrame, PrefillFrame, ProtocolError, SequenceCheck,
+    BAD_FRAME, DECODE, PREFILL, SEQUENCE, TOO_LONG, OpenFrame, PrefillFrame, ProtocolError, SequenceCheck,
 )
+
+
+def kv_cache_mb(plan: Plan, n_kv_heads: int, head_dim: int) -> float:
+    """MB (2^20 bytes) of the back segment's KV cache for `plan`: its layers x (K, V) x max_seq_len
+    positions x n_kv_heads x head_dim x the KV precision's element size (as KVCache allocates it)."""
+    itemsize = np.dtype(KV_NUMPY[plan.kv_precision]).itemsize
+    layers = plan.n_layers - plan.cut
+    return layers * 2 * plan.max_seq_len * n_kv_heads * head_dim * itemsize / float(1 << 20)
 
 
 @dataclass
@@ -50,22 +59,24 @@ class Session:
     cache: KVCache  # this session's own KV cache on `engine`
     rng: Generator
     seq: SequenceCheck
-    history: list[int] = field(default_factory=list)  # generated token ids (the cloud never sees the prompt ids)
+    kv_mb: float = 0.0  # MB reserved by `cache` (counted against the worker's --max-kv-mb)
+    history: list[int] = field(default_factory=list)  # repetition history: prompt ids (when sent) + generated ids
+    generated: int = 0  # tokens sampled so far in this session
     finish_reason: str | None = None  # set once a token frame finished the session
     last_active_s: float = field(default_factory=time.monotonic)  # time.monotonic() of the last accepted frame
 
     @classmethod
-    def from_open(cls, frame: OpenFrame, identity: bytes, engine: SegmentEngine) -> "Session":
+    def from_open(cls, frame: OpenFrame, identity: bytes, engine: SegmentEngine, kv_mb: float = 0.0) -> "Session":
         """A fresh session for an accepted `open` frame, with its own KV cache on `engine`."""
         params = frame.sampling_params()
         return cls(frame.session, identity, frame.plan, params, int(frame.sampling["max_tokens"]),
                    frozenset(int(i) for i in frame.sampling["stop_ids"]), engine, engine.new_cache(),
-                   make_rng(params.seed), SequenceCheck(frame.session))
+                   make_rng(params.seed), SequenceCheck(frame.session), kv_mb)
 
     @property
-    def generated(self) -> int:
-        """Tokens sampled so far in this session."""
-        return len(self.history)
+    def needs_prompt_ids(self) -> bool:
+        """Whether sampling reads the prompt's ids (a repetition penalty also penalizes prompt tokens)."""
+        return self.params.repetition_penalty != 1
 
     @property
     def pos(self) -> int:
@@ -94,6 +105,10 @@ class Session:
         if frame.kind == PREFILL and self.seq.last != 0:
             raise ProtocolError(SEQUENCE, where + f"a second prefill (seq {frame.seq}); the prompt was "
                                 f"already prefilled at seq 1", self.session_id, frame.seq)
+        if frame.kind == PREFILL and self.needs_prompt_ids and frame.prompt_ids is None:
+            raise ProtocolError(BAD_FRAME, where + f"prefill (seq {frame.seq}) without prompt_ids, but the session's "
+                                f"repetition_penalty {self.params.repetition_penalty:g} needs them",
+                                self.session_id, frame.seq)
         if frame.kind == DECODE and self.seq.last == 0:
             raise ProtocolError(SEQUENCE, where + f"decode (seq {frame.seq}) before prefill; "
                                 "send prefill with seq 1 first", self.session_id, frame.seq)
@@ -109,8 +124,11 @@ class Session:
                                 f"exceeds plan.max_seq_len {cap}", self.session_id, frame.seq)
 
     def accept(self, frame: PrefillFrame) -> None:
-        """Consume the frame's seq (after `check_order` and every input check passed)."""
+        """Consume the frame's seq (after `check_order` and every input check passed); a prefill's
+        prompt ids start the repetition history when sampling needs them."""
         self.seq.check(frame.seq)
+        if frame.kind == PREFILL and self.needs_prompt_ids:
+            self.history.extend(frame.prompt_ids)
         self.touch()
 
     def step(self, hidden: np.ndarray, kind: str) -> StepResult:
@@ -122,6 +140,7 @@ class Session:
             logits = self.engine.decode(hidden, cache=self.cache)
         token = sample(logits[0], self.params, self.rng, self.history)
         self.history.append(token)
+        self.generated += 1
         compute_ms = (time.perf_counter() - t0) * 1000.0
         if token in self.stop_ids:
             self.finish_reason = "stop"

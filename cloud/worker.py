@@ -2,8 +2,10 @@
 
 Each device session (cloud/session.py) gets its own KV cache; the back-segment engine (the
 weights, one onnxruntime session) is built once per configuration and shared by every session
-using it. Frames are handled one at a time, in arrival order (docs/protocol.md): `open` creates a
-session (no reply), `prefill`/`decode` answer one `token` frame, `close` frees (no reply). Every
+using it: at start for the warm plans (`--warm-plan`), else at the first session that needs it.
+With `max_kv_mb` the KV caches of the sessions held together stay within that budget. Frames
+are handled one at a time, in arrival order (docs/protocol.md): `open` creates a session (no
+reply), `prefill`/`decode` answer one `token` frame, `close` frees (no reply). Every
 refused frame gets an `error` frame sent to the identity it came from, and the worker goes on
 serving the other sessions. Session routing lives here, never in the engine.
 """
@@ -14,8 +16,9 @@ import logging
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
+import numpy as np
 import zmq
 
 from edgesplit.runtime import codec
@@ -30,7 +33,7 @@ from edgesplit.transport.protocol import (
     decode_frame, encode_frame, error_frame_for,
 )
 
-from .session import Session
+from .session import Session, kv_cache_mb
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +52,30 @@ class CloudWorker:
     idle_timeout_s: a session with no accepted frame for this many seconds is freed. threads:
     onnxruntime intra-op threads per engine. engine_kwargs: further SegmentEngine settings
     (e.g. outlier_channels, head_outlier_channels); precisions, KV precision, capacity and the
-    accuracy level come from each session's plan.
+    accuracy level come from each session's plan. max_kv_mb: MB of KV cache the sessions may reserve
+    together (None = no cap); an `open` that would exceed it is refused with `limit`. warm_plans:
+    plans whose back-segment engines are built (and run once) now rather than at their first session.
     """
 
     def __init__(self, store: ModelStore, *, bind: str, max_sessions: int = 16, idle_timeout_s: float = 60.0,
-                 threads: int = 2, **engine_kwargs):
+                 threads: int = 2, max_kv_mb: float | None = None, warm_plans: Iterable[Plan] = (), **engine_kwargs):
         if max_sessions < 1:
             raise EdgesplitError(f"max_sessions must be >= 1, got {max_sessions}")
         if not idle_timeout_s > 0:
             raise EdgesplitError(f"idle_timeout_s must be > 0 seconds, got {idle_timeout_s}")
+        if max_kv_mb is not None and not max_kv_mb > 0:
+            raise EdgesplitError(f"max_kv_mb must be > 0 MB (or None for no cap), got {max_kv_mb}")
         self.store = store
+        self._codec_tables: dict[tuple[str, int], codec.CutTable | None] = {}
         self.max_sessions, self.idle_timeout_s, self.threads = max_sessions, float(idle_timeout_s), threads
+        self.max_kv_mb = None if max_kv_mb is None else float(max_kv_mb)
         self.engine_kwargs = engine_kwargs
         self.sessions: dict[str, Session] = {}
         self.engines: dict[EngineKey, SegmentEngine] = {}
         self.frames_handled = 0
+        self._t_frame = 0.0  # perf_counter s when the frame being handled was received
+        for plan in warm_plans:
+            self.warm(plan)
         self._ctx = zmq.Context()  # own context: close() can terminate it without touching others
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)  # close() must not wait for unsent replies
@@ -115,9 +127,27 @@ class CloudWorker:
             log.info("session %s evicted after %.1f s idle (%d token(s) generated)", sid, s.idle_s(now_s), s.generated)
         return gone
 
+    def warm(self, plan: Plan) -> SegmentEngine:
+        """Build the back-segment engine of `plan` now and run it once on a throwaway cache, so the
+        first session's time to first token does not include loading (or first-run allocation)."""
+        self._check_plan("warm-up", plan)
+        engine = self._engine_for(plan)
+        t0 = time.perf_counter()
+        engine.prefill(np.zeros((min(8, plan.max_seq_len), self.store.config.d_model), np.float32),
+                       cache=engine.new_cache())
+        log.info("back segment [%d, %d) warmed: first run %.0f ms", plan.cut, plan.n_layers,
+                 (time.perf_counter() - t0) * 1000.0)
+        return engine
+
+    @property
+    def kv_used_mb(self) -> float:
+        """MB of KV cache reserved by the sessions held now."""
+        return sum(s.kv_mb for s in self.sessions.values())
+
     # ------------------------------------------------------------------ one frame
     def handle_message(self, parts: list[bytes]) -> None:
         """Handle one ROUTER message [identity, frame] and send its reply, if any, to that identity."""
+        self._t_frame = time.perf_counter()
         self.frames_handled += 1
         identity = parts[0]
         if len(parts) != 2:
@@ -175,7 +205,15 @@ class CloudWorker:
         if len(self.sessions) >= self.max_sessions:
             raise ProtocolError(LIMIT, f"open: this worker holds {len(self.sessions)} sessions, its limit "
                                 f"max_sessions is {self.max_sessions}; retry later or use another worker", sid, 0)
-        self.sessions[sid] = Session.from_open(frame, identity, self._engine_for(plan))
+        cfg = self.store.config
+        need_mb = kv_cache_mb(plan, cfg.n_kv_heads, cfg.head_dim)
+        if self.max_kv_mb is not None and self.kv_used_mb + need_mb > self.max_kv_mb:
+            raise ProtocolError(LIMIT, f"open: the session's KV cache needs {need_mb:.1f} MB ({plan.n_layers - plan.cut} "
+                                f"layers x {plan.max_seq_len} positions, {plan.kv_precision}) but only "
+                                f"{self.max_kv_mb - self.kv_used_mb:.1f} MB of max_kv_mb {self.max_kv_mb:g} are "
+                                f"available ({len(self.sessions)} session(s) hold {self.kv_used_mb:.1f} MB); lower "
+                                "plan.max_seq_len, close sessions or retry later", sid, 0)
+        self.sessions[sid] = Session.from_open(frame, identity, self._engine_for(plan), need_mb)
         log.info("session %s opened: cut %d, max_seq_len %d, codec %s (%d open)", sid, plan.cut,
                  plan.max_seq_len, plan.codec, len(self.sessions))
         return None  # a successful open has no reply (docs/protocol.md)
@@ -201,9 +239,19 @@ class CloudWorker:
             raise ProtocolError(LIMIT, f"open: plan.max_seq_len {plan.max_seq_len} exceeds the model context "
                                 f"{cfg.context_length}", sid, 0)
         try:
-            codec.parse_codec(plan.codec)
+            self._codec_table(plan)
         except EdgesplitError as exc:
             raise ProtocolError(BAD_FRAME, f"open: plan.codec {plan.codec!r}: {exc}", sid, 0) from None
+
+    def _codec_table(self, plan: Plan) -> codec.CutTable | None:
+        """The cut's calibrated codec table if the plan's codec needs one (ecq), cached per (codec, cut).
+
+        Raises CodecError when the setting is invalid or this store has no calibration for the cut."""
+        key = (plan.codec, plan.cut)
+        if key not in self._codec_tables:
+            spec = codec.parse_codec(plan.codec)
+            self._codec_tables[key] = codec.table_for(spec, self.store.manifest.get("calibration"), plan.cut)
+        return self._codec_tables[key]
 
     def _engine_for(self, plan: Plan) -> SegmentEngine:
         """The shared back-segment engine for the plan's configuration (built on first use)."""
@@ -214,11 +262,13 @@ class CloudWorker:
             t0 = time.perf_counter()
             # The plan's accuracy level holds on both sides and for the head too (device/remote.py
             # load_front does the same), so a lossless codec reproduces unsplit output exactly.
+            # spin=False: between frames the worker waits on the network; busy-waiting onnxruntime
+            # threads would take the cores from other sessions and processes (README, "Split inference").
             engine = SegmentEngine(self.store, plan.cut, plan.n_layers, precision=plan.back_precision,
                                    head_precision=plan.head_precision, kv_precision=plan.kv_precision,
                                    max_seq_len=plan.max_seq_len, threads=self.threads,
                                    accuracy_level=plan.accuracy_level, head_accuracy_level=plan.accuracy_level,
-                                   **self.engine_kwargs)
+                                   spin=False, **self.engine_kwargs)
             self.engines[key] = engine
             log.info("back segment [%d, %d) %s built in %.0f ms", plan.cut, plan.n_layers, key,
                      (time.perf_counter() - t0) * 1000.0)
@@ -229,18 +279,32 @@ class CloudWorker:
         session.check_order(frame)
         t0 = time.perf_counter()
         try:
-            hidden = codec.decode(frame.tensor.data, self.store.config.d_model)
+            hidden = codec.decode(frame.tensor.data, self.store.config.d_model, self._codec_table(session.plan))
         except codec.CodecError as exc:
             raise ProtocolError(TENSOR, f"{frame.kind} tensor.data: {exc}", frame.session, frame.seq) from None
         decode_ms = (time.perf_counter() - t0) * 1000.0
-        if codec.parse_codec(frame.tensor.codec).name != codec.parse_codec(session.plan.codec).name:
+        # The same setting string (the usual case) needs no parsing on every token.
+        if (frame.tensor.codec != session.plan.codec
+                and codec.parse_codec(frame.tensor.codec).name != codec.parse_codec(session.plan.codec).name):
             raise ProtocolError(TENSOR, f"{frame.kind} tensor.codec {frame.tensor.codec!r} is not the plan's "
                                 f"codec {session.plan.codec!r}", frame.session, frame.seq)
         session.check_room(frame, hidden.shape[0])
+        self._check_prompt_ids(frame)
         session.accept(frame)
         result = session.step(hidden, frame.kind)
+        # cloud_frame: receipt of the frame to its reply built (parsing, validation, decoding,
+        # compute, sampling); what it adds to the other two is the worker's own overhead.
+        frame_ms = (time.perf_counter() - self._t_frame) * 1000.0
         return TokenFrame(frame.session, frame.seq, result.token, result.finish_reason,
-                          {"cloud_compute": result.compute_ms, "decode_activation": decode_ms})
+                          {"cloud_compute": result.compute_ms, "decode_activation": decode_ms, "cloud_frame": frame_ms})
+
+    def _check_prompt_ids(self, frame) -> None:
+        """Refuse (`tensor`) prompt ids outside the vocabulary: the sampler would index past its logits."""
+        ids = getattr(frame, "prompt_ids", None)
+        vocab = self.store.config.vocab_size
+        if ids and max(ids) >= vocab:
+            raise ProtocolError(TENSOR, f"prefill prompt_ids: id {max(ids)} is outside the vocabulary [0, {vocab})",
+                                frame.session, frame.seq)
 
     def _send(self, identity: bytes, frame: Frame) -> None:
         try:

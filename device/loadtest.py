@@ -12,12 +12,10 @@ import json
 import logging
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from edgesplit.device.remote import load_front, make_plan, run_split
-from edgesplit.device.simulate import free_port, wait_ready, worker_command
+from edgesplit.device.simulate import worker_process
 from edgesplit.profiles.network import load_network_profile
 from edgesplit.runtime.errors import EdgesplitError
 from edgesplit.runtime.generate import load_tokenizer
@@ -63,15 +61,11 @@ def loadtest(model: str, cut: int = 15, devices: int = 16, duration_s: float = 6
              network: str = "loopback", max_tokens: int = 32, max_seq_len: int = 256) -> dict:
     """Run `devices` device processes against one worker for `duration_s`; aggregate their counts."""
     store = ModelStore(resolve_store(model))
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    with tempfile.NamedTemporaryFile("w+b", prefix="edgesplit-worker-", suffix=".log", delete=False) as errf:
-        err_path = Path(errf.name)
-        # 2x: a finished session's `close` travels on its own socket and can reach the worker
-        # after the same device's next `open`
-        worker = subprocess.Popen(worker_command(str(store.path), endpoint) + ["--max-sessions", str(2 * devices)],
-                                  stdout=subprocess.DEVNULL, stderr=errf)
-    try:
-        wait_ready(endpoint, store.config.d_model, worker, stderr_path=err_path)
+    plan = make_plan(store, cut, codec, max_seq_len=max_seq_len, accuracy_level=4)
+    # 2x sessions: a finished session's `close` travels on its own socket and can reach the worker
+    # after the same device's next `open`
+    with worker_process(str(store.path), store.config.d_model, "--max-sessions", str(2 * devices),
+                        warm_plan=plan) as endpoint:
         args = [str(store.path), endpoint, str(cut), codec, str(duration_s), str(max_tokens), str(max_seq_len), network]
         procs = [subprocess.Popen([sys.executable, "-m", "edgesplit.device.loadtest", *args, str(i)],
                                   stdout=subprocess.PIPE, text=True) for i in range(devices)]
@@ -82,10 +76,6 @@ def loadtest(model: str, cut: int = 15, devices: int = 16, duration_s: float = 6
                 results.append({"sessions": 0, "completed": 0, "tokens": 0, "errors": [f"exit code {p.returncode}"]})
             else:
                 results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-        err_path.unlink(missing_ok=True)
     windows = [r["window"] for r in results if "window" in r]
     span = max(w[1] for w in windows) - min(w[0] for w in windows) if windows else 0.0
     tokens = sum(r["tokens"] for r in results)

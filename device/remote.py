@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from edgesplit.device.split_plan import check_plan_agrees, check_plan_store
 from edgesplit.runtime import codec
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
@@ -43,12 +44,18 @@ BREAKDOWN_KEYS = ("device_compute", "encode", "uplink", "cloud_compute", "downli
 
 @dataclass
 class SplitTimings:
-    """Where one token's time went, in ms, plus the frame bytes it cost.
+    """Where one token's time went, in ms, plus the frame bytes it cost. The parts never overlap.
 
-    device_compute: the front segment (device process). encode: activation codec + frame building.
-    uplink: emulated uplink delay + the real ZeroMQ send. cloud_compute: reported by the cloud in the
-    token frame's timing. downlink: emulated downlink delay + validating the reply frame.
-    decode: detokenizing (on the device 'decode' is the tokenizer; blob decoding is cloud-side).
+    The breakdown (the work a split run cannot avoid, each measured where it happens):
+    device_compute: the front segment (device process). encode: the activation codec plus building
+    the frame (device). uplink / downlink: the emulated link delay the frame waited (link emulator
+    in the device process; 0 on loopback). cloud_compute: back segment + head + sampling (cloud
+    process, from the token frame's timing). decode: the activation codec's decode (cloud) plus
+    detokenizing (device), kept apart in decode_activation_ms and detokenize_ms.
+    The framework's own cost, outside the breakdown: framing_ms (device: msgpack encoding, decoding
+    and validating the reply), wait_ms (device: start of the ZeroMQ send call to the reply's arrival) and
+    cloud_frame_ms (cloud: frame receipt to reply built, so it contains cloud_compute and
+    decode_activation).
     """
 
     device_compute_ms: float = 0.0
@@ -56,14 +63,32 @@ class SplitTimings:
     uplink_ms: float = 0.0
     cloud_compute_ms: float = 0.0
     downlink_ms: float = 0.0
-    decode_ms: float = 0.0
+    decode_activation_ms: float = 0.0
+    detokenize_ms: float = 0.0
+    framing_ms: float = 0.0
+    wait_ms: float = 0.0
+    cloud_frame_ms: float = 0.0
     uplink_bytes: int = 0  # encoded frames sent for this token (open + prefill for the first)
     downlink_bytes: int = 0
     activation_bytes: int = 0  # codec blob only (codec.encoded_nbytes)
 
+    @property
+    def decode_ms(self) -> float:
+        """The breakdown's `decode`: activation decode (cloud) + detokenizing (device), ms."""
+        return self.decode_activation_ms + self.detokenize_ms
+
     def breakdown(self) -> dict[str, float]:
         """The six breakdown figures keyed as in `simulate`'s `breakdown_ms`."""
         return {k: getattr(self, f"{k}_ms") for k in BREAKDOWN_KEYS}
+
+    def overhead(self) -> dict[str, float]:
+        """The framework's cost by place, ms: device framing, real transport (the wait not spent
+        in the cloud's frame handling: ZeroMQ both ways plus scheduling) and the cloud's framing
+        (its frame handling beyond decoding and compute)."""
+        cloud_work = self.cloud_compute_ms + self.decode_activation_ms
+        return {"device_framing": self.framing_ms,
+                "transport": max(self.wait_ms - self.cloud_frame_ms, 0.0),
+                "cloud_framing": max(self.cloud_frame_ms - cloud_work, 0.0)}
 
 
 @dataclass(frozen=True)
@@ -90,14 +115,30 @@ def make_plan(store: ModelStore, cut: int, codec_setting: str = "f32", **plan_kw
                 min(kw["max_seq_len"], store.config.context_length), kw["accuracy_level"])
 
 
-def prepare_split(model: str, cut: int, codec_setting: str, prompt: str, chat: bool,
+def prepare_split(model: str, cut: int | None, codec_setting: str | None, prompt: str, chat: bool, *,
+                  plan: Plan | None = None, plan_source: str = "plan",
                   **plan_kwargs) -> tuple[ModelStore, Plan, Tokenizer, list[int]]:
     """What a split run needs before it starts: the store (converted with the precisions the plan
-    uses), the plan, the tokenizer and the prompt's ids (chat template applied when `chat`)."""
-    kw = {**PLAN_DEFAULTS, **plan_kwargs}
-    wanted = tuple(sorted({kw["front_precision"], kw["back_precision"], kw["head_precision"], "f32"}))
-    store = ModelStore(resolve_store(model, precisions=wanted))
-    plan = make_plan(store, cut, codec_setting, **plan_kwargs)
+    uses), the plan, the tokenizer and the prompt's ids (chat template applied when `chat`).
+
+    Without `plan`, one is made from `cut`, `codec_setting` and `plan_kwargs` (over PLAN_DEFAULTS).
+    With `plan` (e.g. the planner's, or `split_plan.load_plan_file`), it is used as is: `cut`,
+    `codec_setting` and `plan_kwargs` may be None or must equal the plan's, and the plan's model
+    fingerprint must be the store's (ConfigError naming both values otherwise).
+    """
+    if plan is not None:
+        check_plan_agrees(plan, {"cut": cut, "codec": codec_setting, **plan_kwargs}, plan_source)
+        precisions = plan.precisions
+    else:
+        if cut is None:
+            raise ConfigError("a split run needs a cut (or a plan)")
+        kw = {**PLAN_DEFAULTS, **{k: v for k, v in plan_kwargs.items() if v is not None}}
+        precisions = (kw["front_precision"], kw["back_precision"], kw["head_precision"])
+    store = ModelStore(resolve_store(model, precisions=tuple(sorted({*precisions, "f32"}))))
+    if plan is not None:
+        check_plan_store(plan, store, plan_source)
+    else:
+        plan = make_plan(store, cut, codec_setting or "f32", **kw)
     tok = load_tokenizer(store)
     return store, plan, tok, tok.encode(tok.chat_prompt(prompt) if chat else prompt)
 
@@ -107,13 +148,18 @@ class RemoteSegment:
 
     `params`, `max_tokens` and `stop_ids` go to the cloud in `open`; they must be the ones the
     generation loop uses (the cloud's finish_reason is checked against the loop's rule).
+    `prompt_ids`: the prompt's token ids, sent with `prefill` when the cloud's sampler needs them
+    (a repetition penalty != 1), so the cloud penalizes exactly the tokens the local loop does.
     """
 
     returns_token = True  # generate_step: the output is a token id, not logits
 
     def __init__(self, channel: Channel, plan: Plan, params: SamplingParams | None = None, *,
-                 max_tokens: int = 128, stop_ids: Iterable[int] = (), identity: dict | None = None):
+                 max_tokens: int = 128, stop_ids: Iterable[int] = (), identity: dict | None = None,
+                 prompt_ids: Sequence[int] | None = None, codec_table: codec.CutTable | None = None):
         self.channel, self.plan = channel, plan
+        self.codec_table = codec_table  # the cut's calibrated table, for codecs that need one (ecq)
+        self.prompt_ids = None if prompt_ids is None else tuple(int(i) for i in prompt_ids)
         self.params = params or SamplingParams()
         self.max_tokens = int(max_tokens)
         self.stop_ids = tuple(sorted(int(i) for i in stop_ids))
@@ -139,7 +185,7 @@ class RemoteSegment:
         self.session = new_session_id()
         sampling = make_sampling(self.params, self.max_tokens, self.stop_ids)
         self._send(OpenFrame(self.session, self.plan, sampling, self.identity))
-        return self._exchange(PrefillFrame, x)
+        return self._exchange(PrefillFrame, x, self._prompt_ids_for(x))
 
     def decode(self, x: np.ndarray) -> int:
         """Send one token's hidden state (1, d); returns the next token id."""
@@ -170,23 +216,39 @@ class RemoteSegment:
     def _send(self, frame) -> None:
         t = self.timings
         t.uplink_ms += self.channel.send(frame)
+        t.framing_ms += self.channel.last_framing_ms
         t.uplink_bytes += self.channel.last_up_bytes
 
-    def _exchange(self, frame_cls, x: np.ndarray) -> int:
-        """Encode `x`, send it as `frame_cls` with the next seq, wait for its token frame."""
+    def _prompt_ids_for(self, x: np.ndarray) -> tuple[int, ...] | None:
+        """The prompt ids to send with the prefill of `x` (T, d): only when sampling needs them."""
+        if self.params.repetition_penalty == 1:
+            return None
+        if self.prompt_ids is None or len(self.prompt_ids) != x.shape[0]:
+            have = None if self.prompt_ids is None else len(self.prompt_ids)
+            raise ConfigError(f"repetition_penalty {self.params.repetition_penalty:g} needs the prompt ids on the "
+                              f"cloud: RemoteSegment got {have} prompt id(s) for a prefill of {x.shape[0]} positions")
+        return self.prompt_ids
+
+    def _exchange(self, frame_cls, x: np.ndarray, *extra) -> int:
+        """Encode `x`, send it as `frame_cls` (with `extra` fields) with the next seq, wait for its token."""
         t0 = time.perf_counter()
         hidden = np.ascontiguousarray(x, dtype=np.float32)
-        blob = codec.encode(hidden, self._spec)
+        blob = codec.encode(hidden, self._spec, self.codec_table)
         self.seq += 1
-        frame = frame_cls(self.session, self.seq, Activation(self.plan.codec, hidden.shape, blob))
+        frame = frame_cls(self.session, self.seq, Activation(self.plan.codec, hidden.shape, blob), *extra)
         t = self.timings
         t.encode_ms += (time.perf_counter() - t0) * 1000.0
         t.activation_bytes += len(blob)
         self._send(frame)
         reply = self._recv_token()
-        t.downlink_ms += self.channel.last_downlink_ms
-        t.downlink_bytes += self.channel.last_down_bytes
+        ch = self.channel
+        t.downlink_ms += ch.last_downlink_ms
+        t.framing_ms += ch.last_framing_ms
+        t.wait_ms += ch.last_wait_ms
+        t.downlink_bytes += ch.last_down_bytes
         t.cloud_compute_ms += float(reply.timing.get("cloud_compute", 0.0))
+        t.decode_activation_ms += float(reply.timing.get("decode_activation", 0.0))
+        t.cloud_frame_ms += float(reply.timing.get("cloud_frame", 0.0))
         self.generated += 1
         self._check_finish(reply)
         if reply.finish_reason is not None:
@@ -278,10 +340,15 @@ class _TimedTokenizer:
 
 
 def load_front(store: ModelStore, plan: Plan, *, threads: int = 2) -> SegmentEngine:
-    """The device segment [0, plan.cut) with the plan's precisions and capacity."""
+    """The device segment [0, plan.cut) with the plan's precisions and capacity.
+
+    Its idle threads sleep (spin=False): between two steps the device waits for the cloud, and
+    busy-waiting threads would only burn its cores (and, in `simulate`, the cloud's: measured
+    39 -> 13 ms per token on a loaded 2-core machine).
+    """
     return SegmentEngine(store, 0, plan.cut, precision=plan.front_precision, head_precision=plan.head_precision,
                          kv_precision=plan.kv_precision, max_seq_len=plan.max_seq_len, threads=threads,
-                         accuracy_level=plan.accuracy_level, head_accuracy_level=plan.accuracy_level)
+                         accuracy_level=plan.accuracy_level, head_accuracy_level=plan.accuracy_level, spin=False)
 
 
 def run_split(store: ModelStore, cloud_endpoint: str, plan: Plan, prompt_ids: str | Sequence[int],
@@ -299,17 +366,20 @@ def run_split(store: ModelStore, cloud_endpoint: str, plan: Plan, prompt_ids: st
     if not isinstance(store, ModelStore):
         store = ModelStore(store)
     tok = tokenizer or load_tokenizer(store)
+    ids = tok.encode(prompt_ids) if isinstance(prompt_ids, str) else [int(i) for i in prompt_ids]
     stops = tok.eos_ids if stop_ids is None else frozenset(int(i) for i in stop_ids)
     timed_front = _TimedSegment(front or load_front(store, plan, threads=threads))
     timed_tok = _TimedTokenizer(tok)
     with Channel(cloud_endpoint, link=link, timeout_s=timeout_s) as channel:
-        remote = RemoteSegment(channel, plan, params, max_tokens=max_tokens, stop_ids=stops, identity=identity)
+        remote = RemoteSegment(channel, plan, params, max_tokens=max_tokens, stop_ids=stops, identity=identity,
+                               prompt_ids=ids, codec_table=codec.table_for(
+                                   codec.parse_codec(plan.codec), store.manifest.get("calibration"), plan.cut))
         try:
-            for resp in stream_generate([timed_front, remote], timed_tok, prompt_ids, params,
+            for resp in stream_generate([timed_front, remote], timed_tok, ids, params,
                                         max_tokens=max_tokens, stop_ids=stops):
                 t = remote.take_timings()
                 t.device_compute_ms = timed_front.take_ms()
-                t.decode_ms = timed_tok.take_ms()
+                t.detokenize_ms = timed_tok.take_ms()
                 yield SplitResponse(*(getattr(resp, f.name) for f in fields(GenerationResponse)), timings=t)
         finally:
             remote.close()

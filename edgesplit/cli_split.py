@@ -1,4 +1,4 @@
-"""CLI subcommands of the split: `cloud serve`, `device run` and `simulate` (parsing and printing)."""
+"""CLI subcommands of the split: `cloud serve`, `device run`, `simulate` and `loadtest` (parsing and printing)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,35 @@ import argparse
 import json
 import sys
 
+from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.sampling import SamplingParams
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
 def _add_split_flags(p: argparse.ArgumentParser) -> None:
-    """Plan and sampling flags shared by `device run` and `simulate`."""
+    """Plan and sampling flags shared by `device run` and `simulate`.
+
+    Plan flags default to None: without --plan the defaults of device.remote.PLAN_DEFAULTS apply;
+    with --plan a plan flag given explicitly must agree with the plan file.
+    """
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"known model name, GGUF or store path (default {DEFAULT_MODEL})")
-    p.add_argument("--cut", type=int, required=True, help="device runs layers [0, CUT), the cloud [CUT, L)")
-    p.add_argument("--codec", default="f32", help="activation codec, e.g. f32, f16, int8, ts+tabq:tau=40,budget=0.1,rotate=1")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="a plan JSON file (runtime.plan.Plan.to_json): cut, precisions, codec, max_seq_len from it")
+    p.add_argument("--cut", type=int, default=None, help="device runs layers [0, CUT), the cloud [CUT, L) (or --plan)")
+    p.add_argument("--codec", default=None, help="activation codec (default f32), e.g. f16, int8, ts+tabq:tau=40,budget=0.1,rotate=1")
     p.add_argument("--network", default="loopback", help="emulated link profile (loopback, wifi, lte, 5g, 3g-poor) or TOML path")
-    p.add_argument("--precision", default="q4", help="front and back layer precision (default q4)")
-    p.add_argument("--head-precision", default="q8", help="embedding/head precision (default q8)")
-    p.add_argument("--kv-precision", default="f32", help="KV cache precision on both sides (default f32)")
-    p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy level on both sides (default 4)")
+    p.add_argument("--precision", default=None, help="front and back layer precision (default q4)")
+    p.add_argument("--head-precision", default=None, help="embedding/head precision (default q8)")
+    p.add_argument("--kv-precision", default=None, help="KV cache precision on both sides (default f32)")
+    p.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy level on both sides (default 4)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="KV capacity on both sides (default 2048)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="KV capacity on both sides (default 2048)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="1 = off; penalizes prompt and generated tokens exactly as the local engine does")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=2, help="device onnxruntime threads (default 2)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -33,13 +42,17 @@ def _add_split_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
-    """Register `cloud serve`, `device run` and `simulate` on the top-level subparsers."""
+    """Register `cloud serve`, `device run`, `simulate` and `loadtest` on the top-level subparsers."""
     cloud = sub.add_parser("cloud", parents=[common], help="the cloud worker")
     csub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")
     p = csub.add_parser("serve", parents=[common], help="serve back segments to devices over ZeroMQ")
     p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint (default tcp://127.0.0.1:5555)")
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions (default 16)")
+    p.add_argument("--max-kv-mb", type=float, default=None,
+                   help="MB of KV cache all sessions may reserve together (default: no cap)")
+    p.add_argument("--warm-plan", action="append", default=[], metavar="FILE",
+                   help="build this plan's back segment at start (repeatable); other plans build at first use")
     p.add_argument("--idle-timeout-s", type=float, default=60.0, help="evict a silent session after this (default 60)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
     p.set_defaults(func=cmd_cloud_serve)
@@ -55,6 +68,7 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("simulate", parents=[common],
                        help="a split run on loopback: cloud worker process + this device, emulated link")
     _add_split_flags(p)
+    p.add_argument("--runs", type=int, default=1, help="generations against the one worker; figures are medians (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=cmd_simulate)
 
@@ -72,19 +86,28 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
 
 
 def _params(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def _plan_kwargs(args) -> dict:
-    return dict(front_precision=args.precision, back_precision=args.precision, head_precision=args.head_precision,
-                kv_precision=args.kv_precision, max_seq_len=args.max_seq_len, accuracy_level=args.accuracy_level)
+def _plan_args(args) -> dict:
+    """prepare_split's plan arguments from the flags: `plan` (from --plan) and the settings given explicitly."""
+    from edgesplit.device.split_plan import load_plan_file
+
+    if args.plan is None and args.cut is None:
+        raise ConfigError("give --cut K or --plan FILE")
+    return dict(plan=None if args.plan is None else load_plan_file(args.plan),
+                plan_source=f"--plan {args.plan}", front_precision=args.precision, back_precision=args.precision,
+                head_precision=args.head_precision, kv_precision=args.kv_precision, max_seq_len=args.max_seq_len,
+                accuracy_level=args.accuracy_level)
 
 
 def cmd_cloud_serve(args: argparse.Namespace) -> int:
     from edgesplit.cloud.worker import serve
+    from edgesplit.device.split_plan import load_plan_file
 
     serve(args.model, args.bind, max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout_s,
-          threads=args.threads)
+          threads=args.threads, max_kv_mb=args.max_kv_mb, warm_plans=[load_plan_file(f) for f in args.warm_plan])
     return 0
 
 
@@ -99,8 +122,7 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     from edgesplit.profiles.network import load_network_profile
     from edgesplit.transport.link import EmulatedLink
 
-    store, plan, tok, ids = prepare_split(args.model, args.cut, args.codec, args.prompt, args.chat,
-                                          **_plan_kwargs(args))
+    store, plan, tok, ids = prepare_split(args.model, args.cut, args.codec, args.prompt, args.chat, **_plan_args(args))
     link = EmulatedLink(load_network_profile(args.network)) if args.network != "loopback" else None
     last = None
     for last in run_split(store, args.cloud, plan, ids, _params(args), args.max_tokens, link,
@@ -117,17 +139,19 @@ def cmd_device_run(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from edgesplit.device.simulate import simulate
 
-    kw = _plan_kwargs(args)
     result = simulate(args.model, args.cut, args.network, args.codec, args.prompt, args.max_tokens, args.chat,
-                      params=_params(args), threads=args.threads, on_token=None if args.json else _stream, **kw)
+                      runs=args.runs, params=_params(args), threads=args.threads,
+                      on_token=None if args.json else _stream, **_plan_args(args))
     if args.json:
         print(json.dumps(result))
         return 0
-    b = result["breakdown_ms"]
+    b, f = result["breakdown_ms"], result["framework_ms"]
     print(f"\nper token {result['per_token_ms']:.2f} ms ({result['tok_s']:.1f} tok/s), first token "
           f"{result['ttft_ms']:.1f} ms, {result['bytes_per_token']:.0f} B/token up | "
           + ", ".join(f"{k} {v:.2f}" for k, v in b.items())
-          + f" ms | overhead {result['overhead_ratio']:.2f}", file=sys.stderr)
+          + f" ms | overhead {result['overhead_ratio']:.2f} (framework: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in f.items()) + f" ms) | medians of {result['runs']} run(s)",
+          file=sys.stderr)
     return 0
 
 

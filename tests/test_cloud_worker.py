@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zmq
 
-from edgesplit.cloud.session import Session
+from edgesplit.cloud.session import Session, kv_cache_mb
 from edgesplit.cloud.worker import CloudWorker
 from edgesplit.runtime import codec
 from edgesplit.runtime.engine import SegmentEngine
@@ -112,9 +112,9 @@ class Device:
     def open(self) -> None:
         self.client.send(P.OpenFrame(self.sid, self.plan, self.sampling))
 
-    def _send(self, cls, x) -> P.TokenFrame:
+    def _send(self, cls, x, *extra) -> P.TokenFrame:
         self.seq += 1
-        self.client.send(cls(self.sid, self.seq, activation(x)))
+        self.client.send(cls(self.sid, self.seq, activation(x), *extra))
         reply = self.client.recv()
         assert isinstance(reply, P.TokenFrame), reply
         assert (reply.session, reply.seq) == (self.sid, self.seq)
@@ -123,8 +123,8 @@ class Device:
         self.finish = reply.finish_reason
         return reply
 
-    def prefill(self, prompt=PROMPT) -> P.TokenFrame:
-        return self._send(P.PrefillFrame, self.front.prefill(np.asarray(prompt, np.int64), cache=self.cache))
+    def prefill(self, prompt=PROMPT, *extra) -> P.TokenFrame:
+        return self._send(P.PrefillFrame, self.front.prefill(np.asarray(prompt, np.int64), cache=self.cache), *extra)
 
     def decode(self) -> P.TokenFrame:
         return self._send(P.DecodeFrame, self.front.decode(np.array([self.tokens[-1]], np.int64), cache=self.cache))
@@ -242,8 +242,8 @@ def test_wrong_protocol_version(setup, tiny_store):
     _, _, bad = setup
     sid = P.new_session_id()
     wire = P.OpenFrame(sid, make_plan(tiny_store, 1), P.make_sampling()).to_wire()
-    bad.send_raw(msgpack.packb({"v": 2, "kind": "open", **wire}, use_bin_type=True))
-    err = bad.expect_error(P.VERSION, "protocol version 2 is not supported")
+    bad.send_raw(msgpack.packb({"v": 1, "kind": "open", **wire}, use_bin_type=True))
+    err = bad.expect_error(P.VERSION, "protocol version 1 is not supported")
     assert err.session == sid
 
 
@@ -290,7 +290,7 @@ def test_tensor_bytes_not_matching_shape(setup, tiny_store):
     sid = P.new_session_id()
     bad.send(P.OpenFrame(sid, make_plan(tiny_store, 1), P.make_sampling()))
     blob = codec.encode(np.ones((1, d), np.float32), F32)
-    wire = {"v": 1, "kind": "prefill", "session": sid, "seq": 1,
+    wire = {"v": P.PROTOCOL_VERSION, "kind": "prefill", "session": sid, "seq": 1, "prompt_ids": None,
             "tensor": {"codec": "f32", "shape": [2, d], "data": blob}}
     bad.send_raw(msgpack.packb(wire, use_bin_type=True))
     err = bad.expect_error(P.TENSOR, f"the blob's [T, d] = [1, {d}]")
@@ -397,3 +397,96 @@ def test_idle_eviction(tiny_store, fronts, reference):
         client.send(P.PrefillFrame(idle.sid, 1, activation(hidden)))
         client.expect_error(P.UNKNOWN_SESSION, "timed out")
         client.close()
+
+
+def test_kv_memory_cap(tiny_store, fronts, reference):
+    """--max-kv-mb: an open over the remaining budget is refused naming needed vs available MB;
+    closing a session frees its share."""
+    cfg = tiny_store.config
+    plan = make_plan(tiny_store, 1)
+    need = kv_cache_mb(plan, cfg.n_kv_heads, cfg.head_dim)
+    with running_worker(tiny_store, max_kv_mb=2.5 * need) as worker:
+        client = Client(worker.endpoint)
+        a, b, c = (Device(client, fronts[1], plan) for _ in range(3))
+        a.open()
+        b.open()
+        client.expect_silence()
+        assert worker.sessions[a.sid].cache.nbytes == pytest.approx(need * (1 << 20))  # the formula is the allocation
+        c.open()
+        err = client.expect_error(P.LIMIT, f"needs {need:.1f} MB")
+        assert f"only {0.5 * need:.1f} MB of max_kv_mb" in err.message and err.session == c.sid
+        a.close()
+        c.open()
+        client.expect_silence()
+        assert c.finish_generation() == reference() and b.finish_generation() == reference()
+        client.close()
+
+
+def test_warm_plan_builds_at_start(tiny_store, fronts, reference):
+    plan = make_plan(tiny_store, 2)
+    with running_worker(tiny_store, warm_plans=[plan]) as worker:
+        assert len(worker.engines) == 1  # built before any session
+        engine = next(iter(worker.engines.values()))
+        client = Client(worker.endpoint)
+        dev = Device(client, fronts[2], plan)
+        dev.open()
+        assert dev.finish_generation() == reference()
+        assert list(worker.engines.values()) == [engine]  # the session used it, nothing rebuilt
+        client.close()
+    with pytest.raises(P.ProtocolError, match="fingerprint"):
+        CloudWorker(tiny_store, bind="tcp://127.0.0.1:0", warm_plans=[make_plan(tiny_store, 1, fingerprint="ab" * 32)])
+
+
+def test_repetition_penalty_uses_prompt_ids(tiny_store, fronts, reference):
+    """The cloud penalizes the prompt ids the device sends, so the split equals local generation."""
+    params = SamplingParams(repetition_penalty=2.0)
+    want = reference(params, max_tokens=16)
+    with running_worker(tiny_store) as worker:
+        client = Client(worker.endpoint)
+        dev = Device(client, fronts[1], make_plan(tiny_store, 1), params, max_tokens=16)
+        dev.open()
+        client.send(P.PrefillFrame(dev.sid, 1, activation(np.zeros((len(PROMPT), tiny_store.config.d_model)))))
+        client.expect_error(P.BAD_FRAME, "without prompt_ids, but the session's repetition_penalty 2 needs them")
+        vocab = tiny_store.config.vocab_size
+        bad_ids = (vocab,) + tuple(PROMPT[1:])
+        client.send(P.PrefillFrame(dev.sid, 1, activation(np.zeros((len(PROMPT), tiny_store.config.d_model))), bad_ids))
+        client.expect_error(P.TENSOR, f"id {vocab} is outside the vocabulary")
+        dev.prefill(PROMPT, tuple(PROMPT))
+        assert dev.finish_generation() == want
+        client.close()
+
+
+def _split_vs_local_with_penalty(store, prompt: str, penalty: float, cut: int, max_tokens: int = 16):
+    """(split tokens via run_split -> a real worker, local unsplit tokens, local tokens without penalty);
+    lossless codec, accuracy level 0 on both sides."""
+    from edgesplit.device.remote import make_plan as device_plan, run_split
+    from edgesplit.runtime.generate import load_local, load_tokenizer
+
+    tok = load_tokenizer(store)
+    ids = tok.encode(prompt)
+    params = SamplingParams(repetition_penalty=penalty)
+    whole = load_local(store, max_seq_len=MAX_SEQ, **EXACT)
+    want = [t for t, _ in generate_step(whole, ids, params, max_tokens=max_tokens, stop_ids=())]
+    plain = [t for t, _ in generate_step(whole, ids, SamplingParams(), max_tokens=max_tokens, stop_ids=())]
+    plan = device_plan(store, cut, "f32", max_seq_len=MAX_SEQ, accuracy_level=0)
+    with running_worker(store) as worker:
+        got = [r.token for r in run_split(store, worker.endpoint, plan, ids, params, max_tokens, stop_ids=(),
+                                          tokenizer=tok, timeout_s=30.0)]
+    return got, want, plain
+
+
+def test_run_split_with_repetition_penalty_equals_local(tiny_store):
+    """The device client end to end (run_split -> real worker): the same tokens as local. With this
+    tiny model the first token already differs without the prompt ids (119 is a prompt id)."""
+    got, want, plain = _split_vs_local_with_penalty(tiny_store, "the cat in the hat sat on the mat", 2.0, cut=2)
+    assert got == want
+    assert plain[0] != want[0]  # the penalty acts on a prompt id at the very first token
+
+
+@pytest.mark.model
+def test_real_model_repetition_penalty_split_equals_local(real_store):
+    """The issue's case: SmolLM2, cut 15, f32 codec, accuracy level 0, repetition penalty 1.3."""
+    got, want, plain = _split_vs_local_with_penalty(real_store, "The history of the city begins", 1.3, cut=15,
+                                                    max_tokens=24)
+    assert got == want
+    assert plain != want

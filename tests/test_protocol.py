@@ -35,6 +35,7 @@ def all_frames():
         OpenFrame(SID, PLAN, sampling, identity={"public_key": b"\x01" * 32}),
         OpenFrame(SID, PLAN, make_sampling()),
         PrefillFrame(SID, 1, f32_activation(5)),
+        PrefillFrame(SID, 1, f32_activation(3), (1, 49151, 0)),
         PrefillFrame(SID, 1, Activation("ts+tabq:tau=4,bits=4", (5, 8), codec.encode(
             np.linspace(-9, 9, 40, dtype=np.float32).reshape(5, 8), codec.parse_codec("ts+tabq:tau=4,bits=4")))),
         DecodeFrame(SID, 2, f32_activation(1)),
@@ -100,7 +101,7 @@ def refused(data, code: str, *words: str) -> ProtocolError:
     (msgpack.packb({1: 2}), P.BAD_FRAME, ["not valid msgpack"]),  # non-string keys
     (msgpack.packb({"kind": "close", "session": SID, "seq": 1}), P.BAD_FRAME, ["v must be", "None"]),
     (msgpack.packb({"v": "1", "kind": "close"}), P.BAD_FRAME, ["v must be", "'1'"]),
-    (msgpack.packb({"v": 2, "kind": "close", "session": SID, "seq": 1}), P.VERSION, ["version 2", "speaks 1"]),
+    (msgpack.packb({"v": 1, "kind": "close", "session": SID, "seq": 1}), P.VERSION, ["version 1", "speaks 2"]),
     (wire("teleport", session=SID), P.BAD_FRAME, ["kind", "'teleport'"]),
     (wire(["decode"]), P.BAD_FRAME, ["kind", "['decode']"]),
     (wire("close", session=SID), P.BAD_FRAME, ["close frame", "missing", "'seq'"]),
@@ -244,3 +245,24 @@ def test_error_frame_for_other_exceptions():
 def test_session_ids_are_uuid4_hex():
     a, b = new_session_id(), new_session_id()
     assert a != b and len(a) == 32 and int(a, 16) >= 0
+
+
+def test_prefill_prompt_ids_wire_form():
+    """Prompt ids go as a raw int32 tensor [T] (nil when not sent); T must match the activation."""
+    data = encode_frame(PrefillFrame(SID, 1, f32_activation(3), [4, 5, 6]))
+    raw = msgpack.unpackb(data)
+    assert raw["prompt_ids"]["dtype"] == "int32" and raw["prompt_ids"]["shape"] == [3]
+    assert decode_frame(data).prompt_ids == (4, 5, 6)
+    assert msgpack.unpackb(encode_frame(PrefillFrame(SID, 1, f32_activation(3))))["prompt_ids"] is None
+    assert "prompt_ids" not in msgpack.unpackb(encode_frame(DecodeFrame(SID, 2, f32_activation(1))))
+    with pytest.raises(ProtocolError, match=r"prompt_ids must be 3 token ids \(tensor T\), got '2 ids'") as e:
+        PrefillFrame(SID, 1, f32_activation(3), (1, 2))
+    assert e.value.code == P.TENSOR
+    with pytest.raises(ProtocolError, match="prompt_ids must be nil or token ids"):
+        PrefillFrame(SID, 1, f32_activation(2), (1, -2))
+    base = {"session": SID, "seq": 1, "tensor": f32_activation(2).to_wire()}
+    wrong_dtype = P.pack_tensor(np.array([1.0, 2.0], np.float32))
+    with pytest.raises(ProtocolError, match="prompt_ids must be an int32 tensor of shape"):
+        decode_frame(wire("prefill", prompt_ids=wrong_dtype, **base))
+    with pytest.raises(ProtocolError, match="missing field"):
+        decode_frame(wire("prefill", **base))  # version 2 requires the field (nil when not sent)

@@ -63,9 +63,12 @@ class Channel:
 
     `link`: an EmulatedLink applied to both directions (None = the real link as is).
     `timeout_s`: how long `recv` waits for a reply before raising TransportError.
-    After each `send` / `recv`, `last_uplink_ms` / `last_downlink_ms` hold what that frame cost on
-    the device side: uplink = emulated delay + the real send call; downlink = emulated delay + the
-    time to decode and validate the frame.
+    After each `send` / `recv`, `last_uplink_ms` / `last_downlink_ms` hold the emulated link delay
+    that frame waited (the physics), and `last_framing_ms` what the framework spent on it here:
+    msgpack encoding, or decoding and validating the frame. `last_wait_ms` (after `recv`) is the
+    real time from the start of the last ZeroMQ send call to the reply's arrival: the peer's
+    handling plus the real transport both ways (ZeroMQ may deliver the frame before the send call
+    returns, so the call belongs in this window). The parts never overlap in time.
     """
 
     def __init__(self, endpoint: str, *, link: EmulatedLink | None = None, timeout_s: float = 10.0,
@@ -86,6 +89,9 @@ class Channel:
         self.stats = ChannelStats()
         self.last_uplink_ms = 0.0
         self.last_downlink_ms = 0.0
+        self.last_framing_ms = 0.0
+        self.last_wait_ms = 0.0
+        self._sent_at_s = time.perf_counter()  # start of the last ZeroMQ send call, perf_counter s
         self.last_up_bytes = 0
         self.last_down_bytes = 0
         self.closed = False
@@ -100,15 +106,17 @@ class Channel:
         return (time.perf_counter() - start) * 1000.0
 
     def send(self, frame: Frame, *, emulate: bool = True) -> float:
-        """Encode and send one frame; returns the uplink ms (emulated delay + real send call).
+        """Encode and send one frame; returns the emulated uplink ms (the link delay it waited).
 
         `emulate=False` skips the link delay (bytes are still counted): for fire-and-forget frames
         such as `close`, whose crossing nobody waits for on a real link.
         """
         self._check_open()
+        t_enc = time.perf_counter()
         data = encode_frame(frame)
+        encode_ms = (time.perf_counter() - t_enc) * 1000.0
         emulated = self._emulate(len(data), UPLINK) if emulate else 0.0
-        t0 = time.perf_counter()
+        t0 = self._sent_at_s = time.perf_counter()
         try:
             # NOBLOCK: a full queue (the cloud gone for long) is an error, not a hang.
             self._sock.send(data, zmq.NOBLOCK, copy=False)
@@ -123,7 +131,10 @@ class Channel:
         st.emulated_up_ms.append(emulated)
         st.send_ms.append(send_ms)
         self.last_up_bytes = len(data)
-        self.last_uplink_ms = emulated + send_ms
+        # The send call is neither link nor framing: ZeroMQ's I/O thread may deliver the frame (and
+        # the cloud start computing) before the call returns, so it is counted in the wait window.
+        self.last_uplink_ms = emulated
+        self.last_framing_ms = encode_ms
         log.debug("sent %s (%d bytes) to %s: emulated %.3f ms, send %.3f ms",
                   frame.kind, len(data), self.endpoint, emulated, send_ms)
         return self.last_uplink_ms
@@ -137,6 +148,7 @@ class Channel:
         if not self._poller.poll(int(timeout * 1000)):
             raise TransportError(f"no reply from {self.endpoint} within {timeout:g} s "
                                  "(is the cloud worker running and reachable?)")
+        self.last_wait_ms = (time.perf_counter() - self._sent_at_s) * 1000.0
         try:
             data = self._sock.recv(zmq.NOBLOCK)
         except zmq.ZMQError as exc:
@@ -150,7 +162,8 @@ class Channel:
         st.bytes_down += len(data)
         st.emulated_down_ms.append(emulated)
         self.last_down_bytes = len(data)
-        self.last_downlink_ms = emulated + decode_ms
+        self.last_downlink_ms = emulated
+        self.last_framing_ms = decode_ms
         if isinstance(frame, ErrorFrame):
             raise RemoteError(frame.code, frame.message, frame.session, frame.seq)
         return frame

@@ -21,7 +21,7 @@ from edgesplit.runtime.errors import ConfigError, EdgesplitError, KVCacheOverflo
 from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.sampling import SamplingParams
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: prefill carries prompt_ids (docs/protocol.md, "Versions")
 OPEN, PREFILL, DECODE, TOKEN, CLOSE, ERROR = "open", "prefill", "decode", "token", "close", "error"
 # Error codes (ErrorFrame.code / ProtocolError.code); docs/protocol.md says when each is sent.
 BAD_FRAME, VERSION, UNKNOWN_SESSION, SEQUENCE = "bad_frame", "version", "unknown_session", "sequence"
@@ -210,9 +210,8 @@ class OpenFrame(_Frame):
 
 
 @dataclass(frozen=True)
-class PrefillFrame(_Frame):
-    """Device -> cloud: the prompt's hidden states at the cut, shape (T, d)."""
-    kind: ClassVar[str] = PREFILL
+class _ActivationFrame(_Frame):
+    """Device -> cloud: hidden states at the cut (`prefill` and `decode`)."""
     _rules: ClassVar[dict] = {"session": _SESSION, "seq": _SEQ}
     session: str
     seq: int
@@ -228,7 +227,42 @@ class PrefillFrame(_Frame):
 
 
 @dataclass(frozen=True)
-class DecodeFrame(PrefillFrame):
+class PrefillFrame(_ActivationFrame):
+    """Device -> cloud: the prompt's hidden states at the cut, shape (T, d).
+
+    `prompt_ids`: the prompt's T token ids, sent only when the session's sampling needs them (a
+    repetition penalty != 1 penalizes prompt tokens too); None otherwise. On the wire a raw int32
+    tensor of shape [T] or nil.
+    """
+    kind: ClassVar[str] = PREFILL
+    prompt_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        ids = self.prompt_ids
+        if ids is None:
+            return
+        if isinstance(ids, dict):  # the wire form
+            arr = unpack_tensor(ids, "prompt_ids")
+            _need(arr.dtype.name == "int32" and arr.ndim == 1, "prompt_ids", "an int32 tensor of shape [T]",
+                  f"{arr.dtype.name} {list(arr.shape)}", TENSOR)
+            ids = arr.tolist()
+        _need(isinstance(ids, (list, tuple)) and all(_is_int(i) and 0 <= i < 2**31 for i in ids),
+              "prompt_ids", "nil or token ids (ints >= 0)", ids, TENSOR)
+        _need(len(ids) == self.tensor.shape[0], "prompt_ids", f"{self.tensor.shape[0]} token ids (tensor T)",
+              f"{len(ids)} ids", TENSOR)
+        object.__setattr__(self, "prompt_ids", tuple(ids))
+
+    def to_wire(self) -> dict:
+        """As `_Frame.to_wire`, with `prompt_ids` as a raw int32 tensor (or nil)."""
+        wire = super().to_wire()
+        if self.prompt_ids is not None:
+            wire["prompt_ids"] = pack_tensor(np.asarray(self.prompt_ids, np.int32))
+        return wire
+
+
+@dataclass(frozen=True)
+class DecodeFrame(_ActivationFrame):
     """Device -> cloud: one token's hidden state at the cut, shape (1, d)."""
     kind: ClassVar[str] = DECODE
 
