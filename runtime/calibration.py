@@ -5,6 +5,9 @@
   tokens of sqrt(k_2i^2 + k_2i+1^2).
 - The head's input (final RMSNorm output): per-channel abs-max, so the few outlier channels can
   bypass int8 activation quantization (see graph.py).
+- The residual stream entering each layer (the hidden state at a cut): per-channel mean and
+  standard deviation, the first position (the attention sink) left out; the `ecq` activation
+  codec's calibrated table (codec_ec.py). Optional keys: stores made before them still load.
 """
 
 from __future__ import annotations
@@ -40,8 +43,12 @@ def calibrate(model: GGUFModel, tokens: list[int]) -> dict:
     t = h.shape[0]
     cos, sin = rope_tables(np.arange(t), cfg.head_dim, cfg.rope_base)
     k_absmax, v_absmax = [], []
+    residual_mean, residual_std = [], []  # entry i: the residual entering layer i (cut i)
     inputs: dict[str, list] = {name: [] for name in PROJECTION_INPUTS}
     for i in range(cfg.n_layers):
+        rest = h[1:] if t > 1 else h
+        residual_mean.append(rest.mean(0).tolist())
+        residual_std.append(rest.std(0).tolist())
         ref.layers[i] = LayerWeights(**{n: dequantize(model.tensor(f"blk.{i}.{n}.weight"))
                                         for n in LAYER_MATRICES + LAYER_NORMS})
         taps: dict = {}
@@ -55,6 +62,7 @@ def calibrate(model: GGUFModel, tokens: list[int]) -> dict:
     head_in = rms_norm(h, dequantize(model.tensor("output_norm.weight")), cfg.norm_eps)
     return {"tokens": t, "k_absmax": k_absmax, "v_absmax": v_absmax,
             "head_input_absmax": np.abs(head_in).max(0).tolist(),
+            "residual_mean": residual_mean, "residual_std": residual_std,
             **{f"{name}_absmax": v for name, v in inputs.items()}}
 
 

@@ -7,6 +7,10 @@ Pure functions, no sockets. Codec settings (`CodecSpec`, CLI form `name[:key=val
   token without its channels and outliers, which travel as fp16), tau (fixed TS threshold), k (TS
   threshold in per-token standard deviations), channels (calibrated outlier channels, `507/247`),
   rotate (1 = block Hadamard rotation of the dense part).
+  ecq (calibrated per-channel model + entropy-coded symbols, codec_ec.py): key step (quantizer
+  step in units of the cut's calibrated RMS); needs the cut's table (`table=` below).
+
+`table`: the codec_ec.CutTable of the cut, required by ecq on both sides, ignored by the others.
 
 Blob layout, little-endian (format version 1):
   header  12 B: u8 version, u8 codec id (0 f32, 1 f16, 2 int8, 3 tabq), u8 flags, u8 reserved=0,
@@ -19,6 +23,7 @@ Blob layout, little-endian (format version 1):
            tabq (T,) u8 bits + (T, 2) fp16 [step, lo] + packed rows, grouped by bit width
            ascending, token order within a group (see codec_quant.pack_rows).
 Decoding overwrites channel and outlier positions with their fp16 values after un-rotating.
+ecq blobs are format version 2 (layout in codec_ec.py); a version-1 reader refuses them.
 """
 
 from __future__ import annotations
@@ -29,21 +34,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import codec_ec as ec
 from . import codec_quant as cq
-from .errors import ConfigError, EdgesplitError
+from .codec_ec import CodecError, CutTable
+from .errors import ConfigError
+
+__all__ = ["CodecError", "CodecSpec", "CutTable", "BlobInfo", "parse_codec", "encode", "decode",
+           "encoded_nbytes", "describe", "needs_table", "blob_matches_setting"]
 
 FORMAT_VERSION = 1
-NAMES = ("f32", "f16", "int8", "tabq", "ts+tabq")
-_CODEC_ID = {"f32": 0, "f16": 1, "int8": 2, "tabq": 3, "ts+tabq": 3}
+NAMES = ("f32", "f16", "int8", "tabq", "ts+tabq", "ecq")
+_CODEC_ID = {"f32": 0, "f16": 1, "int8": 2, "tabq": 3, "ts+tabq": 3, "ecq": ec.CODEC_ID}
 _HEADER = struct.Struct("<BBBBII")
 HEADER_NBYTES = _HEADER.size  # 12
 F_SPARSE, F_FLAT, F_ROTATE, F_CHANNELS = 1, 2, 4, 8
 _KEYS = {"bits": "bits", "budget": "error_budget", "tau": "tau", "k": "k_sigma",
-         "channels": "outlier_channels", "rotate": "rotate"}
-
-
-class CodecError(EdgesplitError):
-    """An activation cannot be encoded, or a blob is malformed (untrusted input from the wire)."""
+         "channels": "outlier_channels", "rotate": "rotate", "step": "step"}
 
 
 def _fmt(v: float) -> str:
@@ -61,6 +67,7 @@ class CodecSpec:
     k_sigma: float | None = None
     outlier_channels: tuple[int, ...] = field(default=())
     rotate: bool = False
+    step: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:
@@ -70,6 +77,11 @@ class CodecSpec:
             if set_fields:
                 raise ConfigError(f"codec {self.name!r} takes no options; got {', '.join(set_fields)}")
             return
+        if self.name == "ecq":
+            self._check_ecq(set_fields)
+            return
+        if self.step is not None:
+            raise ConfigError(f"codec {self.name!r} takes no step (that is 'ecq')")
         if (self.bits is None) == (self.error_budget is None):
             raise ConfigError(f"codec {self.name!r}: give exactly one of bits (fixed width) or budget")
         if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, int)
@@ -95,11 +107,21 @@ class CodecSpec:
             raise ConfigError(f"codec field rotate={self.rotate!r} must be a bool")
         object.__setattr__(self, "rotate", bool(self.rotate))
 
+    def _check_ecq(self, set_fields: list[str]) -> None:
+        others = [k for k in set_fields if k != "step"]
+        if others or self.step is None:  # (a step of 0 is "set": refused below, not as missing)
+            raise ConfigError(f"codec 'ecq' takes exactly one option, step=S; got {', '.join(others) or 'none'}")
+        v = self.step
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or not 0.001 <= v <= 100:
+            raise ConfigError(f"codec field step={v!r} must be a number in [0.001, 100]")
+        object.__setattr__(self, "step", float(v))
+
     def __str__(self) -> str:
         parts = []
         if self.bits is not None:
             parts.append(f"bits={self.bits}")
-        for key, attr in (("budget", "error_budget"), ("tau", "tau"), ("k", "k_sigma")):
+        for key, attr in (("budget", "error_budget"), ("tau", "tau"), ("k", "k_sigma"), ("step", "step")):
             if getattr(self, attr) is not None:
                 parts.append(f"{key}={_fmt(getattr(self, attr))}")
         if self.outlier_channels:
@@ -205,14 +227,38 @@ def _sections(x: np.ndarray, spec: CodecSpec) -> tuple[bytes, list[tuple[int, ob
     return header, secs
 
 
-def encoded_nbytes(x: np.ndarray, spec: CodecSpec) -> int:
-    """Exact length of encode(x, spec), computed from the section sizes without serializing."""
+def needs_table(spec: CodecSpec) -> bool:
+    """Whether the setting needs the cut's calibrated table (codec_ec.cut_table) on both sides."""
+    return spec.name == "ecq"
+
+
+def table_for(spec: CodecSpec, calibration: dict | None, cut: int) -> CutTable | None:
+    """The cut's calibrated table (from a store manifest's `calibration`) if `spec` needs one, else None."""
+    return ec.cut_table(calibration, cut) if needs_table(spec) else None
+
+
+def _ecq_table(spec: CodecSpec, table: CutTable | None) -> CutTable:
+    if not isinstance(table, CutTable):
+        raise CodecError(f"codec {spec} needs the calibrated table of the cut (codec_ec.cut_table), got {table!r}")
+    return table
+
+
+def encoded_nbytes(x: np.ndarray, spec: CodecSpec, table: CutTable | None = None) -> int:
+    """Exact length of encode(x, spec, table): from the section sizes without serializing, except
+    ecq, whose entropy-coded length is only known by coding (so it encodes)."""
+    if spec.name == "ecq":
+        return len(encode(x, spec, table))
     header, secs = _sections(x, spec)
     return len(header) + sum(n for n, _ in secs)
 
 
-def encode(x: np.ndarray, spec: CodecSpec) -> bytes:
-    """Encode hidden states x (T, d) float32 into a self-describing blob (layout: module docstring)."""
+def encode(x: np.ndarray, spec: CodecSpec, table: CutTable | None = None) -> bytes:
+    """Encode hidden states x (T, d) float32 into a self-describing blob (layout: module docstring).
+
+    `table`: the cut's CutTable, required by ecq (CodecError without it), ignored otherwise."""
+    if spec.name == "ecq":
+        _check_input(x, spec)
+        return ec.encode(x, _ecq_table(spec, table), spec.step)
     header, secs = _sections(x, spec)
     blob = b"".join([header] + [m if isinstance(m, bytes) else np.ascontiguousarray(m).tobytes()
                                 for m in (make() for _, make in secs)])
@@ -229,7 +275,7 @@ class BlobInfo:
     """What a blob declares: codec, shape, side sections and per-token bit widths (tabq)."""
 
     version: int
-    codec: str  # 'f32' | 'f16' | 'int8' | 'tabq' | 'ts+tabq'
+    codec: str  # 'f32' | 'f16' | 'int8' | 'tabq' | 'ts+tabq' | 'ecq'
     t: int
     d: int
     rotate: bool
@@ -258,11 +304,16 @@ class _Reader:
 def _parse(blob: bytes) -> tuple[BlobInfo, dict]:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise CodecError(f"codec blob must be bytes, got {type(blob).__name__}")
+    if len(blob) and blob[0] == ec.VERSION:
+        p = ec.parse(blob)
+        info = BlobInfo(ec.VERSION, "ecq", p.t, p.d, False, 0, p.esc_index.size, True, None, len(blob))
+        return info, {"ecq": p}
     if len(blob) < HEADER_NBYTES:
         raise CodecError(f"codec blob truncated: {len(blob)} bytes, the header alone needs {HEADER_NBYTES}")
     version, cid, flags, reserved, t, d = _HEADER.unpack_from(blob, 0)
     if version != FORMAT_VERSION:
-        raise CodecError(f"codec blob format version {version} unknown (this runtime reads {FORMAT_VERSION})")
+        raise CodecError(f"codec blob format version {version} unknown (this runtime reads "
+                         f"{FORMAT_VERSION} and {ec.VERSION})")
     if cid > 3 or reserved or flags > 15 or (cid < 3 and flags) or (flags & F_FLAT and not flags & F_SPARSE) or d < 1:
         raise CodecError(f"codec blob header invalid: codec id {cid}, flags {flags:#x}, reserved {reserved}, d={d}")
     r, p = _Reader(blob), {}
@@ -328,14 +379,17 @@ def describe(blob: bytes) -> BlobInfo:
     return _parse(blob)[0]
 
 
-def decode(blob: bytes, d: int | None = None) -> np.ndarray:
+def decode(blob: bytes, d: int | None = None, table: CutTable | None = None) -> np.ndarray:
     """Decode a blob into hidden states (T, d) float32; `d`, when given, must match the blob's width.
 
     The blob is untrusted: every declared size is checked against its length (CodecError).
+    `table`: the cut's CutTable; an ecq blob needs it (and must have been made with the same one).
     """
     info, p = _parse(blob)
     if d is not None and d != info.d:
         raise CodecError(f"codec blob width d={info.d}, expected d={d}")
+    if info.codec == "ecq":
+        return ec.decode(p["ecq"], table)
     t, d = info.t, info.d
     if info.codec in ("f32", "f16"):
         return p["dense"].astype(np.float32)  # copy: never a view of the caller's buffer

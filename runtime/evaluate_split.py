@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codec import CodecSpec, decode, encode, parse_codec
+from .codec import CodecSpec, CutTable, decode, encode, parse_codec, table_for
 from .errors import ConfigError
 from .evaluate import LogitComparison, check_inputs, windows
 from .engine import ENGINE_SETTINGS, SegmentEngine
@@ -24,15 +24,17 @@ from .store import ModelStore
 LOSSLESS = "f32"
 
 
-def codec_rows(h: np.ndarray, spec: CodecSpec) -> tuple[np.ndarray, list[int]]:
-    """h (T, d) float32 through the codec one token row at a time: (decoded (T, d), row sizes)."""
+def codec_rows(h: np.ndarray, spec: CodecSpec, table: CutTable | None = None) -> tuple[np.ndarray, list[int]]:
+    """h (T, d) float32 through the codec one token row at a time: (decoded (T, d), row sizes).
+
+    `table`: the cut's calibrated table, for codecs that need one (ecq)."""
     h = np.ascontiguousarray(h, dtype=np.float32)
     out = np.empty_like(h)
     sizes = []
     for i in range(h.shape[0]):
-        blob = encode(h[i:i + 1], spec)
+        blob = encode(h[i:i + 1], spec, table)
         sizes.append(len(blob))
-        out[i] = decode(blob, h.shape[1])[0]
+        out[i] = decode(blob, h.shape[1], table)[0]
     return out, sizes
 
 
@@ -62,6 +64,7 @@ def evaluate_split(store: ModelStore, reference, tokens, *, cut, codec, window: 
         raise ConfigError(f"codec {codec!r}: expected a codec setting string or CodecSpec")
     lossless = parse_codec(LOSSLESS)
     k = _check_cut(cut, cfg.n_layers)
+    table = table_for(spec, store.manifest.get("calibration"), k)
     tokens, settings = check_inputs(store, tokens, window, engine_kwargs)
     seq = min(window, tokens.size)
     front = SegmentEngine(store, 0, k, max_seq_len=seq, **settings)
@@ -78,10 +81,10 @@ def evaluate_split(store: ModelStore, reference, tokens, *, cut, codec, window: 
     for ids in windows(tokens, window):
         front.reset()
         h = np.ascontiguousarray(front.prefill(ids), dtype=np.float32)  # (T, d)
-        h_codec, sizes = codec_rows(h, spec)
+        h_codec, sizes = codec_rows(h, spec, table)
         h_lossless, _ = codec_rows(h, lossless)
         row_bytes += sizes
-        prompt_bytes += len(encode(h, spec))
+        prompt_bytes += len(encode(h, spec, table))
         n_rows += h.shape[0]
         if ids.size < 2:
             continue  # a lone trailing token predicts nothing (its traffic still counts)

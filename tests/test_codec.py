@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import time
 
 import numpy as np
 import pytest
@@ -142,19 +141,6 @@ def test_bit_packing_round_trips_every_width():
         packed = cq.pack_rows(q, b)
         assert packed.shape == (5, (37 * b + 7) // 8)
         np.testing.assert_array_equal(cq.unpack_rows(packed, 37, b), q)
-
-
-def test_encode_is_fast():
-    x1, x512 = heavy(1, 576), heavy(512, 576)
-    spec = parse_codec("ts+tabq:k=6,budget=0.05,rotate=1")
-    encode(x1, spec)
-    t0 = time.perf_counter()
-    for _ in range(50):
-        encode(x1, spec)
-    assert (time.perf_counter() - t0) / 50 < 2e-3  # target well under 1 ms; slack for a loaded CI box
-    t0 = time.perf_counter()
-    encode(x512, spec)
-    assert time.perf_counter() - t0 < 0.2
 
 
 @pytest.mark.parametrize("text", ["f32", "int8", "ts+tabq:k=6,budget=0.05,channels=1/2", "tabq:budget=0.05"])

@@ -1,0 +1,228 @@
+"""`ecq`: the activation codec with a calibrated per-channel model and entropy-coded symbols.
+
+Beyond the paper's TS + TAB-Q: at a given cut, the residual stream's channels have very different
+but stable statistics (a few channels are large on every token; most are small). Both sides hold
+the same model store, whose calibration (calibration.py, recorded at convert) has the per-channel
+mean and standard deviation of the hidden state entering each layer. So nothing of that travels:
+
+  delta    = step * rms                  rms: the calibrated RMS of the centred hidden state at the
+                                         cut; `step` (the setting) is in those units, so one step
+                                         means the same relative precision at every cut
+  q[t, j]  = rint((x[t, j] - mean[j]) / delta)     one absolute step for every channel: measured
+                                         KL sensitivity per unit of error is flat over channels
+  x_hat    = mean[j] + q * delta
+  |q| > RANGE: an escape (TS with calibrated thresholds), symbol 0, value sent sparse as fp16
+  symbols: one range-coder stream (the `constriction` library; ~2 B of termination per blob, ANS
+           costs ~4.5) under a quantized Gaussian per channel with standard deviation
+           std[j] / delta: no symbol table on the wire
+
+Blob (format version 2, little-endian): u8 version=2, u8 codec id=4, u16 table check (the
+table's fingerprint: a blob from another store or cut is an error, never silent garbage), fp16
+step, LEB128 T, LEB128 d, LEB128 n escapes, LEB128 m payload words, n x u32 flat index t*d+j,
+n x fp16 value, then the range coder's m words (u32), ending the blob. The word count is there
+because a range decoder reads missing words as zeros: without it a blob cut at a word boundary
+would decode to wrong values instead of failing. The payload carries no checksum (the transport is
+reliable), so a corrupted one decodes to wrong values. One decode row of SmolLM2 at cut 15 is ~10 B of header
+plus the payload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import EdgesplitError
+
+VERSION = 2
+CODEC_ID = 4
+RANGE = 4096  # symbol support [-RANGE, RANGE]; values further from the channel mean escape
+_MIN_SD = 0.05  # model std floor in symbols (a near-constant channel still has nonzero mass around 0)
+_FIXED = struct.Struct("<BBHe")  # version, codec id, table check, step
+
+
+class CodecError(EdgesplitError):
+    """An activation cannot be encoded, or a blob is malformed (untrusted input from the wire).
+
+    Defined here and re-exported as codec.CodecError (codec imports this module)."""
+
+
+@dataclass(frozen=True, eq=False)
+class CutTable:
+    """The calibrated statistics of the hidden state at one cut: mean, std (d,) float32, rms."""
+
+    cut: int
+    mean: np.ndarray = field(repr=False)
+    std: np.ndarray = field(repr=False)
+    rms: float
+    check: int  # 16 bits of the sha256 of (cut, mean, std, rms): written into every blob
+
+    @classmethod
+    def make(cls, cut: int, mean, std) -> "CutTable":
+        """A table from per-channel mean and std; rms = sqrt(mean of std**2)."""
+        mean = np.ascontiguousarray(mean, np.float32).reshape(-1)
+        std = np.ascontiguousarray(std, np.float32).reshape(-1)
+        if mean.shape != std.shape or not mean.size or not (np.isfinite(mean).all() and np.isfinite(std).all()) \
+                or std.min() < 0:
+            raise CodecError(f"codec table for cut {cut}: mean {mean.shape} and std {std.shape} must be "
+                             "equal-length finite vectors, std >= 0")
+        rms = np.float32(np.sqrt(np.mean(std.astype(np.float64) ** 2)))
+        if not rms > 0:
+            raise CodecError(f"codec table for cut {cut}: all channel std are 0")
+        digest = hashlib.sha256(struct.pack("<if", cut, rms) + mean.tobytes() + std.tobytes()).digest()
+        for a in (mean, std):
+            a.setflags(write=False)
+        return cls(int(cut), mean, std, float(rms), int.from_bytes(digest[:2], "little"))
+
+
+def cut_table(calibration: dict | None, cut: int) -> CutTable:
+    """The `ecq` table of `cut` from a store manifest's `calibration` (its residual_mean/std)."""
+    cal = calibration or {}
+    if "residual_mean" not in cal or "residual_std" not in cal:
+        raise CodecError("codec 'ecq' needs the store's residual calibration (residual_mean, "
+                         "residual_std), which this store predates; convert the model again")
+    n = len(cal["residual_mean"])
+    if not 1 <= cut < n:
+        raise CodecError(f"codec 'ecq': no calibration for cut {cut} (the store has cuts 1..{n - 1})")
+    return CutTable.make(cut, cal["residual_mean"][cut], cal["residual_std"][cut])
+
+
+def _coder():
+    try:
+        import constriction
+    except ImportError:  # an optional extra: aarch64 has no wheel (it builds with Rust)
+        raise CodecError("codec 'ecq' needs the optional package `constriction` "
+                         "(pip install 'edgesplit[codec]'); the other codecs do not") from None
+    return constriction
+
+
+def _model_params(table: CutTable, delta: np.float32, t: int) -> tuple[object, np.ndarray, np.ndarray]:
+    """The entropy model family and per-symbol means/stds (T*d,) float64 for T rows."""
+    cs = _coder()
+    sd = np.maximum(table.std.astype(np.float64) / float(delta), _MIN_SD)
+    model = cs.stream.model.QuantizedGaussian(-RANGE, RANGE)
+    return model, np.zeros(t * sd.size), np.tile(sd, t)
+
+
+def step_delta(table: CutTable, step: float) -> tuple[float, np.float32]:
+    """(step as written in the blob: fp16, delta = that step * table.rms as float32)."""
+    s16 = float(np.float16(step))
+    if not s16 > 0 or not np.isfinite(s16):
+        raise CodecError(f"codec 'ecq' step {step!r} is not a positive fp16 number")
+    return s16, np.float32(s16) * np.float32(table.rms)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, off: int, what: str) -> tuple[int, int]:
+    value = shift = 0
+    for i in range(5):  # at most 35 bits: T, d and counts are u32
+        if off + i >= len(buf):
+            raise CodecError(f"codec blob truncated: {what} (a varint) runs past the end at offset {off}")
+        b = buf[off + i]
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, off + i + 1
+    raise CodecError(f"codec blob {what} at offset {off}: varint longer than 5 bytes")
+
+
+def encode(x: np.ndarray, table: CutTable, step: float) -> bytes:
+    """Encode x (T, d) float32 (finite, |x| <= 65504, checked by the caller) into an ecq blob."""
+    t, d = x.shape
+    if d != table.mean.size:
+        raise CodecError(f"codec 'ecq': input width d={d}, the cut {table.cut} table has {table.mean.size}")
+    s16, delta = step_delta(table, step)
+    q = np.rint((x - table.mean) / delta)
+    esc = np.abs(q) > RANGE
+    rows, cols = np.nonzero(esc)
+    q[esc] = 0
+    words = b""
+    if q.size:
+        model, means, sds = _model_params(table, delta, t)
+        coder = _coder().stream.queue.RangeEncoder()
+        coder.encode(q.astype(np.int32).reshape(-1), model, means, sds)
+        words = coder.get_compressed().astype("<u4").tobytes()
+    return b"".join([_FIXED.pack(VERSION, CODEC_ID, table.check, s16), _varint(t), _varint(d),
+                     _varint(rows.size), _varint(len(words) // 4), (rows * d + cols).astype("<u4").tobytes(),
+                     x[rows, cols].astype("<f2").tobytes(), words])
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """An ecq blob's header fields and sections (validated sizes; payload not yet decoded)."""
+
+    check: int
+    step: float
+    t: int
+    d: int
+    esc_index: np.ndarray  # (n,) int64 flat t*d+j
+    esc_value: np.ndarray  # (n,) fp16
+    words: np.ndarray  # (m,) uint32 range coder payload
+
+
+def parse(blob) -> Parsed:
+    """Validate an ecq blob's layout (not its payload): CodecError naming what is wrong."""
+    buf = memoryview(blob)
+    if len(buf) < _FIXED.size:
+        raise CodecError(f"codec blob truncated: {len(buf)} bytes, the ecq header needs at least {_FIXED.size}")
+    version, cid, check, step = _FIXED.unpack_from(buf, 0)
+    if version != VERSION or cid != CODEC_ID:
+        raise CodecError(f"codec blob: version {version} codec id {cid} is not an ecq blob")
+    if not (np.isfinite(step) and step > 0):
+        raise CodecError(f"codec blob ecq step {step} is not a positive number")
+    t, off = _read_varint(buf, _FIXED.size, "row count T")
+    d, off = _read_varint(buf, off, "width d")
+    n, off = _read_varint(buf, off, "escape count")
+    m, off = _read_varint(buf, off, "payload word count")
+    if d < 1 or t * d > 2**32 or n > t * d:
+        raise CodecError(f"codec blob ecq header invalid: T={t}, d={d}, {n} escapes")
+    end = off + 6 * n
+    if end > len(buf):
+        raise CodecError(f"codec blob truncated: {n} escapes need {6 * n} bytes at offset {off}, "
+                         f"the blob has {len(buf)} bytes")
+    idx = np.frombuffer(buf, "<u4", n, off).astype(np.int64)
+    val = np.frombuffer(buf, "<f2", n, off + 4 * n)
+    if n and (idx.max() >= t * d or np.unique(idx).size != n or not np.isfinite(val).all()):
+        raise CodecError(f"codec blob ecq escapes invalid (indices must be distinct and < T*d={t * d}, "
+                         "values finite)")
+    rest = len(buf) - end
+    if rest != 4 * m or (m == 0) != (t * d == 0):
+        raise CodecError(f"codec blob ecq payload of {rest} bytes after offset {end}: the header declares "
+                         f"{m} 4-byte words (none exactly when the tensor is empty)")
+    return Parsed(check, float(step), t, d, idx, val, np.frombuffer(buf, "<u4", m, end))
+
+
+def decode(p: Parsed, table: CutTable | None) -> np.ndarray:
+    """The hidden states (T, d) float32 of a parsed blob, with the table of the cut it was made for."""
+    if table is None:
+        raise CodecError("codec blob is 'ecq': decoding it needs the calibrated table of the cut "
+                         "(codec_ec.cut_table(store.manifest['calibration'], cut))")
+    if p.check != table.check or p.d != table.mean.size:
+        raise CodecError(f"codec blob 'ecq' was made with table {p.check:#06x} (d={p.d}), this side has "
+                         f"cut {table.cut}'s table {table.check:#06x} (d={table.mean.size}): another store "
+                         "or cut; refusing to decode it into garbage")
+    _, delta = step_delta(table, p.step)
+    x = np.empty((p.t, p.d), np.float32)
+    if p.t:
+        model, means, sds = _model_params(table, delta, p.t)
+        try:
+            coder = _coder().stream.queue.RangeDecoder(p.words.astype(np.uint32))
+            q = coder.decode(model, means, sds)
+        except (ValueError, RuntimeError) as exc:
+            raise CodecError(f"codec blob ecq payload invalid: {exc}") from None
+        if not coder.maybe_exhausted():
+            raise CodecError(f"codec blob ecq payload inconsistent: {p.words.size} words do not hold "
+                             f"{p.t * p.d} symbols (truncated or corrupted)")
+        x[:] = q.reshape(p.t, p.d).astype(np.float32) * delta + table.mean
+    x.reshape(-1)[p.esc_index] = p.esc_value
+    return x
