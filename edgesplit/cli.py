@@ -16,6 +16,7 @@ import os
 import sys
 
 from edgesplit import __version__
+from edgesplit.cli_plan import add_plan_commands
 from edgesplit.cli_split import add_split_commands
 from edgesplit.runtime.engine import engine_kwargs_of
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
@@ -125,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
     p.add_argument("--segment", type=_int_list, default=None, metavar="START,END",
                    help="instead of speed: load only layers [START, END), run the prompt, report memory")
+    _add_flash_bench(p)
     p.set_defaults(func=cmd_bench)
     add_split_commands(sub, common)
+    add_plan_commands(sub, common)
     return parser
 
 
@@ -194,7 +197,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _run_external("evaluate", "cli_eval", args)
 
 
+def _add_flash_bench(p: argparse.ArgumentParser) -> None:
+    """`bench --flash` flags (flash windowing, device/flash_bench.py)."""
+    g = p.add_argument_group("flash windowing (--flash)")
+    g.add_argument("--flash", action="store_true", help="bench the flash mechanisms instead (JSON line per mode)")
+    g.add_argument("--mode", type=_str_list, default=None, metavar="M[,M]",
+                   help="embedding, stream and/or neurons, comma-separated (default all three)")
+    g.add_argument("--budget-fraction", type=float, default=0.5,
+                   help="memory budget as a fraction of the front's weight bytes (default 0.5)")
+    g.add_argument("--budget-mb", type=float, default=None, help="memory budget in MB (instead of the fraction)")
+    g.add_argument("--profile", default=None, metavar="D", help="device profile whose flash figures model the reads")
+    g.add_argument("--text", default="../shared/data/wikitext-2/test.txt", metavar="FILE",
+                   help="text for fidelity and bytes per token (default ../shared/data/wikitext-2/test.txt)")
+    g.add_argument("--tokens", type=int, default=4096, help="tokens of --text (default 4096)")
+    g.add_argument("--window", type=int, default=512, help="teacher-forced window (default 512)")
+    g.add_argument("--stream-tokens", type=int, default=4096, help="tokens for the stream mode's fidelity")
+    g.add_argument("--plot", default=None, metavar="PNG", help="neurons mode: write the fidelity/bytes plot here")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "flash", False):
+        from edgesplit.device.flash_bench import cli_flash_bench
+
+        for row in cli_flash_bench(args):
+            print(json.dumps(row), flush=True)
+        return 0
     return _run_external("bench", "cli_bench", args)
 
 

@@ -22,6 +22,10 @@ def _add_split_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="a plan JSON file (runtime.plan.Plan.to_json): cut, precisions, codec, max_seq_len from it")
     p.add_argument("--cut", type=int, default=None, help="device runs layers [0, CUT), the cloud [CUT, L) (or --plan)")
+    p.add_argument("--device", default=None, metavar="D",
+                   help="plan on the fly from this device profile (e.g. rpi4-4gb) and --network: cut, precisions, codec")
+    p.add_argument("--cloud-profile", default=None, metavar="C",
+                   help="with --device: the cloud profile to plan for (default: host for simulate, cpu-server for device run)")
     p.add_argument("--codec", default=None, help="activation codec (default f32), e.g. f16, int8, ts+tabq:tau=40,budget=0.1,rotate=1")
     p.add_argument("--network", default="loopback", help="emulated link profile (loopback, wifi, lte, 5g, 3g-poor) or TOML path")
     p.add_argument("--precision", default=None, help="front and back layer precision (default q4)")
@@ -94,12 +98,37 @@ def _plan_args(args) -> dict:
     """prepare_split's plan arguments from the flags: `plan` (from --plan) and the settings given explicitly."""
     from edgesplit.device.split_plan import load_plan_file
 
-    if args.plan is None and args.cut is None:
-        raise ConfigError("give --cut K or --plan FILE")
-    return dict(plan=None if args.plan is None else load_plan_file(args.plan),
-                plan_source=f"--plan {args.plan}", front_precision=args.precision, back_precision=args.precision,
+    given = [flag for flag, value in (("--cut", args.cut), ("--plan", args.plan), ("--device", args.device))
+             if value is not None]
+    if not given:
+        raise ConfigError("give --cut K, --plan FILE or --device D (plan from the device and --network profiles)")
+    if args.device is not None and len(given) > 1:
+        others = " and ".join(flag for flag in given if flag != "--device")
+        raise ConfigError(f"--device plans the split itself; it cannot be combined with {others}")
+    if args.device is not None:
+        plan, source = _plan_from_profiles(args), f"--device {args.device} --network {args.network}"
+    else:
+        plan = None if args.plan is None else load_plan_file(args.plan)
+        source = f"--plan {args.plan}"
+    return dict(plan=plan, plan_source=source, front_precision=args.precision, back_precision=args.precision,
                 head_precision=args.head_precision, kv_precision=args.kv_precision, max_seq_len=args.max_seq_len,
                 accuracy_level=args.accuracy_level)
+
+
+def _plan_from_profiles(args):
+    """The planner's choice for --device, --network and the cloud profile (minimum latency)."""
+    from edgesplit.device.planner import plan_for
+    from edgesplit.runtime.models import resolve_store
+    from edgesplit.runtime.store import ModelStore
+
+    cloud = args.cloud_profile or ("host" if args.command == "simulate" else "cpu-server")
+    store = ModelStore(resolve_store(args.model, precisions=("f32", "q4", "q8")))
+    plan = plan_for(args.device, args.network, store, cloud=cloud)
+    print(f"plan for {args.device} over {args.network} (cloud {cloud}): cut {plan.cut}, {plan.front_precision}/"
+          f"{plan.back_precision} layers, KV {plan.kv_precision}, codec {plan.codec}, predicted "
+          f"{plan.predicted_ms_per_token:.1f} ms/token, {plan.predicted_device_memory_mb:.0f} MB on the device",
+          file=sys.stderr)
+    return plan
 
 
 def cmd_cloud_serve(args: argparse.Namespace) -> int:

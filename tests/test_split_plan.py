@@ -64,4 +64,23 @@ def test_cli_refuses_a_flag_contradicting_the_plan(tiny_store, plan_file, capsys
     assert code == 2
     assert f"codec 'f32' conflicts with --plan {path}'s codec 'int8'" in capsys.readouterr().err
     assert main(["simulate", "--model", str(tiny_store.path), PROMPT]) == 2
-    assert "give --cut K or --plan FILE" in capsys.readouterr().err
+    assert "give --cut K, --plan FILE or --device D" in capsys.readouterr().err
+    assert main(["simulate", "--model", str(tiny_store.path), "--device", "rpi4-4gb", "--cut", "2", PROMPT]) == 2
+    assert "--device plans the split itself; it cannot be combined with --cut" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_device_flag_plans_from_profiles(real_store, capsys):
+    """--device D --network N: prepare_split gets the planner's plan for this store (cloud host for simulate)."""
+    from argparse import Namespace
+
+    from edgesplit.cli_split import _plan_args
+    from edgesplit.device.planner import plan_for
+
+    unset = dict.fromkeys(("cut", "plan", "precision", "head_precision", "kv_precision", "max_seq_len",
+                           "accuracy_level", "cloud_profile"))
+    args = Namespace(**unset, device="rpi4-4gb", network="lte", command="simulate", model=str(real_store.path))
+    kw = _plan_args(args)
+    assert kw["plan"] == plan_for("rpi4-4gb", "lte", real_store, cloud="host")
+    assert kw["plan"].model == ModelIdentity.of_store(real_store, kw["plan"].precisions)
+    assert "plan for rpi4-4gb over lte (cloud host): cut" in capsys.readouterr().err

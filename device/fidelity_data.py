@@ -1,0 +1,85 @@
+"""Measured fidelity of settings on SmolLM2-135M-Instruct (Q4_1 GGUF): the planner's fidelity table.
+
+Every figure is from `edgesplit eval` on `../shared/data/wikitext-2/test.txt`, windows of 512,
+teacher-forced, against the fp32 reference (the GGUF dequantized, numpy). `top1` is the top-1
+agreement with that reference; `ppl` the perplexity. Default engine settings unless the row says
+otherwise (q8 head, accuracy level 4 with 8/16 outlier channels, 2 threads).
+
+ENGINE_ROWS: one engine for the whole model (no cut, no codec), per layer precision and KV precision.
+CODEC_ROWS: the split at `cut` with the codec in the loop (q4 layers, f32 KV); `top1_lossless` and
+`ppl_lossless` are the same split with the lossless f32 codec; bytes per decode token (one row
+encoded alone) and per prompt token (a 512-token window as one blob).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TEXT = "../shared/data/wikitext-2/test.txt"
+
+
+@dataclass(frozen=True)
+class EngineRow:
+    """Whole-model fidelity of one layer precision and KV precision."""
+
+    precision: str
+    kv_precision: str
+    top1: float
+    ppl: float
+    ppl_ref: float
+    tokens: int  # tokens scored
+    command: str
+
+
+@dataclass(frozen=True)
+class CodecRow:
+    """The split at `cut` with `codec` at the cut (q4 layers, f32 KV)."""
+
+    cut: int
+    codec: str
+    top1: float
+    top1_lossless: float
+    ppl: float
+    ppl_lossless: float
+    bytes_per_token: float
+    bytes_per_prompt_token: float
+    tokens: int = 4088
+    command: str = ""
+
+    def __post_init__(self):
+        if not self.command:
+            object.__setattr__(self, "command", f"edgesplit eval --text {TEXT} --tokens 4096 --cut {self.cut} "
+                                                f"--codec '{self.codec}'")
+
+
+def _eval(args: str, tokens: int = 2048) -> str:
+    return f"edgesplit eval --text {TEXT} --tokens {tokens}" + (f" {args}" if args else "")
+
+
+ENGINE_ROWS = (
+    # 2048 tokens (2044 scored), run with `nice -n 19` on 2026-11-23
+    EngineRow("f32", "f32", 0.9941, 25.484, 25.494, 2044, _eval("--precision f32")),
+    EngineRow("q4", "f32", 0.9760, 25.533, 25.494, 2044, _eval("")),
+    EngineRow("q4", "int8", 0.9535, 25.736, 25.494, 2044, _eval("--kv-precision int8")),
+    EngineRow("q8", "f32", 0.9706, 25.470, 25.494, 2044, _eval("--precision q8")),
+    EngineRow("q8", "int8", 0.9501, 25.762, 25.494, 2044, _eval("--precision q8 --kv-precision int8")),
+)
+
+# From the codec table run of issue 3 (README "Codecs on the real model"), 4096 tokens (4088 scored).
+CODEC_ROWS = (
+    CodecRow(5, "f16", 0.9790, 0.9758, 27.628, 27.628, 1164, 1152.0),
+    CodecRow(5, "int8", 0.9660, 0.9758, 27.672, 27.628, 592, 580.0),
+    CodecRow(5, "ts+tabq:bits=4,k=6", 0.8860, 0.9758, 28.715, 27.628, 321, 305.2),
+    CodecRow(5, "ts+tabq:budget=0.1,tau=40,rotate=1", 0.9579, 0.9758, 27.724, 27.628, 386, 370.4),
+    CodecRow(5, "ts+tabq:budget=0.05,tau=40,rotate=1", 0.9702, 0.9758, 27.624, 27.628, 457, 441.9),
+    CodecRow(15, "f16", 0.9799, 0.9790, 27.639, 27.617, 1164, 1152.0),
+    CodecRow(15, "int8", 0.9428, 0.9790, 27.944, 27.617, 592, 580.0),
+    CodecRow(15, "ts+tabq:bits=4,k=6", 0.8679, 0.9790, 29.028, 27.617, 320, 304.4),
+    CodecRow(15, "ts+tabq:budget=0.1,tau=40,rotate=1", 0.9621, 0.9790, 27.728, 27.617, 394, 378.2),
+    CodecRow(15, "ts+tabq:budget=0.05,tau=40,rotate=1", 0.9692, 0.9790, 27.646, 27.617, 465, 448.8),
+    CodecRow(25, "f16", 0.9768, 0.9787, 27.613, 27.621, 1164, 1152.0),
+    CodecRow(25, "int8", 0.9648, 0.9787, 27.713, 27.621, 592, 580.0),
+    CodecRow(25, "ts+tabq:bits=4,k=6", 0.8843, 0.9787, 29.079, 27.621, 319, 303.4),
+    CodecRow(25, "ts+tabq:budget=0.1,tau=40,rotate=1", 0.9653, 0.9787, 27.707, 27.621, 413, 396.7),
+    CodecRow(25, "ts+tabq:budget=0.05,tau=40,rotate=1", 0.9728, 0.9787, 27.657, 27.621, 483, 467.0),
+)

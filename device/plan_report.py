@@ -1,0 +1,61 @@
+"""`edgesplit plan`: load profiles, run the planner, and report the plan, why, and the Pareto front.
+
+The report is one JSON-able dict: `plan` (the frozen Plan's dict, with `cut`), the predictions,
+`why`, the device/network/cloud names, candidate counts, and `pareto` (the front of the feasible
+set). `--out` writes the plan JSON (what `--plan FILE` reads), `--pareto-json` the front, `--plot`
+the PNG with the chosen point marked.
+"""
+
+from __future__ import annotations
+
+import json
+
+from edgesplit.device.files import write_text_atomic
+from edgesplit.device.planner import Request, check_model, choose, to_plan
+from edgesplit.device.fidelity import FidelityTable
+from edgesplit.profiles.cloud import load_cloud_profile
+from edgesplit.profiles.device import load_device_profile
+from edgesplit.profiles.network import load_network_profile
+
+
+def request_of(args) -> Request:
+    """The planner Request from parsed `edgesplit plan` arguments."""
+    return Request(objective=args.objective, memory_mb=args.memory_mb, latency_ms=args.latency_ms,
+                   ttft_ms=args.ttft_ms, min_top1=args.min_top1, max_seq_len=args.max_seq_len,
+                   prompt_tokens=args.prompt_tokens)
+
+
+def plan_report(args) -> dict:
+    """Run `edgesplit plan` for parsed arguments; writes the optional files; returns the report."""
+    from edgesplit.runtime.models import resolve_store
+    from edgesplit.runtime.store import ModelStore
+
+    dev, net, cloud = (load_device_profile(args.device), load_network_profile(args.network),
+                       load_cloud_profile(args.cloud))
+    req = request_of(args)
+    store = ModelStore(resolve_store(args.model, precisions=tuple(sorted(set(req.precisions) | {"f32"}))))
+    check_model(dev, store)
+    choice = choose(dev, cloud, net, FidelityTable(), req, store.config.context_length)
+    plan = to_plan(store, choice.chosen)
+    best = choice.chosen
+    front = [c.point() for c in choice.front]
+    report = {
+        "plan": plan.to_dict(), "predicted_ms_per_token": best.costs.ms_per_token,
+        "predicted_mean_ms_per_token": best.costs.mean_ms_per_token,
+        "predicted_ttft_ms": best.costs.ttft_ms, "predicted_device_memory_mb": best.costs.device_memory_mb,
+        "predicted_top1": best.fidelity.top1, "predicted_ppl_ratio": best.fidelity.ppl_ratio,
+        "fidelity_basis": best.fidelity.basis, "breakdown_ms": best.costs.breakdown_ms, "why": choice.why,
+        "device": dev.name, "network": net.name, "cloud": cloud.name, "objective": req.objective,
+        "memory_limit_mb": req.memory_mb if req.memory_mb is not None else dev.usable_memory_mb,
+        "candidates": choice.candidates, "feasible": choice.feasible, "pareto_size": len(front),
+    }
+    if args.out:
+        write_text_atomic(args.out, plan.to_json() + "\n")
+    if args.pareto_json:
+        write_text_atomic(args.pareto_json, json.dumps({"chosen": best.point(), "front": front}, indent=1) + "\n")
+    if args.plot:
+        from edgesplit.device.pareto_plot import plot_front
+
+        plot_front(choice, f"{dev.name} over {net.name} (cloud {cloud.name}), objective {req.objective}",
+                   args.plot, memory_limit_mb=report["memory_limit_mb"])
+    return report

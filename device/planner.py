@@ -1,0 +1,236 @@
+"""The joint planner: cut, front/back precision, KV precision, codec and maximum length, chosen
+under device memory, latency, time-to-first-token and fidelity constraints.
+
+The search is exhaustive over the candidates (cuts x precisions^2 x KV precisions x codecs x
+lengths: ~10^4 for a 30-layer model, well under a second) and pure: profiles and the fidelity
+table in, candidates out; no I/O. `plan_for` is the one entry point that touches a model store
+(for the plan's model identity). Objectives: 'latency' (min ms per token), 'fidelity' (max top-1
+agreement) or 'memory' (min device MB), each subject to every constraint given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+
+from edgesplit.profiles.cloud import CloudProfile
+from edgesplit.profiles.device import DeviceProfile
+from edgesplit.profiles.network import NetworkProfile
+from edgesplit.runtime.errors import ConfigError, EdgesplitError
+
+from .cost_model import Costs, Setting, costs
+from .fidelity import Fidelity, FidelityTable
+
+OBJECTIVES = ("latency", "fidelity", "memory")
+
+
+class InfeasibleError(EdgesplitError):
+    """No candidate meets the constraints; the message names the binding one and the miss."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asks of a plan (None = no such constraint)."""
+
+    objective: str = "latency"
+    memory_mb: float | None = None  # device memory limit, MB (None: the device's usable memory)
+    latency_ms: float | None = None  # per-token latency limit, ms
+    ttft_ms: float | None = None  # time-to-first-token limit, ms
+    min_top1: float | None = 0.95  # fidelity floor: top-1 agreement with the fp32 reference
+    max_seq_len: int = 2048  # the least KV capacity wanted, tokens (longer ones are candidates too)
+    prompt_tokens: int = 128  # prompt length for TTFT and prefill workspace
+    context_tokens: int | None = None  # context at which latency is predicted (None: max_seq_len)
+    precisions: tuple[str, ...] = ("q4", "q8", "f32")
+    kv_precisions: tuple[str, ...] = ("f32", "int8")
+    codecs: tuple[str, ...] | None = None  # None: every codec in the fidelity table
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        for name in ("memory_mb", "latency_ms", "ttft_ms"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"{name} must be > 0, got {v!r}")
+        if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
+            raise ConfigError(f"min_top1 must be in [0, 1], got {self.min_top1!r}")
+        if self.max_seq_len < 1 or self.prompt_tokens < 1 or self.prompt_tokens > self.max_seq_len:
+            raise ConfigError(f"need 1 <= prompt_tokens ({self.prompt_tokens}) <= max_seq_len ({self.max_seq_len})")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated setting."""
+
+    setting: Setting
+    costs: Costs
+    fidelity: Fidelity
+
+    def point(self) -> dict:
+        """The setting and its three objectives, JSON-able (a Pareto front entry)."""
+        return {**dataclasses.asdict(self.setting), "ms_per_token": self.costs.ms_per_token,
+                "mean_ms_per_token": self.costs.mean_ms_per_token, "ttft_ms": self.costs.ttft_ms,
+                "device_memory_mb": self.costs.device_memory_mb,
+                "top1": self.fidelity.top1, "ppl_ratio": self.fidelity.ppl_ratio}
+
+
+def seq_len_candidates(least: int, context_length: int) -> tuple[int, ...]:
+    """`least` and its doublings up to the model's context length."""
+    if least > context_length:
+        raise ConfigError(f"max_seq_len {least} exceeds the model context {context_length}")
+    out, n = [least], least * 2
+    while n <= context_length:
+        out.append(n)
+        n *= 2
+    return tuple(out)
+
+
+def enumerate_candidates(dev: DeviceProfile, cloud: CloudProfile, net: NetworkProfile, table: FidelityTable,
+                         req: Request, context_length: int) -> list[Candidate]:
+    """Every setting with known fidelity and traffic, with its predicted costs."""
+    fig = dev.figures
+    L, d = fig.n_layers, fig.d_model
+    precisions = [p for p in req.precisions if p in fig.layers and p in cloud.figures.layers]
+    codecs = [c for c in (req.codecs or table.codecs()) if c in fig.codec_ms]
+    out = []
+    for cut, front, back, kv, codec in itertools.product(range(1, L), precisions, precisions,
+                                                         req.kv_precisions, codecs):
+        fid = table.estimate(cut, L, front, back, kv, codec)
+        traffic = table.codec_bytes(codec, cut, d)
+        if fid is None or traffic is None or kv not in fig.kv_bytes_per_token_per_layer:
+            continue
+        for n in seq_len_candidates(req.max_seq_len, context_length):
+            s = Setting(cut, front, back, kv, codec, n)
+            c = costs(dev, cloud, net, s, up_bytes=traffic[0], prompt_bytes_per_token=traffic[1],
+                      context=req.context_tokens or n, prompt_tokens=req.prompt_tokens)
+            out.append(Candidate(s, c, fid))
+    return out
+
+
+def _limits(dev: DeviceProfile, req: Request) -> list[tuple[str, str, float | None, callable]]:
+    """(constraint, unit, limit, value of a candidate); a value must be <= its limit."""
+    mem = req.memory_mb if req.memory_mb is not None else dev.usable_memory_mb
+    return [
+        ("memory", "MB", mem, lambda c: c.costs.device_memory_mb),
+        ("fidelity", "top-1", req.min_top1, lambda c: -c.fidelity.top1),
+        ("latency", "ms/token", req.latency_ms, lambda c: c.costs.ms_per_token),
+        ("ttft", "ms", req.ttft_ms, lambda c: c.costs.ttft_ms),
+    ]
+
+
+def _describe(c: Candidate) -> str:
+    s = c.setting
+    return (f"cut {s.cut} ({s.front_precision}/{s.back_precision}, KV {s.kv_precision}, codec {s.codec}, "
+            f"max_seq_len {s.max_seq_len})")
+
+
+def feasible(cands: list[Candidate], dev: DeviceProfile, req: Request) -> list[Candidate]:
+    """The candidates meeting every constraint; InfeasibleError names the first one that empties
+    the set, with the best value the remaining candidates reach and the limit."""
+    left = cands
+    if not left:
+        raise InfeasibleError(f"{dev.name}: no candidate setting has measured fidelity and traffic figures")
+    for name, unit, limit, value in _limits(dev, req):
+        if limit is None:
+            continue
+        bound = -limit if name == "fidelity" else limit
+        ok = [c for c in left if value(c) <= bound + 1e-9]
+        if not ok:
+            best = min(left, key=value)
+            if name == "fidelity":
+                raise InfeasibleError(f"{dev.name}: fidelity floor missed: best top-1 {best.fidelity.top1:.4f} "
+                                      f"at {_describe(best)}, {limit:.4f} required")
+            what = {"memory": "needed", "latency": "predicted", "ttft": "predicted"}[name]
+            tail = "usable" if name == "memory" else "allowed"
+            raise InfeasibleError(f"{dev.name}: {name}: {value(best):.1f} {unit} {what} at {_describe(best)}, "
+                                  f"{limit:.1f} {unit} {tail} (missed by {value(best) - limit:.1f} {unit})")
+        left = ok
+    return left
+
+
+def objective_key(objective: str):
+    """Sort key: best first; ties broken by the other objectives (and longer max_seq_len)."""
+    if objective == "latency":
+        return lambda c: (round(c.costs.ms_per_token, 3), -c.fidelity.top1, c.costs.device_memory_mb)
+    if objective == "fidelity":
+        return lambda c: (-round(c.fidelity.top1, 4), -c.setting.max_seq_len, c.costs.ms_per_token)
+    return lambda c: (round(c.costs.device_memory_mb, 1), c.costs.ms_per_token, -c.fidelity.top1)
+
+
+def pareto_front(cands: list[Candidate]) -> list[Candidate]:
+    """Candidates not dominated in (ms per token min, device memory min, top-1 max), by latency."""
+    front: list[Candidate] = []
+    for c in sorted(cands, key=lambda c: (c.costs.ms_per_token, c.costs.device_memory_mb, -c.fidelity.top1)):
+        m, t = c.costs.device_memory_mb, c.fidelity.top1
+        if not any(f.costs.device_memory_mb <= m and f.fidelity.top1 >= t for f in front):
+            front.append(c)
+    return front
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The planner's answer: the chosen candidate, why, and the Pareto front of the feasible set."""
+
+    chosen: Candidate
+    why: str
+    front: tuple[Candidate, ...]
+    candidates: int
+    feasible: int
+    feasible_set: tuple[Candidate, ...] = ()  # every feasible candidate (for plots)
+
+
+def choose(dev: DeviceProfile, cloud: CloudProfile, net: NetworkProfile, table: FidelityTable,
+           req: Request, context_length: int) -> Choice:
+    """Search every candidate, keep the feasible ones, pick the best by the objective."""
+    cands = enumerate_candidates(dev, cloud, net, table, req, context_length)
+    ok = sorted(feasible(cands, dev, req), key=objective_key(req.objective))
+    best = ok[0]
+    runner = next((c for c in ok[1:] if c.setting.cut != best.setting.cut), None)
+    goal = {"latency": f"{best.costs.ms_per_token:.2f} ms/token",
+            "fidelity": f"top-1 {best.fidelity.top1:.4f}",
+            "memory": f"{best.costs.device_memory_mb:.0f} MB on the device"}[req.objective]
+    why = (f"objective {req.objective}: {_describe(best)} gives {goal} "
+           f"({best.costs.ms_per_token:.2f} ms/token, TTFT {best.costs.ttft_ms:.0f} ms, "
+           f"{best.costs.device_memory_mb:.0f} MB, top-1 {best.fidelity.top1:.4f}); "
+           f"best other cut: {_describe(runner) if runner else 'none'}"
+           + (f" at {runner.costs.ms_per_token:.2f} ms/token, {runner.costs.device_memory_mb:.0f} MB, "
+              f"top-1 {runner.fidelity.top1:.4f}" if runner else "")
+           + f"; {len(ok)} of {len(cands)} candidates feasible")
+    return Choice(best, why, tuple(pareto_front(ok)), len(cands), len(ok), tuple(ok))
+
+
+def to_plan(store, cand: Candidate):
+    """The frozen Plan of a candidate for `store` (model identity from its shards), with predictions."""
+    from edgesplit.device.remote import make_plan
+
+    s = cand.setting
+    plan = make_plan(store, s.cut, s.codec, front_precision=s.front_precision, back_precision=s.back_precision,
+                     kv_precision=s.kv_precision, max_seq_len=s.max_seq_len)
+    return dataclasses.replace(plan, predicted_ms_per_token=cand.costs.ms_per_token,
+                               predicted_device_memory_mb=cand.costs.device_memory_mb)
+
+
+def check_model(dev: DeviceProfile, store) -> None:
+    """The profile's per-layer figures must be for the store's model shape."""
+    cfg, fig = store.config, dev.figures
+    if (cfg.n_layers, cfg.d_model) != (fig.n_layers, fig.d_model):
+        raise ConfigError(f"device profile {dev.name}: figures are for {fig.model} ({fig.n_layers} layers, "
+                          f"d={fig.d_model}), the store has {cfg.n_layers} layers, d={cfg.d_model}")
+
+
+def plan_for(device, network, store, cloud="cpu-server", table: FidelityTable | None = None, **request):
+    """Plan on the fly: profiles (objects, names or TOML paths) + a ModelStore -> the chosen Plan.
+
+    `request`: Request fields (objective, memory_mb, latency_ms, ttft_ms, min_top1, max_seq_len, ...).
+    Raises InfeasibleError naming the binding constraint.
+    """
+    from edgesplit.profiles.cloud import load_cloud_profile
+    from edgesplit.profiles.device import load_device_profile
+    from edgesplit.profiles.network import load_network_profile
+
+    dev = device if isinstance(device, DeviceProfile) else load_device_profile(device)
+    net = network if isinstance(network, NetworkProfile) else load_network_profile(network)
+    cl = cloud if isinstance(cloud, CloudProfile) else load_cloud_profile(cloud)
+    check_model(dev, store)
+    choice = choose(dev, cl, net, table or FidelityTable(), Request(**request), store.config.context_length)
+    return to_plan(store, choice.chosen)

@@ -1,0 +1,121 @@
+"""Child-process probes: one measurement in a fresh process, printed as one JSON line on stdout.
+
+Peak RSS (VmHWM) only ever grows in a process, so every memory figure of the profiler and every
+cut of a sweep is measured in its own process started from here:
+
+    python -m edgesplit.device.probe memory '{"store": ..., "start": 0, "end": 4, ...}'
+    python -m edgesplit.device.probe split  '{"store": ..., "endpoint": ..., "cut": 4, ...}'
+
+`memory` loads what a device process loads (runtime, transport, tokenizer), notes its RSS, loads
+the segment, runs a prompt and a few decode steps, and reports the peak. `split` is a device run
+against a running cloud worker with an emulated link: a short warm-up session (so the worker has
+built its back segment), then the measured session, summarized as `simulate` does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from edgesplit.runtime.errors import EdgesplitError
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process, MB (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def memory_probe(cfg: dict) -> dict:
+    """Peak RSS of a device-like process holding segment [start, end) after a prompt and decodes.
+
+    cfg: store, start, end, precision, kv_precision, max_seq_len, prompt_tokens, decode_tokens.
+    Returns baseline_rss_mb (runtime + tokenizer loaded, no engine), peak_rss_mb, kv_mb (allocated).
+    """
+    importlib.import_module("edgesplit.device.remote")  # what a device process imports (zmq, transport)
+    from edgesplit.runtime.bench import prompt_ids
+    from edgesplit.runtime.engine import SegmentEngine
+    from edgesplit.runtime.generate import load_tokenizer
+    from edgesplit.runtime.memory import peak_rss_mb
+    from edgesplit.runtime.store import ModelStore
+
+    store = ModelStore(cfg["store"])
+    load_tokenizer(store)
+    baseline = _rss_mb()
+    eng = SegmentEngine(store, cfg["start"], cfg["end"], precision=cfg["precision"],
+                        kv_precision=cfg["kv_precision"], max_seq_len=cfg["max_seq_len"], threads=cfg.get("threads", 2))
+    d = store.config.d_model
+    ids = prompt_ids(cfg["prompt_tokens"], store.config.vocab_size)
+    x = ids if cfg["start"] == 0 else np.zeros((ids.size, d), np.float32)
+    out = eng.prefill(x)
+    for _ in range(cfg["decode_tokens"]):
+        out = eng.decode(ids[:1] if cfg["start"] == 0 else out[-1:])
+    return {"baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb(), "kv_mb": eng.kv_bytes() / 2**20}
+
+
+def split_probe(cfg: dict) -> dict:
+    """One measured split session against the worker at cfg['endpoint'] (see the module docstring).
+
+    cfg: store, endpoint, cut, network, codec, prompt, max_tokens, warmup_tokens, plan (dict:
+    make_plan kwargs), threads, link_seed. Returns simulate's summary keys plus peak_rss_mb and
+    downlink_bytes_per_token.
+    """
+    from edgesplit.device.remote import load_front, prepare_split, run_split
+    from edgesplit.device.simulate import summarize
+    from edgesplit.profiles.network import load_network_profile
+    from edgesplit.runtime.memory import peak_rss_mb
+    from edgesplit.transport.link import EmulatedLink
+
+    store, plan, tok, ids = prepare_split(cfg["store"], cfg["cut"], cfg["codec"], cfg["prompt"], False,
+                                          **cfg["plan"])
+    front = load_front(store, plan, threads=cfg["threads"])
+    profile = load_network_profile(cfg["network"])
+    for _ in run_split(store, cfg["endpoint"], plan, ids, None, cfg["warmup_tokens"], None, stop_ids=(),
+                       tokenizer=tok, front=front, timeout_s=60.0):
+        pass  # warm-up on a bare loopback channel: the worker builds its back segment
+    link = EmulatedLink(profile, seed=cfg["link_seed"])
+    responses, times = [], []
+    t_start = time.perf_counter()
+    for resp in run_split(store, cfg["endpoint"], plan, ids, None, cfg["max_tokens"], link, stop_ids=(),
+                          tokenizer=tok, front=front, timeout_s=60.0):
+        times.append(time.perf_counter())
+        responses.append(resp)
+    out = summarize(responses, times, t_start)
+    out.update(cut=plan.cut, network=profile.name, codec=plan.codec, prompt_tokens=len(ids),
+               tokens=len(responses), peak_rss_mb=peak_rss_mb(),
+               downlink_bytes_per_token=float(np.median([r.timings.downlink_bytes for r in responses[1:]])))
+    return out
+
+
+PROBES = {"memory": memory_probe, "split": split_probe}
+
+
+def run_probe(kind: str, cfg: dict, timeout_s: float = 300.0) -> dict:
+    """Run probe `kind` with `cfg` in a fresh Python process; returns its JSON result."""
+    cmd = [sys.executable, "-m", "edgesplit.device.probe", kind, json.dumps(cfg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise EdgesplitError(f"probe {kind} {cfg.get('cut', cfg.get('end'))} failed "
+                             f"(exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str]) -> int:
+    """`python -m edgesplit.device.probe KIND JSON`: print the probe's result as one JSON line."""
+    if len(argv) != 2 or argv[0] not in PROBES:
+        print(f"usage: python -m edgesplit.device.probe {{{','.join(PROBES)}}} JSON", file=sys.stderr)
+        return 2
+    print(json.dumps(PROBES[argv[0]](json.loads(argv[1]))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,73 @@
+"""A cloud worker in its own process on loopback, for measurements that outlive one session.
+
+`simulate` starts and stops a worker per run; the profiler's calibration and `edgesplit sweep`
+keep one for many sessions (the worker caches one back segment per plan), restarting it when its
+resident memory passes a limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import tempfile
+from pathlib import Path
+
+import psutil
+
+from edgesplit.device.simulate import free_port, wait_ready, worker_command
+
+log = logging.getLogger(__name__)
+
+
+class WorkerProcess:
+    """`edgesplit cloud serve` for `store_path` on a free loopback port; a context manager."""
+
+    def __init__(self, store_path: str, d_model: int, *, threads: int = 2, max_rss_mb: float = 3000.0):
+        self.store_path, self.d_model, self.max_rss_mb = str(store_path), d_model, max_rss_mb
+        self.threads = threads
+        self.proc: subprocess.Popen | None = None
+        self.endpoint = ""
+        self._err_path: Path | None = None
+
+    def start(self) -> "WorkerProcess":
+        """Start the worker and wait until it answers."""
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        with tempfile.NamedTemporaryFile("w+b", prefix="edgesplit-worker-", suffix=".log", delete=False) as errf:
+            self._err_path = Path(errf.name)
+            cmd = worker_command(self.store_path, self.endpoint, "--threads", str(self.threads))
+            self.proc = subprocess.Popen(cmd,
+                                         stdout=subprocess.DEVNULL, stderr=errf)
+        wait_ready(self.endpoint, self.d_model, self.proc, stderr_path=self._err_path)
+        return self
+
+    def rss_mb(self) -> float:
+        """Resident memory of the worker process, MB."""
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20 if self.proc else 0.0
+
+    def recycle_if_big(self) -> None:
+        """Restart the worker when it holds more than max_rss_mb (many cached back segments)."""
+        if self.proc is not None and self.rss_mb() > self.max_rss_mb:
+            log.info("restarting the cloud worker (%.0f MB resident)", self.rss_mb())
+            self.stop()
+            self.start()
+
+    def stop(self) -> None:
+        """Terminate the worker (kill after 10 s) and remove its log."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.warning("cloud worker %d did not stop on SIGTERM; killing it", self.proc.pid)
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+        if self._err_path is not None:
+            self._err_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "WorkerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

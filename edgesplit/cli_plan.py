@@ -1,0 +1,95 @@
+"""CLI subcommands of the planner: `profile`, `plan` and `sweep` (parsing and printing only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
+    """Register `profile`, `plan` and `sweep` on the top-level subparsers."""
+    p = sub.add_parser("profile", parents=[common], help="measure this machine into a device profile (TOML)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
+    p.add_argument("--out", default=None, metavar="FILE", help="TOML to write (default: print it)")
+    p.add_argument("--precisions", default="q4,q8,f32", help="layer precisions to time (default q4,q8,f32)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
+    p.add_argument("--quiet-wait-s", type=float, default=20.0,
+                   help="before each timing block, wait up to this long for other processes to leave a core free")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("plan", parents=[common], help="choose cut, precisions, codec and length for a device")
+    p.add_argument("--device", required=True, help="device profile name (rpi4-4gb, ...) or TOML path")
+    p.add_argument("--network", required=True, help="network profile name (lte, ...) or TOML path")
+    p.add_argument("--cloud", default="cpu-server", help="cloud profile name or TOML path (default cpu-server)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
+    p.add_argument("--objective", choices=("latency", "fidelity", "memory"), default="latency")
+    p.add_argument("--memory-mb", type=float, default=None, help="device memory limit (default: usable memory)")
+    p.add_argument("--latency-ms", type=float, default=None, help="per-token latency limit, ms")
+    p.add_argument("--ttft-ms", type=float, default=None, help="time-to-first-token limit, ms")
+    p.add_argument("--min-top1", type=float, default=0.95, help="fidelity floor, top-1 agreement (default 0.95)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="least KV capacity, tokens (default 2048)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for TTFT (default 128)")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the plan JSON here (for --plan FILE)")
+    p.add_argument("--pareto-json", default=None, metavar="FILE", help="write the Pareto front as JSON")
+    p.add_argument("--plot", default=None, metavar="FILE", help="write the Pareto plot as PNG")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("sweep", parents=[common],
+                       help="measure every cut over an emulated link, predicted vs measured (JSON)")
+    p.add_argument("--network", default="loopback", help="network profile name or TOML path")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
+    p.add_argument("--device", default="host", help="measured device profile for the predictions (default host)")
+    p.add_argument("--cloud", default="host", help="cloud profile for the predictions (default host)")
+    p.add_argument("--cuts", default=None, help="comma-separated cuts (default: every cut)")
+    p.add_argument("--codec", default="f32")
+    p.add_argument("--tokens", type=int, default=32, help="decode tokens per cut (default 32)")
+    p.add_argument("--threads", type=int, default=None, help="threads on each side (default: the profile's)")
+    p.add_argument("--passes", type=int, default=3, help="passes over the cuts; medians per cut (default 3)")
+    p.add_argument("--quiet-wait-s", type=float, default=20.0,
+                   help="before each cut, wait up to this long for other processes to leave a core free")
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from edgesplit.device.profile_timing import ProfileSettings
+    from edgesplit.device.profiler import profile_machine, write_profile
+    from edgesplit.profiles.toml_fields import to_toml
+    from edgesplit.runtime.models import resolve_store
+    from edgesplit.runtime.store import ModelStore
+
+    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+    store = ModelStore(resolve_store(args.model, precisions=precisions))
+    name = str(store.manifest.get("model_name") or args.model)
+    settings = ProfileSettings(quiet_timeout_s=args.quiet_wait_s)
+    profile = profile_machine(store, model_name=name, precisions=precisions, threads=args.threads, settings=settings)
+    if args.out:
+        print(write_profile(profile, Path(args.out)))
+    else:
+        sys.stdout.write(to_toml(profile))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from edgesplit.device.plan_report import plan_report
+
+    report = plan_report(args)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(report["why"])
+        print(json.dumps(report["plan"], indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from edgesplit.device.sweep import cli_sweep, format_table
+
+    result = cli_sweep(args)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0

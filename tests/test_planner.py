@@ -1,0 +1,141 @@
+"""The cost model and the planner on small synthetic profiles and fidelity tables (no model, no I/O)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from edgesplit.device.cost_model import Setting, device_memory_mb, layer_decode_ms, link_ms, retransmit_ms
+from edgesplit.device.fidelity import FidelityTable
+from edgesplit.device.fidelity_data import CodecRow, EngineRow
+from edgesplit.device.planner import InfeasibleError, Request, choose, enumerate_candidates, pareto_front
+from edgesplit.profiles.cloud import CloudProfile
+from edgesplit.profiles.device import DeviceProfile, LayerFigures, MeasuredFigures
+from edgesplit.profiles.network import NetworkProfile
+
+L, D = 4, 8
+
+
+def figures() -> MeasuredFigures:
+    layers = {"q4": LayerFigures((1.0, 2.0), 0.1, 10.0, 1000), "f32": LayerFigures((3.0, 4.0), 0.3, 40.0, 4000)}
+    return MeasuredFigures(
+        model="synthetic", n_layers=L, d_model=D, threads=1, context_tokens=(64, 1024), prefill_tokens=16,
+        step_overhead_ms=0.5, embed_ms=0.1, head_decode_ms=1.0, head_prefill_ms=2.0, runtime_overhead_mb=100.0,
+        embedding_mb=20.0, workspace_mb_per_prompt_token=0.0,
+        kv_bytes_per_token_per_layer={"f32": 1024, "int8": 256},
+        codec_ms={"f32": 0.01, "int8": 0.05}, split_overhead_ms=0.0, frame_up_bytes=100, frame_down_bytes=100,
+        layers=layers)
+
+
+def device(factor: float = 1.0, usable_mb: float = 10_000.0) -> DeviceProfile:
+    return DeviceProfile("dev", "d", "test", "datasheet", "host", factor, factor, 20_000.0, usable_mb, 1,
+                         40.0, 4.0, 15.0, figures())
+
+
+def cloud(factor: float = 1.0) -> CloudProfile:
+    return CloudProfile("cl", "c", "test", "host", factor, factor, 0.0, 1.0, figures())
+
+
+def net(mbps: float = 1000.0, rtt_ms: float = 10.0, loss_pct: float = 0.0) -> NetworkProfile:
+    return NetworkProfile("n", "n", mbps, mbps, rtt_ms, 0.0, loss_pct, "test")
+
+
+TABLE = FidelityTable(
+    engine=(EngineRow("q4", "f32", 0.97, 10.1, 10.0, 100, "t"), EngineRow("f32", "f32", 1.0, 10.0, 10.0, 100, "t"),
+            EngineRow("q4", "int8", 0.95, 10.3, 10.0, 100, "t")),
+    codec=(CodecRow(1, "int8", 0.95, 0.97, 10.2, 10.1, 20, 19), CodecRow(3, "int8", 0.93, 0.97, 10.4, 10.1, 20, 19)),
+)
+REQ = dict(max_seq_len=256, prompt_tokens=16, min_top1=None)
+
+
+def run(dev, cl, nw, **req):
+    return choose(dev, cl, nw, TABLE, Request(**{**REQ, **req}), context_length=1024)
+
+
+def test_memory_model_adds_its_parts():
+    f = figures()
+    # 100 overhead + 20 embedding + 2 x 10 MB layers + 2 layers x 1024 B x 512 tokens (1 MB)
+    assert device_memory_mb(f, 2, "q4", "f32", tokens=512) == pytest.approx(141.0)
+
+
+def test_layer_time_is_interpolated_in_the_context():
+    lf = figures().layers["q4"]
+    assert layer_decode_ms(lf, (64, 1024), 10) == 1.0
+    assert layer_decode_ms(lf, (64, 1024), 544) == pytest.approx(1.5)
+    assert layer_decode_ms(lf, (64, 1024), 1984) == pytest.approx(3.0)  # extrapolated
+
+
+def test_link_time_counts_bandwidth_rtt_and_expected_losses():
+    assert link_ms(net(8.0, 10.0), 1000, 0) == pytest.approx(1.0 + 10.0)  # 1000 B at 8 Mbit/s = 1 ms
+    assert retransmit_ms(net(8.0, 10.0), 1000, 0) == 0.0
+    lossy = retransmit_ms(net(8.0, 10.0, loss_pct=50.0), 1000, 0)
+    assert lossy == pytest.approx(1.0 * (2 * 200.0 + 1.0))  # p/(1-p) = 1 retry per frame, RTO 200 ms
+
+
+def test_slow_device_puts_the_cut_early_slow_cloud_puts_it_late():
+    assert run(device(10.0), cloud(1.0), net()).chosen.setting.cut == 1
+    assert run(device(1.0), cloud(10.0), net()).chosen.setting.cut == L - 1
+
+
+def test_memory_objective_takes_the_smallest_front_and_fidelity_the_best_table_row():
+    c = run(device(), cloud(), net(), objective="memory").chosen.setting
+    assert (c.cut, c.front_precision, c.kv_precision, c.max_seq_len) == (1, "q4", "int8", 256)
+    best = run(device(), cloud(), net(), objective="fidelity").chosen
+    assert (best.setting.front_precision, best.setting.back_precision, best.setting.codec) == ("f32", "f32", "f32")
+    assert best.fidelity.top1 == pytest.approx(1.0)
+    assert best.setting.max_seq_len == 1024  # fidelity ties: the longest context that fits
+
+
+def test_fidelity_floor_excludes_lossy_settings():
+    c = run(device(), cloud(), net(mbps=0.1), min_top1=0.969).chosen
+    assert c.fidelity.top1 >= 0.969 and c.setting.codec == "f32"  # int8 codec would be faster on 0.1 Mbit/s
+
+
+def test_mixed_precision_fidelity_is_interpolated_by_layers():
+    fid = TABLE.estimate(1, L, "q4", "f32", "f32", "f32")
+    assert fid.top1 == pytest.approx(1.0 - 0.25 * 0.03)
+    assert TABLE.estimate(2, L, "q4", "q4", "f32", "int8").top1 == pytest.approx(0.97 - 0.03)  # loss interpolated
+    assert TABLE.estimate(2, L, "q8", "q8", "f32", "f32") is None  # q8 not measured: not offered
+
+
+def test_infeasible_memory_names_the_device_the_need_and_the_limit():
+    with pytest.raises(InfeasibleError) as err:
+        run(device(usable_mb=100.0), cloud(), net())
+    msg = str(err.value)
+    assert msg.startswith("dev: memory: ") and "needed at cut 1" in msg and "100.0 MB usable" in msg
+    assert "missed by" in msg
+
+
+def test_infeasible_latency_and_fidelity_name_their_constraint():
+    with pytest.raises(InfeasibleError, match=r"dev: latency: .* ms/token predicted at cut .*, 5.0 ms/token allowed"):
+        run(device(), cloud(), net(), latency_ms=5.0)
+    worse = dataclasses.replace(TABLE, engine=tuple(dataclasses.replace(r, top1=r.top1 - 0.02) for r in TABLE.engine))
+    with pytest.raises(InfeasibleError, match=r"fidelity floor missed: best top-1 0.9800 at cut .*, 0.9900 required"):
+        choose(device(), cloud(), net(), worse, Request(**{**REQ, "min_top1": 0.99}), context_length=1024)
+
+
+def test_pareto_front_is_exactly_the_non_dominated_set():
+    cands = enumerate_candidates(device(2.0), cloud(), net(mbps=1.0), TABLE, Request(**REQ), 1024)
+    front = pareto_front(cands)
+
+    def dominates(a, b):
+        ka = (a.costs.ms_per_token, a.costs.device_memory_mb, -a.fidelity.top1)
+        kb = (b.costs.ms_per_token, b.costs.device_memory_mb, -b.fidelity.top1)
+        return all(x <= y for x, y in zip(ka, kb)) and ka != kb
+
+    assert front and len(front) < len(cands)
+    for a in front:
+        assert not any(dominates(b, a) for b in cands)
+    keys = {id(c) for c in front}
+    for c in cands:
+        if id(c) not in keys:
+            assert any(dominates(f, c) or f.costs == c.costs and f.fidelity == c.fidelity for f in front)
+
+
+def test_request_validation():
+    with pytest.raises(Exception, match="objective 'speed'"):
+        Request(objective="speed")
+    with pytest.raises(Exception, match="prompt_tokens"):
+        Request(max_seq_len=8, prompt_tokens=16)
+    assert Setting(1, "q4", "q4", "f32", "f32", 8).cut == 1

@@ -1,0 +1,77 @@
+"""`edgesplit profile`, `plan` and `sweep` end to end on the tiny model: real engines, probe processes,
+a worker process. Figures are checked for shape and sense only (timing lives in the sweep's JSON)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgesplit.cli import main
+from edgesplit.device.profile_timing import ProfileSettings
+from edgesplit.device.profiler import profile_machine, write_profile
+from edgesplit.device.sweep import sweep
+from edgesplit.profiles.device import load_device_profile
+from edgesplit.runtime.plan import Plan
+
+TINY = ProfileSettings(contexts=(8, 32), layers=(1, 2), prefill_tokens=16, decode_steps=4, rounds=1,
+                       memory_prompts=(8, 64), max_seq_len=128, calibration_tokens=8, flash_mb=2,
+                       codecs=("f32", "int8"), quiet_timeout_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_store, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("profile")
+    profile = profile_machine(tiny_store, model_name="tiny", precisions=("q4",), threads=1, flash_dir=folder,
+                              settings=TINY)
+    return write_profile(profile, folder / "sub" / "me.toml")
+
+
+def test_profile_writes_a_profile_the_loader_accepts(tiny_profile, tiny_store):
+    assert [p.name for p in tiny_profile.parent.iterdir()] == ["me.toml"]  # atomic: no temporary left
+    p = load_device_profile(tiny_profile)
+    f = p.figures
+    assert p.kind == "measured" and p.name == "host" and f.model == "tiny" and f.threads == 1
+    assert (f.n_layers, f.d_model, f.context_tokens) == (tiny_store.config.n_layers, tiny_store.config.d_model, (8, 32))
+    assert set(f.layers) == {"q4"} and len(f.layers["q4"].decode_ms) == 2
+    assert f.layers["q4"].shard_bytes == tiny_store.shards[("blk.0", "q4")].nbytes
+    assert set(f.codec_ms) == {"f32", "int8"} and all(v > 0 for v in f.codec_ms.values())
+    assert f.runtime_overhead_mb > 50  # python + onnxruntime + zmq at least
+    assert f.frame_up_bytes > 0 and f.frame_down_bytes > 0
+    assert p.flash_seq_read_mb_s > 0 and p.flash_rand_4k_read_mb_s > 0
+    assert 0 < p.usable_memory_mb <= p.total_memory_mb
+
+
+def _cloud_toml(path, reference):
+    path.write_text(f'name = "tinycloud"\ndescription = "d"\nsource = "test"\nreference = "{reference}"\n'
+                    'decode_time_factor = 1.0\nprefill_time_factor = 1.0\nstep_floor_ms = 0.0\nmemory_gb = 1.0\n')
+    return path
+
+
+def test_plan_cli_writes_plan_front_and_plot_and_refuses_the_impossible(tiny_profile, tiny_store, tmp_path,
+                                                                         capsys):
+    cloud = _cloud_toml(tmp_path / "cloud.toml", tiny_profile)
+    common = ["plan", "--model", str(tiny_store.path), "--device", str(tiny_profile), "--network", "lte",
+              "--cloud", str(cloud), "--max-seq-len", "128", "--prompt-tokens", "16"]
+    out, front, png = tmp_path / "plan.json", tmp_path / "front.json", tmp_path / "front.png"
+    assert main(common + ["--json", "--out", str(out), "--pareto-json", str(front), "--plot", str(png)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    plan = Plan.from_json(out.read_text())
+    assert report["plan"]["cut"] == plan.cut and 0 < plan.cut < tiny_store.config.n_layers
+    assert report["predicted_ms_per_token"] == pytest.approx(plan.predicted_ms_per_token)
+    assert report["predicted_ms_per_token"] > 50  # the LTE round trip alone is 50 ms
+    assert json.loads(front.read_text())["front"] and png.read_bytes()[:4] == b"\x89PNG"
+    assert main(common + ["--memory-mb", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "memory:" in err and "needed at cut 1" in err and "10.0 MB usable" in err
+
+
+def test_sweep_measures_each_cut_beside_the_prediction(tiny_profile, tiny_store, tmp_path):
+    cloud = _cloud_toml(tmp_path / "cloud.toml", tiny_profile)
+    r = sweep(str(tiny_store.path), "loopback", cuts=[1, 2], tokens=6, device=str(tiny_profile), cloud=str(cloud),
+              passes=1, quiet_wait_s=0.0)
+    assert [row["cut"] for row in r["rows"]] == [1, 2]
+    for row in r["rows"]:
+        assert row["measured_ms_per_token"] > 0 and row["predicted_ms_per_token"] > 0
+        assert row["measured_peak_rss_mb"] > 50 and row["predicted_memory_mb"] > 50
+    assert r["summary"]["planner_cut"] in (1, 2) and r["summary"]["planner_vs_best"] >= 1.0
