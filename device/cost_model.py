@@ -19,6 +19,13 @@ Latency (ms per decode token at a context of `context` tokens):
 is what `simulate` and `sweep` report. `mean_ms_per_token` adds the expected retransmissions
 (p / (1 - p) lost attempts per frame, each costing RTO + serialization).
 Time to first token: the same with prefill figures for a prompt of `prompt_tokens`.
+
+Front flash option (`Setting.flash`, see `front_flash`): 'resident' (everything in DRAM),
+'embedding' (embedding rows read from flash: the table's MB become an LRU row cache, each decode
+token pays the miss rate x one row read) or 'stream' (embedding on flash too, plus as many q4
+layers resident as fit the memory limit, the others read each token into two buffers; token time
+= max(modelled reads, compute) with streamed layers at the unpacked-path compute factor). Flash
+reads are modelled from the profile's flash figures (`FlashModel.from_profile`).
 """
 
 from __future__ import annotations
@@ -30,7 +37,15 @@ import numpy as np
 from edgesplit.profiles.cloud import CloudProfile
 from edgesplit.profiles.device import DeviceProfile, LayerFigures, MeasuredFigures
 from edgesplit.profiles.network import NetworkProfile
+from edgesplit.runtime.errors import ConfigError
 from edgesplit.transport.link import rto_ms, serialization_ms
+
+from .flash_model import (EMBEDDING_CACHE_ROWS, EMBEDDING_MISS_RATE, REGION_BYTES_PER_SHARD_BYTE, STREAM_BUFFERS,
+                          STREAM_PRECISIONS, STREAMED_LAYER_COMPUTE_FACTOR, FlashModel, embedding_figures,
+                          q8_row_bytes, stream_figures, stream_plan)
+
+FLASH_OPTIONS = ("resident", "embedding", "stream")
+MIB = 2**20  # profile memory figures are in MB = 2^20 bytes
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,7 @@ class Setting:
     kv_precision: str
     codec: str
     max_seq_len: int
+    flash: str = "resident"  # front flash option, one of FLASH_OPTIONS (planner report only, not in the Plan)
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,20 @@ class Costs:
     mean_ms_per_token: float  # with the expected retransmissions
     ttft_ms: float
     breakdown_ms: dict  # per decode token: device_compute, encode, link, cloud_compute, overhead
+    flash: "FrontFlash | None" = None  # what the front's flash option costs (None: no details)
+
+
+@dataclass(frozen=True)
+class FrontFlash:
+    """The device front under one flash option: its DRAM and its time per decode token."""
+
+    option: str
+    front_mb: float  # embedding (or its row cache) + resident layers + read buffers, MB
+    decode_ms: float  # device compute + modelled flash reads per decode token (scaled), ms
+    prefill_io_ms: float  # modelled flash reads added to the time to first token, ms
+    streamed_layers: int
+    io_bytes_per_token: float  # bytes read from flash per decode token
+    io_ms_per_token: float  # modelled read time per decode token (overlapped with compute for 'stream')
 
 
 def layer_decode_ms(lf: LayerFigures, contexts: tuple[int, ...], context: int) -> float:
@@ -96,6 +126,56 @@ def device_decode_ms(dev: DeviceProfile, s: Setting, context: int) -> float:
     return dev.decode_time_factor * (f.step_overhead_ms + f.embed_ms + s.cut * per_layer)
 
 
+def front_flash(dev: DeviceProfile, s: Setting, context: int, prompt_tokens: int,
+                budget_mb: float, other_mb: float) -> FrontFlash | None:
+    """The front under `s.flash`; `budget_mb`: the memory limit, `other_mb`: what the device holds
+    besides the front (runtime, KV, workspace; stream fits its resident layers into the rest).
+    None when the option does not apply (stream of a precision flash does not hold, or with every
+    layer resident: that is 'embedding')."""
+    if s.flash not in FLASH_OPTIONS:
+        raise ConfigError(f"flash option {s.flash!r} is not one of {', '.join(FLASH_OPTIONS)}")
+    f = dev.figures
+    lf = f.layer(s.front_precision)
+    per_layer = layer_decode_ms(lf, f.context_tokens, context)
+    base = f.step_overhead_ms + f.embed_ms
+    compute = dev.decode_time_factor * (base + s.cut * per_layer)
+    if s.flash == "resident":
+        return FrontFlash("resident", f.embedding_mb + s.cut * lf.resident_mb, compute, 0.0, 0, 0.0, 0.0)
+    flash = FlashModel.from_profile(dev)
+    emb = embedding_figures(int(f.embedding_mb * MIB), q8_row_bytes(f.d_model), EMBEDDING_CACHE_ROWS,
+                            EMBEDDING_MISS_RATE, flash)
+    cache_mb, emb_ms = emb["resident_bytes"] / MIB, emb["io_ms_per_token"]
+    if s.flash == "embedding":
+        return FrontFlash("embedding", cache_mb + s.cut * lf.resident_mb, compute + emb_ms, prompt_tokens * emb_ms,
+                          0, emb["bytes_per_token"], emb_ms)
+    return _stream(dev, s, per_layer, base, flash, emb, prompt_tokens, budget_mb, other_mb)
+
+
+def _stream(dev: DeviceProfile, s: Setting, per_layer: float, base: float, flash: FlashModel, emb: dict,
+            prompt_tokens: int, budget_mb: float, other_mb: float) -> FrontFlash | None:
+    """Layer streaming of [0, cut) at the budget (embedding rows on flash too)."""
+    lf = dev.figures.layer(s.front_precision)
+    if s.front_precision not in STREAM_PRECISIONS:
+        return None
+    region = int(lf.shard_bytes * REGION_BYTES_PER_SHARD_BYTE)  # bytes one streamed layer reads
+    fixed_mb = emb["resident_bytes"] / MIB + STREAM_BUFFERS * region / MIB
+    try:  # resident layers chosen by their DRAM (RSS) size
+        resident = stream_plan([int(lf.resident_mb * MIB)] * s.cut, int((other_mb + fixed_mb) * MIB),
+                               int(budget_mb * MIB))
+    except ConfigError:  # not even the buffers fit: every layer streamed, the memory check refuses it
+        resident = set()
+    if len(resident) == s.cut:
+        return None
+    streamed = s.cut - len(resident)
+    compute = dev.decode_time_factor * (base + (len(resident) + streamed * STREAMED_LAYER_COMPUTE_FACTOR)
+                                        * per_layer)
+    fig = stream_figures([region] * s.cut, resident, flash, compute)
+    return FrontFlash("stream", fixed_mb + len(resident) * lf.resident_mb,
+                      fig["token_ms_overlapped"] + emb["io_ms_per_token"],
+                      prompt_tokens * emb["io_ms_per_token"] + fig["io_ms_per_token"], streamed,
+                      fig["bytes_per_token"] + emb["bytes_per_token"], fig["io_ms_per_token"] + emb["io_ms_per_token"])
+
+
 def cloud_decode_ms(cloud: CloudProfile, s: Setting, context: int) -> float:
     """The cloud back's compute for one decode token (ms), head included."""
     f = cloud.figures
@@ -105,11 +185,12 @@ def cloud_decode_ms(cloud: CloudProfile, s: Setting, context: int) -> float:
 
 
 def decode_costs(dev: DeviceProfile, cloud: CloudProfile, net: NetworkProfile, s: Setting,
-                 up_bytes: float, context: int) -> dict:
-    """Per-token breakdown (ms) of one decode step; `up_bytes` = the codec's bytes for one row."""
+                 up_bytes: float, context: int, device_ms: float | None = None) -> dict:
+    """Per-token breakdown (ms) of one decode step; `up_bytes` = the codec's bytes for one row;
+    `device_ms`: the front's time if not the all-resident compute (a flash option's)."""
     f = dev.figures
     return {
-        "device_compute": device_decode_ms(dev, s, context),
+        "device_compute": device_decode_ms(dev, s, context) if device_ms is None else device_ms,
         "encode": f.codec_ms[s.codec] * dev.prefill_time_factor,
         "link": link_ms(net, up_bytes + f.frame_up_bytes, f.frame_down_bytes),
         "cloud_compute": cloud_decode_ms(cloud, s, context),
@@ -133,12 +214,23 @@ def ttft_ms(dev: DeviceProfile, cloud: CloudProfile, net: NetworkProfile, s: Set
 
 
 def costs(dev: DeviceProfile, cloud: CloudProfile, net: NetworkProfile, s: Setting, *,
-          up_bytes: float, prompt_bytes_per_token: float, context: int, prompt_tokens: int) -> Costs:
-    """All predictions for `s`: memory at a full KV cache (max_seq_len tokens), latency at `context`."""
-    breakdown = decode_costs(dev, cloud, net, s, up_bytes, context)
+          up_bytes: float, prompt_bytes_per_token: float, context: int, prompt_tokens: int,
+          budget_mb: float | None = None) -> Costs | None:
+    """All predictions for `s`: memory at a full KV cache (max_seq_len tokens), latency at `context`.
+
+    `budget_mb`: the memory limit a 'stream' front fills (default the usable memory); None when
+    `s.flash` does not apply to `s` (see `front_flash`).
+    """
+    f = dev.figures
+    all_resident_mb = device_memory_mb(f, s.cut, s.front_precision, s.kv_precision, s.max_seq_len, prompt_tokens)
+    other_mb = all_resident_mb - f.embedding_mb - s.cut * f.layer(s.front_precision).resident_mb
+    front = front_flash(dev, s, context, prompt_tokens,
+                        dev.usable_memory_mb if budget_mb is None else budget_mb, other_mb)
+    if front is None:
+        return None
+    breakdown = decode_costs(dev, cloud, net, s, up_bytes, context, device_ms=front.decode_ms)
     typical = sum(breakdown.values())
-    retry = retransmit_ms(net, up_bytes + dev.figures.frame_up_bytes, dev.figures.frame_down_bytes)
-    return Costs(device_memory_mb(dev.figures, s.cut, s.front_precision, s.kv_precision, s.max_seq_len,
-                                  prompt_tokens),
-                 typical, typical + retry, ttft_ms(dev, cloud, net, s, prompt_bytes_per_token, prompt_tokens),
-                 breakdown)
+    retry = retransmit_ms(net, up_bytes + f.frame_up_bytes, f.frame_down_bytes)
+    memory = all_resident_mb if s.flash == "resident" else other_mb + front.front_mb
+    ttft = ttft_ms(dev, cloud, net, s, prompt_bytes_per_token, prompt_tokens) + front.prefill_io_ms
+    return Costs(memory, typical, typical + retry, ttft, breakdown, front)

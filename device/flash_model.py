@@ -147,3 +147,20 @@ def simulate_pipeline(compute_ms: list[tuple[bool, float]], read_ms: float | lis
                 t += ms
         last = t - start
     return last
+
+
+# Figures the planner's flash options use (device/cost_model.py `front_flash`), measured in the
+# README's flash section (SmolLM2-135M, WikiText-2 test, 4096 tokens):
+EMBEDDING_CACHE_ROWS = 256  # LRU rows of FlashEmbedding (its default)
+EMBEDDING_MISS_RATE = 0.27  # LRU miss rate over text, `edgesplit bench --flash --mode embedding`
+REGION_BYTES_PER_SHARD_BYTE = 1.20  # graph-ready layer region (2.54 MB) / Q4_1 shard (2.11 MB)
+STREAM_BUFFERS = 2  # preallocated layer buffers of the read-ahead
+# A streamed layer's weights are graph inputs, so onnxruntime takes its unpacked matmul path:
+# streamed 216 ms / 12 layers vs resident 22 ms / 18 layers per token in the same stream run.
+STREAMED_LAYER_COMPUTE_FACTOR = 14.7
+STREAM_PRECISIONS = ("q4",)  # flash stores hold q4 layer regions
+
+
+def q8_row_bytes(d_model: int) -> int:
+    """Bytes of one Q8_0 embedding row on flash: per 32 values an f16 scale + 32 int8 (576 -> 612)."""
+    return d_model // 32 * 34

@@ -1,6 +1,8 @@
 """`edgesplit plan`: load profiles, run the planner, and report the plan, why, and the Pareto front.
 
-The report is one JSON-able dict: `plan` (the frozen Plan's dict, with `cut`), the predictions,
+The report is one JSON-able dict: `plan` (the frozen Plan's dict, with `cut`), `flash` (the front's
+flash option: resident, embedding rows on flash or layer streaming, with its modelled reads; not
+part of the Plan), the predictions,
 `why`, the device/network/cloud names, candidate counts, and `pareto` (the front of the feasible
 set). `--out` writes the plan JSON (what `--plan FILE` reads), `--pareto-json` the front, `--plot`
 the PNG with the chosen point marked.
@@ -8,10 +10,12 @@ the PNG with the chosen point marked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from edgesplit.device.files import write_text_atomic
-from edgesplit.device.planner import Request, check_model, choose, to_plan
+from edgesplit.device.cost_model import FLASH_OPTIONS
+from edgesplit.device.planner import Request, check_model, choose, memory_limit_mb, to_plan
 from edgesplit.device.fidelity import FidelityTable
 from edgesplit.profiles.cloud import load_cloud_profile
 from edgesplit.profiles.device import load_device_profile
@@ -22,7 +26,7 @@ def request_of(args) -> Request:
     """The planner Request from parsed `edgesplit plan` arguments."""
     return Request(objective=args.objective, memory_mb=args.memory_mb, latency_ms=args.latency_ms,
                    ttft_ms=args.ttft_ms, min_top1=args.min_top1, max_seq_len=args.max_seq_len,
-                   prompt_tokens=args.prompt_tokens)
+                   prompt_tokens=args.prompt_tokens, flash_options=FLASH_OPTIONS)
 
 
 def plan_report(args) -> dict:
@@ -40,13 +44,15 @@ def plan_report(args) -> dict:
     best = choice.chosen
     front = [c.point() for c in choice.front]
     report = {
-        "plan": plan.to_dict(), "predicted_ms_per_token": best.costs.ms_per_token,
+        "plan": plan.to_dict(), "flash": best.setting.flash,
+        "flash_figures": dataclasses.asdict(best.costs.flash) if best.costs.flash else None,
+        "predicted_ms_per_token": best.costs.ms_per_token,
         "predicted_mean_ms_per_token": best.costs.mean_ms_per_token,
         "predicted_ttft_ms": best.costs.ttft_ms, "predicted_device_memory_mb": best.costs.device_memory_mb,
         "predicted_top1": best.fidelity.top1, "predicted_ppl_ratio": best.fidelity.ppl_ratio,
         "fidelity_basis": best.fidelity.basis, "breakdown_ms": best.costs.breakdown_ms, "why": choice.why,
         "device": dev.name, "network": net.name, "cloud": cloud.name, "objective": req.objective,
-        "memory_limit_mb": req.memory_mb if req.memory_mb is not None else dev.usable_memory_mb,
+        "memory_limit_mb": memory_limit_mb(dev, req),
         "candidates": choice.candidates, "feasible": choice.feasible, "pareto_size": len(front),
     }
     if args.out:

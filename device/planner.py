@@ -4,7 +4,9 @@ under device memory, latency, time-to-first-token and fidelity constraints.
 The search is exhaustive over the candidates (cuts x precisions^2 x KV precisions x codecs x
 lengths: ~10^4 for a 30-layer model, well under a second) and pure: profiles and the fidelity
 table in, candidates out; no I/O. `plan_for` is the one entry point that touches a model store
-(for the plan's model identity). Objectives: 'latency' (min ms per token), 'fidelity' (max top-1
+(for the plan's model identity). The front's flash option (resident / embedding rows on flash /
+layer streaming, `Request.flash_options`) is a decision variable too; it is kept in the planner's
+report, not in the Plan (the wire protocol carries the Plan). Objectives: 'latency' (min ms per token), 'fidelity' (max top-1
 agreement) or 'memory' (min device MB), each subject to every constraint given.
 """
 
@@ -19,7 +21,7 @@ from edgesplit.profiles.device import DeviceProfile
 from edgesplit.profiles.network import NetworkProfile
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
 
-from .cost_model import Costs, Setting, costs
+from .cost_model import FLASH_OPTIONS, Costs, Setting, costs
 from .fidelity import Fidelity, FidelityTable
 
 OBJECTIVES = ("latency", "fidelity", "memory")
@@ -44,6 +46,9 @@ class Request:
     precisions: tuple[str, ...] = ("q4", "q8", "f32")
     kv_precisions: tuple[str, ...] = ("f32", "int8")
     codecs: tuple[str, ...] | None = None  # None: every codec in the fidelity table
+    # front flash options searched; the default is what the split runtime runs (`edgesplit plan`
+    # searches FLASH_OPTIONS)
+    flash_options: tuple[str, ...] = ("resident",)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -54,6 +59,9 @@ class Request:
                 raise ConfigError(f"{name} must be > 0, got {v!r}")
         if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
             raise ConfigError(f"min_top1 must be in [0, 1], got {self.min_top1!r}")
+        bad = [o for o in self.flash_options if o not in FLASH_OPTIONS]
+        if bad or not self.flash_options:
+            raise ConfigError(f"flash_options {self.flash_options!r}: each must be one of {', '.join(FLASH_OPTIONS)}")
         if self.max_seq_len < 1 or self.prompt_tokens < 1 or self.prompt_tokens > self.max_seq_len:
             raise ConfigError(f"need 1 <= prompt_tokens ({self.prompt_tokens}) <= max_seq_len ({self.max_seq_len})")
 
@@ -92,6 +100,7 @@ def enumerate_candidates(dev: DeviceProfile, cloud: CloudProfile, net: NetworkPr
     L, d = fig.n_layers, fig.d_model
     precisions = [p for p in req.precisions if p in fig.layers and p in cloud.figures.layers]
     codecs = [c for c in (req.codecs or table.codecs()) if c in fig.codec_ms]
+    budget = memory_limit_mb(dev, req)
     out = []
     for cut, front, back, kv, codec in itertools.product(range(1, L), precisions, precisions,
                                                          req.kv_precisions, codecs):
@@ -99,17 +108,23 @@ def enumerate_candidates(dev: DeviceProfile, cloud: CloudProfile, net: NetworkPr
         traffic = table.codec_bytes(codec, cut, d)
         if fid is None or traffic is None or kv not in fig.kv_bytes_per_token_per_layer:
             continue
-        for n in seq_len_candidates(req.max_seq_len, context_length):
-            s = Setting(cut, front, back, kv, codec, n)
+        for n, flash in itertools.product(seq_len_candidates(req.max_seq_len, context_length), req.flash_options):
+            s = Setting(cut, front, back, kv, codec, n, flash)
             c = costs(dev, cloud, net, s, up_bytes=traffic[0], prompt_bytes_per_token=traffic[1],
-                      context=req.context_tokens or n, prompt_tokens=req.prompt_tokens)
-            out.append(Candidate(s, c, fid))
+                      context=req.context_tokens or n, prompt_tokens=req.prompt_tokens, budget_mb=budget)
+            if c is not None:  # the flash option applies to this setting
+                out.append(Candidate(s, c, fid))
     return out
+
+
+def memory_limit_mb(dev: DeviceProfile, req: Request) -> float:
+    """The device memory limit (MB): the request's or the device's usable memory."""
+    return req.memory_mb if req.memory_mb is not None else dev.usable_memory_mb
 
 
 def _limits(dev: DeviceProfile, req: Request) -> list[tuple[str, str, float | None, callable]]:
     """(constraint, unit, limit, value of a candidate); a value must be <= its limit."""
-    mem = req.memory_mb if req.memory_mb is not None else dev.usable_memory_mb
+    mem = memory_limit_mb(dev, req)
     return [
         ("memory", "MB", mem, lambda c: c.costs.device_memory_mb),
         ("fidelity", "top-1", req.min_top1, lambda c: -c.fidelity.top1),
@@ -120,8 +135,23 @@ def _limits(dev: DeviceProfile, req: Request) -> list[tuple[str, str, float | No
 
 def _describe(c: Candidate) -> str:
     s = c.setting
+    flash = "" if s.flash == "resident" else f", front flash {s.flash}"
     return (f"cut {s.cut} ({s.front_precision}/{s.back_precision}, KV {s.kv_precision}, codec {s.codec}, "
-            f"max_seq_len {s.max_seq_len})")
+            f"max_seq_len {s.max_seq_len}{flash})")
+
+
+def _flash_why(best: Candidate, cands: list[Candidate], dev: DeviceProfile, req: Request) -> str:
+    """The front flash option chosen and, when it is not 'resident', what the resident front needs."""
+    f = best.costs.flash
+    text = f"front flash {best.setting.flash}"
+    if f is not None and best.setting.flash != "resident":
+        text += (f" ({f.io_bytes_per_token:.0f} B read per token, {f.io_ms_per_token:.2f} ms modelled I/O, "
+                 f"{f.streamed_layers} layers streamed)")
+        resident = [c.costs.device_memory_mb for c in cands if c.setting.flash == "resident"]
+        if resident:
+            text += (f"; all-resident front needs at least {min(resident):.1f} MB, "
+                     f"{memory_limit_mb(dev, req):.1f} MB usable")
+    return text
 
 
 def feasible(cands: list[Candidate], dev: DeviceProfile, req: Request) -> list[Candidate]:
@@ -195,7 +225,7 @@ def choose(dev: DeviceProfile, cloud: CloudProfile, net: NetworkProfile, table: 
            f"best other cut: {_describe(runner) if runner else 'none'}"
            + (f" at {runner.costs.ms_per_token:.2f} ms/token, {runner.costs.device_memory_mb:.0f} MB, "
               f"top-1 {runner.fidelity.top1:.4f}" if runner else "")
-           + f"; {len(ok)} of {len(cands)} candidates feasible")
+           + f"; {_flash_why(best, cands, dev, req)}; {len(ok)} of {len(cands)} candidates feasible")
     return Choice(best, why, tuple(pareto_front(ok)), len(cands), len(ok), tuple(ok))
 
 

@@ -6,13 +6,17 @@ import dataclasses
 
 import pytest
 
-from edgesplit.device.cost_model import Setting, device_memory_mb, layer_decode_ms, link_ms, retransmit_ms
+from edgesplit.device.cost_model import (FLASH_OPTIONS, Setting, costs, device_memory_mb, layer_decode_ms, link_ms,
+                                         retransmit_ms)
+from edgesplit.device.flash_model import (EMBEDDING_CACHE_ROWS, EMBEDDING_MISS_RATE, STREAMED_LAYER_COMPUTE_FACTOR,
+                                          FlashModel, q8_row_bytes)
 from edgesplit.device.fidelity import FidelityTable
 from edgesplit.device.fidelity_data import CodecRow, EngineRow
 from edgesplit.device.planner import InfeasibleError, Request, choose, enumerate_candidates, pareto_front
 from edgesplit.profiles.cloud import CloudProfile
 from edgesplit.profiles.device import DeviceProfile, LayerFigures, MeasuredFigures
 from edgesplit.profiles.network import NetworkProfile
+from edgesplit.runtime.plan import Plan
 
 L, D = 4, 8
 
@@ -139,3 +143,64 @@ def test_request_validation():
     with pytest.raises(Exception, match="prompt_tokens"):
         Request(max_seq_len=8, prompt_tokens=16)
     assert Setting(1, "q4", "q4", "f32", "f32", 8).cut == 1
+
+
+def flash_costs(s: Setting, budget_mb: float = 10_000.0, d_model: int = 64):
+    """Costs of `s` on the synthetic device with d_model wide enough for real Q8_0 rows (68 B)."""
+    dev = dataclasses.replace(device(), figures=dataclasses.replace(figures(), d_model=d_model))
+    return costs(dev, cloud(), net(), s, up_bytes=100, prompt_bytes_per_token=100, context=64, prompt_tokens=16,
+                 budget_mb=budget_mb)
+
+
+def test_embedding_on_flash_swaps_the_table_for_a_row_cache_and_adds_row_reads():
+    res = flash_costs(Setting(2, "q4", "q4", "f32", "f32", 256))
+    emb = flash_costs(Setting(2, "q4", "q4", "f32", "f32", 256, "embedding"))
+    row = q8_row_bytes(64)
+    assert row == 68 and q8_row_bytes(576) == 612  # SmolLM2's Q8_0 row
+    cache_mb = EMBEDDING_CACHE_ROWS * row / 2**20
+    assert res.device_memory_mb - emb.device_memory_mb == pytest.approx(20.0 - cache_mb)  # table 20 MB
+    flash = FlashModel.from_profile(device())  # 40 MB/s, 4 KB random 4 MB/s: 0.9216 ms per read
+    assert flash.read_latency_ms == pytest.approx(4096 / 4e3 - 4096 / 40e3)
+    io_ms = EMBEDDING_MISS_RATE * flash.read_ms(row)
+    assert emb.ms_per_token - res.ms_per_token == pytest.approx(io_ms)
+    assert emb.ttft_ms - res.ttft_ms == pytest.approx(16 * io_ms)  # one row per prompt token at the miss rate
+    assert emb.flash.io_bytes_per_token == pytest.approx(EMBEDDING_MISS_RATE * row)
+
+
+def test_stream_keeps_what_fits_the_budget_resident_and_overlaps_reads():
+    s = Setting(3, "q4", "q4", "f32", "f32", 256, "stream")
+    other = 100.0 + 3 * 1024 * 256 / 2**20  # runtime + KV (no prompt workspace)
+    fixed = other + EMBEDDING_CACHE_ROWS * 68 / 2**20 + 2 * 1200 / 2**20  # row cache + 2 buffers of 1.2 x shard
+    c = flash_costs(s, budget_mb=fixed + 15.0)  # room for one 10 MB layer
+    assert c.flash.streamed_layers == 2
+    assert c.device_memory_mb == pytest.approx(fixed + 10.0)
+    compute = 0.5 + 0.1 + (1 + 2 * STREAMED_LAYER_COMPUTE_FACTOR) * 1.0  # decode factor 1, 1 ms per layer at 64
+    reads = FlashModel.from_profile(device()).read_ms(2 * 1200, 2)
+    assert c.flash.decode_ms == pytest.approx(max(compute, reads) + c.flash.io_ms_per_token - reads)
+    assert flash_costs(s, budget_mb=10_000.0) is None  # every layer fits: that is 'embedding', not offered
+    assert flash_costs(Setting(3, "f32", "q4", "f32", "f32", 256, "stream")) is None  # flash holds q4 layers
+
+
+def test_planner_takes_a_flash_option_where_the_resident_front_does_not_fit():
+    flash = dict(flash_options=FLASH_OPTIONS)
+    # resident at cut 1: 100 + 20 + 10 MB (+ KV) > 125; embedding on flash: ~110 MB fits
+    with pytest.raises(InfeasibleError, match=r"dev: memory: 130.\d MB needed at cut 1 .*, 125.0 MB usable"):
+        run(device(), cloud(), net(), memory_mb=125.0)
+    c = run(device(), cloud(), net(), memory_mb=125.0, **flash)
+    assert c.chosen.setting.flash == "embedding" and c.chosen.costs.device_memory_mb <= 125.0
+    assert "front flash embedding" in c.why and "all-resident front needs at least 130." in c.why
+    # below one resident layer: only streamed fronts fit
+    c = run(device(), cloud(), net(), memory_mb=105.0, **flash)
+    assert c.chosen.setting.flash == "stream" and c.chosen.costs.flash.streamed_layers >= 1
+    assert c.chosen.costs.device_memory_mb <= 105.0
+    # with room, latency keeps everything resident (flash reads only cost time)
+    assert run(device(), cloud(), net(), **flash).chosen.setting.flash == "resident"
+    with pytest.raises(InfeasibleError, match=r"dev: memory: 100.\d MB needed at cut 1 .*front flash stream\), "
+                                              r"99.0 MB usable"):
+        run(device(), cloud(), net(), memory_mb=99.0, **flash)
+
+
+def test_flash_option_stays_out_of_the_plan():
+    assert "flash" not in {f.name for f in dataclasses.fields(Plan)}
+    with pytest.raises(Exception, match="flash_options"):
+        Request(flash_options=("swap",))
