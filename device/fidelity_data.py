@@ -82,4 +82,11 @@ CODEC_ROWS = (
     CodecRow(25, "ts+tabq:bits=4,k=6", 0.8843, 0.9787, 29.079, 27.621, 319, 303.4),
     CodecRow(25, "ts+tabq:budget=0.1,tau=40,rotate=1", 0.9653, 0.9787, 27.707, 27.621, 413, 396.7),
     CodecRow(25, "ts+tabq:budget=0.05,tau=40,rotate=1", 0.9728, 0.9787, 27.657, 27.621, 483, 467.0),
+    # ecq (issue 3's calibrated range-coded codec), same command, default engine (level 4)
+    CodecRow(5, "ecq:step=0.15", 0.9626, 0.9758, 27.589, 27.628, 289, 275.7),
+    CodecRow(5, "ecq:step=0.2", 0.9494, 0.9758, 27.738, 27.628, 259, 246.2),
+    CodecRow(15, "ecq:step=0.15", 0.9694, 0.9790, 27.642, 27.617, 329, 316.5),
+    CodecRow(15, "ecq:step=0.2", 0.9611, 0.9790, 27.600, 27.617, 300, 286.9),
+    CodecRow(25, "ecq:step=0.15", 0.9699, 0.9787, 27.710, 27.621, 365, 352.3),
+    CodecRow(25, "ecq:step=0.2", 0.9648, 0.9787, 27.766, 27.621, 336, 322.5),
 )

@@ -15,7 +15,7 @@ from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.store import ModelStore
 
 DEFAULT_CODECS = ("f32", "f16", "int8", "ts+tabq:bits=4,k=6", "ts+tabq:budget=0.1,tau=40,rotate=1",
-                  "ts+tabq:budget=0.05,tau=40,rotate=1")
+                  "ts+tabq:budget=0.05,tau=40,rotate=1", "ecq:step=0.15", "ecq:step=0.2")
 
 
 @dataclass(frozen=True)
@@ -128,11 +128,14 @@ def ends_timings(store: ModelStore, threads: int, ps: ProfileSettings) -> dict:
 def codec_timings(store: ModelStore, threads: int, ps: ProfileSettings) -> dict:
     """ms to encode + decode one (1, d) row, per codec setting, on hidden states at the middle layer."""
     rows = min(64, ps.max_seq_len)
-    eng = _engine(store, 0, max(store.config.n_layers // 2, 1), "q4", threads, rows)
+    mid = max(store.config.n_layers // 2, 1)
+    eng = _engine(store, 0, mid, "q4", threads, rows)
     h = eng.prefill(prompt_ids(rows, store.config.vocab_size))  # (rows, d)
     out = {}
     for setting in ps.codecs:
         spec = codec_lib.parse_codec(setting)
+        table = codec_lib.table_for(spec, store.manifest.get("calibration"), mid)  # ecq's calibrated table
         it = iter(range(10**9))
-        out[str(spec)] = _ms(lambda: codec_lib.decode(codec_lib.encode(h[next(it) % rows:][:1], spec)), 64)
+        out[str(spec)] = _ms(lambda: codec_lib.decode(codec_lib.encode(h[next(it) % rows:][:1], spec, table),
+                                                      None, table), 64)
     return out

@@ -339,16 +339,27 @@ class _TimedTokenizer:
         return out
 
 
-def load_front(store: ModelStore, plan: Plan, *, threads: int = 2) -> SegmentEngine:
+def load_front(store: ModelStore, plan: Plan, *, threads: int = 2, flash_embedding: bool = False):
     """The device segment [0, plan.cut) with the plan's precisions and capacity.
 
     Its idle threads sleep (spin=False): between two steps the device waits for the cloud, and
     busy-waiting threads would only burn its cores (and, in `simulate`, the cloud's: measured
-    39 -> 13 ms per token on a loaded 2-core machine).
+    39 -> 13 ms per token on a loaded 2-core machine). `flash_embedding`: the embedding table
+    stays on flash and each token's row is read from the store's flash folder (built on first
+    use; device/flash_embedding.py): same outputs, the table's ~28 MB not resident.
     """
-    return SegmentEngine(store, 0, plan.cut, precision=plan.front_precision, head_precision=plan.head_precision,
-                         kv_precision=plan.kv_precision, max_seq_len=plan.max_seq_len, threads=threads,
-                         accuracy_level=plan.accuracy_level, head_accuracy_level=plan.accuracy_level, spin=False)
+    kw = dict(precision=plan.front_precision, head_precision=plan.head_precision, kv_precision=plan.kv_precision,
+              max_seq_len=plan.max_seq_len, threads=threads, accuracy_level=plan.accuracy_level,
+              head_accuracy_level=plan.accuracy_level, spin=False)
+    if flash_embedding:
+        from .flash_embedding import flash_front
+        from .flash_store import ensure_flash_store
+        from .flash_stream import flash_settings
+
+        flash = ensure_flash_store(store, flash_settings(precision=plan.front_precision, kv_precision=plan.kv_precision,
+                                                         accuracy_level=plan.accuracy_level))
+        return flash_front(store, flash, plan.cut, **kw)
+    return SegmentEngine(store, 0, plan.cut, **kw)
 
 
 def run_split(store: ModelStore, cloud_endpoint: str, plan: Plan, prompt_ids: str | Sequence[int],

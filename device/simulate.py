@@ -180,7 +180,7 @@ def simulate(model: str, cut: int | None, network: str = "loopback", codec: str 
              prompt: str = "What is the capital of France?", max_tokens: int = 64, chat: bool = True, *,
              runs: int = 1, plan: Plan | None = None, plan_source: str = "plan",
              params: SamplingParams | None = None, link_seed: int = 0, threads: int = 2,
-             ready_timeout_s: float = 120.0, timeout_s: float = 60.0,
+             ready_timeout_s: float = 120.0, timeout_s: float = 60.0, flash_embedding: bool = False,
              on_token: Callable[[SplitResponse], None] | None = None, **plan_kwargs) -> dict:
     """Run `runs` split generations against one worker process on loopback, the `network` link emulated.
 
@@ -189,7 +189,8 @@ def simulate(model: str, cut: int | None, network: str = "loopback", codec: str 
     a Plan to run as is (then `cut`, `codec`, `plan_kwargs` may be None or must agree with it);
     `plan_kwargs`: front/back/head/kv precision, max_seq_len, accuracy_level. `chat` wraps the
     prompt in the chat template. Run i uses link seed `link_seed + i`. `on_token` is called with
-    each response of the first run as it arrives (for streaming).
+    each response of the first run as it arrives (for streaming). `flash_embedding`: the device
+    reads embedding rows from flash instead of holding the table (load_front).
     Returns medians over the runs (`aggregate`): `per_token_ms`, `ttft_ms`, `tok_s`,
     `bytes_per_token`, `breakdown_ms`, `framework_ms`, `overhead_ratio` (and `overhead_ratios`, one
     per run), plus `cut`, `network`, `codec`, and the first run's `tokens`, `text`, `link`.
@@ -199,7 +200,8 @@ def simulate(model: str, cut: int | None, network: str = "loopback", codec: str 
     profile = load_network_profile(network)
     store, plan, tok, ids = prepare_split(model, cut, codec, prompt, chat, plan=plan, plan_source=plan_source,
                                           **plan_kwargs)
-    front = load_front(store, plan, threads=threads)  # loaded and run once before the clock starts
+    # loaded and run once before the clock starts
+    front = load_front(store, plan, threads=threads, flash_embedding=flash_embedding)
     front.prefill(np.zeros(min(8, plan.max_seq_len), np.int64))
     summaries, first, links = [], [], []
     with worker_process(str(store.path), store.config.d_model, warm_plan=plan,
@@ -210,7 +212,7 @@ def simulate(model: str, cut: int | None, network: str = "loopback", codec: str 
                                                 front, timeout_s, on_token if i == 0 else None)
             summaries.append(summary)
             first = first or responses
-    out = {"cut": plan.cut, "network": profile.name, "codec": plan.codec}
+    out = {"cut": plan.cut, "network": profile.name, "codec": plan.codec, "flash_embedding": flash_embedding}
     out.update(aggregate(summaries))
     out.update({
         "tokens": [r.token for r in first],

@@ -42,6 +42,8 @@ def _add_split_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=2, help="device onnxruntime threads (default 2)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--flash-embedding", action="store_true",
+                   help="read embedding rows from flash instead of holding the table (same output, ~28 MB less)")
     p.add_argument("prompt", metavar="PROMPT")
 
 
@@ -147,15 +149,16 @@ def _stream(resp) -> None:
 
 
 def cmd_device_run(args: argparse.Namespace) -> int:
-    from edgesplit.device.remote import prepare_split, run_split
+    from edgesplit.device.remote import load_front, prepare_split, run_split
     from edgesplit.profiles.network import load_network_profile
     from edgesplit.transport.link import EmulatedLink
 
     store, plan, tok, ids = prepare_split(args.model, args.cut, args.codec, args.prompt, args.chat, **_plan_args(args))
     link = EmulatedLink(load_network_profile(args.network)) if args.network != "loopback" else None
     last = None
+    front = load_front(store, plan, threads=args.threads, flash_embedding=args.flash_embedding)
     for last in run_split(store, args.cloud, plan, ids, _params(args), args.max_tokens, link,
-                          tokenizer=tok, threads=args.threads, timeout_s=args.timeout_s):
+                          tokenizer=tok, front=front, timeout_s=args.timeout_s):
         _stream(last)
     sys.stdout.write("\n")
     if last is not None:
@@ -170,7 +173,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     result = simulate(args.model, args.cut, args.network, args.codec, args.prompt, args.max_tokens, args.chat,
                       runs=args.runs, params=_params(args), threads=args.threads,
-                      on_token=None if args.json else _stream, **_plan_args(args))
+                      flash_embedding=args.flash_embedding, on_token=None if args.json else _stream, **_plan_args(args))
     if args.json:
         print(json.dumps(result))
         return 0

@@ -4,7 +4,6 @@ inside unit tests only), which must reproduce local unsplit generation token for
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import threading
@@ -288,12 +287,15 @@ def test_simulate_worker_that_dies_is_a_clear_error(tiny_store, monkeypatch):
         sim.simulate(str(tiny_store.path), CUT, "loopback", "f32", PROMPT, 4, chat=False, ready_timeout_s=20)
 
 
-def test_simulate_end_to_end(tiny_gguf, tiny_store, tok):
-    if importlib.util.find_spec("edgesplit.cloud.worker") is None:
-        pytest.skip("cloud/worker.py is not there yet")
+@pytest.mark.parametrize("flash_embedding", [False, True])
+def test_simulate_end_to_end(tiny_gguf, tiny_store, tok, flash_embedding):
+    """A real worker process; the split's tokens equal the local engine's, with the embedding
+    table resident or its rows read from flash."""
     from edgesplit.device.simulate import simulate
 
-    out = simulate(str(tiny_gguf), CUT, "loopback", "f32", PROMPT, 8, chat=False, accuracy_level=0)
+    out = simulate(str(tiny_gguf), CUT, "loopback", "f32", PROMPT, 8, chat=False, accuracy_level=0,
+                   flash_embedding=flash_embedding)
+    assert out["flash_embedding"] is flash_embedding
     for key in ("per_token_ms", "ttft_ms", "tok_s", "bytes_per_token", "breakdown_ms", "overhead_ratio",
                 "cut", "network", "codec", "tokens", "text"):
         assert key in out, key
