@@ -3,7 +3,8 @@
 A schema is a dict of key -> field type. Field types:
 
     Str()                  non-empty string (optionally one of `choices`)
-    Num(low, low_excluded) finite int or float, converted to float
+    Num(low, low_excluded, high_excluded)
+                           finite int or float, converted to float
     Int(low)               int (not bool)
     NumList(low)           non-empty list of finite numbers, returned as a tuple of floats
     IntList(low)           non-empty list of ints, strictly increasing, returned as a tuple
@@ -11,7 +12,7 @@ A schema is a dict of key -> field type. Field types:
     MapOf(field, keys)     a table whose keys are free (or from `keys`), every value of type `field`
     OptionalField(field)   may be absent (then None)
 
-Used by the device and cloud profile loaders; built-ins are found with importlib.resources.
+Used by the device, cloud and network profile loaders; built-ins are found with importlib.resources.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Str:
 class Num:
     low: float = 0.0
     low_excluded: bool = False
+    high_excluded: float | None = None  # values must stay below this, when set
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ def _num(v, key: str, origin: str, f) -> float:
         raise ConfigError(f"{origin}: field {key!r} = {v!r} must be finite")
     if v < f.low or (f.low_excluded and v == f.low):
         raise ConfigError(f"{origin}: field {key!r} = {v!r} must be {'>' if f.low_excluded else '>='} {f.low:g}")
+    if f.high_excluded is not None and v >= f.high_excluded:
+        raise ConfigError(f"{origin}: field {key!r} = {v!r} must be < {f.high_excluded:g}")
     return float(v)
 
 
@@ -134,7 +138,8 @@ def check_table(data: dict, schema: dict, origin: str) -> dict:
         optional = isinstance(f, OptionalField)
         if key not in data:
             if not optional:
-                raise ConfigError(f"{origin}: missing field {key!r}")
+                required = ", ".join(k for k, g in schema.items() if not isinstance(g, OptionalField))
+                raise ConfigError(f"{origin}: missing field {key!r} (required: {required})")
             out[key] = None
             continue
         out[key] = check_value(data[key], f.field if optional else f, key, origin)
@@ -151,7 +156,7 @@ def read_profile_toml(name_or_path: Union[str, Path], folder: str, kind: str) ->
     """Parse a built-in profile by name or any TOML file by path; returns (data, origin).
 
     A value is a path when it is a Path, ends with `.toml` or contains a separator; otherwise it must
-    name a built-in in `edgesplit.profiles.<folder>`. `kind` ('device', 'cloud') goes into errors.
+    name a built-in in `edgesplit.profiles.<folder>`. `kind` ('device', 'cloud', 'network') goes into errors.
     """
     text = str(name_or_path)
     if isinstance(name_or_path, Path) or text.endswith(".toml") or "/" in text or "\\" in text:
