@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -49,6 +49,25 @@ def worker_command(model: str, bind: str, *extra: str) -> list[str]:
     """The command line that starts a cloud worker serving `model` on `bind` (its own process);
     `extra`: further `cloud serve` flags."""
     return [sys.executable, "-m", "edgesplit", "cloud", "serve", "--model", model, "--bind", bind, *extra]
+
+
+def start_worker(store_path: str, endpoint: str, extra: Sequence[str], err_path: Path) -> subprocess.Popen:
+    """Start `cloud serve` for `store_path` on `endpoint` (its own process, stderr into `err_path`)."""
+    cmd = worker_command(store_path, endpoint, *extra)
+    log.info("starting cloud worker: %s", " ".join(cmd))
+    with err_path.open("wb") as errf:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    """Stop a worker process: SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        log.warning("cloud worker %d did not stop on SIGTERM; killing it", proc.pid)
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def wait_ready(endpoint: str, d_model: int, proc: subprocess.Popen | None = None, *,
@@ -93,22 +112,13 @@ def worker_process(store_path: str, d_model: int, *extra: str, warm_plan: Plan |
             (tmp / "plan.json").write_text(warm_plan.to_json())
             extra = (*extra, "--warm-plan", str(tmp / "plan.json"))
         err_path = tmp / "worker.log"
-        cmd = worker_command(store_path, endpoint, *extra)
-        log.info("starting cloud worker: %s", " ".join(cmd))
-        with err_path.open("wb") as errf:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
+        proc = start_worker(store_path, endpoint, extra, err_path)
         try:
             ready_s = wait_ready(endpoint, d_model, proc, deadline_s=ready_timeout_s, stderr_path=err_path)
             log.info("cloud worker ready after %.2f s", ready_s)
             yield endpoint
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                log.warning("cloud worker %d did not stop on SIGTERM; killing it", proc.pid)
-                proc.kill()
-                proc.wait(timeout=10)
+            stop_worker(proc)
 
 
 def _median(values) -> float:

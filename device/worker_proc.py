@@ -8,13 +8,14 @@ resident memory passes a limit.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import tempfile
 from pathlib import Path
 
 import psutil
 
-from edgesplit.device.simulate import free_port, wait_ready, worker_command
+from edgesplit.device.simulate import free_port, start_worker, stop_worker, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,10 @@ class WorkerProcess:
     def start(self) -> "WorkerProcess":
         """Start the worker and wait until it answers."""
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        with tempfile.NamedTemporaryFile("w+b", prefix="edgesplit-worker-", suffix=".log", delete=False) as errf:
-            self._err_path = Path(errf.name)
-            cmd = worker_command(self.store_path, self.endpoint, "--threads", str(self.threads))
-            self.proc = subprocess.Popen(cmd,
-                                         stdout=subprocess.DEVNULL, stderr=errf)
+        fd, name = tempfile.mkstemp(prefix="edgesplit-worker-", suffix=".log")
+        os.close(fd)
+        self._err_path = Path(name)
+        self.proc = start_worker(self.store_path, self.endpoint, ("--threads", str(self.threads)), self._err_path)
         wait_ready(self.endpoint, self.d_model, self.proc, stderr_path=self._err_path)
         return self
 
@@ -55,13 +55,7 @@ class WorkerProcess:
         """Terminate the worker (kill after 10 s) and remove its log."""
         if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            log.warning("cloud worker %d did not stop on SIGTERM; killing it", self.proc.pid)
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        stop_worker(self.proc)
         self.proc = None
         if self._err_path is not None:
             self._err_path.unlink(missing_ok=True)
