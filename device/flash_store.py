@@ -20,7 +20,6 @@ read raises FlashReadError naming the file and offset.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesplit.runtime.errors import ChecksumError, ConfigError, ModelFormatError, StoreVersionError
-from edgesplit.runtime.store import ModelStore, TensorEntry
+from edgesplit.runtime.store import ModelStore, TensorEntry, replace_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -163,17 +162,9 @@ def _check_file(path: Path, entry: dict, verify: bool) -> None:
     if size != entry["nbytes"]:
         raise ChecksumError(f"{path}: {size} bytes, manifest says {entry['nbytes']}")
     if verify:
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise ChecksumError(f"{path}: sha256 {digest[:16]}... does not match manifest {entry['sha256'][:16]}...")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pad(f, align: int) -> int:
@@ -226,12 +217,10 @@ def build_flash_store(store: ModelStore, out: str | os.PathLike, settings: dict,
             "embedding": {"rows": cfg.vocab_size, "row_bytes": int(rows.shape[1])},
             "layers": [r.to_dict() for r in layers],
             "neurons": {"up_down_bytes": int(sizes[0]), "gate_bytes": int(sizes[1]), "layer_offsets": offsets},
-            "files": [{"name": n, "nbytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES],
+            "files": [{"name": n, "nbytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in FILES],
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

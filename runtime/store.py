@@ -142,7 +142,7 @@ def convert(
         calibration_ids = tok.encode(CALIBRATION_TEXT, add_special_tokens=False).ids
         manifest["calibration"] = calibrate(model, calibration_ids)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -168,8 +168,17 @@ def _manifest(model: GGUFModel, shards, precisions, head_precisions) -> dict:
     }
 
 
-def _replace_dir(new: Path, out: Path) -> None:
-    """Swap `new` into place at `out` so a reader never sees a half-written store."""
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Swap the directory `new` into place at `out` so a reader never sees a half-written store."""
     if not out.exists():
         os.replace(new, out)
         return
