@@ -16,6 +16,7 @@ import numpy as np
 from numpy.random import Generator
 
 from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.generate import finish_reason
 from edgesplit.runtime.kv_cache import KV_NUMPY, KVCache
 from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.sampling import SamplingParams, make_rng, sample
@@ -64,6 +65,7 @@ class Session:
     generated: int = 0  # tokens sampled so far in this session
     finish_reason: str | None = None  # set once a token frame finished the session
     last_active_s: float = field(default_factory=time.monotonic)  # time.monotonic() of the last accepted frame
+    codec_setting: str = ""  # str(plan.codec): what a tensor's codec field usually says, compared without parsing
 
     @classmethod
     def from_open(cls, frame: OpenFrame, identity: bytes, engine: SegmentEngine, kv_mb: float = 0.0) -> "Session":
@@ -71,7 +73,7 @@ class Session:
         params = frame.sampling_params()
         return cls(frame.session, identity, frame.plan, params, int(frame.sampling["max_tokens"]),
                    frozenset(int(i) for i in frame.sampling["stop_ids"]), engine, engine.new_cache(),
-                   make_rng(params.seed), SequenceCheck(frame.session), kv_mb)
+                   make_rng(params.seed), SequenceCheck(frame.session), kv_mb, codec_setting=str(frame.plan.codec))
 
     @property
     def needs_prompt_ids(self) -> bool:
@@ -142,9 +144,7 @@ class Session:
         self.history.append(token)
         self.generated += 1
         compute_ms = (time.perf_counter() - t0) * 1000.0
-        if token in self.stop_ids:
-            self.finish_reason = "stop"
-        elif self.generated >= self.max_tokens or self.pos >= self.plan.max_seq_len:
-            # At pos == max_seq_len the token just sampled could not be fed back: no KV room left.
-            self.finish_reason = "length"
+        # At pos == max_seq_len the token just sampled could not be fed back: no KV room left.
+        self.finish_reason = finish_reason(token, self.generated, self.max_tokens, self.stop_ids,
+                                           room_left=self.pos < self.plan.max_seq_len)
         return StepResult(token, self.finish_reason, compute_ms)

@@ -25,7 +25,7 @@ from edgesplit.runtime import codec
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import EdgesplitError
 from edgesplit.runtime.models import resolve_store
-from edgesplit.runtime.plan import ModelIdentity, Plan
+from edgesplit.runtime.plan import ModelIdentity, Plan, SegmentSettings, back_settings
 from edgesplit.runtime.store import ModelStore
 from edgesplit.transport.protocol import (
     BAD_FRAME, INTERNAL, LIMIT, PLAN_MISMATCH, SEQUENCE, TENSOR, TOO_LONG, UNKNOWN_SESSION,
@@ -41,13 +41,13 @@ log = logging.getLogger(__name__)
 ENDS_SESSION = frozenset((TOO_LONG, PLAN_MISMATCH, LIMIT, INTERNAL))
 POLL_MS = 50  # longest wait for a frame before the idle sweep and the stop event are checked again
 
-EngineKey = tuple  # (cut, back_precision, head_precision, kv_precision, max_seq_len, accuracy_level)
 
 
 class CloudWorker:
     """Serves sessions of `store` on a ROUTER socket bound to `bind`.
 
-    bind: a ZeroMQ endpoint; a port of 0 (`tcp://127.0.0.1:0`) binds a random free port. The bound
+    bind: a ZeroMQ endpoint (None: no socket, frames come through `handle_frame`); a port of 0
+    (`tcp://127.0.0.1:0`) binds a random free port. The bound
     address is `.endpoint`. max_sessions: sessions held at once (more are refused with `limit`).
     idle_timeout_s: a session with no accepted frame for this many seconds is freed. threads:
     onnxruntime intra-op threads per engine. engine_kwargs: further SegmentEngine settings
@@ -57,7 +57,7 @@ class CloudWorker:
     plans whose back-segment engines are built (and run once) now rather than at their first session.
     """
 
-    def __init__(self, store: ModelStore, *, bind: str, max_sessions: int = 16, idle_timeout_s: float = 60.0,
+    def __init__(self, store: ModelStore, *, bind: str | None, max_sessions: int = 16, idle_timeout_s: float = 60.0,
                  threads: int = 2, max_kv_mb: float | None = None, warm_plans: Iterable[Plan] = (), **engine_kwargs):
         if max_sessions < 1:
             raise EdgesplitError(f"max_sessions must be >= 1, got {max_sessions}")
@@ -71,11 +71,14 @@ class CloudWorker:
         self.max_kv_mb = None if max_kv_mb is None else float(max_kv_mb)
         self.engine_kwargs = engine_kwargs
         self.sessions: dict[str, Session] = {}
-        self.engines: dict[EngineKey, SegmentEngine] = {}
+        self.engines: dict[SegmentSettings, SegmentEngine] = {}  # shared back segments
         self.frames_handled = 0
         self._t_frame = 0.0  # perf_counter s when the frame being handled was received
         for plan in warm_plans:
             self.warm(plan)
+        if bind is None:  # no socket: frames come through handle_frame (transport.channel.MemoryChannel)
+            self._ctx, self._sock, self.endpoint = None, None, "memory://"
+            return
         self._ctx = zmq.Context()  # own context: close() can terminate it without touching others
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)  # close() must not wait for unsent replies
@@ -87,14 +90,22 @@ class CloudWorker:
 
     def _bind(self, bind: str) -> str:
         base, _, port = bind.rpartition(":")
-        if bind.startswith("tcp://") and port in ("0", "*"):
-            return f"{base}:{self._sock.bind_to_random_port(base)}"
-        self._sock.bind(bind)
+        try:
+            if bind.startswith("tcp://") and port in ("0", "*"):
+                return f"{base}:{self._sock.bind_to_random_port(base)}"
+            self._sock.bind(bind)
+        except zmq.ZMQError as exc:
+            self._sock.close(linger=0)
+            self._ctx.term()
+            raise EdgesplitError(f"--bind {bind!r}: cannot bind the worker's socket there ({exc}); give a ZeroMQ "
+                                 "endpoint such as tcp://127.0.0.1:5555") from None
         return self._sock.getsockopt_string(zmq.LAST_ENDPOINT) or bind
 
     # ------------------------------------------------------------------ loop
     def serve_forever(self, stop_event: threading.Event | None = None) -> None:
         """Handle frames one at a time until `stop_event` is set (checked every POLL_MS at least)."""
+        if self._sock is None:
+            raise EdgesplitError("this worker was made without a socket (bind=None): use handle_frame")
         stop_event = stop_event or threading.Event()
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
@@ -109,8 +120,9 @@ class CloudWorker:
     def close(self) -> None:
         """Free every session and close the socket (the engines go with the worker)."""
         self.sessions.clear()
-        self._sock.close(linger=0)
-        self._ctx.term()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._ctx.term()
 
     def __enter__(self) -> "CloudWorker":
         return self
@@ -159,6 +171,14 @@ class CloudWorker:
             reply = self._reply_for(identity, parts[1])
         if reply is not None:
             self._send(identity, reply)
+
+    def handle_frame(self, identity: bytes, data: bytes) -> bytes | None:
+        """Answer one encoded frame from `identity` without the socket: the encoded reply, or None
+        (open, close). What `handle_message` does; for transport.channel.MemoryChannel."""
+        self._t_frame = time.perf_counter()
+        self.frames_handled += 1
+        reply = self._reply_for(identity, data)
+        return None if reply is None else encode_frame(reply)
 
     def _reply_for(self, identity: bytes, data: bytes) -> Frame | None:
         """The reply to one frame: a token frame, None (open/close), or the error frame refusing it."""
@@ -249,29 +269,21 @@ class CloudWorker:
         Raises CodecError when the setting is invalid or this store has no calibration for the cut."""
         key = (plan.codec, plan.cut)
         if key not in self._codec_tables:
-            spec = codec.parse_codec(plan.codec)
-            self._codec_tables[key] = codec.table_for(spec, self.store.manifest.get("calibration"), plan.cut)
+            self._codec_tables[key] = codec.table_for(plan.codec, self.store.manifest.get("calibration"), plan.cut)
         return self._codec_tables[key]
 
     def _engine_for(self, plan: Plan) -> SegmentEngine:
         """The shared back-segment engine for the plan's configuration (built on first use)."""
-        key = (plan.cut, plan.back_precision, plan.head_precision, plan.kv_precision, plan.max_seq_len,
-               plan.accuracy_level)
+        key = back_settings(plan)
         engine = self.engines.get(key)
         if engine is None:
             t0 = time.perf_counter()
-            # The plan's accuracy level holds on both sides and for the head too (device/remote.py
-            # load_front does the same), so a lossless codec reproduces unsplit output exactly.
             # spin=False: between frames the worker waits on the network; busy-waiting onnxruntime
             # threads would take the cores from other sessions and processes (README, "Split inference").
-            engine = SegmentEngine(self.store, plan.cut, plan.n_layers, precision=plan.back_precision,
-                                   head_precision=plan.head_precision, kv_precision=plan.kv_precision,
-                                   max_seq_len=plan.max_seq_len, threads=self.threads,
-                                   accuracy_level=plan.accuracy_level, head_accuracy_level=plan.accuracy_level,
+            engine = SegmentEngine(self.store, key.start, key.end, **key.engine_kwargs(), threads=self.threads,
                                    spin=False, **self.engine_kwargs)
             self.engines[key] = engine
-            log.info("back segment [%d, %d) %s built in %.0f ms", plan.cut, plan.n_layers, key,
-                     (time.perf_counter() - t0) * 1000.0)
+            log.info("back segment %s built in %.0f ms", key, (time.perf_counter() - t0) * 1000.0)
         return engine
 
     def _step(self, session: Session, frame: PrefillFrame) -> TokenFrame:
@@ -283,9 +295,9 @@ class CloudWorker:
         except codec.CodecError as exc:
             raise ProtocolError(TENSOR, f"{frame.kind} tensor.data: {exc}", frame.session, frame.seq) from None
         decode_ms = (time.perf_counter() - t0) * 1000.0
-        # The same setting string (the usual case) needs no parsing on every token.
-        if (frame.tensor.codec != session.plan.codec
-                and codec.parse_codec(frame.tensor.codec).name != codec.parse_codec(session.plan.codec).name):
+        # The plan's own setting string (the usual case) needs no parsing on every token.
+        if (frame.tensor.codec != session.codec_setting
+                and codec.parse_codec(frame.tensor.codec).name != session.plan.codec.name):
             raise ProtocolError(TENSOR, f"{frame.kind} tensor.codec {frame.tensor.codec!r} is not the plan's "
                                 f"codec {session.plan.codec!r}", frame.session, frame.seq)
         session.check_room(frame, hidden.shape[0])

@@ -2,8 +2,8 @@
 
 `RemoteSegment` has the call interface of a local segment (`prefill`, `decode`, `reset`), so the
 one generation loop (runtime/generate.py) runs a local front SegmentEngine followed by it. Because
-the cloud runs the head and the sampler, it returns a token id rather than logits
-(`returns_token = True`). Each session is: `open` (plan, sampling, max_tokens, stop ids) and
+the cloud runs the head and the sampler, it returns a token id rather than logits: it is the
+declared `SamplingSegment` variant, passed to the loop as `remote`. Each session is: `open` (plan, sampling, max_tokens, stop ids) and
 `prefill` on the first call, one `decode` per token, and `close` once the cloud reports a
 finish_reason (or on `reset`/`close`).
 
@@ -21,13 +21,12 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from edgesplit.device.split_plan import check_plan_agrees, check_plan_store
 from edgesplit.runtime import codec
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
-from edgesplit.runtime.generate import GenerationResponse, load_tokenizer, stream_generate
-from edgesplit.runtime.models import resolve_store
-from edgesplit.runtime.plan import ModelIdentity, Plan
+from edgesplit.device.timings import SplitResponse, SplitTimings
+from edgesplit.runtime.generate import GenerationResponse, finish_reason, load_tokenizer, stream_generate
+from edgesplit.runtime.plan import Plan, front_settings
 from edgesplit.runtime.sampling import SamplingParams
 from edgesplit.runtime.store import ModelStore
 from edgesplit.runtime.tokenizer import Tokenizer
@@ -39,110 +38,6 @@ from edgesplit.transport.protocol import (
 
 log = logging.getLogger(__name__)
 
-BREAKDOWN_KEYS = ("device_compute", "encode", "uplink", "cloud_compute", "downlink", "decode")
-
-
-@dataclass
-class SplitTimings:
-    """Where one token's time went, in ms, plus the frame bytes it cost. The parts never overlap.
-
-    The breakdown (the work a split run cannot avoid, each measured where it happens):
-    device_compute: the front segment (device process). encode: the activation codec plus building
-    the frame (device). uplink / downlink: the emulated link delay the frame waited (link emulator
-    in the device process; 0 on loopback). cloud_compute: back segment + head + sampling (cloud
-    process, from the token frame's timing). decode: the activation codec's decode (cloud) plus
-    detokenizing (device), kept apart in decode_activation_ms and detokenize_ms.
-    The framework's own cost, outside the breakdown: framing_ms (device: msgpack encoding, decoding
-    and validating the reply), wait_ms (device: start of the ZeroMQ send call to the reply's arrival) and
-    cloud_frame_ms (cloud: frame receipt to reply built, so it contains cloud_compute and
-    decode_activation).
-    """
-
-    device_compute_ms: float = 0.0
-    encode_ms: float = 0.0
-    uplink_ms: float = 0.0
-    cloud_compute_ms: float = 0.0
-    downlink_ms: float = 0.0
-    decode_activation_ms: float = 0.0
-    detokenize_ms: float = 0.0
-    framing_ms: float = 0.0
-    wait_ms: float = 0.0
-    cloud_frame_ms: float = 0.0
-    uplink_bytes: int = 0  # encoded frames sent for this token (open + prefill for the first)
-    downlink_bytes: int = 0
-    activation_bytes: int = 0  # codec blob only (codec.encoded_nbytes)
-
-    @property
-    def decode_ms(self) -> float:
-        """The breakdown's `decode`: activation decode (cloud) + detokenizing (device), ms."""
-        return self.decode_activation_ms + self.detokenize_ms
-
-    def breakdown(self) -> dict[str, float]:
-        """The six breakdown figures keyed as in `simulate`'s `breakdown_ms`."""
-        return {k: getattr(self, f"{k}_ms") for k in BREAKDOWN_KEYS}
-
-    def overhead(self) -> dict[str, float]:
-        """The framework's cost by place, ms: device framing, real transport (the wait not spent
-        in the cloud's frame handling: ZeroMQ both ways plus scheduling) and the cloud's framing
-        (its frame handling beyond decoding and compute)."""
-        cloud_work = self.cloud_compute_ms + self.decode_activation_ms
-        return {"device_framing": self.framing_ms,
-                "transport": max(self.wait_ms - self.cloud_frame_ms, 0.0),
-                "cloud_framing": max(self.cloud_frame_ms - cloud_work, 0.0)}
-
-
-@dataclass(frozen=True)
-class SplitResponse(GenerationResponse):
-    """A GenerationResponse with the split timings of its token."""
-
-    timings: SplitTimings | None = None
-
-
-PLAN_DEFAULTS = dict(front_precision="q4", back_precision="q4", head_precision="q8", kv_precision="f32",
-                     max_seq_len=2048, accuracy_level=4)
-
-
-def make_plan(store: ModelStore, cut: int, codec_setting: str = "f32", **plan_kwargs) -> Plan:
-    """A Plan for `store` cut at `cut`, with the model identity (fingerprint) of the precisions used.
-
-    `plan_kwargs` override PLAN_DEFAULTS (precisions, kv_precision, max_seq_len, accuracy_level).
-    """
-    codec.parse_codec(codec_setting)  # refuse a bad codec setting here, not at the first frame
-    kw = {**PLAN_DEFAULTS, **plan_kwargs}
-    precisions = {kw["front_precision"], kw["back_precision"], kw["head_precision"]}
-    return Plan(ModelIdentity.of_store(store, precisions), store.config.n_layers, cut, kw["front_precision"],
-                kw["back_precision"], kw["head_precision"], kw["kv_precision"], codec_setting,
-                min(kw["max_seq_len"], store.config.context_length), kw["accuracy_level"])
-
-
-def prepare_split(model: str, cut: int | None, codec_setting: str | None, prompt: str, chat: bool, *,
-                  plan: Plan | None = None, plan_source: str = "plan",
-                  **plan_kwargs) -> tuple[ModelStore, Plan, Tokenizer, list[int]]:
-    """What a split run needs before it starts: the store (converted with the precisions the plan
-    uses), the plan, the tokenizer and the prompt's ids (chat template applied when `chat`).
-
-    Without `plan`, one is made from `cut`, `codec_setting` and `plan_kwargs` (over PLAN_DEFAULTS).
-    With `plan` (e.g. the planner's, or `split_plan.load_plan_file`), it is used as is: `cut`,
-    `codec_setting` and `plan_kwargs` may be None or must equal the plan's, and the plan's model
-    fingerprint must be the store's (ConfigError naming both values otherwise).
-    """
-    if plan is not None:
-        check_plan_agrees(plan, {"cut": cut, "codec": codec_setting, **plan_kwargs}, plan_source)
-        precisions = plan.precisions
-    else:
-        if cut is None:
-            raise ConfigError("a split run needs a cut (or a plan)")
-        kw = {**PLAN_DEFAULTS, **{k: v for k, v in plan_kwargs.items() if v is not None}}
-        precisions = (kw["front_precision"], kw["back_precision"], kw["head_precision"])
-    store = ModelStore(resolve_store(model, precisions=tuple(sorted({*precisions, "f32"}))))
-    if plan is not None:
-        check_plan_store(plan, store, plan_source)
-    else:
-        plan = make_plan(store, cut, codec_setting or "f32", **kw)
-    tok = load_tokenizer(store)
-    return store, plan, tok, tok.encode(tok.chat_prompt(prompt) if chat else prompt)
-
-
 class RemoteSegment:
     """The cloud back segment [plan.cut, plan.n_layers) behind a Channel; returns sampled token ids.
 
@@ -151,8 +46,6 @@ class RemoteSegment:
     `prompt_ids`: the prompt's token ids, sent with `prefill` when the cloud's sampler needs them
     (a repetition penalty != 1), so the cloud penalizes exactly the tokens the local loop does.
     """
-
-    returns_token = True  # generate_step: the output is a token id, not logits
 
     def __init__(self, channel: Channel, plan: Plan, params: SamplingParams | None = None, *,
                  max_tokens: int = 128, stop_ids: Iterable[int] = (), identity: dict | None = None,
@@ -164,7 +57,6 @@ class RemoteSegment:
         self.max_tokens = int(max_tokens)
         self.stop_ids = tuple(sorted(int(i) for i in stop_ids))
         self.identity = identity
-        self._spec = codec.parse_codec(plan.codec)
         self.max_seq_len = plan.max_seq_len  # segment_max_seq_len reads this
         self.session: str | None = None
         self.seq = 0  # seq of the last frame sent in this session (open = 0)
@@ -233,9 +125,9 @@ class RemoteSegment:
         """Encode `x`, send it as `frame_cls` (with `extra` fields) with the next seq, wait for its token."""
         t0 = time.perf_counter()
         hidden = np.ascontiguousarray(x, dtype=np.float32)
-        blob = codec.encode(hidden, self._spec, self.codec_table)
+        blob = codec.encode(hidden, self.plan.codec, self.codec_table)
         self.seq += 1
-        frame = frame_cls(self.session, self.seq, Activation(self.plan.codec, hidden.shape, blob), *extra)
+        frame = frame_cls(self.session, self.seq, Activation(str(self.plan.codec), hidden.shape, blob), *extra)
         t = self.timings
         t.encode_ms += (time.perf_counter() - t0) * 1000.0
         t.activation_bytes += len(blob)
@@ -273,7 +165,7 @@ class RemoteSegment:
 
     def _check_finish(self, reply: TokenFrame) -> None:
         """The cloud's finish_reason must match the loop's rule (stop id, else max_tokens)."""
-        want = "stop" if reply.token in self.stop_ids else "length" if self.generated >= self.max_tokens else None
+        want = finish_reason(reply.token, self.generated, self.max_tokens, self.stop_ids)
         if reply.finish_reason != want:
             raise TransportError(f"the cloud's finish_reason {reply.finish_reason!r} for token {reply.token} "
                                  f"(#{self.generated}) disagrees with the device's {want!r}")
@@ -284,7 +176,7 @@ class _TimedSegment:
 
     def __init__(self, seg):
         self.seg, self.ms = seg, 0.0
-        self.max_seq_len = seg.spec.max_seq_len
+        self.max_seq_len = seg.max_seq_len
 
     def _timed(self, step: str, x):
         t0 = time.perf_counter()
@@ -339,27 +231,31 @@ class _TimedTokenizer:
         return out
 
 
-def load_front(store: ModelStore, plan: Plan, *, threads: int = 2, flash_embedding: bool = False):
-    """The device segment [0, plan.cut) with the plan's precisions and capacity.
+def load_front(store: ModelStore, plan: Plan, *, threads: int = 2):
+    """The device segment [0, plan.cut) as the plan says: precisions, capacity and `plan.front_flash`.
 
     Its idle threads sleep (spin=False): between two steps the device waits for the cloud, and
     busy-waiting threads would only burn its cores (and, in `simulate`, the cloud's: measured
-    39 -> 13 ms per token on a loaded 2-core machine). `flash_embedding`: the embedding table
-    stays on flash and each token's row is read from the store's flash folder (built on first
-    use; device/flash_embedding.py): same outputs, the table's ~28 MB not resident.
+    39 -> 13 ms per token on a loaded 2-core machine). `front_flash` 'embedding': each token's
+    embedding row is read from the store's flash folder (built on first use; device/flash/): same
+    outputs, the table's ~28 MB not resident. 'stream': the layers are streamed from flash too.
     """
-    kw = dict(precision=plan.front_precision, head_precision=plan.head_precision, kv_precision=plan.kv_precision,
-              max_seq_len=plan.max_seq_len, threads=threads, accuracy_level=plan.accuracy_level,
-              head_accuracy_level=plan.accuracy_level, spin=False)
-    if flash_embedding:
-        from .flash_embedding import flash_front
-        from .flash_store import ensure_flash_store
-        from .flash_stream import flash_settings
+    kw = dict(front_settings(plan).engine_kwargs(), threads=threads, spin=False)
+    if plan.front_flash == "resident":
+        return SegmentEngine(store, 0, plan.cut, **kw)
+    from .flash.embedding import FlashEmbedding, FlashFront, flash_front
+    from .flash.layout import flash_settings
+    from .flash.store import ensure_flash_store
 
-        flash = ensure_flash_store(store, flash_settings(precision=plan.front_precision, kv_precision=plan.kv_precision,
-                                                         accuracy_level=plan.accuracy_level))
+    flash = ensure_flash_store(store, flash_settings(precision=plan.front_precision, kv_precision=plan.kv_precision,
+                                                     accuracy_level=plan.accuracy_level))
+    if plan.front_flash == "embedding":
         return flash_front(store, flash, plan.cut, **kw)
-    return SegmentEngine(store, 0, plan.cut, **kw)
+    from .flash.stream import StreamedFront
+
+    # every front layer streamed: the plan chose streaming for the least resident memory
+    return FlashFront(FlashEmbedding(flash), StreamedFront(store, flash, set(), settings=flash.settings, end=plan.cut,
+                                                           max_seq_len=plan.max_seq_len, threads=threads))
 
 
 def run_split(store: ModelStore, cloud_endpoint: str, plan: Plan, prompt_ids: str | Sequence[int],
@@ -384,10 +280,10 @@ def run_split(store: ModelStore, cloud_endpoint: str, plan: Plan, prompt_ids: st
     with Channel(cloud_endpoint, link=link, timeout_s=timeout_s) as channel:
         remote = RemoteSegment(channel, plan, params, max_tokens=max_tokens, stop_ids=stops, identity=identity,
                                prompt_ids=ids, codec_table=codec.table_for(
-                                   codec.parse_codec(plan.codec), store.manifest.get("calibration"), plan.cut))
+                                   plan.codec, store.manifest.get("calibration"), plan.cut))
         try:
-            for resp in stream_generate([timed_front, remote], timed_tok, ids, params,
-                                        max_tokens=max_tokens, stop_ids=stops):
+            for resp in stream_generate([timed_front], timed_tok, ids, params, max_tokens=max_tokens,
+                                        stop_ids=stops, remote=remote):
                 t = remote.take_timings()
                 t.device_compute_ms = timed_front.take_ms()
                 t.detokenize_ms = timed_tok.take_ms()

@@ -20,12 +20,11 @@ from edgesplit.cli_plan import add_plan_commands
 from edgesplit.cli_split import add_split_commands
 from edgesplit.runtime.engine import engine_kwargs_of
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
-from edgesplit.runtime.models import KNOWN_MODELS
+from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
+from edgesplit.runtime.models import DEFAULT_MODEL, KNOWN_MODELS
 
 log = logging.getLogger("edgesplit.cli")
 
-DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_MAX_SEQ_LEN = 2048  # capped at the model's context length
 
 
 def _int_list(text: str) -> list[int]:
@@ -180,15 +179,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _run_external(module: str, func: str, args: argparse.Namespace) -> int:
-    """Call `edgesplit.runtime.<module>.<func>(args) -> dict` (imported lazily) and print it as JSON."""
+    """Call `edgesplit.harness.<module>.<func>(args) -> dict` (imported lazily) and print it as JSON."""
     import importlib
 
     try:
-        fn = getattr(importlib.import_module(f"edgesplit.runtime.{module}"), func)
+        fn = getattr(importlib.import_module(f"edgesplit.harness.{module}"), func)
     except ModuleNotFoundError as exc:
-        if exc.name != f"edgesplit.runtime.{module}":
+        if exc.name != f"edgesplit.harness.{module}":
             raise  # a missing dependency inside the module: show the real error
-        raise EdgesplitError(f"edgesplit.runtime.{module} is not available in this build") from exc
+        raise EdgesplitError(f"edgesplit.harness.{module} is not available in this build") from exc
     print(json.dumps(fn(args)))
     return 0
 
@@ -217,7 +216,7 @@ def _add_flash_bench(p: argparse.ArgumentParser) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if getattr(args, "flash", False):
-        from edgesplit.device.flash_bench import cli_flash_bench
+        from edgesplit.harness.flash_bench import cli_flash_bench
 
         for row in cli_flash_bench(args):
             print(json.dumps(row), flush=True)

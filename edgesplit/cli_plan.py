@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m"
+from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
+from edgesplit.runtime.models import DEFAULT_MODEL
+
 
 
 def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
@@ -31,7 +33,8 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-ms", type=float, default=None, help="per-token latency limit, ms")
     p.add_argument("--ttft-ms", type=float, default=None, help="time-to-first-token limit, ms")
     p.add_argument("--min-top1", type=float, default=0.95, help="fidelity floor, top-1 agreement (default 0.95)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="least KV capacity, tokens (default 2048)")
+    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                   help=f"least KV capacity, tokens (default {DEFAULT_MAX_SEQ_LEN})")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for TTFT (default 128)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the plan JSON here (for --plan FILE)")
     p.add_argument("--pareto-json", default=None, metavar="FILE", help="write the Pareto front as JSON")
@@ -57,8 +60,8 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from edgesplit.device.profile_timing import ProfileSettings
-    from edgesplit.device.profiler import profile_machine, write_profile
+    from edgesplit.device.profiling.timing import ProfileSettings
+    from edgesplit.device.profiling.profiler import profile_machine, write_profile
     from edgesplit.profiles.toml_fields import to_toml
     from edgesplit.runtime.models import resolve_store
     from edgesplit.runtime.store import ModelStore
@@ -67,7 +70,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     store = ModelStore(resolve_store(args.model, precisions=precisions))
     name = str(store.manifest.get("model_name") or args.model)
     settings = ProfileSettings(quiet_timeout_s=args.quiet_wait_s)
-    profile = profile_machine(store, model_name=name, precisions=precisions, threads=args.threads, settings=settings)
+    from edgesplit.harness.worker_proc import WorkerProcess
+
+    with WorkerProcess(str(store.path), store.config.d_model, threads=args.threads) as worker:
+        profile = profile_machine(store, worker.endpoint, model_name=name, precisions=precisions,
+                                  threads=args.threads, settings=settings)
     if args.out:
         print(write_profile(profile, Path(args.out)))
     else:
@@ -76,7 +83,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from edgesplit.device.plan_report import plan_report
+    from edgesplit.harness.plan_report import plan_report
 
     report = plan_report(args)
     if args.json:
@@ -88,7 +95,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from edgesplit.device.sweep import cli_sweep, format_table
+    from edgesplit.harness.sweep import cli_sweep, format_table
 
     result = cli_sweep(args)
     print(json.dumps(result) if args.json else format_table(result))

@@ -7,16 +7,17 @@ import json
 import sys
 
 from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.generate import GenerationRequest
+from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
+from edgesplit.runtime.models import DEFAULT_MODEL
 from edgesplit.runtime.sampling import SamplingParams
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def _add_split_flags(p: argparse.ArgumentParser) -> None:
     """Plan and sampling flags shared by `device run` and `simulate`.
 
-    Plan flags default to None: without --plan the defaults of device.remote.PLAN_DEFAULTS apply;
-    with --plan a plan flag given explicitly must agree with the plan file.
+    Plan flags default to None: without --plan the defaults of runtime.plan.PlanSettings apply;
+    with --plan (or --device) a plan flag given explicitly must agree with the plan.
     """
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"known model name, GGUF or store path (default {DEFAULT_MODEL})")
     p.add_argument("--plan", default=None, metavar="FILE",
@@ -32,7 +33,7 @@ def _add_split_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-precision", default=None, help="embedding/head precision (default q8)")
     p.add_argument("--kv-precision", default=None, help="KV cache precision on both sides (default f32)")
     p.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy level on both sides (default 4)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="KV capacity on both sides (default 2048)")
+    p.add_argument("--max-seq-len", type=int, default=None, help=f"KV capacity on both sides (default {DEFAULT_MAX_SEQ_LEN})")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -43,7 +44,8 @@ def _add_split_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="device onnxruntime threads (default 2)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--flash-embedding", action="store_true",
-                   help="read embedding rows from flash instead of holding the table (same output, ~28 MB less)")
+                   help="read embedding rows from flash instead of holding the table (same output, ~28 MB less); "
+                        "the plan's front_flash 'embedding'")
     p.add_argument("prompt", metavar="PROMPT")
 
 
@@ -91,35 +93,42 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_loadtest)
 
 
-def _params(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+def _request(args) -> GenerationRequest:
+    """The generation request of the flags (checked when made)."""
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return GenerationRequest(args.prompt, args.max_tokens, args.chat, params)
 
 
-def _plan_args(args) -> dict:
-    """prepare_split's plan arguments from the flags: `plan` (from --plan) and the settings given explicitly."""
-    from edgesplit.device.split_plan import load_plan_file
+def _split(args):
+    """(store, plan) of the flags: a plan from --plan FILE or --device D (flags given explicitly must
+    agree with it), or PlanSettings from --cut and the plan flags."""
+    from edgesplit.runtime.plan import PlanSettings, check_plan_agrees, load_plan_file, resolve_split
 
     given = [flag for flag, value in (("--cut", args.cut), ("--plan", args.plan), ("--device", args.device))
              if value is not None]
     if not given:
         raise ConfigError("give --cut K, --plan FILE or --device D (plan from the device and --network profiles)")
-    if args.device is not None and len(given) > 1:
-        others = " and ".join(flag for flag in given if flag != "--device")
-        raise ConfigError(f"--device plans the split itself; it cannot be combined with {others}")
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} each choose the split: give one of them")
+    explicit = dict(codec=args.codec, front_precision=args.precision, back_precision=args.precision,
+                    head_precision=args.head_precision, kv_precision=args.kv_precision,
+                    max_seq_len=args.max_seq_len, accuracy_level=args.accuracy_level,
+                    front_flash="embedding" if args.flash_embedding else None)
+    if args.cut is not None:
+        settings = PlanSettings(args.cut, **{k: v for k, v in explicit.items() if v is not None})
+        return resolve_split(args.model, settings)
     if args.device is not None:
         plan, source = _plan_from_profiles(args), f"--device {args.device} --network {args.network}"
     else:
-        plan = None if args.plan is None else load_plan_file(args.plan)
-        source = f"--plan {args.plan}"
-    return dict(plan=plan, plan_source=source, front_precision=args.precision, back_precision=args.precision,
-                head_precision=args.head_precision, kv_precision=args.kv_precision, max_seq_len=args.max_seq_len,
-                accuracy_level=args.accuracy_level)
+        plan, source = load_plan_file(args.plan), f"--plan {args.plan}"
+    check_plan_agrees(plan, explicit, source)
+    return resolve_split(args.model, plan, source)
 
 
 def _plan_from_profiles(args):
     """The planner's choice for --device, --network and the cloud profile (minimum latency)."""
-    from edgesplit.device.planner import plan_for
+    from edgesplit.device.planning.planner import plan_for
     from edgesplit.runtime.models import resolve_store
     from edgesplit.runtime.store import ModelStore
 
@@ -127,15 +136,15 @@ def _plan_from_profiles(args):
     store = ModelStore(resolve_store(args.model, precisions=("f32", "q4", "q8")))
     plan = plan_for(args.device, args.network, store, cloud=cloud)
     print(f"plan for {args.device} over {args.network} (cloud {cloud}): cut {plan.cut}, {plan.front_precision}/"
-          f"{plan.back_precision} layers, KV {plan.kv_precision}, codec {plan.codec}, predicted "
-          f"{plan.predicted_ms_per_token:.1f} ms/token, {plan.predicted_device_memory_mb:.0f} MB on the device",
-          file=sys.stderr)
+          f"{plan.back_precision} layers, KV {plan.kv_precision}, codec {plan.codec}, front {plan.front_flash}, "
+          f"predicted {plan.predicted_ms_per_token:.1f} ms/token, {plan.predicted_device_memory_mb:.0f} MB on the "
+          f"device (budget {plan.memory_budget_mb:.0f} MB)", file=sys.stderr)
     return plan
 
 
 def cmd_cloud_serve(args: argparse.Namespace) -> int:
     from edgesplit.cloud.worker import serve
-    from edgesplit.device.split_plan import load_plan_file
+    from edgesplit.runtime.plan import load_plan_file
 
     serve(args.model, args.bind, max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout_s,
           threads=args.threads, max_kv_mb=args.max_kv_mb, warm_plans=[load_plan_file(f) for f in args.warm_plan])
@@ -149,31 +158,38 @@ def _stream(resp) -> None:
 
 
 def cmd_device_run(args: argparse.Namespace) -> int:
-    from edgesplit.device.remote import load_front, prepare_split, run_split
+    from edgesplit.device.remote import load_front, run_split
     from edgesplit.profiles.network import load_network_profile
+    from edgesplit.runtime.generate import load_tokenizer
+    from edgesplit.runtime.memory import available_memory_mb, peak_rss_mb
     from edgesplit.transport.link import EmulatedLink
 
-    store, plan, tok, ids = prepare_split(args.model, args.cut, args.codec, args.prompt, args.chat, **_plan_args(args))
+    request = _request(args)
+    store, plan = _split(args)
+    budget = plan.check_memory(available_memory_mb())
+    tok = load_tokenizer(store)
     link = EmulatedLink(load_network_profile(args.network)) if args.network != "loopback" else None
     last = None
-    front = load_front(store, plan, threads=args.threads, flash_embedding=args.flash_embedding)
-    for last in run_split(store, args.cloud, plan, ids, _params(args), args.max_tokens, link,
+    front = load_front(store, plan, threads=args.threads)
+    for last in run_split(store, args.cloud, plan, request.prompt_ids(tok), request.params, request.max_tokens, link,
                           tokenizer=tok, front=front, timeout_s=args.timeout_s):
         _stream(last)
     sys.stdout.write("\n")
     if last is not None:
         print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | decode: "
               f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | cut {plan.cut}, codec {plan.codec} "
-              f"| finish: {last.finish_reason}", file=sys.stderr)
+              f"| peak RSS {peak_rss_mb():.0f} MB of budget {budget:.0f} MB | finish: {last.finish_reason}",
+              file=sys.stderr)
     return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from edgesplit.device.simulate import simulate
+    from edgesplit.harness.simulate import simulate
 
-    result = simulate(args.model, args.cut, args.network, args.codec, args.prompt, args.max_tokens, args.chat,
-                      runs=args.runs, params=_params(args), threads=args.threads,
-                      flash_embedding=args.flash_embedding, on_token=None if args.json else _stream, **_plan_args(args))
+    request = _request(args)
+    store, plan = _split(args)
+    result = simulate(store, plan, request, args.network, runs=args.runs, threads=args.threads,
+                      on_token=None if args.json else _stream)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -188,8 +204,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from edgesplit.device.loadtest import loadtest
+    from edgesplit.harness.loadtest import LoadtestRequest, loadtest
+    from edgesplit.runtime.plan import PlanSettings, resolve_split
 
-    print(json.dumps(loadtest(args.model, args.cut, args.devices, args.duration_s, args.codec, args.network,
-                              args.max_tokens, args.max_seq_len)))
+    request = LoadtestRequest(args.devices, args.duration_s, args.max_tokens, args.network)
+    store, plan = resolve_split(args.model, PlanSettings(args.cut, args.codec, max_seq_len=args.max_seq_len))
+    print(json.dumps(loadtest(store, plan, request)))
     return 0

@@ -14,12 +14,12 @@ import onnxruntime as ort
 from .errors import ConfigError
 from .calibration import outlier_channels
 from .graph import KV_TYPES, SegmentSpec, build_segment
+from .hparams import DEFAULT_MAX_SEQ_LEN
 from .kv_cache import KVCache
 from .store import EMBEDDING_PRECISIONS, ModelStore
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SEQ_LEN = 2048
 
 
 def session_options(threads: int, spin: bool = True) -> ort.SessionOptions:
@@ -90,6 +90,8 @@ class SegmentEngine:
         for name, acc in (("accuracy_level", accuracy_level), ("head_accuracy_level", head_accuracy_level)):
             if acc not in (0, 1, 2, 3, 4):
                 raise ConfigError(f"{name} {acc} is not in 0..4")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads must be an integer >= 1 (onnxruntime intra-op threads), got {threads!r}")
         self.spec = SegmentSpec(cfg, start, end, precision, head_precision, kv_precision, max_seq_len,
                                 accuracy_level, head_accuracy_level, embed_ids, with_head)
         self.store = store
@@ -98,6 +100,11 @@ class SegmentEngine:
         self.threads, self.spin = threads, spin
         self._session = self._build()
         self.cache = self.new_cache()  # the default session; a cloud worker makes one per device
+
+    @property
+    def max_seq_len(self) -> int:
+        """KV capacity in positions."""
+        return self.spec.max_seq_len
 
     def _build(self) -> ort.InferenceSession:
         s, st = self.spec, self.store

@@ -1,10 +1,11 @@
 """One generation loop for local, split or remote segments (three levels, like mlx-lm).
 
-A segment is anything with `prefill(x)`, `decode(x)` and `reset()`: a SegmentEngine or a remote
-segment. Segments are chained: token ids go into the first, each output (hidden states
-(T, d)) feeds the next, and the last returns logits (1, V) of the last position -- or, when it has
-the class attribute `returns_token = True` (a cloud back segment that samples remotely), the
-sampled token id itself; the loop then yields (token, None) and does not sample.
+A `Segment` (a SegmentEngine, a flash front, ...) runs `prefill(x)` / `decode(x)` and `reset()`.
+Segments are chained: token ids go into the first, each output (hidden states (T, d)) feeds the
+next, and the last returns logits (1, V) of the last position. A chain may end instead in a
+`SamplingSegment` (the cloud's back segment, device/remote.py), declared as the loop's `remote`
+argument: it samples where the head is and returns the token id itself, so the loop yields
+(token, None) and does not sample.
 
     generate_step   -> (token id, logits (V,)) pairs: prefill, then one decode per token
     stream_generate -> GenerationResponse per token: printable text plus speed and memory figures
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -32,11 +33,44 @@ EXTRA_EOS = ("<|im_end|>", "<|endoftext|>")
 
 
 class Segment(Protocol):
-    """What the loop needs of a segment (local engine or remote proxy)."""
+    """A segment of the chain: ids (T,) or hidden states (T, d) in; hidden states (T, d), or
+    logits (1, V) of the last position for the segment holding the head, out."""
 
-    def prefill(self, x: np.ndarray) -> np.ndarray: ...
-    def decode(self, x: np.ndarray) -> np.ndarray: ...
-    def reset(self) -> None: ...
+    @property
+    def max_seq_len(self) -> int:
+        """KV capacity in positions (prompt + generated)."""
+        ...
+
+    def prefill(self, x: np.ndarray) -> np.ndarray:
+        """A prompt's ids or hidden states through the segment, filling its KV cache from empty."""
+        ...
+
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        """One more position (1,) ids or (1, d) hidden state, appended to the KV cache."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the KV cache: the next call is a prefill of a new session."""
+        ...
+
+
+class SamplingSegment(Protocol):
+    """The last segment of a chain when it samples where it runs (the cloud's back segment): hidden
+    states in, the sampled token id out. Its owner gives it the loop's sampling parameters,
+    max_tokens and stop ids, so both ends apply the same stop rule (`finish_reason`)."""
+
+    @property
+    def max_seq_len(self) -> int:
+        ...
+
+    def prefill(self, x: np.ndarray) -> int:
+        ...
+
+    def decode(self, x: np.ndarray) -> int:
+        ...
+
+    def reset(self) -> None:
+        ...
 
 
 @dataclass(frozen=True)
@@ -54,18 +88,44 @@ class GenerationResponse:
 
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: a prompt (wrapped in the chat template when `chat`), at most `max_tokens`
+    new tokens, and how to sample them. Checked when made."""
+
+    prompt: str
+    max_tokens: int = 128
+    chat: bool = False
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str):
+            raise ConfigError(f"prompt must be text, got {type(self.prompt).__name__}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.params, SamplingParams):
+            raise ConfigError(f"params must be SamplingParams, got {type(self.params).__name__}")
+
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[int]:
+        """The prompt's token ids (chat template applied when `chat`)."""
+        return tokenizer.encode(tokenizer.chat_prompt(self.prompt) if self.chat else self.prompt)
 
 
-def segment_max_seq_len(segments: Sequence[Segment]) -> int | None:
-    """The smallest KV capacity among `segments` (tokens), or None when none declares one."""
-    caps = []
-    for seg in segments:
-        cap = getattr(seg, "max_seq_len", None)
-        if cap is None:
-            cap = getattr(getattr(seg, "spec", None), "max_seq_len", None)
-        if cap is not None:
-            caps.append(int(cap))
-    return min(caps) if caps else None
+def finish_reason(token: int, generated: int, max_tokens: int, stop_ids: Iterable[int],
+                  room_left: bool = True) -> str | None:
+    """The stop rule, the same for local generation, the device and the cloud session: 'stop' when
+    `token` is a stop id, else 'length' once `generated` (this token included) reaches `max_tokens`
+    or the KV cache has no room left to feed the token back, else None (go on)."""
+    if token in stop_ids:
+        return "stop"
+    if generated >= max_tokens or not room_left:
+        return "length"
+    return None
+
+
+def segment_max_seq_len(segments: Sequence[Segment | SamplingSegment]) -> int:
+    """The smallest KV capacity among `segments` (tokens)."""
+    return min(int(seg.max_seq_len) for seg in segments)
 
 
 def check_fits(prompt_tokens: int, max_tokens: int, max_seq_len: int | None) -> None:
@@ -82,35 +142,40 @@ def check_fits(prompt_tokens: int, max_tokens: int, max_seq_len: int | None) -> 
         )
 
 
-def _forward(segments: Sequence[Segment], x: np.ndarray, step: str) -> np.ndarray | int:
-    """Run `x` through the chain with `step` ('prefill' or 'decode'); returns logits as (V,),
-    or the token id when the last segment `returns_token` (it sampled remotely)."""
+def _forward(segments: Sequence[Segment], x: np.ndarray, step: str) -> np.ndarray:
+    """Run `x` through the chain with `step` ('prefill' or 'decode'); returns its output."""
     for seg in segments:
-        x = getattr(seg, step)(x)
-    if getattr(segments[-1], "returns_token", False):
-        return int(x)
+        x = seg.prefill(x) if step == "prefill" else seg.decode(x)
+    return x
+
+
+def _logits(x: np.ndarray) -> np.ndarray:
+    """The last position's logits (V,) from a chain's output (1, V)."""
     x = np.asarray(x, np.float32)
     if x.ndim != 2 or x.shape[0] != 1:  # hidden states (T, d) mean the chain lacks the head
         raise ConfigError(f"the last segment returned shape {x.shape}, not logits (1, V): does it hold the head?")
     return x[0]  # (V,)
 
 
-def _prefill(segments: Sequence[Segment], prompt_ids: np.ndarray) -> np.ndarray:
-    """Prompt ids (T,) through every segment; logits (V,) of the last prompt position."""
-    return _forward(segments, prompt_ids, "prefill")
+def prefill(segments: Sequence[Segment], prompt_ids: np.ndarray, remote: SamplingSegment | None = None):
+    """Prompt ids (T,) through the chain: logits (V,) of the last prompt position, or the token id
+    `remote` sampled from them."""
+    x = _forward(segments, prompt_ids, "prefill")
+    return int(remote.prefill(x)) if remote is not None else _logits(x)
 
 
-def _decode(segments: Sequence[Segment], token: int) -> np.ndarray:
-    """One token id through every segment; logits (V,) of that position."""
-    return _forward(segments, np.array([token], np.int64), "decode")
+def decode(segments: Sequence[Segment], token: int, remote: SamplingSegment | None = None):
+    """One token id through the chain: logits (V,) of its position, or the next token id from `remote`."""
+    x = _forward(segments, np.array([token], np.int64), "decode")
+    return int(remote.decode(x)) if remote is not None else _logits(x)
 
 
 def generate_step(segments: Sequence[Segment], prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                  *, max_tokens: int = 128, stop_ids: Iterable[int] = (),
-                  max_seq_len: int | None = None) -> Iterator[tuple[int, np.ndarray | None]]:
+                  *, max_tokens: int = 128, stop_ids: Iterable[int] = (), max_seq_len: int | None = None,
+                  remote: SamplingSegment | None = None) -> Iterator[tuple[int, np.ndarray | None]]:
     """Yield (token id, logits (V,) it was sampled from) for each generated token.
 
-    When the last segment `returns_token` it samples itself (with the same params, stop ids and
+    `remote`: the chain ends in a segment that samples itself (with the same params, stop ids and
     max_tokens, given to it by its owner); the logits are then None and `params` is not used here.
 
     Resets every segment first (a new session). Stops after a stop id (yielded last, so the caller
@@ -119,35 +184,33 @@ def generate_step(segments: Sequence[Segment], prompt_ids: Sequence[int], params
     anything runs). Sampling uses `params` with an rng seeded from `params.seed` and the prompt plus
     the generated tokens as repetition history.
     """
-    if not segments:
+    chain: list[Segment | SamplingSegment] = [*segments, *([remote] if remote is not None else [])]
+    if not chain:
         raise ConfigError("generation needs at least one segment")
     params = params or SamplingParams()
     ids = np.asarray(prompt_ids, np.int64).reshape(-1)
-    cap = max_seq_len if max_seq_len is not None else segment_max_seq_len(segments)
+    cap = max_seq_len if max_seq_len is not None else segment_max_seq_len(chain)
     check_fits(int(ids.size), max_tokens, cap)
     stops = frozenset(int(i) for i in stop_ids)
     rng = make_rng(params.seed)
     history = [int(i) for i in ids]
-    for seg in segments:
+    for seg in chain:
         seg.reset()
-    remote_sampling = bool(getattr(segments[-1], "returns_token", False))
-    logits = _prefill(segments, ids)
+    out = prefill(segments, ids, remote)
     for n in range(max_tokens):
-        if remote_sampling:
-            token, logits = logits, None  # the segment returned the sampled id
-        else:
-            token = sample(logits, params, rng, history)
+        logits = None if remote is not None else out  # with `remote`, `out` is the token it sampled
+        token = int(out) if logits is None else sample(logits, params, rng, history)
         yield token, logits
-        if token in stops or n + 1 == max_tokens:
+        if finish_reason(token, n + 1, max_tokens, stops) is not None:
             return  # the last token is never decoded: no KV slot is spent on it
         history.append(token)
-        logits = _decode(segments, token)
+        out = decode(segments, token, remote)
 
 
 def stream_generate(segments: Sequence[Segment], tokenizer: Tokenizer, prompt: str | Sequence[int],
                     params: SamplingParams | None = None, *, max_tokens: int = 128,
-                    stop_ids: Iterable[int] | None = None,
-                    max_seq_len: int | None = None) -> Iterator[GenerationResponse]:
+                    stop_ids: Iterable[int] | None = None, max_seq_len: int | None = None,
+                    remote: SamplingSegment | None = None) -> Iterator[GenerationResponse]:
     """Yield a GenerationResponse per generated token, with its printable text.
 
     `prompt` is text (encoded as is: apply `tokenizer.chat_prompt` first for chat) or token ids.
@@ -162,7 +225,7 @@ def stream_generate(segments: Sequence[Segment], tokenizer: Tokenizer, prompt: s
     t_first = t0
     n = 0
     for token, _ in generate_step(segments, ids, params, max_tokens=max_tokens, stop_ids=stops,
-                                  max_seq_len=max_seq_len):
+                                  max_seq_len=max_seq_len, remote=remote):
         now = time.perf_counter()
         n += 1
         if n == 1:
@@ -170,7 +233,7 @@ def stream_generate(segments: Sequence[Segment], tokenizer: Tokenizer, prompt: s
             prompt_tps = len(ids) / max(now - t0, 1e-9)
         else:  # n - 1 decode steps ran since the first token
             gen_tps = (n - 1) / max(now - t_first, 1e-9)
-        finish = "stop" if token in stops else "length" if n == max_tokens else None
+        finish = finish_reason(token, n, max_tokens, stops)
         if finish == "stop":
             text = decoder.flush()  # the stop id itself is not text
         else:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .hparams import ModelConfig
+from .hparams import DEFAULT_MAX_SEQ_LEN, ModelConfig
 from .quant import dense_columns
 
 SMALL_BYTES = 256
@@ -37,7 +37,7 @@ class SegmentSpec:
     precision: str = "q4"  # layer weights
     head_precision: str = "q8"  # embedding table and head
     kv_precision: str = "f32"
-    max_seq_len: int = 2048
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     accuracy_level: int = 0  # layers' MatMulNBits: 0 = fp32 compute (exact), 4 = int8 activations
     head_accuracy_level: int = 4  # the head's; 8-bit MatMulNBits has no fast fp32 kernel
     embed_ids: bool = True  # False: a segment starting at 0 takes hidden states (T, d), embedded outside

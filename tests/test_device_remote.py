@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 import zmq
 
-from edgesplit.device.remote import BREAKDOWN_KEYS, RemoteSegment, SplitResponse, load_front, make_plan, run_split
+from edgesplit.device.remote import RemoteSegment, load_front, run_split
+from edgesplit.runtime.generate import GenerationRequest
+from edgesplit.runtime.plan import PlanSettings, make_plan, resolve_split
+from edgesplit.device.timings import BREAKDOWN_KEYS, FRAMEWORK_KEYS, SplitResponse
 from edgesplit.profiles.network import NetworkProfile, load_network_profile
 from edgesplit.runtime import codec
 from edgesplit.runtime.engine import SegmentEngine
@@ -119,8 +122,9 @@ def cloud(tiny_store):
     c.close()
 
 
-def _plan(store, codec_setting="f32"):
-    return make_plan(store, CUT, codec_setting, max_seq_len=MAX_SEQ, accuracy_level=0)
+def _plan(store, codec_setting="f32", front_flash="resident"):
+    return make_plan(store, PlanSettings(CUT, codec_setting, max_seq_len=MAX_SEQ, accuracy_level=0,
+                                         front_flash=front_flash))
 
 
 def _profile(up=2.0, down=8.0, rtt=30.0) -> NetworkProfile:
@@ -178,7 +182,7 @@ def test_remote_segment_equals_local_unsplit(tiny_store, tok, cloud, params):
     front = load_front(tiny_store, plan)
     with Channel(cloud.endpoint, timeout_s=5.0) as ch:
         remote = RemoteSegment(ch, plan, params, max_tokens=12, stop_ids=tok.eos_ids)
-        got = list(generate_step([front, remote], ids, params, max_tokens=12, stop_ids=tok.eos_ids))
+        got = list(generate_step([front], ids, params, max_tokens=12, stop_ids=tok.eos_ids, remote=remote))
         assert [t for t, _ in got] == want
         assert all(logits is None for _, logits in got)
         assert remote.finish_reason in ("stop", "length")
@@ -217,7 +221,7 @@ def test_finish_reason_disagreement_is_an_error(tiny_store, tok, cloud):
         # the cloud is told max_tokens 2; the loop wants 5 -> the cloud says 'length' too early
         remote = RemoteSegment(ch, plan, max_tokens=2, stop_ids=())
         with pytest.raises(TransportError, match="finish_reason"):
-            list(generate_step([front, remote], tok.encode(PROMPT), max_tokens=5, stop_ids=()))
+            list(generate_step([front], tok.encode(PROMPT), max_tokens=5, stop_ids=(), remote=remote))
 
 
 def test_link_emulation_adds_expected_delay(tiny_store):
@@ -256,15 +260,14 @@ def test_link_emulation_adds_expected_delay(tiny_store):
 
 def test_simulate_plumbing_with_stand_in_worker(tiny_store, tok, monkeypatch):
     """simulate() with a FakeCloud worker process: process start, readiness, run, keys, equality."""
-    from edgesplit.device import simulate as sim
+    from edgesplit.harness import simulate as sim
 
     tests_dir = str(Path(__file__).resolve().parent)
     code = f"import sys; sys.path.insert(0, {tests_dir!r}); import test_device_remote as t; t.serve_fake(*sys.argv[1:])"
     monkeypatch.setattr(sim, "worker_command", lambda model, bind, *extra: [sys.executable, "-c", code, model, bind])
-    out = sim.simulate(str(tiny_store.path), CUT, "lte", "f32", PROMPT, 6, chat=False, runs=2,
-                       accuracy_level=0, max_seq_len=MAX_SEQ, ready_timeout_s=60)
+    out = sim.simulate(tiny_store, _plan(tiny_store), GenerationRequest(PROMPT, 6), "lte", runs=2, ready_timeout_s=60)
     assert out["runs"] == 2 and len(out["overhead_ratios"]) == 2
-    assert set(out["framework_ms"]) == set(sim.FRAMEWORK_KEYS)
+    assert set(out["framework_ms"]) == set(FRAMEWORK_KEYS)
     whole = load_local(tiny_store, max_seq_len=MAX_SEQ, **EXACT)
     want = [t for t, _ in generate_step(whole, tok.encode(PROMPT), max_tokens=6, stop_ids=tok.eos_ids)]
     assert out["tokens"] == want
@@ -280,22 +283,23 @@ def test_simulate_plumbing_with_stand_in_worker(tiny_store, tok, monkeypatch):
 
 
 def test_simulate_worker_that_dies_is_a_clear_error(tiny_store, monkeypatch):
-    from edgesplit.device import simulate as sim
+    from edgesplit.harness import simulate as sim
 
     monkeypatch.setattr(sim, "worker_command", lambda model, bind, *extra: [sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(TransportError, match="exited with code 3"):
-        sim.simulate(str(tiny_store.path), CUT, "loopback", "f32", PROMPT, 4, chat=False, ready_timeout_s=20)
+        sim.simulate(tiny_store, _plan(tiny_store), GenerationRequest(PROMPT, 4), ready_timeout_s=20)
 
 
 @pytest.mark.parametrize("flash_embedding", [False, True])
 def test_simulate_end_to_end(tiny_gguf, tiny_store, tok, flash_embedding):
     """A real worker process; the split's tokens equal the local engine's, with the embedding
     table resident or its rows read from flash."""
-    from edgesplit.device.simulate import simulate
+    from edgesplit.harness.simulate import simulate
 
-    out = simulate(str(tiny_gguf), CUT, "loopback", "f32", PROMPT, 8, chat=False, accuracy_level=0,
-                   flash_embedding=flash_embedding)
-    assert out["flash_embedding"] is flash_embedding
+    front_flash = "embedding" if flash_embedding else "resident"
+    store, plan = resolve_split(str(tiny_gguf), PlanSettings(CUT, accuracy_level=0, front_flash=front_flash))
+    out = simulate(store, plan, GenerationRequest(PROMPT, 8))
+    assert out["front_flash"] == front_flash and out["peak_rss_mb"] <= out["memory_budget_mb"]
     for key in ("per_token_ms", "ttft_ms", "tok_s", "bytes_per_token", "breakdown_ms", "overhead_ratio",
                 "cut", "network", "codec", "tokens", "text"):
         assert key in out, key

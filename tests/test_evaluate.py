@@ -17,7 +17,7 @@ from tiny_gguf import write_tiny_gguf  # noqa: E402
 from edgesplit.runtime.errors import ConfigError, EdgesplitError  # noqa: E402
 from edgesplit.runtime.codec import encode, parse_codec  # noqa: E402
 from edgesplit.runtime.evaluate import evaluate, parse_segments, text_tokens  # noqa: E402
-from edgesplit.runtime.evaluate_split import evaluate_split  # noqa: E402
+from edgesplit.harness.evaluate_split import evaluate_split  # noqa: E402
 from edgesplit.runtime.gguf_model import GGUFModel  # noqa: E402
 from edgesplit.runtime.reference import ReferenceModel  # noqa: E402
 from edgesplit.runtime.store import ModelStore, convert  # noqa: E402
@@ -188,7 +188,7 @@ def test_eval_cli_flags():
     assert (args.cut, args.codec, args.segments) == (15, "int8", None)
     args = build_parser().parse_args(["eval", "--text", "t.txt"])
     assert (args.cut, args.codec) == (None, None)
-    from edgesplit.runtime.evaluate import cli_eval
+    from edgesplit.harness.evaluate import cli_eval
 
     for argv, msg in ((["--cut", "1"], "go together"), (["--codec", "int8"], "go together"),
                       (["--cut", "1", "--codec", "int8", "--segments", "0,1,3"], "replaces --segments")):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgesplit.device.flash_embedding import FlashEmbedding, flash_front
-from edgesplit.device.flash_store import ensure_flash_store
-from edgesplit.device.flash_stream import flash_settings
+from edgesplit.device.flash.embedding import FlashEmbedding, flash_front
+from edgesplit.device.flash.store import ensure_flash_store
+from edgesplit.device.flash.layout import flash_settings
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
 

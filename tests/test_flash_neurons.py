@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from edgesplit.device.flash_neurons import NeuronWindow, _runs, q4_rows_dense
-from edgesplit.device.flash_sparsity import _topk_mask, window_stats
-from edgesplit.device.flash_store import ensure_flash_store
-from edgesplit.device.flash_stream import flash_settings
+from edgesplit.device.flash.neurons import NeuronWindow, _runs, q4_rows_dense
+from edgesplit.harness.flash_sparsity import _topk_mask, window_stats
+from edgesplit.device.flash.store import ensure_flash_store
+from edgesplit.device.flash.layout import flash_settings
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.quant import q4_dense
 

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from edgesplit.device.flash_model import Budget, FlashModel, check_budget, simulate_pipeline, stream_plan
-from edgesplit.device.flash_store import FlashReadError, FlashStore, ensure_flash_store
-from edgesplit.device.flash_stream import flash_settings
+from edgesplit.device.planning.flash_model import Budget, FlashModel, check_budget, simulate_pipeline, stream_plan
+from edgesplit.device.flash.store import FlashReadError, FlashStore, ensure_flash_store
+from edgesplit.device.flash.layout import flash_settings
 from edgesplit.runtime.errors import ChecksumError, ConfigError, StoreVersionError
 
 SETTINGS = flash_settings(accuracy_level=0)
@@ -104,7 +104,7 @@ def test_flash_model_and_pipeline():
 
 
 def test_planner_figures():
-    from edgesplit.device.flash_model import embedding_figures, neuron_figures, stream_figures
+    from edgesplit.device.planning.flash_model import embedding_figures, neuron_figures, stream_figures
 
     m = FlashModel(read_latency_ms=0.5, seq_read_mb_s=100.0)
     e = embedding_figures(table_bytes=30_000_000, row_bytes=612, cache_rows=256, miss_rate=0.25, flash=m)

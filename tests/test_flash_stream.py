@@ -7,8 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from edgesplit.device.flash_store import FlashReadError, FlashStore, ensure_flash_store
-from edgesplit.device.flash_stream import StreamedFront, flash_settings
+from edgesplit.device.flash.store import FlashReadError, FlashStore, ensure_flash_store
+from edgesplit.device.flash.layout import flash_settings
+from edgesplit.device.flash.stream import StreamedFront
 from edgesplit.runtime.engine import SegmentEngine
 
 SETTINGS = flash_settings(accuracy_level=0)
@@ -70,7 +71,7 @@ def test_read_error_is_an_error_not_output(tiny_store, flash, tmp_path):
 def test_generation_stops_with_an_error_on_a_read_error(tiny_store, flash, tmp_path):
     """Split generation (flash rows + streamed [0, 2) + resident [2, 3) with the head): the tokens
     before the damage equal the all-resident run's, then FlashReadError, no further token."""
-    from edgesplit.device.flash_embedding import FlashEmbedding, FlashFront
+    from edgesplit.device.flash.embedding import FlashEmbedding, FlashFront
     from edgesplit.runtime.generate import generate_step
 
     dst = tmp_path / "flash"

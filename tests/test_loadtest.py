@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from edgesplit.device.loadtest import loadtest
+import pytest
+
+from edgesplit.harness.loadtest import LoadtestRequest, loadtest
+from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.plan import PlanSettings, make_plan
 
 
 def test_devices_share_one_worker(tiny_store):
-    r = loadtest(str(tiny_store.path), cut=1, devices=3, duration_s=2.0, max_tokens=8, max_seq_len=64)
+    plan = make_plan(tiny_store, PlanSettings(1, max_seq_len=64))
+    r = loadtest(tiny_store, plan, LoadtestRequest(devices=3, duration_s=2.0, max_tokens=8))
     assert r["errors"] == []
     assert r["sessions"] == r["completed"] >= 3  # every session finished
     assert r["tokens"] > 0 and r["aggregate_tok_s"] > 0
     assert len(r["per_device_tokens"]) == 3 and min(r["per_device_tokens"]) > 0
+
+
+def test_bad_requests_are_refused_where_made():
+    with pytest.raises(ConfigError, match="devices must be an integer >= 1, got 0"):
+        LoadtestRequest(devices=0)
+    with pytest.raises(ConfigError, match="duration_s must be > 0 seconds"):
+        LoadtestRequest(duration_s=-1)

@@ -6,13 +6,13 @@ import dataclasses
 
 import pytest
 
-from edgesplit.device.cost_model import (FLASH_OPTIONS, Setting, costs, device_memory_mb, layer_decode_ms, link_ms,
+from edgesplit.device.planning.cost_model import (FLASH_OPTIONS, Setting, costs, device_memory_mb, layer_decode_ms, link_ms,
                                          retransmit_ms)
-from edgesplit.device.flash_model import (EMBEDDING_CACHE_ROWS, EMBEDDING_MISS_RATE, STREAMED_LAYER_COMPUTE_FACTOR,
+from edgesplit.device.planning.flash_model import (EMBEDDING_CACHE_ROWS, EMBEDDING_MISS_RATE, STREAMED_LAYER_COMPUTE_FACTOR,
                                           FlashModel, q8_row_bytes)
-from edgesplit.device.fidelity import FidelityTable
-from edgesplit.device.fidelity_data import CodecRow, EngineRow
-from edgesplit.device.planner import InfeasibleError, Request, choose, enumerate_candidates, pareto_front
+from edgesplit.device.planning.fidelity import FidelityTable
+from edgesplit.device.planning.fidelity_data import CodecRow, EngineRow
+from edgesplit.device.planning.planner import InfeasibleError, Request, choose, enumerate_candidates, pareto_front
 from edgesplit.profiles.cloud import CloudProfile
 from edgesplit.profiles.device import DeviceProfile, LayerFigures, MeasuredFigures
 from edgesplit.profiles.network import NetworkProfile

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from edgesplit.cli import main
-from edgesplit.device.profile_timing import ProfileSettings
-from edgesplit.device.profiler import profile_machine, write_profile
-from edgesplit.device.sweep import sweep
+from edgesplit.device.profiling.timing import ProfileSettings
+from edgesplit.device.profiling.profiler import profile_machine, write_profile
+from edgesplit.harness.sweep import sweep
 from edgesplit.profiles.device import load_device_profile
 from edgesplit.runtime.plan import Plan
 
@@ -22,8 +22,11 @@ TINY = ProfileSettings(contexts=(8, 32), layers=(1, 2), prefill_tokens=16, decod
 @pytest.fixture(scope="module")
 def tiny_profile(tiny_store, tmp_path_factory):
     folder = tmp_path_factory.mktemp("profile")
-    profile = profile_machine(tiny_store, model_name="tiny", precisions=("q4",), threads=1, flash_dir=folder,
-                              settings=TINY)
+    from edgesplit.harness.worker_proc import WorkerProcess
+
+    with WorkerProcess(str(tiny_store.path), tiny_store.config.d_model, threads=1) as worker:
+        profile = profile_machine(tiny_store, worker.endpoint, model_name="tiny", precisions=("q4",), threads=1,
+                                  flash_dir=folder, settings=TINY)
     return write_profile(profile, folder / "sub" / "me.toml")
 
 

@@ -81,12 +81,14 @@ def test_device_segment_loads_only_its_own_layers(real_store):
 
 def test_lossless_split_over_zeromq_equals_unsplit(real_store):
     """Real processes, real sockets: the split with the f32 codec gives the unsplit tokens."""
-    from edgesplit.device.simulate import simulate
-    from edgesplit.runtime.generate import generate_step
+    from edgesplit.harness.simulate import simulate
+    from edgesplit.runtime.generate import GenerationRequest, generate_step
+    from edgesplit.runtime.plan import PlanSettings, make_plan
 
     prompt = "The history of the city begins"
     kw = dict(accuracy_level=0, max_seq_len=256)  # fp32 compute: bit-stable across the cut
-    result = simulate(str(real_store.path), 15, "loopback", "f32", prompt, 24, False, **kw)
+    plan = make_plan(real_store, PlanSettings(15, **kw))
+    result = simulate(real_store, plan, GenerationRequest(prompt, 24))
     tok = load_tokenizer(real_store)
     local = load_local(real_store, precision="q4", head_precision="q8", head_accuracy_level=0, **kw)
     want = [t for t, _ in generate_step(local, tok.encode(prompt), SamplingParams(), max_tokens=24,

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import zmq
 
@@ -76,16 +78,7 @@ class Channel:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.endpoint, self.link, self.timeout_s = endpoint, link, float(timeout_s)
-        self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)  # close never blocks on frames the cloud did not take
-        try:
-            self._sock.connect(endpoint)
-        except zmq.ZMQError as exc:
-            self._sock.close()
-            raise TransportError(f"cannot connect to {endpoint}: {exc}") from exc
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
+        self._connect(context)
         self.stats = ChannelStats()
         self.last_uplink_ms = 0.0
         self.last_downlink_ms = 0.0
@@ -96,6 +89,42 @@ class Channel:
         self.last_down_bytes = 0
         self.closed = False
 
+    # -- the socket: the only part an in-memory channel replaces ------------------------------
+    def _connect(self, context: zmq.Context | None) -> None:
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)  # close never blocks on frames the cloud did not take
+        try:
+            self._sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close()
+            raise TransportError(f"cannot connect to {self.endpoint}: {exc}") from exc
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    def _post(self, data: bytes) -> None:
+        """Hand one encoded frame to the socket (TransportError when it cannot take it)."""
+        try:
+            # NOBLOCK: a full queue (the cloud gone for long) is an error, not a hang.
+            self._sock.send(data, zmq.NOBLOCK, copy=False)
+        except zmq.Again as exc:
+            raise TransportError(f"cannot send to {self.endpoint}: send queue full (is the cloud worker up?)") from exc
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot send to {self.endpoint}: {exc}") from exc
+
+    def _take(self, timeout_s: float) -> bytes | None:
+        """One encoded frame from the peer, or None when none arrives within `timeout_s`."""
+        if not self._poller.poll(int(timeout_s * 1000)):
+            return None
+        try:
+            return self._sock.recv(zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot receive from {self.endpoint}: {exc}") from exc
+
+    def _disconnect(self) -> None:
+        self._sock.close()
+
+    # -- frames ------------------------------------------------------------------------------
     def _emulate(self, nbytes: int, direction: str) -> float:
         """Hold the frame for the link's delay (measured); return the ms actually waited."""
         if self.link is None:
@@ -117,13 +146,7 @@ class Channel:
         encode_ms = (time.perf_counter() - t_enc) * 1000.0
         emulated = self._emulate(len(data), UPLINK) if emulate else 0.0
         t0 = self._sent_at_s = time.perf_counter()
-        try:
-            # NOBLOCK: a full queue (the cloud gone for long) is an error, not a hang.
-            self._sock.send(data, zmq.NOBLOCK, copy=False)
-        except zmq.Again as exc:
-            raise TransportError(f"cannot send to {self.endpoint}: send queue full (is the cloud worker up?)") from exc
-        except zmq.ZMQError as exc:
-            raise TransportError(f"cannot send to {self.endpoint}: {exc}") from exc
+        self._post(data)
         send_ms = (time.perf_counter() - t0) * 1000.0
         st = self.stats
         st.frames_up += 1
@@ -145,14 +168,11 @@ class Channel:
         ProtocolError for a frame that breaks the protocol."""
         self._check_open()
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
-        if not self._poller.poll(int(timeout * 1000)):
+        data = self._take(timeout)
+        if data is None:
             raise TransportError(f"no reply from {self.endpoint} within {timeout:g} s "
                                  "(is the cloud worker running and reachable?)")
         self.last_wait_ms = (time.perf_counter() - self._sent_at_s) * 1000.0
-        try:
-            data = self._sock.recv(zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            raise TransportError(f"cannot receive from {self.endpoint}: {exc}") from exc
         emulated = self._emulate(len(data), DOWNLINK)
         t0 = time.perf_counter()
         frame = decode_frame(data)
@@ -175,7 +195,7 @@ class Channel:
     def close(self) -> None:
         """Close the socket (pending frames are dropped: LINGER 0). Idempotent."""
         if not self.closed:
-            self._sock.close()
+            self._disconnect()
             self.closed = True
 
     def __enter__(self) -> "Channel":
@@ -183,3 +203,31 @@ class Channel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class MemoryChannel(Channel):
+    """A Channel whose peer is a function in this process instead of a socket: split logic
+    (the device client, the worker's frame handling, the link emulation) is testable without
+    sockets. `serve(identity, data)` answers one encoded frame with an encoded reply or None
+    (e.g. `CloudWorker.handle_frame`); replies queue until `recv`. Frames, bytes, emulation and
+    errors behave as on the ZeroMQ channel."""
+
+    def __init__(self, serve: Callable[[bytes, bytes], bytes | None], *, identity: bytes = b"memory",
+                 link: EmulatedLink | None = None, timeout_s: float = 10.0):
+        self._serve, self._identity = serve, identity
+        self._replies: deque[bytes] = deque()
+        super().__init__(f"memory://{identity.decode(errors='replace')}", link=link, timeout_s=timeout_s)
+
+    def _connect(self, context: zmq.Context | None) -> None:
+        pass
+
+    def _post(self, data: bytes) -> None:
+        reply = self._serve(self._identity, bytes(data))
+        if reply is not None:
+            self._replies.append(reply)
+
+    def _take(self, timeout_s: float) -> bytes | None:
+        return self._replies.popleft() if self._replies else None
+
+    def _disconnect(self) -> None:
+        self._replies.clear()

@@ -21,7 +21,7 @@ from edgesplit.runtime.quant import q4_dense, q8_dense
 from edgesplit.runtime.reference import LayerWeights, ReferenceModel, rope_tables, silu
 from edgesplit.runtime.store import ModelStore
 
-from .flash_neurons import bundle_bytes
+from edgesplit.device.flash.layout import bundle_bytes
 
 log = logging.getLogger(__name__)
 

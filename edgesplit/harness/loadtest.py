@@ -13,13 +13,14 @@ import logging
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
-from edgesplit.device.remote import load_front, make_plan, run_split
-from edgesplit.device.simulate import worker_process
+from edgesplit.device.remote import load_front, run_split
+from edgesplit.harness.simulate import worker_process
 from edgesplit.profiles.network import load_network_profile
-from edgesplit.runtime.errors import EdgesplitError
+from edgesplit.runtime.errors import ConfigError, EdgesplitError
 from edgesplit.runtime.generate import load_tokenizer
-from edgesplit.runtime.models import resolve_store
+from edgesplit.runtime.plan import Plan, check_plan_store
 from edgesplit.runtime.sampling import SamplingParams
 from edgesplit.runtime.store import ModelStore
 from edgesplit.transport.link import EmulatedLink
@@ -30,11 +31,11 @@ PROMPTS = ("The history of the city begins", "Once upon a time", "The capital of
            "def add(a, b):", "In 1842 a railway line", "Visitors often ask why")
 
 
-def device_loop(store_dir: str, endpoint: str, cut: int, codec: str, duration_s: float, max_tokens: int,
-                max_seq_len: int, network: str, index: int) -> dict:
+def device_loop(store_dir: str, endpoint: str, plan: Plan, duration_s: float, max_tokens: int, network: str,
+                index: int) -> dict:
     """One device: sessions back to back for `duration_s` after its front segment is loaded."""
     store = ModelStore(store_dir)
-    plan = make_plan(store, cut, codec, max_seq_len=max_seq_len, accuracy_level=4)
+    check_plan_store(plan, store, "loadtest plan")
     tok = load_tokenizer(store)
     front = load_front(store, plan, threads=1)  # 1 thread each: N devices share the cores
     link = EmulatedLink(load_network_profile(network), seed=index)
@@ -57,17 +58,36 @@ def device_loop(store_dir: str, endpoint: str, cut: int, codec: str, duration_s:
     return counts
 
 
-def loadtest(model: str, cut: int = 15, devices: int = 16, duration_s: float = 60.0, codec: str = "f32",
-             network: str = "loopback", max_tokens: int = 32, max_seq_len: int = 256) -> dict:
-    """Run `devices` device processes against one worker for `duration_s`; aggregate their counts."""
-    store = ModelStore(resolve_store(model))
-    plan = make_plan(store, cut, codec, max_seq_len=max_seq_len, accuracy_level=4)
+@dataclass(frozen=True)
+class LoadtestRequest:
+    """A load test: `devices` device processes, each running sessions of `max_tokens` tokens back to
+    back for `duration_s` seconds over the `network` link. Checked when made."""
+
+    devices: int = 16
+    duration_s: float = 60.0
+    max_tokens: int = 32
+    network: str = "loopback"
+
+    def __post_init__(self):
+        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
+            raise ConfigError(f"devices must be an integer >= 1, got {self.devices!r}")
+        if not (isinstance(self.duration_s, (int, float)) and self.duration_s > 0):
+            raise ConfigError(f"duration_s must be > 0 seconds, got {self.duration_s!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        load_network_profile(self.network)  # an unknown profile fails here, not in 16 children
+
+
+def loadtest(store: ModelStore, plan: Plan, request: LoadtestRequest) -> dict:
+    """Run `request.devices` device processes with `plan` against one worker serving `store`;
+    aggregate their counts."""
+    devices, duration_s, max_tokens, network = request.devices, request.duration_s, request.max_tokens, request.network
     # 2x sessions: a finished session's `close` travels on its own socket and can reach the worker
     # after the same device's next `open`
     with worker_process(str(store.path), store.config.d_model, "--max-sessions", str(2 * devices),
                         warm_plan=plan) as endpoint:
-        args = [str(store.path), endpoint, str(cut), codec, str(duration_s), str(max_tokens), str(max_seq_len), network]
-        procs = [subprocess.Popen([sys.executable, "-m", "edgesplit.device.loadtest", *args, str(i)],
+        args = [str(store.path), endpoint, plan.to_json(), str(duration_s), str(max_tokens), network]
+        procs = [subprocess.Popen([sys.executable, "-m", "edgesplit.harness.loadtest", *args, str(i)],
                                   stdout=subprocess.PIPE, text=True) for i in range(devices)]
         results = []
         for p in procs:
@@ -79,7 +99,7 @@ def loadtest(model: str, cut: int = 15, devices: int = 16, duration_s: float = 6
     windows = [r["window"] for r in results if "window" in r]
     span = max(w[1] for w in windows) - min(w[0] for w in windows) if windows else 0.0
     tokens = sum(r["tokens"] for r in results)
-    return {"devices": devices, "duration_s": duration_s, "cut": cut, "codec": codec, "network": network,
+    return {"devices": devices, "duration_s": duration_s, "cut": plan.cut, "codec": str(plan.codec), "network": network,
             "sessions": sum(r["sessions"] for r in results), "completed": sum(r["completed"] for r in results),
             "errors": [e for r in results for e in r["errors"]], "tokens": tokens, "span_s": span,
             "aggregate_tok_s": tokens / span if span else 0.0,
@@ -87,20 +107,17 @@ def loadtest(model: str, cut: int = 15, devices: int = 16, duration_s: float = 6
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Child entry point: `python -m edgesplit.device.loadtest STORE ENDPOINT CUT CODEC SECONDS ...`."""
-    p = argparse.ArgumentParser(prog="edgesplit.device.loadtest")
-    for name in ("store", "endpoint"):
+    """Child entry point: `python -m edgesplit.harness.loadtest STORE ENDPOINT PLAN_JSON SECONDS ...`."""
+    p = argparse.ArgumentParser(prog="edgesplit.harness.loadtest")
+    for name in ("store", "endpoint", "plan"):
         p.add_argument(name)
-    p.add_argument("cut", type=int)
-    p.add_argument("codec")
     p.add_argument("duration_s", type=float)
     p.add_argument("max_tokens", type=int)
-    p.add_argument("max_seq_len", type=int)
     p.add_argument("network")
     p.add_argument("index", type=int)
     a = p.parse_args(argv)
-    print(json.dumps(device_loop(a.store, a.endpoint, a.cut, a.codec, a.duration_s, a.max_tokens,
-                                 a.max_seq_len, a.network, a.index)))
+    plan = Plan.from_json(a.plan, source="loadtest plan")
+    print(json.dumps(device_loop(a.store, a.endpoint, plan, a.duration_s, a.max_tokens, a.network, a.index)))
     return 0
 
 

@@ -191,7 +191,7 @@ def build_flash_store(store: ModelStore, out: str | os.PathLike, settings: dict,
     `settings`: the engine settings the layer regions were made for (recorded, checked by users);
     `layer_arrays(i)`: graph-ready weights of layer i (see flash_stream.layer_weights).
     """
-    from .flash_neurons import neuron_bundles  # neuron layout lives with its reader
+    from edgesplit.device.flash.layout import neuron_bundles  # neuron layout lives with its reader
 
     out = Path(out)
     cfg = store.config
@@ -235,7 +235,7 @@ def flash_dir(store: ModelStore, settings: dict) -> Path:
 
 def ensure_flash_store(store: ModelStore, settings: dict, verify: bool = True) -> FlashStore:
     """Open the flash store for `settings`, building it from `store` first if absent or stale."""
-    from .flash_stream import layer_weights
+    from edgesplit.device.flash.layout import layer_weights
 
     if settings.get("precision", "q4") != "q4":
         raise ConfigError(f"flash stores hold q4 layers, not {settings.get('precision')!r}")

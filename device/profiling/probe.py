@@ -3,8 +3,8 @@
 Peak RSS (VmHWM) only ever grows in a process, so every memory figure of the profiler and every
 cut of a sweep is measured in its own process started from here:
 
-    python -m edgesplit.device.probe memory '{"store": ..., "start": 0, "end": 4, ...}'
-    python -m edgesplit.device.probe split  '{"store": ..., "endpoint": ..., "cut": 4, ...}'
+    python -m edgesplit.device.profiling.probe memory '{"store": ..., "start": 0, "end": 4, ...}'
+    python -m edgesplit.device.profiling.probe split  '{"store": ..., "endpoint": ..., "cut": 4, ...}'
 
 `memory` loads what a device process loads (runtime, transport, tokenizer), notes its RSS, loads
 the segment, runs a prompt and a few decode steps, and reports the peak. `split` is a device run
@@ -41,7 +41,7 @@ def memory_probe(cfg: dict) -> dict:
     Returns baseline_rss_mb (runtime + tokenizer loaded, no engine), peak_rss_mb, kv_mb (allocated).
     """
     importlib.import_module("edgesplit.device.remote")  # what a device process imports (zmq, transport)
-    from edgesplit.runtime.bench import prompt_ids
+    from edgesplit.runtime.memory import prompt_ids
     from edgesplit.runtime.engine import SegmentEngine
     from edgesplit.runtime.generate import load_tokenizer
     from edgesplit.runtime.memory import peak_rss_mb
@@ -65,17 +65,21 @@ def split_probe(cfg: dict) -> dict:
     """One measured split session against the worker at cfg['endpoint'] (see the module docstring).
 
     cfg: store, endpoint, cut, network, codec, prompt, max_tokens, warmup_tokens, plan (dict:
-    make_plan kwargs), threads, link_seed. Returns simulate's summary keys plus peak_rss_mb and
+    PlanSettings fields besides cut and codec), threads, link_seed. Returns simulate's summary keys plus peak_rss_mb and
     downlink_bytes_per_token.
     """
-    from edgesplit.device.remote import load_front, prepare_split, run_split
-    from edgesplit.device.simulate import summarize
+    from edgesplit.device.remote import load_front, run_split
+    from edgesplit.device.timings import summarize
     from edgesplit.profiles.network import load_network_profile
     from edgesplit.runtime.memory import peak_rss_mb
     from edgesplit.transport.link import EmulatedLink
 
-    store, plan, tok, ids = prepare_split(cfg["store"], cfg["cut"], cfg["codec"], cfg["prompt"], False,
-                                          **cfg["plan"])
+    from edgesplit.runtime.generate import load_tokenizer
+    from edgesplit.runtime.plan import PlanSettings, resolve_split
+
+    store, plan = resolve_split(cfg["store"], PlanSettings(cfg["cut"], cfg["codec"], **cfg["plan"]))
+    tok = load_tokenizer(store)
+    ids = tok.encode(cfg["prompt"])
     front = load_front(store, plan, threads=cfg["threads"])
     profile = load_network_profile(cfg["network"])
     for _ in run_split(store, cfg["endpoint"], plan, ids, None, cfg["warmup_tokens"], None, stop_ids=(),
@@ -89,7 +93,7 @@ def split_probe(cfg: dict) -> dict:
         times.append(time.perf_counter())
         responses.append(resp)
     out = summarize(responses, times, t_start)
-    out.update(cut=plan.cut, network=profile.name, codec=plan.codec, prompt_tokens=len(ids),
+    out.update(cut=plan.cut, network=profile.name, codec=str(plan.codec), prompt_tokens=len(ids),
                tokens=len(responses), peak_rss_mb=peak_rss_mb(),
                downlink_bytes_per_token=float(np.median([r.timings.downlink_bytes for r in responses[1:]])))
     return out
@@ -100,7 +104,7 @@ PROBES = {"memory": memory_probe, "split": split_probe}
 
 def run_probe(kind: str, cfg: dict, timeout_s: float = 300.0) -> dict:
     """Run probe `kind` with `cfg` in a fresh Python process; returns its JSON result."""
-    cmd = [sys.executable, "-m", "edgesplit.device.probe", kind, json.dumps(cfg)]
+    cmd = [sys.executable, "-m", "edgesplit.device.profiling.probe", kind, json.dumps(cfg)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise EdgesplitError(f"probe {kind} {cfg.get('cut', cfg.get('end'))} failed "
@@ -109,9 +113,9 @@ def run_probe(kind: str, cfg: dict, timeout_s: float = 300.0) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m edgesplit.device.probe KIND JSON`: print the probe's result as one JSON line."""
+    """`python -m edgesplit.device.profiling.probe KIND JSON`: print the probe's result as one JSON line."""
     if len(argv) != 2 or argv[0] not in PROBES:
-        print(f"usage: python -m edgesplit.device.probe {{{','.join(PROBES)}}} JSON", file=sys.stderr)
+        print(f"usage: python -m edgesplit.device.profiling.probe {{{','.join(PROBES)}}} JSON", file=sys.stderr)
         return 2
     print(json.dumps(PROBES[argv[0]](json.loads(argv[1]))))
     return 0

@@ -15,22 +15,23 @@ from __future__ import annotations
 import logging
 import statistics
 
-from edgesplit.device.cost_model import Setting, decode_costs, device_memory_mb
-from edgesplit.device.fidelity import FidelityTable
-from edgesplit.device.planner import Request, choose
-from edgesplit.device.probe import run_probe
-from edgesplit.device.quiet import wait_until_quiet
-from edgesplit.device.worker_proc import WorkerProcess
+from edgesplit.device.planning.cost_model import Setting, decode_costs, device_memory_mb
+from edgesplit.device.planning.fidelity import FidelityTable
+from edgesplit.device.planning.planner import Request, choose
+from edgesplit.device.profiling.probe import run_probe
+from edgesplit.device.profiling.quiet import wait_until_quiet
+from edgesplit.harness.worker_proc import WorkerProcess
 from edgesplit.profiles.cloud import load_cloud_profile
 from edgesplit.profiles.device import load_device_profile
 from edgesplit.profiles.network import load_network_profile
 from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
 
 log = logging.getLogger(__name__)
 
 PROMPT = ("The history of the city begins with a small settlement on the river, where traders from the north "
           "met farmers from the valley to exchange grain, salt and wool.")
-MAX_SEQ_LEN = 2048
+MAX_SEQ_LEN = DEFAULT_MAX_SEQ_LEN
 WARMUP_TOKENS = 4
 
 

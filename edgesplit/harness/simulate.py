@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,21 +21,20 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from edgesplit.device.remote import BREAKDOWN_KEYS, SplitResponse, load_front, prepare_split, run_split
+from edgesplit.device.remote import load_front, run_split
+from edgesplit.device.timings import SplitResponse, aggregate, summarize
 from edgesplit.profiles.network import load_network_profile
 from edgesplit.runtime import codec as codec_lib
 from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.generate import GenerationRequest, load_tokenizer
+from edgesplit.runtime.memory import available_memory_mb, peak_rss_mb
 from edgesplit.runtime.plan import Plan
-from edgesplit.runtime.sampling import SamplingParams
+from edgesplit.runtime.store import ModelStore
 from edgesplit.transport.channel import Channel, RemoteError, TransportError
 from edgesplit.transport.link import EmulatedLink
 from edgesplit.transport.protocol import Activation, DecodeFrame, new_session_id
 
 log = logging.getLogger(__name__)
-
-# The framework's own cost per token (SplitTimings.overhead plus the generation loop), outside the breakdown.
-FRAMEWORK_KEYS = ("device_framing", "transport", "cloud_framing", "loop")
-
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
@@ -121,57 +119,6 @@ def worker_process(store_path: str, d_model: int, *extra: str, warm_plan: Plan |
             stop_worker(proc)
 
 
-def _median(values) -> float:
-    values = list(values)
-    return float(statistics.median(values)) if values else 0.0
-
-
-def summarize(responses: list[SplitResponse], times_s: list[float], t_start_s: float) -> dict:
-    """The figures of one run: `times_s` = when each response reached the user, perf_counter s.
-
-    per_token_ms is the median gap between consecutive tokens; each breakdown figure is the median
-    over decode steps; overhead_ratio = per_token_ms / sum(breakdown_ms). framework_ms: medians of
-    the framework's own cost per token (device framing, real transport, cloud framing, and `loop`:
-    the rest of the gap, i.e. the generation loop and timing glue), which the breakdown leaves out.
-    """
-    if not responses:
-        raise ConfigError("no token was generated")
-    ttft_ms = (times_s[0] - t_start_s) * 1000.0
-    gaps = np.diff(times_s) * 1000.0  # ms between consecutive tokens as the user sees them
-    per_token_ms = float(np.median(gaps)) if len(gaps) else ttft_ms
-    tok_s = (len(times_s) - 1) / (times_s[-1] - times_s[0]) if len(times_s) > 1 else 0.0
-    steps = responses[1:] or responses  # decode steps (the prefill token is in ttft)
-    breakdown = {k: _median(r.timings.breakdown()[k] for r in steps) for k in BREAKDOWN_KEYS}
-    framework = [dict(r.timings.overhead()) for r in steps]
-    for f, r, gap in zip(framework, steps, gaps if len(gaps) else [ttft_ms]):
-        f["loop"] = gap - sum(r.timings.breakdown().values()) - sum(f.values())
-    total = sum(breakdown.values())
-    return {
-        "per_token_ms": per_token_ms,
-        "ttft_ms": ttft_ms,
-        "tok_s": tok_s,
-        "bytes_per_token": _median(r.timings.uplink_bytes for r in steps),
-        "activation_bytes_per_token": _median(r.timings.activation_bytes for r in steps),
-        "prefill_bytes": responses[0].timings.uplink_bytes,
-        "breakdown_ms": breakdown,
-        "framework_ms": {k: _median(f[k] for f in framework) for k in FRAMEWORK_KEYS},
-        "overhead_ratio": per_token_ms / total if total > 0 else None,
-    }
-
-
-def aggregate(runs: list[dict]) -> dict:
-    """Medians over runs of each run's figures (`summarize` dicts); `overhead_ratios` lists every run's."""
-    out = {k: _median(r[k] for r in runs) for k in ("per_token_ms", "ttft_ms", "tok_s", "bytes_per_token",
-                                                     "activation_bytes_per_token", "prefill_bytes")}
-    for group in ("breakdown_ms", "framework_ms"):
-        out[group] = {k: _median(r[group][k] for r in runs) for k in runs[0][group]}
-    ratios = [r["overhead_ratio"] for r in runs]
-    out["overhead_ratio"] = _median(x for x in ratios if x is not None) if any(x is not None for x in ratios) else None
-    out["overhead_ratios"] = ratios
-    out["runs"] = len(runs)
-    return out
-
-
 def _generate_once(store, endpoint, plan, ids, params, max_tokens, link, tok, front, timeout_s,
                    on_token) -> tuple[dict, list[SplitResponse]]:
     responses: list[SplitResponse] = []
@@ -186,32 +133,28 @@ def _generate_once(store, endpoint, plan, ids, params, max_tokens, link, tok, fr
     return summarize(responses, times, t_start), responses
 
 
-def simulate(model: str, cut: int | None, network: str = "loopback", codec: str | None = None,
-             prompt: str = "What is the capital of France?", max_tokens: int = 64, chat: bool = True, *,
-             runs: int = 1, plan: Plan | None = None, plan_source: str = "plan",
-             params: SamplingParams | None = None, link_seed: int = 0, threads: int = 2,
-             ready_timeout_s: float = 120.0, timeout_s: float = 60.0, flash_embedding: bool = False,
-             on_token: Callable[[SplitResponse], None] | None = None, **plan_kwargs) -> dict:
-    """Run `runs` split generations against one worker process on loopback, the `network` link emulated.
+def simulate(store: ModelStore, plan: Plan, request: GenerationRequest, network: str = "loopback", *,
+             runs: int = 1, link_seed: int = 0, threads: int = 2, ready_timeout_s: float = 120.0,
+             timeout_s: float = 60.0, on_token: Callable[[SplitResponse], None] | None = None) -> dict:
+    """Run `runs` split generations of `request` with `plan` against one worker process serving
+    `store` on loopback, the `network` link (a built-in profile name or a TOML path) emulated.
 
-    `model`: a known name, GGUF or store path; `network`: a built-in profile name or a TOML path;
-    `codec`: the activation codec setting (None = f32), e.g. 'ts+tabq:budget=0.05,tau=40,rotate=1'; `plan`:
-    a Plan to run as is (then `cut`, `codec`, `plan_kwargs` may be None or must agree with it);
-    `plan_kwargs`: front/back/head/kv precision, max_seq_len, accuracy_level. `chat` wraps the
-    prompt in the chat template. Run i uses link seed `link_seed + i`. `on_token` is called with
-    each response of the first run as it arrives (for streaming). `flash_embedding`: the device
-    reads embedding rows from flash instead of holding the table (load_front).
+    Run i uses link seed `link_seed + i`. `on_token` is called with each response of the first run
+    as it arrives (for streaming). The device front is loaded as the plan says (`front_flash`).
     Returns medians over the runs (`aggregate`): `per_token_ms`, `ttft_ms`, `tok_s`,
     `bytes_per_token`, `breakdown_ms`, `framework_ms`, `overhead_ratio` (and `overhead_ratios`, one
-    per run), plus `cut`, `network`, `codec`, and the first run's `tokens`, `text`, `link`.
+    per run), plus `cut`, `network`, `codec`, `front_flash`, the device's `peak_rss_mb` against
+    its `memory_budget_mb`, and the first run's `tokens`, `text`, `link`.
     """
-    if runs < 1:
-        raise ConfigError(f"runs must be >= 1, got {runs}")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ConfigError(f"runs must be an integer >= 1, got {runs!r}")
     profile = load_network_profile(network)
-    store, plan, tok, ids = prepare_split(model, cut, codec, prompt, chat, plan=plan, plan_source=plan_source,
-                                          **plan_kwargs)
+    budget = plan.check_memory(available_memory_mb())
+    tok = load_tokenizer(store)
+    ids = request.prompt_ids(tok)
+    params, max_tokens = request.params, request.max_tokens
     # loaded and run once before the clock starts
-    front = load_front(store, plan, threads=threads, flash_embedding=flash_embedding)
+    front = load_front(store, plan, threads=threads)
     front.prefill(np.zeros(min(8, plan.max_seq_len), np.int64))
     summaries, first, links = [], [], []
     with worker_process(str(store.path), store.config.d_model, warm_plan=plan,
@@ -222,7 +165,8 @@ def simulate(model: str, cut: int | None, network: str = "loopback", codec: str 
                                                 front, timeout_s, on_token if i == 0 else None)
             summaries.append(summary)
             first = first or responses
-    out = {"cut": plan.cut, "network": profile.name, "codec": plan.codec, "flash_embedding": flash_embedding}
+    out = {"cut": plan.cut, "network": profile.name, "codec": str(plan.codec), "front_flash": plan.front_flash,
+           "peak_rss_mb": peak_rss_mb(), "memory_budget_mb": budget}
     out.update(aggregate(summaries))
     out.update({
         "tokens": [r.token for r in first],

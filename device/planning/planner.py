@@ -20,9 +20,11 @@ from edgesplit.profiles.cloud import CloudProfile
 from edgesplit.profiles.device import DeviceProfile
 from edgesplit.profiles.network import NetworkProfile
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
+from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
+from edgesplit.runtime.plan import Plan, PlanSettings, make_plan
 
-from .cost_model import FLASH_OPTIONS, Costs, Setting, costs
-from .fidelity import Fidelity, FidelityTable
+from edgesplit.device.planning.cost_model import FLASH_OPTIONS, Costs, Setting, costs
+from edgesplit.device.planning.fidelity import Fidelity, FidelityTable
 
 OBJECTIVES = ("latency", "fidelity", "memory")
 
@@ -40,7 +42,7 @@ class Request:
     latency_ms: float | None = None  # per-token latency limit, ms
     ttft_ms: float | None = None  # time-to-first-token limit, ms
     min_top1: float | None = 0.95  # fidelity floor: top-1 agreement with the fp32 reference
-    max_seq_len: int = 2048  # the least KV capacity wanted, tokens (longer ones are candidates too)
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN  # the least KV capacity wanted, tokens (longer ones are candidates too)
     prompt_tokens: int = 128  # prompt length for TTFT and prefill workspace
     context_tokens: int | None = None  # context at which latency is predicted (None: max_seq_len)
     precisions: tuple[str, ...] = ("q4", "q8", "f32")
@@ -109,6 +111,8 @@ def enumerate_candidates(dev: DeviceProfile, cloud: CloudProfile, net: NetworkPr
         if fid is None or traffic is None or kv not in fig.kv_bytes_per_token_per_layer:
             continue
         for n, flash in itertools.product(seq_len_candidates(req.max_seq_len, context_length), req.flash_options):
+            if flash != "resident" and front != "q4":
+                continue  # flash stores hold q4 layers: the runtime cannot run this front (runtime/plan.py)
             s = Setting(cut, front, back, kv, codec, n, flash)
             c = costs(dev, cloud, net, s, up_bytes=traffic[0], prompt_bytes_per_token=traffic[1],
                       context=req.context_tokens or n, prompt_tokens=req.prompt_tokens, budget_mb=budget)
@@ -229,15 +233,14 @@ def choose(dev: DeviceProfile, cloud: CloudProfile, net: NetworkProfile, table: 
     return Choice(best, why, tuple(pareto_front(ok)), len(cands), len(ok), tuple(ok))
 
 
-def to_plan(store, cand: Candidate):
-    """The frozen Plan of a candidate for `store` (model identity from its shards), with predictions."""
-    from edgesplit.device.remote import make_plan
-
+def to_plan(store, cand: Candidate, memory_budget_mb: float | None = None) -> Plan:
+    """The frozen Plan of a candidate for `store` (model identity from its shards): every choice the
+    planner made (the front's flash option included), its predictions and the memory budget."""
     s = cand.setting
-    plan = make_plan(store, s.cut, s.codec, front_precision=s.front_precision, back_precision=s.back_precision,
-                     kv_precision=s.kv_precision, max_seq_len=s.max_seq_len)
-    return dataclasses.replace(plan, predicted_ms_per_token=cand.costs.ms_per_token,
-                               predicted_device_memory_mb=cand.costs.device_memory_mb)
+    return make_plan(store, PlanSettings(s.cut, s.codec, s.front_precision, s.back_precision,
+                                         kv_precision=s.kv_precision, max_seq_len=s.max_seq_len, front_flash=s.flash),
+                     predicted_ms_per_token=cand.costs.ms_per_token,
+                     predicted_device_memory_mb=cand.costs.device_memory_mb, memory_budget_mb=memory_budget_mb)
 
 
 def check_model(dev: DeviceProfile, store) -> None:
@@ -262,5 +265,6 @@ def plan_for(device, network, store, cloud="cpu-server", table: FidelityTable | 
     net = network if isinstance(network, NetworkProfile) else load_network_profile(network)
     cl = cloud if isinstance(cloud, CloudProfile) else load_cloud_profile(cloud)
     check_model(dev, store)
-    choice = choose(dev, cl, net, table or FidelityTable(), Request(**request), store.config.context_length)
-    return to_plan(store, choice.chosen)
+    req = Request(**request)
+    choice = choose(dev, cl, net, table or FidelityTable(), req, store.config.context_length)
+    return to_plan(store, choice.chosen, memory_limit_mb(dev, req))

@@ -17,10 +17,10 @@ import numpy as np
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.evaluate import text_tokens
 
-from .flash_model import FlashModel
-from .flash_neurons import NeuronWindow
-from .flash_sparsity import plot, reference_from_store, sparse_forward, sweep
-from .flash_store import FlashStore
+from edgesplit.device.planning.flash_model import FlashModel
+from edgesplit.device.flash.neurons import NeuronWindow
+from edgesplit.harness.flash_sparsity import plot, reference_from_store, sparse_forward, sweep
+from edgesplit.device.flash.store import FlashStore
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def replay_io(store, flash: FlashStore, tokens: np.ndarray, calib: np.ndarray, p
     ref = reference_from_store(store)
     predictors = None
     if point["selector"] == "predictor":
-        from .flash_sparsity import fit_predictors
+        from edgesplit.harness.flash_sparsity import fit_predictors
 
         predictors = fit_predictors(ref, calib, PREDICTOR_RANK)
     ids = tokens[:REPLAY_TOKENS]
@@ -67,10 +67,9 @@ def replay_io(store, flash: FlashStore, tokens: np.ndarray, calib: np.ndarray, p
     return {"bytes": (f.bytes_read - b0) / len(ids), "reads": (f.reads - r0) / len(ids), "s": elapsed / len(ids)}
 
 
-def run_neurons(args, store, flash: FlashStore, tokens: np.ndarray, model: FlashModel | None) -> dict:
+def run_neurons(args, store, flash: FlashStore, tokens: np.ndarray, model: FlashModel | None, budget: int) -> dict:
+    """The neurons mode; `budget`: the memory budget in bytes (flash_bench.budget_bytes)."""
     from edgesplit.runtime.generate import load_tokenizer
-
-    from .flash_bench import budget_bytes
 
     calib_path = Path(args.text).with_name("valid.txt")
     if not calib_path.is_file():
@@ -79,7 +78,6 @@ def run_neurons(args, store, flash: FlashStore, tokens: np.ndarray, model: Flash
     points = sweep(store, tokens, calib, rank=PREDICTOR_RANK, window=args.window)
     if getattr(args, "plot", None):
         plot(points, args.plot)
-    budget = budget_bytes(args, flash)
     for p in points:
         p["resident_mb"] = fixed_bytes(store, flash, p["selector"]) / MB + p["window_mb"]
     fits = [p for p in points if p["resident_mb"] * MB <= budget]

@@ -22,7 +22,7 @@ import numpy as np
 
 from edgesplit.runtime.codec import encoded_nbytes, parse_codec
 
-from .fidelity_data import CODEC_ROWS, ENGINE_ROWS, CodecRow, EngineRow
+from edgesplit.device.planning.fidelity_data import CODEC_ROWS, ENGINE_ROWS, CodecRow, EngineRow
 
 FIXED_SIZE = ("f32", "f16", "int8")
 LOSSLESS = "f32"

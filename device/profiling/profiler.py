@@ -27,11 +27,11 @@ from pathlib import Path
 
 import psutil
 
-from edgesplit.device.files import write_text_atomic
-from edgesplit.device.flash_probe import flash_read_figures
-from edgesplit.device.probe import run_probe
-from edgesplit.device.quiet import wait_until_quiet
-from edgesplit.device.profile_timing import ProfileSettings, codec_timings, ends_timings, layer_timings
+from edgesplit.runtime.files import write_text_atomic
+from edgesplit.device.profiling.flash_probe import flash_read_figures
+from edgesplit.device.profiling.probe import run_probe
+from edgesplit.device.profiling.quiet import wait_until_quiet
+from edgesplit.device.profiling.timing import ProfileSettings, codec_timings, ends_timings, layer_timings
 from edgesplit.profiles.toml_fields import to_toml
 from edgesplit.runtime.store import ModelStore
 
@@ -69,31 +69,29 @@ def _kv_bytes(store: ModelStore, kv_precision: str) -> int:
     return 2 * c.n_kv_heads * c.head_dim * KV_BYTES[kv_precision]
 
 
-def split_calibration(store: ModelStore, threads: int, ps: ProfileSettings) -> list[dict]:
-    """Split sessions on loopback at cuts L/4, L/2 and 3L/4 (one worker process, a device process each).
+def split_calibration(store: ModelStore, cloud_endpoint: str, threads: int, ps: ProfileSettings) -> list[dict]:
+    """Split sessions on loopback at cuts L/4, L/2 and 3L/4 against the cloud worker at
+    `cloud_endpoint` (serving `store`), a device process each.
 
     Returns the probes' summaries: per_token_ms, breakdown_ms, bytes_per_token, activation and
     downlink bytes, prompt tokens, peak_rss_mb. What the per-token time has beyond the predicted
     compute and link is the split overhead (`split_overhead_ms`).
     """
-    from edgesplit.device.worker_proc import WorkerProcess
-
     L = store.config.n_layers
     cuts = sorted({max(1, min(L - 1, round(L * q))) for q in (0.25, 0.5, 0.75)})
     out = []
-    with WorkerProcess(str(store.path), store.config.d_model, threads=threads) as worker:
-        for cut in cuts:
-            wait_until_quiet(timeout_s=ps.quiet_timeout_s)
-            out.append(run_probe("split", {
-                "store": str(store.path), "endpoint": worker.endpoint, "cut": cut, "network": "loopback",
-                "codec": "f32", "prompt": CALIBRATION_PROMPT, "max_tokens": ps.calibration_tokens,
-                "warmup_tokens": 4, "plan": {"max_seq_len": ps.max_seq_len}, "threads": threads, "link_seed": 0}))
+    for cut in cuts:
+        wait_until_quiet(timeout_s=ps.quiet_timeout_s)
+        out.append(run_probe("split", {
+            "store": str(store.path), "endpoint": cloud_endpoint, "cut": cut, "network": "loopback",
+            "codec": "f32", "prompt": CALIBRATION_PROMPT, "max_tokens": ps.calibration_tokens,
+            "warmup_tokens": 4, "plan": {"max_seq_len": ps.max_seq_len}, "threads": threads, "link_seed": 0}))
     return out
 
 
 def split_overhead_ms(profile: dict, calibs: list[dict], ps: ProfileSettings) -> float:
     """Median over the calibration sessions of measured per-token ms minus the model's compute + link."""
-    from edgesplit.device.cost_model import Setting, decode_costs
+    from edgesplit.device.planning.cost_model import Setting, decode_costs
     from edgesplit.profiles.cloud import CloudProfile
     from edgesplit.profiles.device import device_profile_from_dict
     from edgesplit.profiles.network import load_network_profile
@@ -123,9 +121,13 @@ def calibrated_overhead_mb(measured: dict, calibs: list[dict], ps: ProfileSettin
     return statistics.median(out)
 
 
-def profile_machine(store: ModelStore, *, model_name: str, precisions=("q4", "q8"), threads: int = 2,
-                    flash_dir: Path | None = None, settings: ProfileSettings | None = None) -> dict:
-    """Measure everything; returns the device profile as a dict (the TOML's structure)."""
+def profile_machine(store: ModelStore, cloud_endpoint: str, *, model_name: str, precisions=("q4", "q8"),
+                    threads: int = 2, flash_dir: Path | None = None, settings: ProfileSettings | None = None) -> dict:
+    """Measure everything; returns the device profile as a dict (the TOML's structure).
+
+    `cloud_endpoint`: a cloud worker on loopback serving `store`, for the split calibration (the
+    caller starts it: the device side never starts a cloud).
+    """
     cfg, ps = store.config, settings or ProfileSettings()
     t0 = time.perf_counter()
     layers, overheads = {}, []
@@ -154,7 +156,7 @@ def profile_machine(store: ModelStore, *, model_name: str, precisions=("q4", "q8
         "kv_bytes_per_token_per_layer": {k: _kv_bytes(store, k) for k in KV_BYTES},
         "codec_ms": codec_ms, "layers": layers,
     }
-    calib = split_calibration(store, threads, ps)
+    calib = split_calibration(store, cloud_endpoint, threads, ps)
     measured.update(frame_up_bytes=int(calib[0]["bytes_per_token"] - calib[0]["activation_bytes_per_token"]),
                     frame_down_bytes=int(calib[0]["downlink_bytes_per_token"]), split_overhead_ms=0.0)
     log.info("profile: runtime overhead %.1f MB in a bare process", measured["runtime_overhead_mb"])

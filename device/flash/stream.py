@@ -27,53 +27,21 @@ from onnx import helper
 
 from edgesplit.runtime.engine import SegmentEngine, segment_outliers, session_options
 from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
 from edgesplit.runtime.graph import SegmentSpec, build_segment
 from edgesplit.runtime.kv_cache import KVCache
 from edgesplit.runtime.store import ModelStore
 
-from .flash_store import PAGE_BYTES, FlashStore
+from edgesplit.device.flash.layout import flash_settings, layer_graph, layer_weights
+from edgesplit.device.flash.store import PAGE_BYTES, FlashStore
 
 log = logging.getLogger(__name__)
-
-FLASH_SETTINGS = ("precision", "kv_precision", "accuracy_level", "outlier_channels")
-
-
-def flash_settings(**engine_kwargs) -> dict:
-    """The engine settings a flash store's layer regions depend on (defaults as SegmentEngine's)."""
-    defaults = {"precision": "q4", "kv_precision": "f32", "accuracy_level": 4, "outlier_channels": 8}
-    return {k: engine_kwargs.get(k, defaults[k]) for k in FLASH_SETTINGS}
-
-
-def _layer_spec(store: ModelStore, i: int, settings: dict, max_seq_len: int) -> SegmentSpec:
-    return SegmentSpec(store.config, i, i + 1, settings["precision"], "q8", settings["kv_precision"],
-                       max_seq_len, settings["accuracy_level"], 4, embed_ids=False, with_head=False)
-
-
-def _layer_graph(store: ModelStore, i: int, settings: dict, max_seq_len: int):
-    """(ONNX model, its external weights, spec) of layer i taking hidden states."""
-    spec = _layer_spec(store, i, settings, max_seq_len)
-    kv_scales = None
-    if settings["kv_precision"] == "int8":
-        from edgesplit.runtime.calibration import kv_scales_for
-
-        kv_scales = kv_scales_for(store.manifest, i, i + 1)
-    outliers = segment_outliers(store.manifest, spec, settings["outlier_channels"], 16)
-    model, weights = build_segment(spec, {i: store.layer(i, settings["precision"])}, None, None, None,
-                                   kv_scales, outliers)
-    return model, weights, spec
-
-
-def layer_weights(store: ModelStore, i: int, settings: dict) -> dict[str, np.ndarray]:
-    """Graph-ready weights of layer i (the external initializers named `{i}.*`), for the flash store."""
-    _, weights, _ = _layer_graph(store, i, settings, 16)
-    return {k: v for k, v in weights.items() if k.startswith(f"{i}.")}
-
 
 class StreamedLayer:
     """Layer i as a graph whose `{i}.*` weights are inputs; `bind(arrays)` points them at a buffer."""
 
     def __init__(self, store: ModelStore, i: int, settings: dict, max_seq_len: int, threads: int):
-        model, weights, self.spec = _layer_graph(store, i, settings, max_seq_len)
+        model, weights, self.spec = layer_graph(store, i, settings, max_seq_len)
         g = model.graph
         self.names = [k for k in weights if k.startswith(f"{i}.")]
         keep = [t for t in g.initializer if t.name not in self.names]
@@ -117,7 +85,7 @@ class StreamedFront:
     """
 
     def __init__(self, store: ModelStore, flash: FlashStore, resident: set[int], *, settings: dict,
-                 end: int | None = None, max_seq_len: int = 2048, threads: int = 2, drop_cache: bool = False,
+                 end: int | None = None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN, threads: int = 2, drop_cache: bool = False,
                  ram_weights: bool = False):
         n = store.config.n_layers if end is None else end
         if not 0 < n <= store.config.n_layers:
@@ -125,6 +93,7 @@ class StreamedFront:
         if flash.settings != settings:
             raise ConfigError(f"{flash.path}: made for {flash.settings}, engine wants {settings}")
         self.file = flash.file("layers.bin")
+        self.max_seq_len = max_seq_len  # KV capacity in positions
         self.regions = flash.layers
         self.streamed = [i for i in range(n) if i not in resident]
         self.drop_cache = drop_cache

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codec import CodecSpec, CutTable, decode, encode, parse_codec, table_for
-from .errors import ConfigError
-from .evaluate import LogitComparison, check_inputs, windows
-from .engine import ENGINE_SETTINGS, SegmentEngine
-from .store import ModelStore
+from edgesplit.runtime.codec import CodecSpec, CutTable, decode, encode, parse_codec, table_for
+from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.evaluate import LogitComparison, check_inputs, windows
+from edgesplit.runtime.engine import ENGINE_SETTINGS, SegmentEngine
+from edgesplit.runtime.store import ModelStore
 
 LOSSLESS = "f32"
 

@@ -17,7 +17,7 @@ from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.store import ModelStore
 
-from .flash_store import FlashStore
+from edgesplit.device.flash.store import FlashStore
 
 BLOCK = 32
 
@@ -86,6 +86,11 @@ class FlashFront:
     @property
     def spec(self):
         return self.engine.spec
+
+    @property
+    def max_seq_len(self) -> int:
+        """KV capacity in positions (the engine's)."""
+        return self.engine.max_seq_len
 
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
         """Prompt ids (T,) -> the engine's prefill of their rows."""

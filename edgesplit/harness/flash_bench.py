@@ -27,10 +27,11 @@ from edgesplit.runtime.quant import q8_dense
 from edgesplit.runtime.reference import rms_norm
 from edgesplit.runtime.store import ModelStore
 
-from .flash_embedding import FlashEmbedding, FlashFront
-from .flash_model import Budget, FlashModel, check_budget, simulate_pipeline, stream_plan
-from .flash_store import FlashStore, ensure_flash_store
-from .flash_stream import StreamedFront, flash_settings
+from edgesplit.device.flash.embedding import FlashEmbedding, FlashFront
+from edgesplit.device.planning.flash_model import Budget, FlashModel, check_budget, simulate_pipeline, stream_plan
+from edgesplit.device.flash.store import FlashStore, ensure_flash_store
+from edgesplit.device.flash.layout import flash_settings
+from edgesplit.device.flash.stream import StreamedFront
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +236,9 @@ def cli_flash_bench(args) -> list[dict]:
     out = []
     for mode in modes:
         if mode == "neurons":
-            from .flash_neurons_bench import run_neurons
+            from edgesplit.harness.flash_neurons_bench import run_neurons
 
-            res = run_neurons(args, store, flash, tokens, model)
+            res = run_neurons(args, store, flash, tokens, model, budget_bytes(args, flash))
         else:
             res = (run_embedding if mode == "embedding" else run_stream)(args, store, flash, tokens, head, model,
                                                                          factor)

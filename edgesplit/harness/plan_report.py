@@ -1,8 +1,8 @@
 """`edgesplit plan`: load profiles, run the planner, and report the plan, why, and the Pareto front.
 
-The report is one JSON-able dict: `plan` (the frozen Plan's dict, with `cut`), `flash` (the front's
-flash option: resident, embedding rows on flash or layer streaming, with its modelled reads; not
-part of the Plan), the predictions,
+The report is one JSON-able dict: `plan` (the frozen Plan's dict, with `cut` and `front_flash`),
+`flash` (the front's flash option: resident, embedding rows on flash or layer streaming, with its
+modelled reads in `flash_figures`), the predictions,
 `why`, the device/network/cloud names, candidate counts, and `pareto` (the front of the feasible
 set). `--out` writes the plan JSON (what `--plan FILE` reads), `--pareto-json` the front, `--plot`
 the PNG with the chosen point marked.
@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from edgesplit.device.files import write_text_atomic
-from edgesplit.device.cost_model import FLASH_OPTIONS
-from edgesplit.device.planner import Request, check_model, choose, memory_limit_mb, to_plan
-from edgesplit.device.fidelity import FidelityTable
+from edgesplit.runtime.files import write_text_atomic
+from edgesplit.device.planning.cost_model import FLASH_OPTIONS
+from edgesplit.device.planning.planner import Request, check_model, choose, memory_limit_mb, to_plan
+from edgesplit.device.planning.fidelity import FidelityTable
 from edgesplit.profiles.cloud import load_cloud_profile
 from edgesplit.profiles.device import load_device_profile
 from edgesplit.profiles.network import load_network_profile
@@ -40,7 +40,7 @@ def plan_report(args) -> dict:
     store = ModelStore(resolve_store(args.model, precisions=tuple(sorted(set(req.precisions) | {"f32"}))))
     check_model(dev, store)
     choice = choose(dev, cloud, net, FidelityTable(), req, store.config.context_length)
-    plan = to_plan(store, choice.chosen)
+    plan = to_plan(store, choice.chosen, memory_limit_mb(dev, req))
     best = choice.chosen
     front = [c.point() for c in choice.front]
     report = {
@@ -60,7 +60,7 @@ def plan_report(args) -> dict:
     if args.pareto_json:
         write_text_atomic(args.pareto_json, json.dumps({"chosen": best.point(), "front": front}, indent=1) + "\n")
     if args.plot:
-        from edgesplit.device.pareto_plot import plot_front
+        from edgesplit.device.planning.pareto_plot import plot_front
 
         plot_front(choice, f"{dev.name} over {net.name} (cloud {cloud.name}), objective {req.objective}",
                    args.plot, memory_limit_mb=report["memory_limit_mb"])

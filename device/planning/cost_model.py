@@ -38,13 +38,14 @@ from edgesplit.profiles.cloud import CloudProfile
 from edgesplit.profiles.device import DeviceProfile, LayerFigures, MeasuredFigures
 from edgesplit.profiles.network import NetworkProfile
 from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.plan import FRONT_FLASH
 from edgesplit.transport.link import rto_ms, serialization_ms
 
-from .flash_model import (EMBEDDING_CACHE_ROWS, EMBEDDING_MISS_RATE, REGION_BYTES_PER_SHARD_BYTE, STREAM_BUFFERS,
+from edgesplit.device.planning.flash_model import (EMBEDDING_CACHE_ROWS, EMBEDDING_MISS_RATE, REGION_BYTES_PER_SHARD_BYTE, STREAM_BUFFERS,
                           STREAM_PRECISIONS, STREAMED_LAYER_COMPUTE_FACTOR, FlashModel, embedding_figures,
                           q8_row_bytes, stream_figures, stream_plan)
 
-FLASH_OPTIONS = ("resident", "embedding", "stream")
+FLASH_OPTIONS = FRONT_FLASH  # the front flash options the runtime runs (runtime/plan.py)
 MIB = 2**20  # profile memory figures are in MB = 2^20 bytes
 
 
@@ -58,7 +59,7 @@ class Setting:
     kv_precision: str
     codec: str
     max_seq_len: int
-    flash: str = "resident"  # front flash option, one of FLASH_OPTIONS (planner report only, not in the Plan)
+    flash: str = "resident"  # front flash option, one of FLASH_OPTIONS (the Plan's front_flash)
 
 
 @dataclass(frozen=True)

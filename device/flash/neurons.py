@@ -18,29 +18,8 @@ import numpy as np
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.quant import q4_dense
 
-from .flash_store import FlashFile
-
-Q4_ROW_PARTS = ("qweight", "scales", "mins")
-
-
-def _q4_rows(w: dict[str, np.ndarray], prefix: str) -> np.ndarray:
-    n = w[f"{prefix}.qweight"].shape[0]
-    return np.concatenate([w[f"{prefix}.{p}"].reshape(n, -1).view(np.uint8) for p in Q4_ROW_PARTS], axis=1)
-
-
-def neuron_bundles(layer: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per neuron: (F, 360 + 2d) uint8 up row + f16 down column, and (F, 360) uint8 gate row."""
-    down = q4_dense(layer["ffn_down.qweight"], layer["ffn_down.scales"], layer["ffn_down.mins"])  # (d, F)
-    cols = np.ascontiguousarray(down.T.astype(np.float16)).view(np.uint8)  # (F, 2d)
-    up_down = np.ascontiguousarray(np.concatenate([_q4_rows(layer, "ffn_up"), cols], axis=1))
-    return up_down, np.ascontiguousarray(_q4_rows(layer, "ffn_gate"))
-
-
-def bundle_bytes(d: int, with_gate: bool) -> int:
-    """Bytes read per neuron for model width d: up row + down column (+ gate row)."""
-    q4 = (d // 32) * 20
-    return q4 + 2 * d + (q4 if with_gate else 0)
-
+from edgesplit.device.flash.layout import Q4_ROW_PARTS, bundle_bytes, neuron_bundles
+from edgesplit.device.flash.store import FlashFile
 
 def q4_rows_dense(raw: np.ndarray, d: int) -> np.ndarray:
     """Float32 (n, d) of Q4_1 rows stored as in a bundle (raw (n, 360))."""

@@ -14,24 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import ENGINE_SETTINGS, SegmentEngine, engine_kwargs_of
-from .errors import ConfigError, EdgesplitError
-from .evaluate import engine_settings
-from .memory import peak_rss_mb, segment_memory
-from .store import ModelStore
-
-FIRST_ORDINARY_ID = 17  # SmolLM2 has 17 special tokens (ids 0-16); smaller vocabs wrap below
-_STRIDE = 7919  # a prime: consecutive ids spread over the vocabulary
-
-
-def prompt_ids(n: int, vocab_size: int) -> np.ndarray:
-    """Deterministic prompt (n,) int64: (17 + 7919 * i) mod the ordinary-id range, no specials.
-
-    Not text, but speed does not depend on which ids are fed, and both engines get these ids.
-    """
-    first = FIRST_ORDINARY_ID if vocab_size > 2 * FIRST_ORDINARY_ID else 0
-    return (first + (np.arange(n, dtype=np.int64) * _STRIDE) % (vocab_size - first)).astype(np.int64)
-
+from edgesplit.runtime.engine import ENGINE_SETTINGS, SegmentEngine, engine_kwargs_of
+from edgesplit.runtime.errors import ConfigError, EdgesplitError
+from edgesplit.runtime.evaluate import engine_settings
+from edgesplit.runtime.memory import peak_rss_mb, prompt_ids, segment_memory
+from edgesplit.runtime.store import ModelStore
 
 def _time_ours(eng: SegmentEngine, ids: np.ndarray, decode_tokens: int) -> tuple[float, float]:
     """(prefill_s, decode_s): prefill + first argmax, then decode_tokens greedy steps."""
@@ -138,7 +125,7 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
 def cli_bench(args) -> dict:
     """`edgesplit bench`: resolve the model store (and GGUF for --vs llama.cpp), then bench;
     with --segment A,B only the memory of that segment (see memory.segment_memory)."""
-    from .models import resolve_gguf, resolve_store
+    from edgesplit.runtime.models import resolve_gguf, resolve_store
 
     if getattr(args, "segment", None):
         if len(args.segment) != 2 or args.vs:

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgesplit.runtime import codec as codec_lib
-from edgesplit.runtime.bench import prompt_ids
+from edgesplit.runtime.memory import prompt_ids
 from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
 from edgesplit.runtime.store import ModelStore
 
 DEFAULT_CODECS = ("f32", "f16", "int8", "ts+tabq:bits=4,k=6", "ts+tabq:budget=0.1,tau=40,rotate=1",
@@ -22,7 +23,7 @@ DEFAULT_CODECS = ("f32", "f16", "int8", "ts+tabq:bits=4,k=6", "ts+tabq:budget=0.
 class ProfileSettings:
     """How much the profiler measures (defaults: the real run, ~1 minute on this machine)."""
 
-    contexts: tuple[int, ...] = (64, 512, 2048)  # KV positions at which decode is timed
+    contexts: tuple[int, ...] = (64, 512, DEFAULT_MAX_SEQ_LEN)  # KV positions at which decode is timed
     # sizes of the two middle segments whose difference is timed: large, so the weights stream from
     # memory as in a split run (a 2-layer segment stays in the CPU cache and looks 2x faster)
     layers: tuple[int, int] = (4, 28)
@@ -30,7 +31,7 @@ class ProfileSettings:
     decode_steps: int = 16  # steps per block
     rounds: int = 3  # alternating blocks per engine
     memory_prompts: tuple[int, int] = (16, 1024)  # short and long prompt of the memory probes
-    max_seq_len: int = 2048  # KV capacity of the memory probes and the calibration session
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN  # KV capacity of the memory probes and the calibration session
     calibration_tokens: int = 32
     flash_mb: int = 128
     codecs: tuple[str, ...] = DEFAULT_CODECS

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from edgesplit.device.simulate import free_port, start_worker, stop_worker, wait_ready
+from edgesplit.harness.simulate import free_port, start_worker, stop_worker, wait_ready
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,69 @@
+"""What a flash store holds, computed from the model store: graph-ready layer weights and neuron bundles.
+
+Pure functions of the model store and the engine settings; the store writer (store.py) and the
+readers (stream.py, neurons.py) both use them, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgesplit.runtime.engine import segment_outliers
+from edgesplit.runtime.graph import SegmentSpec, build_segment
+from edgesplit.runtime.quant import q4_dense
+from edgesplit.runtime.store import ModelStore
+
+FLASH_SETTINGS = ("precision", "kv_precision", "accuracy_level", "outlier_channels")
+
+
+def flash_settings(**engine_kwargs) -> dict:
+    """The engine settings a flash store's layer regions depend on (defaults as SegmentEngine's)."""
+    defaults = {"precision": "q4", "kv_precision": "f32", "accuracy_level": 4, "outlier_channels": 8}
+    return {k: engine_kwargs.get(k, defaults[k]) for k in FLASH_SETTINGS}
+
+
+def _layer_spec(store: ModelStore, i: int, settings: dict, max_seq_len: int) -> SegmentSpec:
+    return SegmentSpec(store.config, i, i + 1, settings["precision"], "q8", settings["kv_precision"],
+                       max_seq_len, settings["accuracy_level"], 4, embed_ids=False, with_head=False)
+
+
+def layer_graph(store: ModelStore, i: int, settings: dict, max_seq_len: int):
+    """(ONNX model, its external weights, spec) of layer i taking hidden states."""
+    spec = _layer_spec(store, i, settings, max_seq_len)
+    kv_scales = None
+    if settings["kv_precision"] == "int8":
+        from edgesplit.runtime.calibration import kv_scales_for
+
+        kv_scales = kv_scales_for(store.manifest, i, i + 1)
+    outliers = segment_outliers(store.manifest, spec, settings["outlier_channels"], 16)
+    model, weights = build_segment(spec, {i: store.layer(i, settings["precision"])}, None, None, None,
+                                   kv_scales, outliers)
+    return model, weights, spec
+
+
+def layer_weights(store: ModelStore, i: int, settings: dict) -> dict[str, np.ndarray]:
+    """Graph-ready weights of layer i (the external initializers named `{i}.*`), for the flash store."""
+    _, weights, _ = layer_graph(store, i, settings, 16)
+    return {k: v for k, v in weights.items() if k.startswith(f"{i}.")}
+
+
+Q4_ROW_PARTS = ("qweight", "scales", "mins")
+
+
+def _q4_rows(w: dict[str, np.ndarray], prefix: str) -> np.ndarray:
+    n = w[f"{prefix}.qweight"].shape[0]
+    return np.concatenate([w[f"{prefix}.{p}"].reshape(n, -1).view(np.uint8) for p in Q4_ROW_PARTS], axis=1)
+
+
+def neuron_bundles(layer: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per neuron: (F, 360 + 2d) uint8 up row + f16 down column, and (F, 360) uint8 gate row."""
+    down = q4_dense(layer["ffn_down.qweight"], layer["ffn_down.scales"], layer["ffn_down.mins"])  # (d, F)
+    cols = np.ascontiguousarray(down.T.astype(np.float16)).view(np.uint8)  # (F, 2d)
+    up_down = np.ascontiguousarray(np.concatenate([_q4_rows(layer, "ffn_up"), cols], axis=1))
+    return up_down, np.ascontiguousarray(_q4_rows(layer, "ffn_gate"))
+
+
+def bundle_bytes(d: int, with_gate: bool) -> int:
+    """Bytes read per neuron for model width d: up row + down column (+ gate row)."""
+    q4 = (d // 32) * 20
+    return q4 + 2 * d + (q4 if with_gate else 0)

@@ -1,0 +1,1 @@
+"""Measuring this machine: compute, memory, codec and flash read figures written as a device profile."""
