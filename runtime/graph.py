@@ -198,6 +198,14 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
     eps = float(cfg.norm_eps)
 
     pending = None  # residual branch not yet added to h (fused into the next norm)
+    if spec.start > 0:
+        # The input is the residual stream after layer start-1. The unsplit graph normalizes it with
+        # SkipSimplifiedLayerNormalization (the previous layer's residual add fused in); a plain
+        # SimplifiedLayerNormalization sums the squares in another order, and at accuracy level 4
+        # that last-bit difference moves int8 activations across rounding boundaries. The same fused
+        # op with a zero residual branch gives the unsplit model's values bit for bit: x + 0 == x.
+        zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
+        pending = g.op1("ConstantOfShape", [g.op1("Shape", [h])], value=zero)
     for i in range(spec.start, spec.end):
         w = layers[i]
         if pending is None:

@@ -89,6 +89,28 @@ def test_prefill_returns_last_position_only_by_default(tiny_store, tiny_ref):
 
 
 @pytest.mark.parametrize("cuts", [[0, 1, 3], [0, 2, 3], [0, 1, 2, 3]])
+def test_a_cut_changes_nothing_at_the_default_setting(tiny_store, cuts):
+    """q4 layers, int8 activations with outlier channels (accuracy level 4, the default): chained
+    segments give the whole model's logits bit for bit, at prefill and at every decode step. The
+    unsplit engine against itself differs by 0, so that is the tolerance."""
+    whole = SegmentEngine(tiny_store, max_seq_len=64)
+    again = SegmentEngine(tiny_store, max_seq_len=64)
+    parts = [SegmentEngine(tiny_store, a, b, max_seq_len=64) for a, b in zip(cuts, cuts[1:])]
+    want = _decode_all(whole, IDS, 6)
+    assert np.array_equal(_decode_all(again, IDS, 6), want)
+    x = IDS[:6]
+    for p in parts:
+        x = p.prefill(x, all_logits=True) if p.end == 3 else p.prefill(x)
+    rows = [x]
+    for t in IDS[6:]:
+        x = np.array([t])
+        for p in parts:
+            x = p.decode(x)
+        rows.append(x)
+    assert np.array_equal(np.concatenate(rows), want)
+
+
+@pytest.mark.parametrize("cuts", [[0, 1, 3], [0, 2, 3], [0, 1, 2, 3]])
 def test_segments_chain_to_the_whole(tiny_store, cuts):
     whole = SegmentEngine(tiny_store, max_seq_len=64, precision="f32", head_precision="f32")
     parts = [SegmentEngine(tiny_store, a, b, max_seq_len=64, precision="f32", head_precision="f32")
