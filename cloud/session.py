@@ -21,7 +21,8 @@ from edgesplit.runtime.kv_cache import KV_NUMPY, KVCache
 from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.sampling import SamplingParams, make_rng, sample
 from edgesplit.transport.protocol import (
-    BAD_FRAME, DECODE, PREFILL, SEQUENCE, TOO_LONG, OpenFrame, PrefillFrame, ProtocolError, SequenceCheck,
+    BAD_FRAME, DECODE, PREFILL, SEQUENCE, TOO_LONG, DecodeFrame, OpenFrame, PrefillFrame, ProtocolError,
+    SequenceCheck,
 )
 
 
@@ -93,7 +94,7 @@ class Session:
         """Seconds since the last accepted frame."""
         return now_s - self.last_active_s
 
-    def check_order(self, frame: PrefillFrame) -> None:
+    def check_order(self, frame: PrefillFrame | DecodeFrame) -> None:
         """Refuse (ProtocolError 'sequence') a frame out of seq or lifecycle order, without changing state.
 
         The seq itself is only consumed by `accept`, so a refused frame (wrong order, bad tensor)
@@ -107,7 +108,7 @@ class Session:
         if frame.kind == PREFILL and self.seq.last != 0:
             raise ProtocolError(SEQUENCE, where + f"a second prefill (seq {frame.seq}); the prompt was "
                                 f"already prefilled at seq 1", self.session_id, frame.seq)
-        if frame.kind == PREFILL and self.needs_prompt_ids and frame.prompt_ids is None:
+        if isinstance(frame, PrefillFrame) and self.needs_prompt_ids and frame.prompt_ids is None:
             raise ProtocolError(BAD_FRAME, where + f"prefill (seq {frame.seq}) without prompt_ids, but the session's "
                                 f"repetition_penalty {self.params.repetition_penalty:g} needs them",
                                 self.session_id, frame.seq)
@@ -118,18 +119,19 @@ class Session:
             raise ProtocolError(SEQUENCE, where + f"{frame.kind} (seq {frame.seq}) after the session finished "
                                 f"(finish_reason {self.finish_reason!r}); send close", self.session_id, frame.seq)
 
-    def check_room(self, frame: PrefillFrame, t: int) -> None:
+    def check_room(self, frame: PrefillFrame | DecodeFrame, t: int) -> None:
         """Refuse (ProtocolError 'too_long') `t` new positions that would exceed plan.max_seq_len."""
         cap = self.plan.max_seq_len
         if self.pos + t > cap:
             raise ProtocolError(TOO_LONG, f"session {self.session_id}: {self.pos} cached + {t} new tokens "
                                 f"exceeds plan.max_seq_len {cap}", self.session_id, frame.seq)
 
-    def accept(self, frame: PrefillFrame) -> None:
+    def accept(self, frame: PrefillFrame | DecodeFrame) -> None:
         """Consume the frame's seq (after `check_order` and every input check passed); a prefill's
         prompt ids start the repetition history when sampling needs them."""
         self.seq.check(frame.seq)
-        if frame.kind == PREFILL and self.needs_prompt_ids:
+        if isinstance(frame, PrefillFrame) and self.needs_prompt_ids:
+            assert frame.prompt_ids is not None  # check_order refused a prefill without them
             self.history.extend(frame.prompt_ids)
         self.touch()
 

@@ -16,7 +16,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import zmq
@@ -29,7 +29,7 @@ from edgesplit.runtime.plan import ModelIdentity, Plan, SegmentSettings, back_se
 from edgesplit.runtime.store import ModelStore
 from edgesplit.transport.protocol import (
     BAD_FRAME, INTERNAL, LIMIT, PLAN_MISMATCH, SEQUENCE, TENSOR, TOO_LONG, UNKNOWN_SESSION,
-    CloseFrame, ErrorFrame, Frame, OpenFrame, PrefillFrame, ProtocolError, TokenFrame,
+    CloseFrame, DecodeFrame, ErrorFrame, Frame, OpenFrame, PrefillFrame, ProtocolError, TokenFrame,
     decode_frame, encode_frame, error_frame_for,
 )
 
@@ -66,7 +66,7 @@ class CloudWorker:
         if max_kv_mb is not None and not max_kv_mb > 0:
             raise EdgesplitError(f"max_kv_mb must be > 0 MB (or None for no cap), got {max_kv_mb}")
         self.store = store
-        self._codec_tables: dict[tuple[str, int], codec.CutTable | None] = {}
+        self._codec_tables: dict[tuple[codec.CodecSpec, int], codec.CutTable | None] = {}
         self.max_sessions, self.idle_timeout_s, self.threads = max_sessions, float(idle_timeout_s), threads
         self.max_kv_mb = None if max_kv_mb is None else float(max_kv_mb)
         self.engine_kwargs = engine_kwargs
@@ -76,51 +76,55 @@ class CloudWorker:
         self._t_frame = 0.0  # perf_counter s when the frame being handled was received
         for plan in warm_plans:
             self.warm(plan)
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
         if bind is None:  # no socket: frames come through handle_frame (transport.channel.MemoryChannel)
-            self._ctx, self._sock, self.endpoint = None, None, "memory://"
+            self.endpoint = "memory://"
             return
         self._ctx = zmq.Context()  # own context: close() can terminate it without touching others
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)  # close() must not wait for unsent replies
         # No zmq.MAXMSGSIZE: zmq would drop such a peer silently, while decode_frame answers a
         # frame over the protocol limit with a `limit` error frame.
-        self.endpoint = self._bind(bind)
+        self.endpoint = self._bind(self._ctx, self._sock, bind)
         log.info("cloud worker for %s bound to %s (max %d sessions, idle timeout %.1f s)",
                  store.path, self.endpoint, max_sessions, self.idle_timeout_s)
 
-    def _bind(self, bind: str) -> str:
+    @staticmethod
+    def _bind(ctx: zmq.Context, sock: zmq.Socket, bind: str) -> str:
         base, _, port = bind.rpartition(":")
         try:
             if bind.startswith("tcp://") and port in ("0", "*"):
-                return f"{base}:{self._sock.bind_to_random_port(base)}"
-            self._sock.bind(bind)
+                return f"{base}:{sock.bind_to_random_port(base)}"
+            sock.bind(bind)
         except zmq.ZMQError as exc:
-            self._sock.close(linger=0)
-            self._ctx.term()
+            sock.close(linger=0)
+            ctx.term()
             raise EdgesplitError(f"--bind {bind!r}: cannot bind the worker's socket there ({exc}); give a ZeroMQ "
                                  "endpoint such as tcp://127.0.0.1:5555") from None
-        return self._sock.getsockopt_string(zmq.LAST_ENDPOINT) or bind
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT) or bind
 
     # ------------------------------------------------------------------ loop
     def serve_forever(self, stop_event: threading.Event | None = None) -> None:
         """Handle frames one at a time until `stop_event` is set (checked every POLL_MS at least)."""
-        if self._sock is None:
+        sock = self._sock
+        if sock is None:
             raise EdgesplitError("this worker was made without a socket (bind=None): use handle_frame")
         stop_event = stop_event or threading.Event()
         poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        poller.register(sock, zmq.POLLIN)
         # A tiny idle timeout (tests) needs sweeps more often than every POLL_MS.
         poll_ms = max(1, min(POLL_MS, int(self.idle_timeout_s * 1000 / 4)))
         while not stop_event.is_set():
             if poller.poll(poll_ms):
-                self.handle_message(self._sock.recv_multipart())
+                self.handle_message(sock.recv_multipart())
             self.evict_idle()
         log.info("cloud worker on %s stopping with %d session(s) open", self.endpoint, len(self.sessions))
 
     def close(self) -> None:
         """Free every session and close the socket (the engines go with the worker)."""
         self.sessions.clear()
-        if self._sock is not None:
+        if self._sock is not None and self._ctx is not None:
             self._sock.close(linger=0)
             self._ctx.term()
 
@@ -202,7 +206,8 @@ class CloudWorker:
 
     def _dispatch(self, identity: bytes, frame: Frame) -> Frame | None:
         if isinstance(frame, OpenFrame):
-            return self._open(identity, frame)
+            self._open(identity, frame)
+            return None  # a successful open has no reply (docs/protocol.md)
         if isinstance(frame, (TokenFrame, ErrorFrame)):
             raise ProtocolError(BAD_FRAME, f"kind: {frame.kind!r} frames go from the cloud to the device, "
                                 "not to the cloud", frame.session, frame.seq)
@@ -236,7 +241,6 @@ class CloudWorker:
         self.sessions[sid] = Session.from_open(frame, identity, self._engine_for(plan), need_mb)
         log.info("session %s opened: cut %d, max_seq_len %d, codec %s (%d open)", sid, plan.cut,
                  plan.max_seq_len, plan.codec, len(self.sessions))
-        return None  # a successful open has no reply (docs/protocol.md)
 
     def _check_plan(self, sid: str, plan: Plan) -> None:
         """Refuse a plan for another model, other shards, or one this worker cannot serve."""
@@ -286,7 +290,7 @@ class CloudWorker:
             log.info("back segment %s built in %.0f ms", key, (time.perf_counter() - t0) * 1000.0)
         return engine
 
-    def _step(self, session: Session, frame: PrefillFrame) -> TokenFrame:
+    def _step(self, session: Session, frame: PrefillFrame | DecodeFrame) -> TokenFrame:
         """Run one prefill/decode frame on its session and build the token frame."""
         session.check_order(frame)
         t0 = time.perf_counter()
@@ -319,6 +323,7 @@ class CloudWorker:
                                 frame.session, frame.seq)
 
     def _send(self, identity: bytes, frame: Frame) -> None:
+        assert self._sock is not None  # only handle_message sends, and only serve_forever calls it
         try:
             self._sock.send_multipart([identity, encode_frame(frame)], flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -338,7 +343,7 @@ def serve(model: str, bind: str, *, stop_event: threading.Event | None = None,
     kwargs = {} if precisions is None else {"precisions": tuple(precisions)}
     store = ModelStore(resolve_store(model, progress=False, **kwargs))
     stop_event = stop_event or threading.Event()
-    previous: dict[int, Callable | int | None] = {}
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         def _stop(signum, _frame) -> None:
             log.info("signal %d: stopping", signum)

@@ -287,6 +287,6 @@ def run_split(store: ModelStore, cloud_endpoint: str, plan: Plan, prompt_ids: st
                 t = remote.take_timings()
                 t.device_compute_ms = timed_front.take_ms()
                 t.detokenize_ms = timed_tok.take_ms()
-                yield SplitResponse(*(getattr(resp, f.name) for f in fields(GenerationResponse)), timings=t)
+                yield SplitResponse(**{f.name: getattr(resp, f.name) for f in fields(GenerationResponse)}, timings=t)
         finally:
             remote.close()

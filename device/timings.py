@@ -8,7 +8,8 @@ responses into the figures `simulate`, the profiler's probes and the sweep repor
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -71,7 +72,7 @@ class SplitTimings:
 class SplitResponse(GenerationResponse):
     """A GenerationResponse with the split timings of its token."""
 
-    timings: SplitTimings | None = None
+    timings: SplitTimings = field(default_factory=lambda: SplitTimings())
 
 
 # The framework's own cost per token (SplitTimings.overhead plus the generation loop), outside the breakdown.
@@ -118,7 +119,7 @@ def summarize(responses: list[SplitResponse], times_s: list[float], t_start_s: f
 
 def aggregate(runs: list[dict]) -> dict:
     """Medians over runs of each run's figures (`summarize` dicts); `overhead_ratios` lists every run's."""
-    out = {k: _median(r[k] for r in runs) for k in ("per_token_ms", "ttft_ms", "tok_s", "bytes_per_token",
+    out: dict[str, Any] = {k: _median(r[k] for r in runs) for k in ("per_token_ms", "ttft_ms", "tok_s", "bytes_per_token",
                                                      "activation_bytes_per_token", "prefill_bytes")}
     for group in ("breakdown_ms", "framework_ms"):
         out[group] = {k: _median(r[group][k] for r in runs) for k in runs[0][group]}

@@ -133,7 +133,7 @@ def check_table(data: dict, schema: dict, origin: str) -> dict:
     if unknown:
         raise ConfigError(f"{origin}: unknown field {unknown[0]!r} = {data[unknown[0]]!r} "
                           f"(allowed: {', '.join(schema)})")
-    out = {}
+    out: dict = {}
     for key, f in schema.items():
         optional = isinstance(f, OptionalField)
         if key not in data:

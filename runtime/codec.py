@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import Any, Callable, Union
 
 import numpy as np
 
@@ -134,7 +135,7 @@ class CodecSpec:
 def parse_codec(text: str) -> CodecSpec:
     """Parse a CLI codec setting such as `int8`, `tabq:budget=0.02` or `ts+tabq:k=6,budget=0.02,rotate=1`."""
     name, _, opts = text.strip().partition(":")
-    kwargs: dict = {}
+    kwargs: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in opts.split(","))) if opts else ():
         key, eq, value = item.partition("=")
         key, value = key.strip(), value.strip()
@@ -144,6 +145,7 @@ def parse_codec(text: str) -> CodecSpec:
             raise ConfigError(f"codec {text!r}: field {key!r} has no value (write {key}=VALUE)")
         if _KEYS[key] in kwargs:
             raise ConfigError(f"codec {text!r}: field {key!r} given twice")
+        parsed: int | float | bool | tuple[int, ...]
         try:
             if key == "bits":
                 parsed = int(value)
@@ -173,11 +175,14 @@ def _check_input(x: np.ndarray, spec: CodecSpec) -> None:
             raise CodecError(f"codec {spec}: input holds {m} outside the fp16 range (|x| <= 65504); use f32")
 
 
-def _sections(x: np.ndarray, spec: CodecSpec) -> tuple[bytes, list[tuple[int, object]]]:
+Section = tuple[int, Callable[[], Union[np.ndarray, bytes]]]  # (nbytes, thunk making its bytes or array)
+
+
+def _sections(x: np.ndarray, spec: CodecSpec) -> tuple[bytes, list[Section]]:
     """Header bytes and the sections as (nbytes, array or thunk); the single source of sizes."""
     _check_input(x, spec)
     t, d = x.shape
-    flags, secs = 0, []
+    flags, secs = 0, list[Section]()
     if spec.name in ("f32", "f16"):
         dt = "<f4" if spec.name == "f32" else "<f2"
         secs.append((t * d * np.dtype(dt).itemsize, lambda: x.astype(dt)))
@@ -258,6 +263,7 @@ def encode(x: np.ndarray, spec: CodecSpec, table: CutTable | None = None) -> byt
     `table`: the cut's CutTable, required by ecq (CodecError without it), ignored otherwise."""
     if spec.name == "ecq":
         _check_input(x, spec)
+        assert spec.step is not None  # CodecSpec requires it for ecq
         return ec.encode(x, _ecq_table(spec, table), spec.step)
     header, secs = _sections(x, spec)
     blob = b"".join([header] + [m if isinstance(m, bytes) else np.ascontiguousarray(m).tobytes()
@@ -301,13 +307,13 @@ class _Reader:
         return arr
 
 
-def _parse(blob: bytes) -> tuple[BlobInfo, dict]:
+def _parse(blob: bytes) -> tuple[BlobInfo, dict[str, Any]]:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise CodecError(f"codec blob must be bytes, got {type(blob).__name__}")
     if len(blob) and blob[0] == ec.VERSION:
-        p = ec.parse(blob)
-        info = BlobInfo(ec.VERSION, "ecq", p.t, p.d, False, 0, p.esc_index.size, True, None, len(blob))
-        return info, {"ecq": p}
+        e = ec.parse(blob)
+        info = BlobInfo(ec.VERSION, "ecq", e.t, e.d, False, 0, e.esc_index.size, True, None, len(blob))
+        return info, {"ecq": e}
     if len(blob) < HEADER_NBYTES:
         raise CodecError(f"codec blob truncated: {len(blob)} bytes, the header alone needs {HEADER_NBYTES}")
     version, cid, flags, reserved, t, d = _HEADER.unpack_from(blob, 0)
@@ -316,7 +322,7 @@ def _parse(blob: bytes) -> tuple[BlobInfo, dict]:
                          f"{FORMAT_VERSION} and {ec.VERSION})")
     if cid > 3 or reserved or flags > 15 or (cid < 3 and flags) or (flags & F_FLAT and not flags & F_SPARSE) or d < 1:
         raise CodecError(f"codec blob header invalid: codec id {cid}, flags {flags:#x}, reserved {reserved}, d={d}")
-    r, p = _Reader(blob), {}
+    r, p = _Reader(blob), dict[str, Any]()
     if flags & F_CHANNELS:
         c = int(r.take("<u2", 1, "channel count")[0])
         p["ch"] = r.take("<u2" if d <= 65536 else "<u4", c, "channel indices").astype(np.int64)

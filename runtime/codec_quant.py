@@ -71,7 +71,8 @@ def threshold_split(x: np.ndarray, sent: np.ndarray, tau: float | None, k_sigma:
         mean = xk.sum(1, keepdims=True) / cnt
         dev = np.where(keep, x - mean, _F32_ZERO)
         thr = np.float32(k_sigma) * np.sqrt(np.einsum("ij,ij->i", dev, dev)[:, None] / cnt)
-    return np.nonzero((np.abs(x) > thr) & ~sent)
+    rows, cols = np.nonzero((np.abs(x) > thr) & ~sent)
+    return rows, cols
 
 
 def fixed_quantize(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -49,7 +49,7 @@ def engine_kwargs_of(obj) -> dict:
 
 def segment_outliers(manifest: dict, s: SegmentSpec, n_channels: int, head_n_channels: int) -> dict:
     """Calibrated outlier input channels for the projections of `s` that quantize activations."""
-    out = {}
+    out: dict[str | tuple[int, str], np.ndarray | None] = {}
     if s.has_head and s.head_accuracy_level == 4:
         out["head"] = outlier_channels(manifest, "head_input", head_n_channels)
     if s.accuracy_level == 4:

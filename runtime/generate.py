@@ -73,6 +73,28 @@ class SamplingSegment(Protocol):
         ...
 
 
+class TextDecoder(Protocol):
+    """Generated ids to printable text, one id at a time (runtime.tokenizer.StreamDecoder)."""
+
+    def push(self, token_id: int) -> str:
+        ...
+
+    def flush(self) -> str:
+        ...
+
+
+class TokenizerLike(Protocol):
+    """What the streaming loop needs of a tokenizer (a Tokenizer, or a wrapper that times it)."""
+
+    eos_ids: frozenset[int]
+
+    def encode(self, text: str) -> list[int]:
+        ...
+
+    def stream_decoder(self) -> TextDecoder:
+        ...
+
+
 @dataclass(frozen=True)
 class GenerationResponse:
     """One generated token as seen by a streaming caller."""
@@ -207,7 +229,7 @@ def generate_step(segments: Sequence[Segment], prompt_ids: Sequence[int], params
         out = decode(segments, token, remote)
 
 
-def stream_generate(segments: Sequence[Segment], tokenizer: Tokenizer, prompt: str | Sequence[int],
+def stream_generate(segments: Sequence[Segment], tokenizer: TokenizerLike, prompt: str | Sequence[int],
                     params: SamplingParams | None = None, *, max_tokens: int = 128,
                     stop_ids: Iterable[int] | None = None, max_seq_len: int | None = None,
                     remote: SamplingSegment | None = None) -> Iterator[GenerationResponse]:
@@ -243,7 +265,7 @@ def stream_generate(segments: Sequence[Segment], tokenizer: Tokenizer, prompt: s
         yield GenerationResponse(text, token, len(ids), prompt_tps, n, gen_tps, peak_rss_mb(), finish)
 
 
-def generate(segments: Sequence[Segment], tokenizer: Tokenizer, prompt: str | Sequence[int],
+def generate(segments: Sequence[Segment], tokenizer: TokenizerLike, prompt: str | Sequence[int],
              params: SamplingParams | None = None, **kwargs) -> str:
     """The whole generated text (stop id excluded); keyword arguments as `stream_generate`."""
     return "".join(r.text for r in stream_generate(segments, tokenizer, prompt, params, **kwargs))

@@ -14,6 +14,7 @@ Outputs: `logits` f32 (n, V) if end == L (and spec.with_head), else `hidden_out`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -183,6 +184,7 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
     cache_shape = [1, cfg.n_kv_heads, spec.max_seq_len, hd]
 
     if spec.has_embedding:
+        assert embedding is not None, "a segment with the embedding needs its table"
         inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["T"]))
         h = _embed(g, embedding, "input_ids")
     else:
@@ -220,8 +222,9 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
         for name in (pk, pv):
             inputs.append(helper.make_tensor_value_info(name, kv_type, cache_shape))
         gqa_in = [qkv3, "", "", pk, pv, "seqlens_k", "total_seq_len", "rope.cos", "rope.sin"]
-        attrs = {}
+        attrs: dict[str, Any] = {}
         if spec.kv_precision == "int8":
+            assert kv_scales is not None, "an int8 KV cache needs its calibrated scales"
             ks, vs = kv_scales[i]
             gqa_in += ["", "", "", g.init(f"{i}.k_scale", ks), g.init(f"{i}.v_scale", vs)]
             attrs = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
@@ -245,6 +248,7 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
     if pending is not None:
         h = g.op1("Add", [h, pending])
     if spec.has_head:
+        assert head is not None and output_norm is not None, "a segment with the head needs it and the final norm"
         inputs.append(helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n"]))
         hn = g.op1("SimplifiedLayerNormalization", [h, g.init("output_norm", output_norm)], epsilon=eps, axis=-1)
         hsel = g.op1("Gather", [hn, "logits_index"], axis=0)

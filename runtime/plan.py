@@ -212,7 +212,7 @@ class PlanSettings:
     """
 
     cut: int
-    codec: CodecSpec | str = "f32"
+    codec: CodecSpec | str = "f32"  # a setting string is parsed when the plan is made
     front_precision: str = "q4"
     back_precision: str = "q4"
     head_precision: str = "q8"
@@ -232,9 +232,10 @@ def make_plan(store: ModelStore, settings: PlanSettings, *, predicted_ms_per_tok
     """The Plan of `settings` for `store`: the model identity of the precisions used, and
     max_seq_len capped at the model's context; the planner adds its predictions and the device
     memory budget it planned for. Invalid settings are a ConfigError naming the field."""
+    codec = settings.codec if isinstance(settings.codec, CodecSpec) else parse_codec(settings.codec)
     return Plan(ModelIdentity.of_store(store, settings.precisions), store.config.n_layers, settings.cut,
                 settings.front_precision, settings.back_precision, settings.head_precision, settings.kv_precision,
-                settings.codec, min(settings.max_seq_len, store.config.context_length), settings.accuracy_level,
+                codec, min(settings.max_seq_len, store.config.context_length), settings.accuracy_level,
                 settings.front_flash, predicted_ms_per_token, predicted_device_memory_mb, memory_budget_mb)
 
 

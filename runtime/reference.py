@@ -7,6 +7,8 @@ NumPy 2 promotes float32 to float64 when mixed with float64 scalars, so scalars 
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import gguf
@@ -87,7 +89,7 @@ class ReferenceModel:
         self.head = head  # (V, d); the same array as `embd` when the head is tied
 
     @classmethod
-    def from_gguf(cls, model: GGUFModel) -> "ReferenceModel":
+    def from_gguf(cls, model: GGUFModel | str | os.PathLike) -> "ReferenceModel":
         """Dequantize every weight of `model` (a GGUFModel, or a path to one) to float32."""
         if not isinstance(model, GGUFModel):
             model = GGUFModel(model)

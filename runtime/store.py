@@ -13,6 +13,9 @@ with one contiguous read. Converting twice gives the same bytes (no timestamps, 
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import hashlib
 import json
 import logging
@@ -93,16 +96,21 @@ def _layer_tensors(model: GGUFModel, i: int, precision: str) -> dict[str, np.nda
     return out
 
 
-def _shard_jobs(model: GGUFModel, precisions: tuple[str, ...], head_precisions: tuple[str, ...]):
+def _shard_jobs(model: GGUFModel, precisions: tuple[str, ...],
+                head_precisions: tuple[str, ...]) -> list[tuple[str, str, Callable[[], dict[str, np.ndarray]]]]:
     """(name, precision, thunk producing its tensors) for every shard of the store."""
-    jobs = [("output_norm", "f32", lambda: {"weight": quant.dequantize(model.tensor("output_norm.weight"))})]
+    def table(name: str, p: str) -> dict[str, np.ndarray]:
+        return quant.to_precision(model.tensor(f"{name}.weight"), p)
+
+    jobs: list[tuple[str, str, Callable[[], dict[str, np.ndarray]]]] = [
+        ("output_norm", "f32", lambda: {"weight": quant.dequantize(model.tensor("output_norm.weight"))})]
     for p in head_precisions:
-        jobs.append(("token_embd", p, lambda p=p: quant.to_precision(model.tensor("token_embd.weight"), p)))
+        jobs.append(("token_embd", p, functools.partial(table, "token_embd", p)))
         if not model.config.tied_head:
-            jobs.append(("output", p, lambda p=p: quant.to_precision(model.tensor("output.weight"), p)))
+            jobs.append(("output", p, functools.partial(table, "output", p)))
     for i in range(model.config.n_layers):
         for p in precisions:
-            jobs.append((f"blk.{i}", p, lambda i=i, p=p: _layer_tensors(model, i, p)))
+            jobs.append((f"blk.{i}", p, functools.partial(_layer_tensors, model, i, p)))
     return jobs
 
 

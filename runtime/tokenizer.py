@@ -70,7 +70,7 @@ def build_tokenizer(metadata: dict) -> tokenizers.Tokenizer:
 
     # No unk token and no byte fallback: byte-level BPE covers all 256 bytes by construction.
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    splits = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    splits: list[pre_tokenizers.PreTokenizer] = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     if _SUPPORTED_PRE[pre]:
         splits.insert(0, pre_tokenizers.Digits(individual_digits=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence(splits)
@@ -154,7 +154,7 @@ class Tokenizer:
     @property
     def is_chatml(self) -> bool:
         """True when the chat template is ChatML (uses <|im_start|>)."""
-        return bool(self.chat_template) and "<|im_start|>" in self.chat_template
+        return self.chat_template is not None and "<|im_start|>" in self.chat_template
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`. Special-token strings in `text` map to their single ids,

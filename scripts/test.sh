@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Set up, fetch the real model (the tests marked `model` use it), and run the whole test suite.
+# Set up, fetch the real model (the tests marked `model` use it), type-check, and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # A cache inside the checkout: a fresh clone fetches and converts the model for real.
 export EDGESPLIT_CACHE="${EDGESPLIT_CACHE:-$PWD/.cache}"
 .venv/bin/edgesplit pull smollm2-135m
+bash scripts/typecheck.sh
 .venv/bin/python -m pytest -q "$@"

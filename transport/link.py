@@ -56,7 +56,7 @@ class Transfer:
         return self.latency_ms + self.serialization_ms + self.retransmit_ms
 
 
-def serialization_ms(nbytes: int, mbps: float) -> float:
+def serialization_ms(nbytes: float, mbps: float) -> float:
     """Time in ms to put ``nbytes`` bytes on a link of ``mbps`` Mbit/s."""
     return nbytes * 8 / (mbps * 1e6) * 1000.0
 

@@ -11,7 +11,7 @@ import re
 import reprlib
 import uuid
 from dataclasses import dataclass, fields
-from typing import ClassVar, Union
+from typing import Any, Callable, ClassVar, Union
 
 import msgpack
 import numpy as np
@@ -168,8 +168,9 @@ class _Frame:
 
     def to_wire(self) -> dict:
         """The frame's fields as msgpack-ready values (without `v` and `kind`)."""
-        wire = {Plan: Plan.to_dict, Activation: Activation.to_wire}
-        return {f.name: wire.get(type(v), lambda x: x)(v) for f in fields(self) for v in [getattr(self, f.name)]}
+        wire: dict[type, Callable[[Any], Any]] = {Plan: Plan.to_dict, Activation: Activation.to_wire}
+        return {f.name: wire.get(type(v), lambda x: x)(v)
+                for f in fields(self) for v in [getattr(self, f.name)]}  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ class FlashFile:
 
     def read_into(self, buf: memoryview | np.ndarray, offset: int) -> None:
         """Fill `buf` exactly from `offset` (os.preadv, looping on partial reads)."""
-        view = memoryview(buf).cast("B")
+        view = memoryview(buf).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
         done = 0
         while done < len(view):
             try:

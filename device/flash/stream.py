@@ -138,6 +138,7 @@ class StreamedFront:
     def _submit(self, b: int) -> None:
         """Queue the read of the next streamed layer in compute order (cycling over tokens) into b."""
         k = self._next_k
+        assert self._pool is not None  # only made when a layer is streamed
         self._queue.append((k, b, self._pool.submit(self._read, self.streamed[k], b)))
         self._next_k = (k + 1) % len(self.streamed)
 
@@ -183,7 +184,7 @@ class StreamedFront:
             layer = self.layers[stage]
             b = self._acquire(stage)
             t1 = time.perf_counter()
-            layer.bind(self._ram[stage] if b < 0 else self._values[(stage, b)])
+            layer.bind(self._ram[stage] if self._ram is not None else self._values[(stage, b)])
             x = layer.cache.run(x, None) if step == "prefill" else layer.cache.step(x)
             times.append((True, time.perf_counter() - t1, t1 - t0))
             if b >= 0 and self.overlap:

@@ -90,10 +90,10 @@ class FidelityTable:
         if codec != LOSSLESS:
             loss = self._codec_curve(codec, lambda r: max(0.0, r.top1_lossless - r.top1))
             ratio = self._codec_curve(codec, lambda r: r.ppl / r.ppl_lossless)
-            if loss is None:
+            if loss is None or ratio is None:
                 return None
-            top1 -= float(np.interp(cut, *loss))
-            ppl *= float(np.interp(cut, *ratio))
+            top1 -= float(np.interp(cut, loss[0], loss[1]))
+            ppl *= float(np.interp(cut, ratio[0], ratio[1]))
             basis += f"; codec loss at cut {cut} from cuts {loss[0].astype(int).tolist()}"
         return Fidelity(top1, ppl, basis)
 
@@ -105,4 +105,6 @@ class FidelityTable:
         per_prompt = self._codec_curve(codec, lambda r: r.bytes_per_prompt_token)
         if per_token is None:
             return None
-        return float(np.interp(cut, *per_token)), float(np.interp(cut, *per_prompt))
+        assert per_prompt is not None  # the same rows as per_token
+        return (float(np.interp(cut, per_token[0], per_token[1])),
+                float(np.interp(cut, per_prompt[0], per_prompt[1])))

@@ -130,7 +130,7 @@ def simulate_pipeline(compute_ms: list[tuple[bool, float]], read_ms: float | lis
     reads = [read_ms] * n_streamed if isinstance(read_ms, (int, float)) else list(read_ms)
     t = reader = 0.0
     released = [0.0, 0.0]  # time each buffer becomes free
-    done_at = []
+    done_at: list[float] = []
     for _ in range(3):
         start = t
         k = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 from edgesplit.profiles.cloud import CloudProfile
 from edgesplit.profiles.device import DeviceProfile
@@ -126,7 +127,7 @@ def memory_limit_mb(dev: DeviceProfile, req: Request) -> float:
     return req.memory_mb if req.memory_mb is not None else dev.usable_memory_mb
 
 
-def _limits(dev: DeviceProfile, req: Request) -> list[tuple[str, str, float | None, callable]]:
+def _limits(dev: DeviceProfile, req: Request) -> list[tuple[str, str, float | None, Callable[[Candidate], float]]]:
     """(constraint, unit, limit, value of a candidate); a value must be <= its limit."""
     mem = memory_limit_mb(dev, req)
     return [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,6 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
     if runs < 1 or prompt_tokens < 1 or decode_tokens < 1:
         raise ConfigError(f"runs ({runs}), prompt_tokens ({prompt_tokens}) and decode_tokens "
                           f"({decode_tokens}) must be at least 1")
-    llama_cpp = None
     if vs_llama:
         try:
             import llama_cpp
@@ -91,6 +91,9 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
 
     llm = None
     if vs_llama:
+        import llama_cpp
+
+        assert gguf_path is not None  # checked above
         llm = llama_cpp.Llama(model_path=os.fspath(gguf_path), n_ctx=max(512, total), n_threads=threads,
                               n_threads_batch=threads, n_batch=max(512, prompt_tokens),
                               verbose=False, logits_all=False)
@@ -107,7 +110,7 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
         return ([prompt_tokens / p for p, _ in times], [decode_tokens / d for _, d in times])
 
     pre, dec = rates(ours)
-    out = {"prefill_tok_s": statistics.median(pre), "decode_tok_s": statistics.median(dec),
+    out: dict[str, Any] = {"prefill_tok_s": statistics.median(pre), "decode_tok_s": statistics.median(dec),
            "peak_rss_mb": peak_mb, "prefill_tok_s_runs": pre, "decode_tok_s_runs": dec}
     if llm is not None:
         rpre, rdec = rates(theirs)

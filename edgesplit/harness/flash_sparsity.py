@@ -56,8 +56,8 @@ def _topk_mask(score: np.ndarray, keep: float) -> np.ndarray:
 
 def fit_predictors(ref: ReferenceModel, tokens: np.ndarray, rank: int, window: int = 512) -> list[tuple]:
     """Per layer (A (d, r), B (r, F)): rank-r least squares from the FFN input to |silu(g) * u|."""
-    xs = [[] for _ in ref.layers]
-    ys = [[] for _ in ref.layers]
+    xs: list[list[np.ndarray]] = [[] for _ in ref.layers]
+    ys: list[list[np.ndarray]] = [[] for _ in ref.layers]
     for ids in windows(tokens, window):
         h = ref.embed(ids)
         cos, sin = rope_tables(np.arange(len(ids)), ref.config.head_dim, ref.config.rope_base)
@@ -67,8 +67,8 @@ def fit_predictors(ref: ReferenceModel, tokens: np.ndarray, rank: int, window: i
             xs[i].append(taps["ffn_in"])
             ys[i].append(np.abs(taps["down_in"]))
     out = []
-    for x, y in zip(xs, ys):
-        x, y = np.concatenate(x), np.concatenate(y)
+    for xl, yl in zip(xs, ys):
+        x, y = np.concatenate(xl), np.concatenate(yl)
         w, *_ = np.linalg.lstsq(x, y, rcond=None)  # (d, F)
         u, s, vt = np.linalg.svd(w, full_matrices=False)
         out.append(((u[:, :rank] * s[:rank]).astype(np.float32), vt[:rank].astype(np.float32)))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from edgesplit.device.remote import load_front, run_split
 from edgesplit.harness.simulate import worker_process
@@ -39,7 +40,7 @@ def device_loop(store_dir: str, endpoint: str, plan: Plan, duration_s: float, ma
     tok = load_tokenizer(store)
     front = load_front(store, plan, threads=1)  # 1 thread each: N devices share the cores
     link = EmulatedLink(load_network_profile(network), seed=index)
-    counts = {"device": index, "sessions": 0, "completed": 0, "tokens": 0, "errors": []}
+    counts: dict[str, Any] = {"device": index, "sessions": 0, "completed": 0, "tokens": 0, "errors": []}
     start = time.time()
     while time.time() - start < duration_s:
         prompt = tok.encode(PROMPTS[(index + counts["sessions"]) % len(PROMPTS)])
@@ -89,7 +90,7 @@ def loadtest(store: ModelStore, plan: Plan, request: LoadtestRequest) -> dict:
         args = [str(store.path), endpoint, plan.to_json(), str(duration_s), str(max_tokens), network]
         procs = [subprocess.Popen([sys.executable, "-m", "edgesplit.harness.loadtest", *args, str(i)],
                                   stdout=subprocess.PIPE, text=True) for i in range(devices)]
-        results = []
+        results: list[dict[str, Any]] = []
         for p in procs:
             out, _ = p.communicate(timeout=duration_s + 600)
             if p.returncode != 0:

@@ -63,5 +63,5 @@ def plan_report(args) -> dict:
         from edgesplit.device.planning.pareto_plot import plot_front
 
         plot_front(choice, f"{dev.name} over {net.name} (cloud {cloud.name}), objective {req.objective}",
-                   args.plot, memory_limit_mb=report["memory_limit_mb"])
+                   args.plot, memory_limit_mb=memory_limit_mb(dev, req))
     return report

@@ -156,7 +156,9 @@ def simulate(store: ModelStore, plan: Plan, request: GenerationRequest, network:
     # loaded and run once before the clock starts
     front = load_front(store, plan, threads=threads)
     front.prefill(np.zeros(min(8, plan.max_seq_len), np.int64))
-    summaries, first, links = [], [], []
+    summaries: list[dict] = []
+    first: list[SplitResponse] = []
+    links: list[EmulatedLink] = []
     with worker_process(str(store.path), store.config.d_model, warm_plan=plan,
                         ready_timeout_s=ready_timeout_s) as endpoint:
         for i in range(runs):
