@@ -14,11 +14,12 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from edgesplit import __version__
 from edgesplit.cli_plan import add_plan_commands
 from edgesplit.cli_split import add_split_commands
-from edgesplit.runtime.engine import engine_kwargs_of
+from edgesplit.runtime.engine import ENGINE_SETTINGS, EngineSettings
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
 from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
 from edgesplit.runtime.models import DEFAULT_MODEL, KNOWN_MODELS
@@ -161,7 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = load_tokenizer(store)
     ids = tok.encode(tok.chat_prompt(args.prompt, args.system) if args.chat else args.prompt)
     check_fits(len(ids), args.max_tokens, max_seq_len)  # before the engines load (seconds)
-    engines = load_local(store, segments=args.segments, max_seq_len=max_seq_len, **engine_kwargs_of(args))
+    engines = load_local(store, segments=args.segments, max_seq_len=max_seq_len, **engine_settings_of(args).kwargs())
     last, ended_newline = None, True
     for last in stream_generate(engines, tok, ids, params, max_tokens=args.max_tokens, max_seq_len=max_seq_len):
         if last.text:
@@ -178,22 +179,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_external(module: str, func: str, args: argparse.Namespace) -> int:
-    """Call `edgesplit.harness.<module>.<func>(args) -> dict` (imported lazily) and print it as JSON."""
-    import importlib
-
-    try:
-        fn = getattr(importlib.import_module(f"edgesplit.harness.{module}"), func)
-    except ModuleNotFoundError as exc:
-        if exc.name != f"edgesplit.harness.{module}":
-            raise  # a missing dependency inside the module: show the real error
-        raise EdgesplitError(f"edgesplit.harness.{module} is not available in this build") from exc
-    print(json.dumps(fn(args)))
-    return 0
+def engine_settings_of(args: argparse.Namespace) -> EngineSettings:
+    """The engine flags (`_add_engine`) as checked EngineSettings."""
+    return EngineSettings(**{k: getattr(args, k) for k in ENGINE_SETTINGS})
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    return _run_external("evaluate", "cli_eval", args)
+    from edgesplit.harness import evaluate
+
+    segments = None if args.segments is None else tuple(args.segments)
+    req = evaluate.EvalRequest(Path(args.text), args.tokens, args.window, args.model, segments, args.cut, args.codec,
+                               engine_settings_of(args))
+    print(json.dumps(evaluate.run_eval(req)))
+    return 0
 
 
 def _add_flash_bench(p: argparse.ArgumentParser) -> None:
@@ -215,13 +213,23 @@ def _add_flash_bench(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if getattr(args, "flash", False):
-        from edgesplit.harness.flash_bench import cli_flash_bench
+    if args.flash:
+        from edgesplit.harness.flash_bench import MODES, FlashBenchRequest, run_flash_bench
 
-        for row in cli_flash_bench(args):
+        flash_req = FlashBenchRequest(args.model, tuple(args.mode) if args.mode else MODES, args.budget_fraction,
+                                args.budget_mb, args.profile, Path(args.text), args.tokens, args.window,
+                                args.stream_tokens, args.decode_tokens, args.plot, args.accuracy_level,
+                                args.outlier_channels, args.kv_precision, args.threads)
+        for row in run_flash_bench(flash_req):
             print(json.dumps(row), flush=True)
         return 0
-    return _run_external("bench", "cli_bench", args)
+    from edgesplit.harness import bench
+
+    segment = None if args.segment is None else tuple(args.segment)
+    req = bench.BenchRequest(args.model, args.vs, args.runs, args.prompt_tokens, args.decode_tokens, segment,
+                             engine_settings_of(args))
+    print(json.dumps(bench.run_bench(req)))
+    return 0
 
 
 class _StderrHandler(logging.StreamHandler):

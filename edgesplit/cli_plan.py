@@ -11,7 +11,6 @@ from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
 from edgesplit.runtime.models import DEFAULT_MODEL
 
 
-
 def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     """Register `profile`, `plan` and `sweep` on the top-level subparsers."""
     p = sub.add_parser("profile", parents=[common], help="measure this machine into a device profile (TOML)")
@@ -26,7 +25,7 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("plan", parents=[common], help="choose cut, precisions, codec and length for a device")
     p.add_argument("--device", required=True, help="device profile name (rpi4-4gb, ...) or TOML path")
     p.add_argument("--network", required=True, help="network profile name (lte, ...) or TOML path")
-    p.add_argument("--cloud", default="cpu-server", help="cloud profile name or TOML path (default cpu-server)")
+    p.add_argument("--cloud-profile", default="cpu-server", help="cloud profile name or TOML path (default cpu-server)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
     p.add_argument("--objective", choices=("latency", "fidelity", "memory"), default="latency")
     p.add_argument("--memory-mb", type=float, default=None, help="device memory limit (default: usable memory)")
@@ -47,7 +46,7 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--network", default="loopback", help="network profile name or TOML path")
     p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
     p.add_argument("--device", default="host", help="measured device profile for the predictions (default host)")
-    p.add_argument("--cloud", default="host", help="cloud profile for the predictions (default host)")
+    p.add_argument("--cloud-profile", default="host", help="cloud profile for the predictions (default host)")
     p.add_argument("--cuts", default=None, help="comma-separated cuts (default: every cut)")
     p.add_argument("--codec", default="f32")
     p.add_argument("--tokens", type=int, default=32, help="decode tokens per cut (default 32)")
@@ -83,9 +82,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from edgesplit.harness.plan_report import plan_report
+    from edgesplit.device.planning.cost_model import FLASH_OPTIONS
+    from edgesplit.device.planning.planner import Request
+    from edgesplit.harness.plan_report import PlanReportRequest, plan_report
 
-    report = plan_report(args)
+    request = Request(objective=args.objective, memory_mb=args.memory_mb, latency_ms=args.latency_ms,
+                      ttft_ms=args.ttft_ms, min_top1=args.min_top1, max_seq_len=args.max_seq_len,
+                      prompt_tokens=args.prompt_tokens, flash_options=FLASH_OPTIONS)
+    report = plan_report(PlanReportRequest(args.device, args.network, args.cloud_profile, args.model, request,
+                                           args.out, args.pareto_json, args.plot))
     if args.json:
         print(json.dumps(report))
     else:
@@ -95,8 +100,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from edgesplit.harness.sweep import cli_sweep, format_table
+    from edgesplit.harness.sweep import format_table, sweep
 
-    result = cli_sweep(args)
+    cuts = [int(c) for c in args.cuts.split(",")] if args.cuts else None
+    result = sweep(args.model, args.network, cuts=cuts, codec=args.codec, tokens=args.tokens, device=args.device,
+                   cloud=args.cloud_profile, threads=args.threads, passes=args.passes, quiet_wait_s=args.quiet_wait_s)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -7,6 +7,8 @@ The same call interface serves a whole model, a device front (ids in, hidden out
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -36,15 +38,43 @@ def session_options(threads: int, spin: bool = True) -> ort.SessionOptions:
     return so
 
 
-# SegmentEngine's settings besides the layer range and max_seq_len; CLI flags, eval and bench
-# outputs use the same names.
-ENGINE_SETTINGS = ("precision", "head_precision", "kv_precision", "accuracy_level", "outlier_channels",
-                   "head_accuracy_level", "head_outlier_channels", "threads")
+LAYER_PRECISIONS = ("q4", "q8", "f16", "f32")
 
 
-def engine_kwargs_of(obj) -> dict:
-    """The ENGINE_SETTINGS that `obj` (e.g. parsed CLI arguments) sets, as SegmentEngine kwargs."""
-    return {k: getattr(obj, k) for k in ENGINE_SETTINGS if getattr(obj, k, None) is not None}
+@dataclass(frozen=True)
+class EngineSettings:
+    """How a SegmentEngine computes, besides its layer range and KV capacity (SegmentEngine's
+    docstring says what each means). CLI flags and the eval and bench outputs use these names.
+    Checked when made: a bad value is a ConfigError naming the field."""
+
+    precision: str = "q4"
+    head_precision: str = "q8"
+    kv_precision: str = "f32"
+    accuracy_level: int = 4
+    outlier_channels: int = 8
+    head_accuracy_level: int = 4
+    head_outlier_channels: int = 16
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("precision", LAYER_PRECISIONS), ("head_precision", EMBEDDING_PRECISIONS),
+                              ("kv_precision", tuple(KV_TYPES))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name, low, high in (("accuracy_level", 0, 4), ("head_accuracy_level", 0, 4), ("outlier_channels", 0, None),
+                                ("head_outlier_channels", 0, None), ("threads", 1, None)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+                bound = f"in {low}..{high}" if high is not None else f">= {low}"
+                raise ConfigError(f"{name} must be an integer {bound}, got {v!r}")
+
+    def kwargs(self) -> dict[str, Any]:
+        """As SegmentEngine keyword arguments."""
+        return asdict(self)
+
+
+# the setting names, in order (eval and bench report them)
+ENGINE_SETTINGS = tuple(f.name for f in fields(EngineSettings))
 
 
 def segment_outliers(manifest: dict, s: SegmentSpec, n_channels: int, head_n_channels: int) -> dict:

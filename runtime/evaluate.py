@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import ENGINE_SETTINGS, SegmentEngine, engine_kwargs_of
+from .engine import ENGINE_SETTINGS, SegmentEngine
 from .generate import load_local
 from .errors import ConfigError, EdgesplitError
 from .store import ModelStore

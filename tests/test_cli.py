@@ -3,7 +3,6 @@
 import json
 import re
 import sys
-import types
 
 import pytest
 
@@ -97,24 +96,40 @@ def test_pull_unknown_lists_known(capsys):
 
 
 def test_eval_and_bench_dispatch(monkeypatch, capsys):
+    """The CLI turns flags into typed requests (EvalRequest, BenchRequest) and prints the result."""
+    from edgesplit.harness import bench, evaluate
+
     seen = {}
 
     def fake(kind):
-        def run(args):
-            seen[kind] = args
+        def run(req):
+            seen[kind] = req
             return {"kind": kind}
         return run
 
-    for module, name in (("evaluate", "cli_eval"), ("bench", "cli_bench")):
-        mod = types.ModuleType(f"edgesplit.harness.{module}")
-        setattr(mod, name, fake(module))
-        monkeypatch.setitem(sys.modules, f"edgesplit.harness.{module}", mod)
+    monkeypatch.setattr(evaluate, "run_eval", fake("evaluate"))
+    monkeypatch.setattr(bench, "run_bench", fake("bench"))
     assert main(["eval", "--text", "wiki.txt", "--segments", "0,12,30", "--tokens", "100"]) == 0
     assert json.loads(capsys.readouterr().out) == {"kind": "evaluate"}
     a = seen["evaluate"]
-    assert (a.text, a.tokens, a.window, a.segments, a.model) == ("wiki.txt", 100, 512, [0, 12, 30], "smollm2-135m")
+    assert isinstance(a, evaluate.EvalRequest)
+    assert (str(a.text), a.tokens, a.window, a.segments, a.model) == ("wiki.txt", 100, 512, (0, 12, 30), "smollm2-135m")
     assert main(["bench", "--vs", "llama.cpp", "--runs", "2", "--accuracy-level", "4"]) == 0
     assert json.loads(capsys.readouterr().out) == {"kind": "bench"}
     b = seen["bench"]
-    assert (b.vs, b.runs, b.prompt_tokens, b.decode_tokens, b.accuracy_level, b.threads) == \
+    assert isinstance(b, bench.BenchRequest)
+    assert (b.vs, b.runs, b.prompt_tokens, b.decode_tokens, b.engine.accuracy_level, b.engine.threads) == \
         ("llama.cpp", 2, 128, 128, 4, 2)
+
+
+def test_bad_values_are_refused_where_they_are_made(capsys):
+    assert main(["generate", "--threads", "0", "hi"]) == 2
+    assert "threads must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["eval", "--text", "t.txt", "--tokens", "1"]) == 2
+    assert "tokens must be an integer >= 2, got 1" in capsys.readouterr().err
+    assert main(["bench", "--runs", "0"]) == 2
+    assert "runs must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["loadtest", "--devices", "0"]) == 2
+    assert "devices must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["cloud", "serve", "--bind", "garbage"]) == 2
+    assert "--bind 'garbage': cannot bind" in capsys.readouterr().err

@@ -188,9 +188,9 @@ def test_eval_cli_flags():
     assert (args.cut, args.codec, args.segments) == (15, "int8", None)
     args = build_parser().parse_args(["eval", "--text", "t.txt"])
     assert (args.cut, args.codec) == (None, None)
-    from edgesplit.harness.evaluate import cli_eval
+    from edgesplit.harness.evaluate import EvalRequest
 
-    for argv, msg in ((["--cut", "1"], "go together"), (["--codec", "int8"], "go together"),
-                      (["--cut", "1", "--codec", "int8", "--segments", "0,1,3"], "replaces --segments")):
+    for kw, msg in ((dict(cut=1), "go together"), (dict(codec="int8"), "go together"),
+                    (dict(cut=1, codec="int8", segments=(0, 1, 3)), "replaces --segments")):
         with pytest.raises(ConfigError, match=msg):
-            cli_eval(build_parser().parse_args(["eval", "--text", "t.txt", *argv]))
+            EvalRequest(Path("t.txt"), **kw)

@@ -55,7 +55,7 @@ def test_plan_cli_writes_plan_front_and_plot_and_refuses_the_impossible(tiny_pro
                                                                          capsys):
     cloud = _cloud_toml(tmp_path / "cloud.toml", tiny_profile)
     common = ["plan", "--model", str(tiny_store.path), "--device", str(tiny_profile), "--network", "lte",
-              "--cloud", str(cloud), "--max-seq-len", "128", "--prompt-tokens", "16"]
+              "--cloud-profile", str(cloud), "--max-seq-len", "128", "--prompt-tokens", "16"]
     out, front, png = tmp_path / "plan.json", tmp_path / "front.json", tmp_path / "front.png"
     assert main(common + ["--json", "--out", str(out), "--pareto-json", str(front), "--plot", str(png)]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
 
 import numpy as np
 
-from edgesplit.runtime.engine import ENGINE_SETTINGS, SegmentEngine, engine_kwargs_of
+from edgesplit.runtime.engine import ENGINE_SETTINGS, EngineSettings, SegmentEngine
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
 from edgesplit.runtime.evaluate import engine_settings
+from edgesplit.runtime.models import DEFAULT_MODEL
 from edgesplit.runtime.memory import peak_rss_mb, prompt_ids, segment_memory
 from edgesplit.runtime.store import ModelStore
 
@@ -125,23 +127,40 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
     return out
 
 
-def cli_bench(args) -> dict:
-    """`edgesplit bench`: resolve the model store (and GGUF for --vs llama.cpp), then bench;
-    with --segment A,B only the memory of that segment (see memory.segment_memory)."""
+@dataclass(frozen=True)
+class BenchRequest:
+    """`edgesplit bench`: prefill and decode speed of `engine` (vs llama.cpp with `vs`), medians of
+    `runs`; with `segment` (start, end) only the memory of that segment. Checked when made."""
+
+    model: str = DEFAULT_MODEL
+    vs: str | None = None
+    runs: int = 5
+    prompt_tokens: int = 128
+    decode_tokens: int = 128
+    segment: tuple[int, int] | None = None
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+    def __post_init__(self) -> None:
+        if self.vs not in (None, "llama.cpp"):
+            raise ConfigError(f"--vs {self.vs!r}: the only reference engine is 'llama.cpp'")
+        if self.segment is not None and (len(self.segment) != 2 or self.vs):
+            raise ConfigError(f"--segment takes START,END and no --vs (got {self.segment}, vs={self.vs})")
+        for name in ("runs", "prompt_tokens", "decode_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def run_bench(req: BenchRequest) -> dict:
+    """Resolve the model store (and the GGUF for --vs llama.cpp), then bench; with `segment` only
+    the memory of that segment (see memory.segment_memory)."""
     from edgesplit.runtime.models import resolve_gguf, resolve_store
 
-    if getattr(args, "segment", None):
-        if len(args.segment) != 2 or args.vs:
-            raise ConfigError(f"--segment takes START,END and no --vs (got {args.segment}, vs={args.vs})")
-        store = ModelStore(resolve_store(args.model, precisions=(args.precision,)))
-        return segment_memory(store, *args.segment, prompt_tokens=args.prompt_tokens,
-                              max_seq_len=args.prompt_tokens + args.decode_tokens, **engine_kwargs_of(args))
-
-    vs = getattr(args, "vs", None)
-    if vs not in (None, "llama.cpp"):
-        raise ConfigError(f"--vs {vs!r}: the only reference engine is 'llama.cpp'")
-    store = ModelStore(resolve_store(args.model, precisions=(args.precision,)))
-    gguf = resolve_gguf(args.model) if vs else None
-    kwargs = {k: v for k, v in engine_kwargs_of(args).items() if k != "threads"}  # bench takes threads itself
-    return bench(store, gguf, threads=args.threads, runs=args.runs, prompt_tokens=args.prompt_tokens,
-                 decode_tokens=args.decode_tokens, vs_llama=vs is not None, **kwargs)
+    store = ModelStore(resolve_store(req.model, precisions=(req.engine.precision,)))
+    if req.segment is not None:
+        return segment_memory(store, *req.segment, prompt_tokens=req.prompt_tokens,
+                              max_seq_len=req.prompt_tokens + req.decode_tokens, **req.engine.kwargs())
+    gguf = resolve_gguf(req.model) if req.vs else None
+    kwargs = {k: v for k, v in req.engine.kwargs().items() if k != "threads"}  # bench takes threads itself
+    return bench(store, gguf, threads=req.engine.threads, runs=req.runs, prompt_tokens=req.prompt_tokens,
+                 decode_tokens=req.decode_tokens, vs_llama=req.vs is not None, **kwargs)

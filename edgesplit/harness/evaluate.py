@@ -2,39 +2,61 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgesplit.harness.evaluate_split import evaluate_split
 from edgesplit.runtime.codec import parse_codec
-from edgesplit.runtime.engine import engine_kwargs_of
+from edgesplit.runtime.engine import EngineSettings
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
 from edgesplit.runtime.evaluate import evaluate, text_tokens
 from edgesplit.runtime.generate import load_tokenizer
-from edgesplit.runtime.models import resolve_gguf, resolve_store
+from edgesplit.runtime.models import DEFAULT_MODEL, resolve_gguf, resolve_store
 from edgesplit.runtime.reference import ReferenceModel
 from edgesplit.runtime.store import ModelStore
 
 
-def cli_eval(args) -> dict:
-    """`edgesplit eval`: resolve model, store and tokenizer from `args`, evaluate the text file."""
+@dataclass(frozen=True)
+class EvalRequest:
+    """One evaluation: the first `tokens` tokens of `text`, teacher-forced in windows of `window`,
+    against the fp32 reference; one engine, chained `segments`, or the split at `cut` with `codec`.
+    Checked when made (a bad codec fails before the model loads)."""
 
-    cut, codec = getattr(args, "cut", None), getattr(args, "codec", None)
-    if (cut is None) != (codec is None):
-        raise ConfigError("--cut and --codec go together (the codec runs at the cut)")
-    if cut is not None and getattr(args, "segments", None) is not None:
-        raise ConfigError("--cut replaces --segments; give one or the other")
-    if codec is not None:
-        parse_codec(codec)  # a bad setting fails before the model loads
-    text = Path(args.text)
+    text: Path
+    tokens: int = 4096
+    window: int = 512
+    model: str = DEFAULT_MODEL
+    segments: tuple[int, ...] | None = None
+    cut: int | None = None
+    codec: str | None = None
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+    def __post_init__(self) -> None:
+        if (self.cut is None) != (self.codec is None):
+            raise ConfigError("--cut and --codec go together (the codec runs at the cut)")
+        if self.cut is not None and self.segments is not None:
+            raise ConfigError("--cut replaces --segments; give one or the other")
+        if self.codec is not None:
+            parse_codec(self.codec)
+        for name in ("tokens", "window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+                raise ConfigError(f"{name} must be an integer >= 2, got {v!r}")
+
+
+def run_eval(req: EvalRequest) -> dict:
+    """Resolve the model, store and tokenizer, evaluate the text file; one JSON-able dict."""
+    text = Path(req.text)
     if not text.is_file():
         raise EdgesplitError(f"{text}: text file not found")
-    store = ModelStore(resolve_store(args.model, precisions=(args.precision,)))
-    tokens = text_tokens(text, load_tokenizer(store), args.tokens)
-    reference = ReferenceModel.from_gguf(resolve_gguf(args.model))
-    kwargs = engine_kwargs_of(args)
-    if cut is not None or codec is not None:
-        out = evaluate_split(store, reference, tokens, cut=cut, codec=codec, window=args.window, **kwargs)
+    store = ModelStore(resolve_store(req.model, precisions=(req.engine.precision,)))
+    tokens = text_tokens(text, load_tokenizer(store), req.tokens)
+    reference = ReferenceModel.from_gguf(resolve_gguf(req.model))
+    kwargs = req.engine.kwargs()
+    if req.cut is not None and req.codec is not None:
+        out = evaluate_split(store, reference, tokens, cut=req.cut, codec=req.codec, window=req.window, **kwargs)
     else:
-        out = evaluate(store, reference, tokens, window=args.window, segments=args.segments, **kwargs)
+        segments = None if req.segments is None else list(req.segments)
+        out = evaluate(store, reference, tokens, window=req.window, segments=segments, **kwargs)
     out["text"] = str(text)
     return out

@@ -16,12 +16,15 @@ import logging
 import os
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 
-from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.engine import EngineSettings, SegmentEngine
 from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.models import DEFAULT_MODEL
 from edgesplit.runtime.evaluate import LogitComparison, text_tokens, windows
 from edgesplit.runtime.quant import q8_dense
 from edgesplit.runtime.reference import rms_norm
@@ -36,6 +39,43 @@ from edgesplit.device.flash.stream import StreamedFront
 log = logging.getLogger(__name__)
 
 MODES = ("embedding", "stream", "neurons")
+
+
+@dataclass(frozen=True)
+class FlashBenchRequest:
+    """`edgesplit bench --flash`: the modes to run, the memory budget (MB, or a fraction of the
+    front's weight bytes), the device profile whose flash figures model the reads, the text for
+    fidelity, and the engine settings the flash store is built for. Checked when made."""
+
+    model: str = DEFAULT_MODEL
+    modes: tuple[str, ...] = MODES
+    budget_fraction: float = 0.5
+    budget_mb: float | None = None
+    profile: str | None = None
+    text: Path = Path("../shared/data/wikitext-2/test.txt")
+    tokens: int = 4096
+    window: int = 512
+    stream_tokens: int = 4096
+    decode_tokens: int = 128
+    plot: str | None = None
+    accuracy_level: int = 4
+    outlier_channels: int = 8
+    kv_precision: str = "f32"
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.modes) - set(MODES))
+        if unknown or not self.modes:
+            raise ConfigError(f"--mode {','.join(unknown) or '(none)'}: not a flash mode ({', '.join(MODES)})")
+        if not 0 < self.budget_fraction <= 1:
+            raise ConfigError(f"budget_fraction must be in (0, 1], got {self.budget_fraction!r}")
+        if self.budget_mb is not None and not self.budget_mb > 0:
+            raise ConfigError(f"budget_mb must be > 0 MB, got {self.budget_mb!r}")
+        for name in ("tokens", "window", "stream_tokens", "decode_tokens"):
+            if getattr(self, name) < 2:
+                raise ConfigError(f"{name} must be >= 2, got {getattr(self, name)!r}")
+        EngineSettings(kv_precision=self.kv_precision, accuracy_level=self.accuracy_level,
+                       outlier_channels=self.outlier_channels, threads=self.threads)  # the same checks
 CACHE_ROWS = 256
 MB = 2**20
 
@@ -58,11 +98,11 @@ def segment_bytes(flash: FlashStore) -> tuple[int, list[int]]:
     return flash.row_bytes * flash.vocab_size, [r.nbytes for r in flash.layers]
 
 
-def budget_bytes(args, flash: FlashStore) -> int:
+def budget_bytes(req: FlashBenchRequest, flash: FlashStore) -> int:
     table, layers = segment_bytes(flash)
-    if getattr(args, "budget_mb", None) is not None:
-        return int(args.budget_mb * MB)
-    return int(args.budget_fraction * (table + sum(layers)))
+    if req.budget_mb is not None:
+        return int(req.budget_mb * MB)
+    return int(req.budget_fraction * (table + sum(layers)))
 
 
 def fidelity(front, ref_front, head: CloudHead, tokens: np.ndarray, window: int) -> dict:
@@ -105,9 +145,9 @@ def read_table(flash: FlashStore) -> None:
     f.read_into(buf, 0)
 
 
-def run_embedding(args, store, flash, tokens, head, model: FlashModel | None, factor: float = 1.0) -> dict:
+def run_embedding(req: FlashBenchRequest, store, flash, tokens, head, model: FlashModel | None, factor: float = 1.0) -> dict:
     table, layers = segment_bytes(flash)
-    budget = budget_bytes(args, flash)
+    budget = budget_bytes(req, flash)
     emb = FlashEmbedding(flash, CACHE_ROWS)
     check_budget("embedding rows on flash", Budget(sum(layers), emb.cache_bytes, 0), budget)
     f = flash.file("embedding.bin")
@@ -116,14 +156,14 @@ def run_embedding(args, store, flash, tokens, head, model: FlashModel | None, fa
         emb.rows([tid])
     bytes_per_token = (f.bytes_read - before) / len(tokens)
     miss_rate = emb.misses / max(emb.hits + emb.misses, 1)
-    kw = dict(accuracy_level=args.accuracy_level, threads=args.threads, max_seq_len=args.window)
+    kw: dict[str, Any] = dict(accuracy_level=req.accuracy_level, threads=req.threads, max_seq_len=req.window)
     front = FlashFront(FlashEmbedding(flash, CACHE_ROWS), SegmentEngine(store, 0, store.config.n_layers,
                                                                          embed_ids=False, with_head=False, **kw))
     ref = SegmentEngine(store, 0, store.config.n_layers, with_head=False, **kw)
-    fid = fidelity(front, ref, head, tokens, args.window)
-    tok = 1 / statistics.median(time_decode(front, flash, args.decode_tokens))
-    naive = 1 / statistics.median(time_decode(front, flash, max(4, args.decode_tokens // 8), lambda: read_table(flash)))
-    resident_tok = 1 / statistics.median(time_decode(ref, flash, args.decode_tokens))
+    fid = fidelity(front, ref, head, tokens, req.window)
+    tok = 1 / statistics.median(time_decode(front, flash, req.decode_tokens))
+    naive = 1 / statistics.median(time_decode(front, flash, max(4, req.decode_tokens // 8), lambda: read_table(flash)))
+    resident_tok = 1 / statistics.median(time_decode(ref, flash, req.decode_tokens))
     read_s = _row_read_s(flash, 2000)
     out = _common("embedding", budget, sum(layers) + emb.cache_bytes, bytes_per_token, table, tok, naive,
                   1 / (miss_rate * read_s) if miss_rate else None, fid)
@@ -151,29 +191,29 @@ def _row_read_s(flash: FlashStore, n: int) -> float:
     return statistics.median(ts)
 
 
-def run_stream(args, store, flash, tokens, head, model: FlashModel | None, factor: float = 1.0) -> dict:
+def run_stream(req: FlashBenchRequest, store, flash, tokens, head, model: FlashModel | None, factor: float = 1.0) -> dict:
     table, layers = segment_bytes(flash)
-    budget = budget_bytes(args, flash)
+    budget = budget_bytes(req, flash)
     settings = flash.settings
     buffers = 2 * max(layers)
     resident = stream_plan(layers, buffers + CACHE_ROWS * flash.row_bytes, budget)
     if len(resident) == len(layers):
         raise ConfigError(f"budget {budget / MB:.1f} MB holds every layer: nothing to stream")
-    kw = dict(settings=settings, max_seq_len=args.window, threads=args.threads)
+    kw = dict(settings=settings, max_seq_len=req.window, threads=req.threads)
     front = StreamedFront(store, flash, resident, drop_cache=True, **kw)
     chain = FlashFront(FlashEmbedding(flash, CACHE_ROWS), front)
-    ref = SegmentEngine(store, 0, store.config.n_layers, with_head=False, accuracy_level=args.accuracy_level,
-                        threads=args.threads, max_seq_len=args.window)
-    fid = fidelity(chain, ref, head, tokens[:args.stream_tokens], args.window)
+    ref = SegmentEngine(store, 0, store.config.n_layers, with_head=False, accuracy_level=req.accuracy_level,
+                        threads=req.threads, max_seq_len=req.window)
+    fid = fidelity(chain, ref, head, tokens[:req.stream_tokens], req.window)
     f = flash.file("layers.bin")
     b0, r0 = f.bytes_read, front.read_s
-    steps = time_decode(chain, flash, args.decode_tokens)
+    steps = time_decode(chain, flash, req.decode_tokens)
     stages = front.last_stage_times
-    bytes_per_token = (f.bytes_read - b0) / args.decode_tokens
-    io_s = (front.read_s - r0) / args.decode_tokens
-    resident_tok = 1 / statistics.median(time_decode(ref, flash, args.decode_tokens))
+    bytes_per_token = (f.bytes_read - b0) / req.decode_tokens
+    io_s = (front.read_s - r0) / req.decode_tokens
+    resident_tok = 1 / statistics.median(time_decode(ref, flash, req.decode_tokens))
     front.set_overlap(False)
-    naive = time_decode(chain, flash, max(4, args.decode_tokens // 4), lambda: read_table(flash))
+    naive = time_decode(chain, flash, max(4, req.decode_tokens // 4), lambda: read_table(flash))
     front.close()
     streamed_bytes = sum(b for i, b in enumerate(layers) if i not in resident)
     resident_bytes = sum(layers[i] for i in resident) + buffers + CACHE_ROWS * flash.row_bytes
@@ -184,7 +224,7 @@ def run_stream(args, store, flash, tokens, head, model: FlashModel | None, facto
                buffer_mb=buffers / MB, compute_ms_per_token=compute_s * 1e3,
                streamed_compute_ms_per_token=sum(c for s, c, _ in stages if s) * 1e3,
                read_wait_ms_per_token=sum(w for _, _, w in stages) * 1e3, io_ms_per_token=io_s * 1e3,
-               fidelity_tokens=int(min(len(tokens), args.stream_tokens)), resident_tok_s=resident_tok)
+               fidelity_tokens=int(min(len(tokens), req.stream_tokens)), resident_tok_s=resident_tok)
     if model is not None:  # this machine's compute times scaled by the profile's factor
         reads = [model.read_ms(layers[i]) for i in front.streamed]
         token_ms = simulate_pipeline([(s, c * 1e3 * factor) for s, c, _ in stages], reads)
@@ -203,46 +243,44 @@ def _common(mode, budget, resident, bytes_per_token, naive_bytes, tok_s, naive_t
             "tokens": fid["tokens"]}
 
 
-def flash_model_of(args) -> tuple[FlashModel | None, float]:
+def flash_model_of(req: FlashBenchRequest) -> tuple[FlashModel | None, float]:
     """The --profile's flash model and decode time factor (its compute time / this machine's),
     or (None, 1.0) for real reads only."""
-    if not getattr(args, "profile", None):
+    if not req.profile:
         return None, 1.0
     from edgesplit.profiles.device import load_device_profile
 
-    profile = load_device_profile(args.profile)
+    profile = load_device_profile(req.profile)
     return FlashModel.from_profile(profile), profile.decode_time_factor
 
 
-def cli_flash_bench(args) -> list[dict]:
+def run_flash_bench(req: FlashBenchRequest) -> list[dict]:
     """Run the requested modes; returns one dict per mode (the CLI prints each as a JSON line)."""
     from edgesplit.runtime.generate import load_tokenizer
     from edgesplit.runtime.models import resolve_store
 
-    modes = MODES if args.mode is None else tuple(args.mode)
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown:
-        raise ConfigError(f"--mode {','.join(unknown)}: not a flash mode ({', '.join(MODES)})")
-    text = Path(args.text)
+    modes = req.modes
+    text = Path(req.text)
     if not text.is_file():
         raise ConfigError(f"{text}: text file not found (--text)")
-    store = ModelStore(resolve_store(args.model, precisions=("q4", "q8")))
-    flash = ensure_flash_store(store, flash_settings(accuracy_level=args.accuracy_level,
-                                                    outlier_channels=args.outlier_channels,
-                                                    kv_precision=args.kv_precision))
-    model, factor = flash_model_of(args)
-    tokens = text_tokens(text, load_tokenizer(store), args.tokens)
+    store = ModelStore(resolve_store(req.model, precisions=("q4", "q8")))
+    flash = ensure_flash_store(store, flash_settings(accuracy_level=req.accuracy_level,
+                                                    outlier_channels=req.outlier_channels,
+                                                    kv_precision=req.kv_precision))
+    model, factor = flash_model_of(req)
+    tokens = text_tokens(text, load_tokenizer(store), req.tokens)
     head = CloudHead(store)
     out = []
     for mode in modes:
         if mode == "neurons":
             from edgesplit.harness.flash_neurons_bench import run_neurons
 
-            res = run_neurons(args, store, flash, tokens, model, budget_bytes(args, flash))
+            res = run_neurons(store, flash, tokens, model, budget_bytes(req, flash), text=req.text,
+                              window=req.window, plot_path=req.plot)
         else:
-            res = (run_embedding if mode == "embedding" else run_stream)(args, store, flash, tokens, head, model,
+            res = (run_embedding if mode == "embedding" else run_stream)(req, store, flash, tokens, head, model,
                                                                          factor)
-        res.update(threads=args.threads, accuracy_level=args.accuracy_level, load_avg_1m=os.getloadavg()[0],
+        res.update(threads=req.threads, accuracy_level=req.accuracy_level, load_avg_1m=os.getloadavg()[0],
                    flash_model=None if model is None else model.__dict__, compute_time_factor=factor)
         out.append(res)
     return out

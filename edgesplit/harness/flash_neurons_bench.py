@@ -67,17 +67,19 @@ def replay_io(store, flash: FlashStore, tokens: np.ndarray, calib: np.ndarray, p
     return {"bytes": (f.bytes_read - b0) / len(ids), "reads": (f.reads - r0) / len(ids), "s": elapsed / len(ids)}
 
 
-def run_neurons(args, store, flash: FlashStore, tokens: np.ndarray, model: FlashModel | None, budget: int) -> dict:
-    """The neurons mode; `budget`: the memory budget in bytes (flash_bench.budget_bytes)."""
+def run_neurons(store, flash: FlashStore, tokens: np.ndarray, model: FlashModel | None, budget: int, *,
+                text: Path, window: int, plot_path: str | None) -> dict:
+    """The neurons mode; `budget`: the memory budget in bytes (flash_bench.budget_bytes); the
+    predictor is calibrated on valid.txt next to `text`; `plot_path`: the fidelity/bytes plot."""
     from edgesplit.runtime.generate import load_tokenizer
 
-    calib_path = Path(args.text).with_name("valid.txt")
+    calib_path = Path(text).with_name("valid.txt")
     if not calib_path.is_file():
         raise ConfigError(f"{calib_path}: calibration text for the predictor not found (next to --text)")
     calib = text_tokens(calib_path, load_tokenizer(store), CALIB_TOKENS)
-    points = sweep(store, tokens, calib, rank=PREDICTOR_RANK, window=args.window)
-    if getattr(args, "plot", None):
-        plot(points, args.plot)
+    points = sweep(store, tokens, calib, rank=PREDICTOR_RANK, window=window)
+    if plot_path:
+        plot(points, plot_path)
     for p in points:
         p["resident_mb"] = fixed_bytes(store, flash, p["selector"]) / MB + p["window_mb"]
     fits = [p for p in points if p["resident_mb"] * MB <= budget]

@@ -12,31 +12,41 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass, field
 
 from edgesplit.runtime.files import write_text_atomic
 from edgesplit.device.planning.cost_model import FLASH_OPTIONS
 from edgesplit.device.planning.planner import Request, check_model, choose, memory_limit_mb, to_plan
 from edgesplit.device.planning.fidelity import FidelityTable
 from edgesplit.profiles.cloud import load_cloud_profile
+from edgesplit.runtime.models import DEFAULT_MODEL
 from edgesplit.profiles.device import load_device_profile
 from edgesplit.profiles.network import load_network_profile
 
 
-def request_of(args) -> Request:
-    """The planner Request from parsed `edgesplit plan` arguments."""
-    return Request(objective=args.objective, memory_mb=args.memory_mb, latency_ms=args.latency_ms,
-                   ttft_ms=args.ttft_ms, min_top1=args.min_top1, max_seq_len=args.max_seq_len,
-                   prompt_tokens=args.prompt_tokens, flash_options=FLASH_OPTIONS)
+@dataclass(frozen=True)
+class PlanReportRequest:
+    """`edgesplit plan`: the profiles (names or TOML paths), the model, what is asked of the plan
+    (the planner's Request; every front flash option is searched), and the files to write."""
+
+    device: str
+    network: str
+    cloud_profile: str = "cpu-server"
+    model: str = DEFAULT_MODEL
+    request: Request = field(default_factory=lambda: Request(flash_options=FLASH_OPTIONS))
+    out: str | None = None  # the plan JSON (what --plan FILE reads)
+    pareto_json: str | None = None
+    plot: str | None = None  # PNG
 
 
-def plan_report(args) -> dict:
-    """Run `edgesplit plan` for parsed arguments; writes the optional files; returns the report."""
+def plan_report(args: PlanReportRequest) -> dict:
+    """Run the planner for `args`; writes the optional files; returns the report."""
     from edgesplit.runtime.models import resolve_store
     from edgesplit.runtime.store import ModelStore
 
     dev, net, cloud = (load_device_profile(args.device), load_network_profile(args.network),
-                       load_cloud_profile(args.cloud))
-    req = request_of(args)
+                       load_cloud_profile(args.cloud_profile))
+    req = args.request
     store = ModelStore(resolve_store(args.model, precisions=tuple(sorted(set(req.precisions) | {"f32"}))))
     check_model(dev, store)
     choice = choose(dev, cloud, net, FidelityTable(), req, store.config.context_length)

@@ -125,13 +125,6 @@ def summarize_sweep(rows, dev, cloud, net, codec, tokens, n_layers, context_leng
     }
 
 
-def cli_sweep(args) -> dict:
-    """`edgesplit sweep` from parsed arguments."""
-    cuts = [int(c) for c in args.cuts.split(",")] if args.cuts else None
-    return sweep(args.model, args.network, cuts=cuts, codec=args.codec, tokens=args.tokens, device=args.device,
-                 cloud=args.cloud, threads=args.threads, passes=args.passes, quiet_wait_s=args.quiet_wait_s)
-
-
 def format_table(result: dict) -> str:
     """The sweep as a plain-text table."""
     lines = [f"sweep over {result['network']} ({result['codec']}, {result['tokens']} tokens per cut)",
