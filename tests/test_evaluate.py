@@ -69,7 +69,8 @@ def test_segments_chain_equals_one_segment(tiny, f32_result):
 def test_quantized_configurations(tiny, f32_result, kw):
     store, ref, tokens = tiny
     r = evaluate(store, ref, tokens, window=WINDOW, **kw)
-    assert r["kl_mean"] >= 0 and 0 <= r["top1_agreement"] <= 1
+    assert r["kl_mean"] > 0  # lossy: the distributions differ from the fp32 reference
+    assert r["kl_mean"] < 0.05 and r["top1_agreement"] >= 0.9  # ... but only a little
     assert r["ppl"] > 1 and r["ppl_ref"] == pytest.approx(f32_result["ppl_ref"], rel=1e-6)
     assert 0 < r["max_abs_dlogit"] < 1.0  # lossy, but close on this model
     assert r["tokens"] == N - 4

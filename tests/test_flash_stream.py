@@ -39,7 +39,10 @@ def test_streamed_equals_dram_weights(tiny_store, flash, resident):
             x = hidden(tiny_store, 1, seed=t + 1)
             assert np.array_equal(stream.decode(x), ram.decode(x))
     streamed = [i for i in range(3) if i not in resident]
-    assert stream.read_s >= 0 and len(stream.streamed) == len(streamed)
+    assert stream.streamed == streamed and ram.read_s == 0.0  # DRAM weights: nothing is read
+    # every streamed layer is read at least once per step: 2 sessions x (1 prefill + 5 decodes)
+    assert stream.file.bytes_read >= 12 * sum(stream.regions[i].nbytes for i in streamed)
+    assert (stream.read_s > 0) == bool(streamed)
     stream.close()
 
 

@@ -146,5 +146,11 @@ def test_invalid_params_raise_config_error(field, value):
 
 
 def test_valid_params_accepted():
-    SamplingParams(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None)
-    SamplingParams(temperature=1.5, top_k=50, top_p=0.01, repetition_penalty=0.5, seed=0)
+    """Values at the edges of every range are kept as given and sample a valid token."""
+    logits = np.linspace(-1, 1, 100, dtype=np.float32)
+    for kw in (dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None),
+               dict(temperature=1.5, top_k=50, top_p=0.01, repetition_penalty=0.5, seed=0)):
+        p = SamplingParams(**kw)
+        assert {k: getattr(p, k) for k in kw} == kw
+        token = sample(logits, p, make_rng(p.seed), [1, 2])
+        assert 0 <= token < 100
