@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.random import Generator
 
+from edgesplit.runtime.memory import MB
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.generate import finish_reason
 from edgesplit.runtime.kv_cache import KV_NUMPY, KVCache
@@ -27,11 +28,11 @@ from edgesplit.transport.protocol import (
 
 
 def kv_cache_mb(plan: Plan, n_kv_heads: int, head_dim: int) -> float:
-    """MB (2^20 bytes) of the back segment's KV cache for `plan`: its layers x (K, V) x max_seq_len
+    """MB of the back segment's KV cache for `plan`: its layers x (K, V) x max_seq_len
     positions x n_kv_heads x head_dim x the KV precision's element size (as KVCache allocates it)."""
     itemsize = np.dtype(KV_NUMPY[plan.kv_precision]).itemsize
     layers = plan.n_layers - plan.cut
-    return layers * 2 * plan.max_seq_len * n_kv_heads * head_dim * itemsize / float(1 << 20)
+    return layers * 2 * plan.max_seq_len * n_kv_heads * head_dim * itemsize / MB
 
 
 @dataclass
@@ -47,12 +48,12 @@ class StepResult:
 class Session:
     """A device session: created on `open`, advanced by `prefill` then `decode`s, freed on `close`.
 
-    `identity`: the ZeroMQ routing id of the device that opened it (for logs; replies always go to
+    `routing_id`: the ZeroMQ routing id of the device that opened it (for logs; replies always go to
     the sender of the frame being answered).
     """
 
     session_id: str
-    identity: bytes
+    routing_id: bytes
     plan: Plan
     params: SamplingParams
     max_tokens: int
@@ -69,10 +70,10 @@ class Session:
     codec_setting: str = ""  # str(plan.codec): what a tensor's codec field usually says, compared without parsing
 
     @classmethod
-    def from_open(cls, frame: OpenFrame, identity: bytes, engine: SegmentEngine, kv_mb: float = 0.0) -> "Session":
+    def from_open(cls, frame: OpenFrame, routing_id: bytes, engine: SegmentEngine, kv_mb: float = 0.0) -> "Session":
         """A fresh session for an accepted `open` frame, with its own KV cache on `engine`."""
         params = frame.sampling_params()
-        return cls(frame.session, identity, frame.plan, params, int(frame.sampling["max_tokens"]),
+        return cls(frame.session, routing_id, frame.plan, params, int(frame.sampling["max_tokens"]),
                    frozenset(int(i) for i in frame.sampling["stop_ids"]), engine, engine.new_cache(),
                    make_rng(params.seed), SequenceCheck(frame.session), kv_mb, codec_setting=str(frame.plan.codec))
 

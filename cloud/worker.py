@@ -6,7 +6,7 @@ using it: at start for the warm plans (`--warm-plan`), else at the first session
 With `max_kv_mb` the KV caches of the sessions held together stay within that budget. Frames
 are handled one at a time, in arrival order (docs/protocol.md): `open` creates a session (no
 reply), `prefill`/`decode` answer one `token` frame, `close` frees (no reply). Every
-refused frame gets an `error` frame sent to the identity it came from, and the worker goes on
+refused frame gets an `error` frame sent to the routing id it came from, and the worker goes on
 serving the other sessions. Session routing lives here, never in the engine.
 """
 
@@ -162,34 +162,34 @@ class CloudWorker:
 
     # ------------------------------------------------------------------ one frame
     def handle_message(self, parts: list[bytes]) -> None:
-        """Handle one ROUTER message [identity, frame] and send its reply, if any, to that identity."""
+        """Handle one ROUTER message [routing id, frame] and send its reply, if any, to that routing id."""
         self._t_frame = time.perf_counter()
         self.frames_handled += 1
-        identity = parts[0]
+        routing_id = parts[0]
         if len(parts) != 2:
             # A REQ socket or a multipart sender: one frame per message is the protocol.
             sizes = [len(p) for p in parts[1:]]
             reply: Frame | None = ErrorFrame(None, None, BAD_FRAME, f"message must be one part (one frame), "
                                              f"got {len(parts) - 1} parts of {sizes} bytes")
         else:
-            reply = self._reply_for(identity, parts[1])
+            reply = self._reply_for(routing_id, parts[1])
         if reply is not None:
-            self._send(identity, reply)
+            self._send(routing_id, reply)
 
-    def handle_frame(self, identity: bytes, data: bytes) -> bytes | None:
-        """Answer one encoded frame from `identity` without the socket: the encoded reply, or None
+    def handle_frame(self, routing_id: bytes, data: bytes) -> bytes | None:
+        """Answer one encoded frame from `routing_id` without the socket: the encoded reply, or None
         (open, close). What `handle_message` does; for transport.channel.MemoryChannel."""
         self._t_frame = time.perf_counter()
         self.frames_handled += 1
-        reply = self._reply_for(identity, data)
+        reply = self._reply_for(routing_id, data)
         return None if reply is None else encode_frame(reply)
 
-    def _reply_for(self, identity: bytes, data: bytes) -> Frame | None:
+    def _reply_for(self, routing_id: bytes, data: bytes) -> Frame | None:
         """The reply to one frame: a token frame, None (open/close), or the error frame refusing it."""
         frame: Frame | None = None
         try:
             frame = decode_frame(data)
-            return self._dispatch(identity, frame)
+            return self._dispatch(routing_id, frame)
         except EdgesplitError as exc:
             err = error_frame_for(exc, getattr(frame, "session", None), getattr(frame, "seq", None))
         # The one broad catch of the worker: a bug or an onnxruntime failure in one session must
@@ -204,9 +204,9 @@ class CloudWorker:
         log.info("refused frame (session %s, seq %s): %s: %s", err.session, err.seq, err.code, err.message)
         return err
 
-    def _dispatch(self, identity: bytes, frame: Frame) -> Frame | None:
+    def _dispatch(self, routing_id: bytes, frame: Frame) -> Frame | None:
         if isinstance(frame, OpenFrame):
-            self._open(identity, frame)
+            self._open(routing_id, frame)
             return None  # a successful open has no reply (docs/protocol.md)
         if isinstance(frame, (TokenFrame, ErrorFrame)):
             raise ProtocolError(BAD_FRAME, f"kind: {frame.kind!r} frames go from the cloud to the device, "
@@ -222,7 +222,7 @@ class CloudWorker:
             return None
         return self._step(session, frame)
 
-    def _open(self, identity: bytes, frame: OpenFrame) -> None:
+    def _open(self, routing_id: bytes, frame: OpenFrame) -> None:
         sid, plan = frame.session, frame.plan
         if sid in self.sessions:
             raise ProtocolError(SEQUENCE, f"open: session {sid} is already open; close it first", sid, 0)
@@ -238,7 +238,7 @@ class CloudWorker:
                                 f"{self.max_kv_mb - self.kv_used_mb:.1f} MB of max_kv_mb {self.max_kv_mb:g} are "
                                 f"available ({len(self.sessions)} session(s) hold {self.kv_used_mb:.1f} MB); lower "
                                 "plan.max_seq_len, close sessions or retry later", sid, 0)
-        self.sessions[sid] = Session.from_open(frame, identity, self._engine_for(plan), need_mb)
+        self.sessions[sid] = Session.from_open(frame, routing_id, self._engine_for(plan), need_mb)
         log.info("session %s opened: cut %d, max_seq_len %d, codec %s (%d open)", sid, plan.cut,
                  plan.max_seq_len, plan.codec, len(self.sessions))
 
@@ -322,13 +322,13 @@ class CloudWorker:
             raise ProtocolError(TENSOR, f"prefill prompt_ids: id {max(ids)} is outside the vocabulary [0, {vocab})",
                                 frame.session, frame.seq)
 
-    def _send(self, identity: bytes, frame: Frame) -> None:
+    def _send(self, routing_id: bytes, frame: Frame) -> None:
         assert self._sock is not None  # only handle_message sends, and only serve_forever calls it
         try:
-            self._sock.send_multipart([identity, encode_frame(frame)], flags=zmq.NOBLOCK)
+            self._sock.send_multipart([routing_id, encode_frame(frame)], flags=zmq.NOBLOCK)
         except zmq.Again:
             # The peer's queue is full (or it is gone): dropping one reply beats stalling every session.
-            log.warning("reply to %r dropped: the peer is not reading (%s)", identity, frame.kind)
+            log.warning("reply to %r dropped: the peer is not reading (%s)", routing_id, frame.kind)
 
 
 def serve(model: str, bind: str, *, stop_event: threading.Event | None = None,

@@ -11,6 +11,10 @@ from .engine import SegmentEngine
 from .store import ModelStore
 
 
+# One meaning per word: every `_mb` figure in edgesplit (memory, files, KV, budgets, profiles) is in
+# MB = 10^6 bytes; 2^20 bytes is written MiB, and only an interface that counts in it (KiB, MiB) uses it.
+MB = 1_000_000
+
 FIRST_ORDINARY_ID = 17  # SmolLM2 has 17 special tokens (ids 0-16); smaller vocabs wrap below
 _STRIDE = 7919  # a prime: consecutive ids spread over the vocabulary
 
@@ -25,11 +29,10 @@ def prompt_ids(n: int, vocab_size: int) -> np.ndarray:
 
 
 def available_memory_mb() -> float:
-    """Memory this machine can give a new process now (psutil's `available`), MB (2^20 bytes,
-    as every memory figure of the profiles and plans)."""
+    """Memory this machine can give a new process now (psutil's `available`), MB."""
     import psutil
 
-    return psutil.virtual_memory().available / 2**20
+    return psutil.virtual_memory().available / MB
 
 
 def peak_rss_mb() -> float:
@@ -42,11 +45,11 @@ def peak_rss_mb() -> float:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                    return int(line.split()[1]) * 1024 / MB  # VmHWM is in KiB
     except OSError:
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MB if sys.platform == "darwin" else peak * 1024 / MB  # ru_maxrss: bytes on macOS, KiB on Linux
 
 
 def segment_memory(store: ModelStore, start: int, end: int, *, prompt_tokens: int = 64,
@@ -64,5 +67,5 @@ def segment_memory(store: ModelStore, start: int, end: int, *, prompt_tokens: in
         x = np.zeros((prompt_tokens, store.config.d_model), np.float32)
     engine.prefill(x)
     return {"segment": [start, end], "bytes_read": store.bytes_read - before,
-            "weights_mb": (store.bytes_read - before) / 2**20, "kv_cache_mb": engine.kv_bytes() / 2**20,
+            "weights_mb": (store.bytes_read - before) / MB, "kv_cache_mb": engine.kv_bytes() / MB,
             "peak_rss_mb": peak_rss_mb()}

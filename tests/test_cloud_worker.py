@@ -411,7 +411,7 @@ def test_kv_memory_cap(tiny_store, fronts, reference):
         a.open()
         b.open()
         client.expect_silence()
-        assert worker.sessions[a.sid].cache.nbytes == pytest.approx(need * (1 << 20))  # the formula is the allocation
+        assert worker.sessions[a.sid].cache.nbytes == pytest.approx(need * 1e6)  # the formula is the allocation
         c.open()
         err = client.expect_error(P.LIMIT, f"needs {need:.1f} MB")
         assert f"only {0.5 * need:.1f} MB of max_kv_mb" in err.message and err.session == c.sid

@@ -82,7 +82,7 @@ def test_reads_counted_exactly(flash):
 
 def test_budget_refusal_has_numbers():
     with pytest.raises(ConfigError, match=r"weights 1.00 MB \+ caches 0.50 MB \+ buffers 2.00 MB = 3.50 MB > budget 3.00 MB"):
-        check_budget("x", Budget(2**20, 2**19, 2 * 2**20), 3 * 2**20)
+        check_budget("x", Budget(10**6, 5 * 10**5, 2 * 10**6), 3 * 10**6)
     with pytest.raises(ConfigError, match="exceeds the budget"):
         stream_plan([100] * 4, fixed_bytes=500, budget_bytes=400)
 

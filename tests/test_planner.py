@@ -59,8 +59,8 @@ def run(dev, cl, nw, **req):
 
 def test_memory_model_adds_its_parts():
     f = figures()
-    # 100 overhead + 20 embedding + 2 x 10 MB layers + 2 layers x 1024 B x 512 tokens (1 MB)
-    assert device_memory_mb(f, 2, "q4", "f32", tokens=512) == pytest.approx(141.0)
+    # 100 overhead + 20 embedding + 2 x 10 MB layers + 2 layers x 1024 B x 512 tokens (1.048576 MB)
+    assert device_memory_mb(f, 2, "q4", "f32", tokens=512) == pytest.approx(141.048576)
 
 
 def test_layer_time_is_interpolated_in_the_context():
@@ -157,7 +157,7 @@ def test_embedding_on_flash_swaps_the_table_for_a_row_cache_and_adds_row_reads()
     emb = flash_costs(Setting(2, "q4", "q4", "f32", "f32", 256, "embedding"))
     row = q8_row_bytes(64)
     assert row == 68 and q8_row_bytes(576) == 612  # SmolLM2's Q8_0 row
-    cache_mb = EMBEDDING_CACHE_ROWS * row / 2**20
+    cache_mb = EMBEDDING_CACHE_ROWS * row / 1e6
     assert res.device_memory_mb - emb.device_memory_mb == pytest.approx(20.0 - cache_mb)  # table 20 MB
     flash = FlashModel.from_profile(device())  # 40 MB/s, 4 KB random 4 MB/s: 0.9216 ms per read
     assert flash.read_latency_ms == pytest.approx(4096 / 4e3 - 4096 / 40e3)
@@ -169,8 +169,8 @@ def test_embedding_on_flash_swaps_the_table_for_a_row_cache_and_adds_row_reads()
 
 def test_stream_keeps_what_fits_the_budget_resident_and_overlaps_reads():
     s = Setting(3, "q4", "q4", "f32", "f32", 256, "stream")
-    other = 100.0 + 3 * 1024 * 256 / 2**20  # runtime + KV (no prompt workspace)
-    fixed = other + EMBEDDING_CACHE_ROWS * 68 / 2**20 + 2 * 1200 / 2**20  # row cache + 2 buffers of 1.2 x shard
+    other = 100.0 + 3 * 1024 * 256 / 1e6  # runtime + KV (no prompt workspace)
+    fixed = other + EMBEDDING_CACHE_ROWS * 68 / 1e6 + 2 * 1200 / 1e6  # row cache + 2 buffers of 1.2 x shard
     c = flash_costs(s, budget_mb=fixed + 15.0)  # room for one 10 MB layer
     assert c.flash.streamed_layers == 2
     assert c.device_memory_mb == pytest.approx(fixed + 10.0)

@@ -208,21 +208,21 @@ class Channel:
 class MemoryChannel(Channel):
     """A Channel whose peer is a function in this process instead of a socket: split logic
     (the device client, the worker's frame handling, the link emulation) is testable without
-    sockets. `serve(identity, data)` answers one encoded frame with an encoded reply or None
+    sockets. `serve(routing_id, data)` answers one encoded frame with an encoded reply or None
     (e.g. `CloudWorker.handle_frame`); replies queue until `recv`. Frames, bytes, emulation and
     errors behave as on the ZeroMQ channel."""
 
-    def __init__(self, serve: Callable[[bytes, bytes], bytes | None], *, identity: bytes = b"memory",
+    def __init__(self, serve: Callable[[bytes, bytes], bytes | None], *, routing_id: bytes = b"memory",
                  link: EmulatedLink | None = None, timeout_s: float = 10.0):
-        self._serve, self._identity = serve, identity
+        self._serve, self._routing_id = serve, routing_id
         self._replies: deque[bytes] = deque()
-        super().__init__(f"memory://{identity.decode(errors='replace')}", link=link, timeout_s=timeout_s)
+        super().__init__(f"memory://{routing_id.decode(errors='replace')}", link=link, timeout_s=timeout_s)
 
     def _connect(self, context: zmq.Context | None) -> None:
         pass
 
     def _post(self, data: bytes) -> None:
-        reply = self._serve(self._identity, bytes(data))
+        reply = self._serve(self._routing_id, bytes(data))
         if reply is not None:
             self._replies.append(reply)
 

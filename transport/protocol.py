@@ -183,7 +183,7 @@ class OpenFrame(_Frame):
     session: str
     plan: Plan
     sampling: dict  # SAMPLING_KEYS, see make_sampling
-    identity: dict | None = None  # reserved for the CurveZMQ device identity
+    identity: dict | None = None  # the device's identity (reserved for CurveZMQ); never the ZeroMQ routing id
 
     def __post_init__(self):
         super().__post_init__()

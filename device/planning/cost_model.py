@@ -46,7 +46,7 @@ from edgesplit.device.planning.flash_model import (EMBEDDING_CACHE_ROWS, EMBEDDI
                           q8_row_bytes, stream_figures, stream_plan)
 
 FLASH_OPTIONS = FRONT_FLASH  # the front flash options the runtime runs (runtime/plan.py)
-MIB = 2**20  # profile memory figures are in MB = 2^20 bytes
+MB = 10**6  # bytes: profile memory figures are in MB = 10^6 bytes
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def layer_decode_ms(lf: LayerFigures, contexts: tuple[int, ...], context: int) -
 def device_memory_mb(fig: MeasuredFigures, cut: int, front_precision: str, kv_precision: str,
                      tokens: int, prompt_tokens: int = 0) -> float:
     """Peak RSS (MB) of a device process holding [0, cut) with `tokens` positions of KV in use."""
-    kv_mb = cut * fig.kv_bytes_per_token_per_layer[kv_precision] * tokens / 2**20
+    kv_mb = cut * fig.kv_bytes_per_token_per_layer[kv_precision] * tokens / MB
     return (fig.runtime_overhead_mb + fig.embedding_mb + cut * fig.layer(front_precision).resident_mb
             + kv_mb + fig.workspace_mb_per_prompt_token * prompt_tokens)
 
@@ -143,9 +143,9 @@ def front_flash(dev: DeviceProfile, s: Setting, context: int, prompt_tokens: int
     if s.flash == "resident":
         return FrontFlash("resident", f.embedding_mb + s.cut * lf.resident_mb, compute, 0.0, 0, 0.0, 0.0)
     flash = FlashModel.from_profile(dev)
-    emb = embedding_figures(int(f.embedding_mb * MIB), q8_row_bytes(f.d_model), EMBEDDING_CACHE_ROWS,
+    emb = embedding_figures(int(f.embedding_mb * MB), q8_row_bytes(f.d_model), EMBEDDING_CACHE_ROWS,
                             EMBEDDING_MISS_RATE, flash)
-    cache_mb, emb_ms = emb["resident_bytes"] / MIB, emb["io_ms_per_token"]
+    cache_mb, emb_ms = emb["resident_bytes"] / MB, emb["io_ms_per_token"]
     if s.flash == "embedding":
         return FrontFlash("embedding", cache_mb + s.cut * lf.resident_mb, compute + emb_ms, prompt_tokens * emb_ms,
                           0, emb["bytes_per_token"], emb_ms)
@@ -159,10 +159,10 @@ def _stream(dev: DeviceProfile, s: Setting, per_layer: float, base: float, flash
     if s.front_precision not in STREAM_PRECISIONS:
         return None
     region = int(lf.shard_bytes * REGION_BYTES_PER_SHARD_BYTE)  # bytes one streamed layer reads
-    fixed_mb = emb["resident_bytes"] / MIB + STREAM_BUFFERS * region / MIB
+    fixed_mb = emb["resident_bytes"] / MB + STREAM_BUFFERS * region / MB
     try:  # resident layers chosen by their DRAM (RSS) size
-        resident = stream_plan([int(lf.resident_mb * MIB)] * s.cut, int((other_mb + fixed_mb) * MIB),
-                               int(budget_mb * MIB))
+        resident = stream_plan([int(lf.resident_mb * MB)] * s.cut, int((other_mb + fixed_mb) * MB),
+                               int(budget_mb * MB))
     except ConfigError:  # not even the buffers fit: every layer streamed, the memory check refuses it
         resident = set()
     if len(resident) == s.cut:

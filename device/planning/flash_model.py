@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from edgesplit.runtime.errors import ConfigError
 
-MB = 1e6  # flash rates are in MB/s (10^6 bytes), as datasheets give them
+MB = 1e6  # bytes: budgets and flash rates (MB/s, as datasheets give them) are in MB = 10^6 bytes
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,9 @@ def check_budget(what: str, need: Budget, budget_bytes: int) -> None:
     """ConfigError with the numbers when `need` does not fit `budget_bytes`."""
     if need.total_bytes > budget_bytes:
         raise ConfigError(
-            f"{what}: the resident minimum does not fit the memory budget: weights {need.weights_bytes / 2**20:.2f} MB "
-            f"+ caches {need.cache_bytes / 2**20:.2f} MB + buffers {need.buffer_bytes / 2**20:.2f} MB = "
-            f"{need.total_bytes / 2**20:.2f} MB > budget {budget_bytes / 2**20:.2f} MB")
+            f"{what}: the resident minimum does not fit the memory budget: weights {need.weights_bytes / MB:.2f} MB "
+            f"+ caches {need.cache_bytes / MB:.2f} MB + buffers {need.buffer_bytes / MB:.2f} MB = "
+            f"{need.total_bytes / MB:.2f} MB > budget {budget_bytes / MB:.2f} MB")
 
 
 def embedding_figures(table_bytes: int, row_bytes: int, cache_rows: int, miss_rate: float,
@@ -83,8 +83,8 @@ def stream_plan(layer_bytes: list[int], fixed_bytes: int, budget_bytes: int) -> 
     n = len(layer_bytes)
     room = budget_bytes - fixed_bytes
     if room < 0:
-        raise ConfigError(f"layer streaming: fixed DRAM {fixed_bytes / 2**20:.2f} MB (two read buffers, caches) "
-                          f"exceeds the budget {budget_bytes / 2**20:.2f} MB")
+        raise ConfigError(f"layer streaming: fixed DRAM {fixed_bytes / MB:.2f} MB (two read buffers, caches) "
+                          f"exceeds the budget {budget_bytes / MB:.2f} MB")
     k = 0
     while k < n and sum(sorted(layer_bytes)[:k + 1]) <= room:
         k += 1

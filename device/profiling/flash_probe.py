@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgesplit.runtime.memory import MB
+
 SCRATCH_MB = 128
-SEQ_CHUNK = 1 << 20  # 1 MB sequential reads
+SEQ_CHUNK = 1 << 20  # 1 MiB sequential reads
 RANDOM_READS = 2000
 
 
@@ -32,7 +34,7 @@ def _seq_mb_s(fd: int, size: int) -> float:
     off = 0
     while off < size:
         off += len(os.pread(fd, SEQ_CHUNK, off))
-    return size / 2**20 / (time.perf_counter() - t0)
+    return size / MB / (time.perf_counter() - t0)
 
 
 def _rand_mb_s(fd: int, size: int, block: int, seed: int) -> float:
@@ -41,7 +43,7 @@ def _rand_mb_s(fd: int, size: int, block: int, seed: int) -> float:
     t0 = time.perf_counter()
     for off in offsets:
         os.pread(fd, block, int(off))
-    return RANDOM_READS * block / 2**20 / (time.perf_counter() - t0)
+    return RANDOM_READS * block / MB / (time.perf_counter() - t0)
 
 
 def flash_read_figures(folder: Path, size_mb: int = SCRATCH_MB) -> dict:

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from edgesplit.runtime.memory import MB
 from edgesplit.runtime.errors import EdgesplitError
 
 
@@ -58,7 +59,7 @@ def memory_probe(cfg: dict) -> dict:
     out = eng.prefill(x)
     for _ in range(cfg["decode_tokens"]):
         out = eng.decode(ids[:1] if cfg["start"] == 0 else out[-1:])
-    return {"baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb(), "kv_mb": eng.kv_bytes() / 2**20}
+    return {"baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb(), "kv_mb": eng.kv_bytes() / MB}
 
 
 def split_probe(cfg: dict) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 
+from edgesplit.runtime.memory import MB
 from edgesplit.runtime.files import write_text_atomic
 from edgesplit.device.profiling.flash_probe import flash_read_figures
 from edgesplit.device.profiling.probe import run_probe
@@ -57,7 +58,7 @@ def memory_figures(store: ModelStore, precisions, threads: int, ps: ProfileSetti
     per_layer = {p: max((peaks[(p, big)] - peaks[(p, small)]) / (big - small), 0.0) for p in precisions}
     p0 = precisions[0]
     embedding = peaks[(p0, small)] - overhead - small * per_layer[p0]
-    kv_mb_per_token = big * _kv_bytes(store, "f32") / 2**20  # KV pages touched by the long prompt
+    kv_mb_per_token = big * _kv_bytes(store, "f32") / MB  # KV pages touched by the long prompt
     workspace = (long_run["peak_rss_mb"] - peaks[(p0, big)]) / (long_ - short) - kv_mb_per_token
     return {"runtime_overhead_mb": overhead, "embedding_mb": max(embedding, 0.0),
             "workspace_mb_per_prompt_token": max(workspace, 0.0), "resident_mb": per_layer}
@@ -114,7 +115,7 @@ def calibrated_overhead_mb(measured: dict, calibs: list[dict], ps: ProfileSettin
     out = []
     for c in calibs:
         cut, prompt = c["cut"], c["prompt_tokens"]
-        kv = cut * measured["kv_bytes_per_token_per_layer"]["f32"] * (prompt + ps.calibration_tokens) / 2**20
+        kv = cut * measured["kv_bytes_per_token_per_layer"]["f32"] * (prompt + ps.calibration_tokens) / MB
         modeled = (measured["embedding_mb"] + cut * measured["layers"]["q4"]["resident_mb"] + kv
                    + measured["workspace_mb_per_prompt_token"] * prompt)
         out.append(c["peak_rss_mb"] - modeled)
@@ -166,7 +167,7 @@ def profile_machine(store: ModelStore, cloud_endpoint: str, *, model_name: str, 
                                        "measured by edgesplit profile",
         "source": f"measured by `edgesplit profile` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "kind": "measured", "decode_time_factor": 1.0, "prefill_time_factor": 1.0,
-        "total_memory_mb": vm.total / 2**20, "usable_memory_mb": vm.available / 2**20, "threads": threads,
+        "total_memory_mb": vm.total / MB, "usable_memory_mb": vm.available / MB, "threads": threads,
         **flash, "measured": measured,
     }
     measured["split_overhead_ms"] = split_overhead_ms(profile, calib, ps)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgesplit.runtime.memory import MB
 from edgesplit.runtime.engine import EngineSettings, SegmentEngine
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.models import DEFAULT_MODEL
@@ -77,7 +78,6 @@ class FlashBenchRequest:
         EngineSettings(kv_precision=self.kv_precision, accuracy_level=self.accuracy_level,
                        outlier_channels=self.outlier_channels, threads=self.threads)  # the same checks
 CACHE_ROWS = 256
-MB = 2**20
 
 
 class CloudHead:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgesplit.runtime.memory import MB
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.evaluate import text_tokens
 
@@ -24,7 +25,6 @@ from edgesplit.device.flash.store import FlashStore
 
 log = logging.getLogger(__name__)
 
-MB = 2**20
 CALIB_TOKENS = 2048
 REPLAY_TOKENS = 128
 PREDICTOR_RANK = 128

@@ -16,6 +16,7 @@ import logging
 
 import numpy as np
 
+from edgesplit.runtime.memory import MB
 from edgesplit.runtime.evaluate import LogitComparison, windows
 from edgesplit.runtime.quant import q4_dense, q8_dense
 from edgesplit.runtime.reference import LayerWeights, ReferenceModel, rope_tables, silu
@@ -146,7 +147,7 @@ def sweep(store: ModelStore, tokens: np.ndarray, calib: np.ndarray, keeps=(0.3, 
                 points.append({"selector": selector, "keep": keep, "sparsity": 1 - keep, "window": k,
                                "top1_agreement": r["top1_agreement"], "ppl": r["ppl"], "ppl_dense": r["ppl_ref"],
                                "bytes_read_per_token": per_k[k][0] / len(tokens) * read_bytes[selector],
-                               "window_mb": per_k[k][1] / len(tokens) * read_bytes[selector] / 2**20,
+                               "window_mb": per_k[k][1] / len(tokens) * read_bytes[selector] / MB,
                                "read_bytes_per_neuron": read_bytes[selector],
                                "naive_bytes_read_per_token": n_layers * store.config.d_ffn * read_bytes[selector]})
     return points

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psutil
 
+from edgesplit.runtime.memory import MB
+
 from edgesplit.harness.simulate import free_port, start_worker, stop_worker, wait_ready
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ class WorkerProcess:
 
     def rss_mb(self) -> float:
         """Resident memory of the worker process, MB."""
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20 if self.proc else 0.0
+        return psutil.Process(self.proc.pid).memory_info().rss / MB if self.proc else 0.0
 
     def recycle_if_big(self) -> None:
         """Restart the worker when it holds more than max_rss_mb (many cached back segments)."""
