@@ -198,7 +198,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{result['ttft_ms']:.1f} ms, {result['bytes_per_token']:.0f} B/token up | "
           + ", ".join(f"{k} {v:.2f}" for k, v in b.items())
           + f" ms | overhead {result['overhead_ratio']:.2f} (framework: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in f.items()) + f" ms) | medians of {result['runs']} run(s)",
+          + ", ".join(f"{k} {v:.2f}" for k, v in f.items())
+          + f" ms) | peak RSS {result['peak_rss_mb']:.0f} MB of budget {result['memory_budget_mb']:.0f} MB"
+          + f" | medians of {result['runs']} run(s)",
           file=sys.stderr)
     return 0
 

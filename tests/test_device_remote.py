@@ -290,13 +290,12 @@ def test_simulate_worker_that_dies_is_a_clear_error(tiny_store, monkeypatch):
         sim.simulate(tiny_store, _plan(tiny_store), GenerationRequest(PROMPT, 4), ready_timeout_s=20)
 
 
-@pytest.mark.parametrize("flash_embedding", [False, True])
-def test_simulate_end_to_end(tiny_gguf, tiny_store, tok, flash_embedding):
-    """A real worker process; the split's tokens equal the local engine's, with the embedding
-    table resident or its rows read from flash."""
+@pytest.mark.parametrize("front_flash", ["resident", "embedding", "stream"])
+def test_simulate_end_to_end(tiny_gguf, tiny_store, tok, front_flash):
+    """A real worker process; the split's tokens equal the local engine's, with the front as the
+    plan says: resident, its embedding rows read from flash, or its layers streamed from flash."""
     from edgesplit.harness.simulate import simulate
 
-    front_flash = "embedding" if flash_embedding else "resident"
     store, plan = resolve_split(str(tiny_gguf), PlanSettings(CUT, accuracy_level=0, front_flash=front_flash))
     out = simulate(store, plan, GenerationRequest(PROMPT, 8))
     assert out["front_flash"] == front_flash and out["peak_rss_mb"] <= out["memory_budget_mb"]
