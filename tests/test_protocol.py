@@ -101,7 +101,7 @@ def refused(data, code: str, *words: str) -> ProtocolError:
     (msgpack.packb({1: 2}), P.BAD_FRAME, ["not valid msgpack"]),  # non-string keys
     (msgpack.packb({"kind": "close", "session": SID, "seq": 1}), P.BAD_FRAME, ["v must be", "None"]),
     (msgpack.packb({"v": "1", "kind": "close"}), P.BAD_FRAME, ["v must be", "'1'"]),
-    (msgpack.packb({"v": 1, "kind": "close", "session": SID, "seq": 1}), P.VERSION, ["version 1", "speaks 2"]),
+    (msgpack.packb({"v": 1, "kind": "close", "session": SID, "seq": 1}), P.VERSION, ["version 1", "speaks 3"]),
     (wire("teleport", session=SID), P.BAD_FRAME, ["kind", "'teleport'"]),
     (wire(["decode"]), P.BAD_FRAME, ["kind", "['decode']"]),
     (wire("close", session=SID), P.BAD_FRAME, ["close frame", "missing", "'seq'"]),

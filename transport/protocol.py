@@ -21,7 +21,7 @@ from edgesplit.runtime.errors import ConfigError, EdgesplitError, KVCacheOverflo
 from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.sampling import SamplingParams
 
-PROTOCOL_VERSION = 2  # 2: prefill carries prompt_ids (docs/protocol.md, "Versions")
+PROTOCOL_VERSION = 3  # 2: prefill carries prompt_ids; 3: the plan map's front_flash, memory_budget_mb
 OPEN, PREFILL, DECODE, TOKEN, CLOSE, ERROR = "open", "prefill", "decode", "token", "close", "error"
 # Error codes (ErrorFrame.code / ProtocolError.code); docs/protocol.md says when each is sent.
 BAD_FRAME, VERSION, UNKNOWN_SESSION, SEQUENCE = "bad_frame", "version", "unknown_session", "sequence"
