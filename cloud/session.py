@@ -13,14 +13,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from numpy.random import Generator
 
 from edgesplit.runtime.memory import MB
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.generate import finish_reason
 from edgesplit.runtime.kv_cache import KV_NUMPY, KVCache
 from edgesplit.runtime.plan import Plan
-from edgesplit.runtime.sampling import SamplingParams, make_rng, sample
+from edgesplit.runtime.sampling import SamplingParams, concrete_seed, sample, step_rng
 from edgesplit.transport.protocol import (
     BAD_FRAME, DECODE, PREFILL, SEQUENCE, TOO_LONG, DecodeFrame, OpenFrame, PrefillFrame, ProtocolError,
     SequenceCheck,
@@ -60,7 +59,7 @@ class Session:
     stop_ids: frozenset[int]
     engine: SegmentEngine  # shared by every session with the same back-segment configuration
     cache: KVCache  # this session's own KV cache on `engine`
-    rng: Generator
+    seed: int  # the sampler's seed (the device's, or a fresh one when it sent none)
     seq: SequenceCheck
     kv_mb: float = 0.0  # MB reserved by `cache` (counted against the worker's --max-kv-mb)
     history: list[int] = field(default_factory=list)  # repetition history: prompt ids (when sent) + generated ids
@@ -75,7 +74,7 @@ class Session:
         params = frame.sampling_params()
         return cls(frame.session, routing_id, frame.plan, params, int(frame.sampling["max_tokens"]),
                    frozenset(int(i) for i in frame.sampling["stop_ids"]), engine, engine.new_cache(),
-                   make_rng(params.seed), SequenceCheck(frame.session), kv_mb, codec_setting=str(frame.plan.codec))
+                   concrete_seed(params.seed), SequenceCheck(frame.session), kv_mb, codec_setting=str(frame.plan.codec))
 
     @property
     def needs_prompt_ids(self) -> bool:
@@ -143,7 +142,8 @@ class Session:
             logits = self.engine.prefill(hidden, cache=self.cache)
         else:
             logits = self.engine.decode(hidden, cache=self.cache)
-        token = sample(logits[0], self.params, self.rng, self.history)
+        # token n's draw depends on (seed, n) only: a replayed session draws the same tokens
+        token = sample(logits[0], self.params, step_rng(self.seed, self.generated), self.history)
         self.history.append(token)
         self.generated += 1
         compute_ms = (time.perf_counter() - t0) * 1000.0

@@ -14,6 +14,7 @@ own compute time comes back in the token frame's `timing`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, fields
@@ -27,7 +28,7 @@ from edgesplit.runtime.errors import ConfigError
 from edgesplit.device.timings import SplitResponse, SplitTimings
 from edgesplit.runtime.generate import GenerationResponse, finish_reason, load_tokenizer, stream_generate
 from edgesplit.runtime.plan import Plan, front_settings
-from edgesplit.runtime.sampling import SamplingParams
+from edgesplit.runtime.sampling import SamplingParams, concrete_seed
 from edgesplit.runtime.store import ModelStore
 from edgesplit.runtime.tokenizer import Tokenizer
 from edgesplit.transport.channel import Channel, TransportError
@@ -75,7 +76,9 @@ class RemoteSegment:
         if self.session is not None:
             raise ConfigError("RemoteSegment.prefill called twice in one session: call reset() first")
         self.session = new_session_id()
-        sampling = make_sampling(self.params, self.max_tokens, self.stop_ids)
+        # a concrete seed, so that a replay of this session on another worker draws the same tokens
+        params = dataclasses.replace(self.params, seed=concrete_seed(self.params.seed))
+        sampling = make_sampling(params, self.max_tokens, self.stop_ids)
         self._send(OpenFrame(self.session, self.plan, sampling, self.identity))
         return self._exchange(PrefillFrame, x, self._prompt_ids_for(x))
 

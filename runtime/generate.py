@@ -24,7 +24,7 @@ import numpy as np
 from .engine import SegmentEngine
 from .errors import ConfigError
 from .memory import peak_rss_mb
-from .sampling import SamplingParams, make_rng, sample
+from .sampling import SamplingParams, concrete_seed, sample, step_rng
 from .store import ModelStore
 from .tokenizer import Tokenizer
 
@@ -203,8 +203,8 @@ def generate_step(segments: Sequence[Segment], prompt_ids: Sequence[int], params
     Resets every segment first (a new session). Stops after a stop id (yielded last, so the caller
     knows why it ended; it is never fed back) or after `max_tokens` tokens. `max_seq_len` defaults
     to the segments' own capacity; prompt + max_tokens must fit it (ConfigError, checked before
-    anything runs). Sampling uses `params` with an rng seeded from `params.seed` and the prompt plus
-    the generated tokens as repetition history.
+    anything runs). Sampling uses `params`, the draw of token n from `step_rng(seed, n)` (a random
+    seed when `params.seed` is None), and the prompt plus the generated tokens as repetition history.
     """
     chain: list[Segment | SamplingSegment] = [*segments, *([remote] if remote is not None else [])]
     if not chain:
@@ -214,14 +214,14 @@ def generate_step(segments: Sequence[Segment], prompt_ids: Sequence[int], params
     cap = max_seq_len if max_seq_len is not None else segment_max_seq_len(chain)
     check_fits(int(ids.size), max_tokens, cap)
     stops = frozenset(int(i) for i in stop_ids)
-    rng = make_rng(params.seed)
+    seed = concrete_seed(params.seed)
     history = [int(i) for i in ids]
     for seg in chain:
         seg.reset()
     out = prefill(segments, ids, remote)
     for n in range(max_tokens):
         logits = None if remote is not None else out  # with `remote`, `out` is the token it sampled
-        token = int(out) if logits is None else sample(logits, params, rng, history)
+        token = int(out) if logits is None else sample(logits, params, step_rng(seed, n), history)
         yield token, logits
         if finish_reason(token, n + 1, max_tokens, stops) is not None:
             return  # the last token is never decoded: no KV slot is spent on it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import secrets
 import numbers
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -48,6 +49,20 @@ class SamplingParams:
 def make_rng(seed: int | None) -> Generator:
     """A NumPy generator; the same seed gives the same draws."""
     return np.random.default_rng(seed)
+
+
+def concrete_seed(seed: int | None) -> int:
+    """`seed`, or a fresh random one when None: a generation samples from a seed it knows, so a
+    replay (on another cloud worker) draws the same tokens."""
+    return secrets.randbits(63) if seed is None else int(seed)
+
+
+def step_rng(seed: int, n: int) -> Generator:
+    """The generator for the draw of token n (0-based) of a generation seeded with `seed`.
+
+    Each draw has its own stream, derived from (seed, n) alone, so a generation can be resumed at
+    any token -- a replay on a new worker draws exactly what the lost one would have."""
+    return np.random.default_rng((seed, n))
 
 
 def _f32(logits) -> np.ndarray:

@@ -22,7 +22,7 @@ from edgesplit.profiles.network import NetworkProfile, load_network_profile
 from edgesplit.runtime import codec
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.generate import generate_step, load_local, load_tokenizer
-from edgesplit.runtime.sampling import SamplingParams, make_rng, sample
+from edgesplit.runtime.sampling import SamplingParams, sample, step_rng
 from edgesplit.transport import protocol as P
 from edgesplit.transport.channel import Channel, RemoteError, TransportError
 from edgesplit.transport.link import EmulatedLink, serialization_ms
@@ -78,7 +78,7 @@ class FakeCloud:
             return P.ErrorFrame(frame.session, getattr(frame, "seq", None), P.PLAN_MISMATCH, "fingerprint differs")
         if isinstance(frame, P.OpenFrame):
             cache = self.back.new_cache()
-            self.sessions[frame.session] = dict(open=frame, cache=cache, rng=make_rng(frame.sampling["seed"]), n=0)
+            self.sessions[frame.session] = dict(open=frame, cache=cache, seed=frame.sampling["seed"], n=0)
             return None
         if isinstance(frame, P.CloseFrame):
             self.sessions.pop(frame.session, None)
@@ -90,7 +90,7 @@ class FakeCloud:
         hidden = codec.decode(frame.tensor.data)
         step = self.back.decode if isinstance(frame, P.DecodeFrame) else self.back.prefill
         logits = step(hidden, cache=s["cache"])
-        token = sample(logits[0], s["open"].sampling_params(), s["rng"], [])
+        token = sample(logits[0], s["open"].sampling_params(), step_rng(s["seed"], s["n"]), [])
         s["n"] += 1
         samp = s["open"].sampling
         finish = "stop" if token in samp["stop_ids"] else "length" if s["n"] == samp["max_tokens"] else None
