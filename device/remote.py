@@ -1,15 +1,17 @@
 """The device's split client: the cloud's back segment [cut, L) as a segment of the generation loop.
 
 `RemoteSegment` has the call interface of a local segment (`prefill`, `decode`, `reset`), so the
-one generation loop (runtime/generate.py) runs a local front SegmentEngine followed by it. Because
-the cloud runs the head and the sampler, it returns a token id rather than logits: it is the
-declared `SamplingSegment` variant, passed to the loop as `remote`. Each session is: `open` (plan, sampling, max_tokens, stop ids) and
-`prefill` on the first call, one `decode` per token, and `close` once the cloud reports a
-finish_reason (or on `reset`/`close`).
+one generation loop (runtime/generate.py) runs a local front followed by it. Because the cloud
+runs the head and the sampler, it returns a token id rather than logits: it is the declared
+`SamplingSegment` variant, passed to the loop as `remote`. Each session is: `open` (plan,
+sampling with a concrete seed, max_tokens, stop ids) and `prefill` on the first call, one `decode`
+per token, and `close` once the cloud reports a finish_reason (or on `reset`/`close`).
 
-`run_split` wires it together and yields `SplitResponse`s: the loop's GenerationResponse plus a
-`SplitTimings` per token, each figure measured where it happens in the device process (the cloud's
-own compute time comes back in the token frame's `timing`).
+With a `Failover`, a session survives the loss of its worker: every frame is kept in a
+`ReplayLog` (device/replay.py); when the worker disconnects, times out or no longer knows the
+session, the client reconnects (the same endpoint, then the next, with exponential backoff),
+opens a new session with the same plan and sampling, replays the log and goes on. The replayed
+tokens must equal the logged ones, so the caller sees no gap in the output, only a delay.
 """
 
 from __future__ import annotations
@@ -17,27 +19,71 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, fields
-from typing import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from edgesplit.device.replay import ReplayLog
+from edgesplit.device.timings import SplitTimings
 from edgesplit.runtime import codec
-from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
-from edgesplit.device.timings import SplitResponse, SplitTimings
-from edgesplit.runtime.generate import GenerationResponse, finish_reason, load_tokenizer, stream_generate
-from edgesplit.runtime.plan import Plan, front_settings
+from edgesplit.runtime.generate import finish_reason
+from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.sampling import SamplingParams, concrete_seed
-from edgesplit.runtime.store import ModelStore
-from edgesplit.runtime.tokenizer import Tokenizer
-from edgesplit.transport.channel import Channel, TransportError
-from edgesplit.transport.link import EmulatedLink
+from edgesplit.transport.channel import (Channel, CloudLostError, KeyRefusedError, RemoteError, ReplyTimeoutError,
+                                         TransportError)
 from edgesplit.transport.protocol import (
-    Activation, CloseFrame, DecodeFrame, OpenFrame, PrefillFrame, TokenFrame, make_sampling, new_session_id,
+    INTERNAL, LIMIT, UNKNOWN_SESSION, Activation, CloseFrame, DecodeFrame, OpenFrame, PrefillFrame, TokenFrame,
+    make_sampling, new_session_id,
 )
 
 log = logging.getLogger(__name__)
+
+# A worker that answers one of these has lost (or cannot hold) the session: another may serve it.
+RECOVERABLE_CODES = frozenset((UNKNOWN_SESSION, INTERNAL, LIMIT))
+
+
+@dataclass(frozen=True)
+class Failover:
+    """How a RemoteSegment recovers from a lost worker: the endpoints in failover order (the
+    session's own first), how to open a channel to one, how many attempts, and the backoff
+    between them (first wait, doubled each attempt, capped)."""
+
+    endpoints: tuple[str, ...]
+    connect: Callable[[str], Channel]
+    attempts: int = 10
+    backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+    give_up_after_s: float = 30.0  # no new attempt starts later than this after the failure
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise ConfigError("failover needs at least one cloud endpoint")
+        if self.attempts < 1:
+            raise ConfigError(f"failover attempts must be >= 1, got {self.attempts}")
+
+
+def recoverable(exc: Exception) -> bool:
+    """Whether `exc` means the worker lost the session (so a replay can recover it)."""
+    if isinstance(exc, KeyRefusedError):
+        return False  # a refused key is refused by every worker of that deployment
+    if isinstance(exc, (CloudLostError, ReplyTimeoutError)):
+        return True
+    return isinstance(exc, RemoteError) and exc.code in RECOVERABLE_CODES
+
+
+@dataclass
+class Recovery:
+    """One recovery of a session: when, where to, what it replayed and how long it took."""
+
+    cause: str
+    endpoint: str
+    attempts: int
+    replayed_frames: int
+    replayed_positions: int
+    ms: float
+
 
 class RemoteSegment:
     """The cloud back segment [plan.cut, plan.n_layers) behind a Channel; returns sampled token ids.
@@ -50,8 +96,9 @@ class RemoteSegment:
 
     def __init__(self, channel: Channel, plan: Plan, params: SamplingParams | None = None, *,
                  max_tokens: int = 128, stop_ids: Iterable[int] = (), identity: dict | None = None,
-                 prompt_ids: Sequence[int] | None = None, codec_table: codec.CutTable | None = None):
-        self.channel, self.plan = channel, plan
+                 prompt_ids: Sequence[int] | None = None, codec_table: codec.CutTable | None = None,
+                 failover: Failover | None = None):
+        self.channel, self.plan, self.failover = channel, plan, failover
         self.codec_table = codec_table  # the cut's calibrated table, for codecs that need one (ecq)
         self.prompt_ids = None if prompt_ids is None else tuple(int(i) for i in prompt_ids)
         self.params = params or SamplingParams()
@@ -64,12 +111,14 @@ class RemoteSegment:
         self.generated = 0  # tokens received in this session
         self.finish_reason: str | None = None  # the cloud's, once it has finished
         self.timings = SplitTimings()  # accumulates until take_timings()
+        self.log: ReplayLog | None = None  # this session's frames and tokens (kept with a failover)
+        self.recoveries: list[Recovery] = []
 
     # -- the segment interface -------------------------------------------------------------
     def reset(self) -> None:
         """End the current session (close it on the cloud if still open); the next prefill opens one."""
         self.close()
-        self.session, self.seq, self.generated, self.finish_reason = None, 0, 0, None
+        self.session, self.seq, self.generated, self.finish_reason, self.log = None, 0, 0, None, None
 
     def prefill(self, x: np.ndarray) -> int:
         """Open a session and send the prompt's hidden states (T, d); returns the first token id."""
@@ -79,7 +128,14 @@ class RemoteSegment:
         # a concrete seed, so that a replay of this session on another worker draws the same tokens
         params = dataclasses.replace(self.params, seed=concrete_seed(self.params.seed))
         sampling = make_sampling(params, self.max_tokens, self.stop_ids)
-        self._send(OpenFrame(self.session, self.plan, sampling, self.identity))
+        open_frame = OpenFrame(self.session, self.plan, sampling, self.identity)
+        self.log = ReplayLog(open_frame) if self.failover is not None else None
+        try:
+            self._send(open_frame)
+        except TransportError as exc:
+            if self.log is None or not recoverable(exc):
+                raise
+            # nothing to replay yet: the prefill below recovers on its first failure
         return self._exchange(PrefillFrame, x, self._prompt_ids_for(x))
 
     def decode(self, x: np.ndarray) -> int:
@@ -134,8 +190,17 @@ class RemoteSegment:
         t = self.timings
         t.encode_ms += (time.perf_counter() - t0) * 1000.0
         t.activation_bytes += len(blob)
-        self._send(frame)
-        reply = self._recv_token()
+        if self.log is not None:
+            self.log.record(frame)
+        try:
+            self._send(frame)
+            reply = self._recv_token()
+        except TransportError as exc:
+            if self.log is None or not recoverable(exc):
+                raise
+            reply = self._recover(exc)
+        if self.log is not None:
+            self.log.answered(reply.token)
         ch = self.channel
         t.downlink_ms += ch.last_downlink_ms
         t.framing_ms += ch.last_framing_ms
@@ -166,130 +231,61 @@ class RemoteSegment:
                 continue
             raise TransportError(f"token frame for seq {reply.seq} from the future (expected {self.seq})")
 
+    def _recover(self, cause: Exception) -> TokenFrame:
+        """Rebuild the session on a worker (this endpoint first, then the others) by replaying the
+        log; returns the reply to the last logged frame. TransportError when every attempt fails."""
+        assert self.failover is not None and self.log is not None
+        fo, t0 = self.failover, time.perf_counter()
+        log.warning("session %s lost its cloud worker at %s (%s): recovering by replay of %d frame(s)",
+                    self.session, self.channel.endpoint, cause, len(self.log.frames))
+        start = fo.endpoints.index(self.channel.endpoint) if self.channel.endpoint in fo.endpoints else 0
+        last: Exception = cause
+        for attempt in range(fo.attempts):
+            if time.perf_counter() - t0 > fo.give_up_after_s:
+                break
+            time.sleep(min(fo.backoff_s * 2 ** attempt, fo.max_backoff_s))
+            endpoint = fo.endpoints[(start + attempt) % len(fo.endpoints)]
+            self.channel.close()
+            self.channel = fo.connect(endpoint)
+            try:
+                reply = self._replay()
+            except TransportError as exc:
+                if not recoverable(exc):
+                    raise
+                last = exc
+                log.warning("recovery attempt %d at %s failed: %s", attempt + 1, endpoint, exc)
+                continue
+            ms = (time.perf_counter() - t0) * 1000.0
+            positions = sum(f.tensor.shape[0] for f in self.log.frames)
+            self.recoveries.append(Recovery(str(cause), endpoint, attempt + 1, len(self.log.frames), positions, ms))
+            self.timings.recovery_ms += ms
+            log.warning("session recovered as %s at %s after %.0f ms (%d positions replayed)", self.session,
+                        endpoint, ms, positions)
+            return reply
+        raise TransportError(f"session lost and not recovered within {fo.attempts} attempt(s) / "
+                             f"{fo.give_up_after_s:g} s on {', '.join(fo.endpoints)}: {last}")
+
+    def _replay(self) -> TokenFrame:
+        """Open a new session on the current channel and send every logged frame (pipelined: the
+        worker runs them in order, one step each as the original session did); every reply but
+        the last must equal the logged token. Returns the last reply."""
+        assert self.log is not None
+        self.session = new_session_id()
+        open_frame, frames = self.log.for_session(self.session)
+        self.channel.send(open_frame, emulate=False)
+        for frame in frames:
+            self.channel.send(frame)
+        for i, frame in enumerate(frames):
+            self.seq = frame.seq  # _recv_token matches replies against self.seq
+            reply = self._recv_token()
+            if i < len(self.log.tokens) and reply.token != self.log.tokens[i]:
+                raise TransportError(f"replay diverged at frame {frame.seq}: the new worker sampled {reply.token}, "
+                                     f"the lost one {self.log.tokens[i]} (does it run the same store and settings?)")
+        return reply
+
     def _check_finish(self, reply: TokenFrame) -> None:
         """The cloud's finish_reason must match the loop's rule (stop id, else max_tokens)."""
         want = finish_reason(reply.token, self.generated, self.max_tokens, self.stop_ids)
         if reply.finish_reason != want:
             raise TransportError(f"the cloud's finish_reason {reply.finish_reason!r} for token {reply.token} "
                                  f"(#{self.generated}) disagrees with the device's {want!r}")
-
-
-class _TimedSegment:
-    """A local segment whose prefill/decode time (ms) accumulates in `ms` until `take_ms()`."""
-
-    def __init__(self, seg):
-        self.seg, self.ms = seg, 0.0
-        self.max_seq_len = seg.max_seq_len
-
-    def _timed(self, step: str, x):
-        t0 = time.perf_counter()
-        try:
-            return getattr(self.seg, step)(x)
-        finally:
-            self.ms += (time.perf_counter() - t0) * 1000.0
-
-    def prefill(self, x):
-        return self._timed("prefill", x)
-
-    def decode(self, x):
-        return self._timed("decode", x)
-
-    def reset(self) -> None:
-        self.seg.reset()
-
-    def take_ms(self) -> float:
-        out, self.ms = self.ms, 0.0
-        return out
-
-
-class _TimedTokenizer:
-    """The tokenizer as stream_generate sees it, timing its stream decoder (push/flush) in ms."""
-
-    def __init__(self, tok: Tokenizer):
-        self.tok, self.eos_ids, self.ms = tok, tok.eos_ids, 0.0
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)
-
-    def stream_decoder(self):
-        owner, inner = self, self.tok.stream_decoder()
-
-        class _Decoder:
-            def push(self, token_id: int) -> str:
-                return owner._timed(inner.push, token_id)
-
-            def flush(self) -> str:
-                return owner._timed(inner.flush)
-        return _Decoder()
-
-    def _timed(self, fn, *args):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.ms += (time.perf_counter() - t0) * 1000.0
-
-    def take_ms(self) -> float:
-        out, self.ms = self.ms, 0.0
-        return out
-
-
-def load_front(store: ModelStore, plan: Plan, *, threads: int = 2):
-    """The device segment [0, plan.cut) as the plan says: precisions, capacity and `plan.front_flash`.
-
-    Its idle threads sleep (spin=False): between two steps the device waits for the cloud, and
-    busy-waiting threads would only burn its cores (and, in `simulate`, the cloud's: measured
-    39 -> 13 ms per token on a loaded 2-core machine). `front_flash` 'embedding': each token's
-    embedding row is read from the store's flash folder (built on first use; device/flash/): same
-    outputs, the table's ~28 MB not resident. 'stream': the layers are streamed from flash too.
-    """
-    kw = dict(front_settings(plan).engine_kwargs(), threads=threads, spin=False)
-    if plan.front_flash == "resident":
-        return SegmentEngine(store, 0, plan.cut, **kw)
-    from .flash.embedding import FlashEmbedding, FlashFront, flash_front
-    from .flash.layout import flash_settings
-    from .flash.store import ensure_flash_store
-
-    flash = ensure_flash_store(store, flash_settings(precision=plan.front_precision, kv_precision=plan.kv_precision,
-                                                     accuracy_level=plan.accuracy_level))
-    if plan.front_flash == "embedding":
-        return flash_front(store, flash, plan.cut, **kw)
-    from .flash.stream import StreamedFront
-
-    # every front layer streamed: the plan chose streaming for the least resident memory
-    return FlashFront(FlashEmbedding(flash), StreamedFront(store, flash, set(), settings=flash.settings, end=plan.cut,
-                                                           max_seq_len=plan.max_seq_len, threads=threads))
-
-
-def run_split(store: ModelStore, cloud_endpoint: str, plan: Plan, prompt_ids: str | Sequence[int],
-              params: SamplingParams | None = None, max_tokens: int = 128, link: EmulatedLink | None = None,
-              *, stop_ids: Iterable[int] | None = None, tokenizer: Tokenizer | None = None,
-              front: SegmentEngine | None = None, threads: int = 2, timeout_s: float = 10.0,
-              identity: dict | None = None) -> Iterator[SplitResponse]:
-    """Generate split: the front [0, cut) here, the back on the cloud worker at `cloud_endpoint`.
-
-    `prompt_ids`: token ids, or text (encoded as is; apply `tokenizer.chat_prompt` first for chat).
-    `stop_ids` default to the tokenizer's eos ids. `front`: an already loaded front engine (else one
-    is loaded from `store`). `link`: emulate a network profile on this channel. Yields one
-    SplitResponse per token, with that token's SplitTimings. The channel is closed at the end.
-    """
-    if not isinstance(store, ModelStore):
-        store = ModelStore(store)
-    tok = tokenizer or load_tokenizer(store)
-    ids = tok.encode(prompt_ids) if isinstance(prompt_ids, str) else [int(i) for i in prompt_ids]
-    stops = tok.eos_ids if stop_ids is None else frozenset(int(i) for i in stop_ids)
-    timed_front = _TimedSegment(front or load_front(store, plan, threads=threads))
-    timed_tok = _TimedTokenizer(tok)
-    with Channel(cloud_endpoint, link=link, timeout_s=timeout_s) as channel:
-        remote = RemoteSegment(channel, plan, params, max_tokens=max_tokens, stop_ids=stops, identity=identity,
-                               prompt_ids=ids, codec_table=codec.table_for(
-                                   plan.codec, store.manifest.get("calibration"), plan.cut))
-        try:
-            for resp in stream_generate([timed_front], timed_tok, ids, params, max_tokens=max_tokens,
-                                        stop_ids=stops, remote=remote):
-                t = remote.take_timings()
-                t.device_compute_ms = timed_front.take_ms()
-                t.detokenize_ms = timed_tok.take_ms()
-                yield SplitResponse(**{f.name: getattr(resp, f.name) for f in fields(GenerationResponse)}, timings=t)
-        finally:
-            remote.close()

@@ -45,6 +45,7 @@ class SplitTimings:
     framing_ms: float = 0.0
     wait_ms: float = 0.0
     cloud_frame_ms: float = 0.0
+    recovery_ms: float = 0.0  # rebuilding the session on another worker after losing one (0 normally)
     uplink_bytes: int = 0  # encoded frames sent for this token (open + prefill for the first)
     downlink_bytes: int = 0
     activation_bytes: int = 0  # codec blob only (codec.encoded_nbytes)

@@ -158,7 +158,7 @@ def _stream(resp) -> None:
 
 
 def cmd_device_run(args: argparse.Namespace) -> int:
-    from edgesplit.device.remote import load_front, run_split
+    from edgesplit.device.split import load_front, run_split
     from edgesplit.profiles.network import load_network_profile
     from edgesplit.runtime.generate import load_tokenizer
     from edgesplit.runtime.memory import available_memory_mb, peak_rss_mb

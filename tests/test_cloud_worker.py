@@ -459,7 +459,7 @@ def test_repetition_penalty_uses_prompt_ids(tiny_store, fronts, reference):
 def _split_vs_local_with_penalty(store, prompt: str, penalty: float, cut: int, max_tokens: int = 16):
     """(split tokens via run_split -> a real worker, local unsplit tokens, local tokens without penalty);
     lossless codec, accuracy level 0 on both sides."""
-    from edgesplit.device.remote import run_split
+    from edgesplit.device.split import run_split
     from edgesplit.runtime.plan import PlanSettings, make_plan as device_plan
     from edgesplit.runtime.generate import load_local, load_tokenizer
 

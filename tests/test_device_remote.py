@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import zmq
 
-from edgesplit.device.remote import RemoteSegment, load_front, run_split
+from edgesplit.device.remote import RemoteSegment
+from edgesplit.device.split import load_front, run_split
 from edgesplit.runtime.generate import GenerationRequest
 from edgesplit.runtime.plan import PlanSettings, make_plan, resolve_split
 from edgesplit.device.timings import BREAKDOWN_KEYS, FRAMEWORK_KEYS, SplitResponse

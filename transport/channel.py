@@ -6,8 +6,11 @@ a frame going up is held back for its uplink delay before it is handed to ZeroMQ
 coming down is held back for its downlink delay after it arrives. The cloud worker therefore needs
 no knowledge of the emulation, and every emulated millisecond is measured in the device process.
 
-`recv` never hangs: it waits at most `timeout_s` (zmq.Poller) and raises `TransportError`.
-An `error` frame from the cloud is raised as `RemoteError` with its code and message.
+`recv` never hangs: it waits at most `timeout_s` (zmq.Poller) and raises `TransportError`; a
+socket monitor ends the wait at once when the cloud disconnects (`CloudLostError`, e.g. a killed
+worker) or refuses this device's CURVE key (`KeyRefusedError`), and ZeroMQ heartbeats turn a
+silent peer into a disconnect. An `error` frame from the cloud is raised as `RemoteError` with its
+code and message.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from edgesplit.profiles.network import DOWNLINK, UPLINK
 from edgesplit.runtime.errors import EdgesplitError
@@ -30,6 +34,33 @@ log = logging.getLogger(__name__)
 
 class TransportError(EdgesplitError):
     """The link failed: no reply within the timeout, a socket error, or an unexpected reply."""
+
+
+class ReplyTimeoutError(TransportError):
+    """No reply within the channel's timeout."""
+
+
+class CloudLostError(TransportError):
+    """The connection to the cloud worker dropped (the worker died, restarted, or the link broke)."""
+
+
+class KeyRefusedError(TransportError):
+    """The cloud's authenticator refused this device's key (not enrolled, or revoked)."""
+
+
+# ZeroMQ heartbeats (ZMTP PING/PONG): a peer silent for HEARTBEAT_TIMEOUT_MS counts as disconnected
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 1000, 3000
+_MONITORED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_CONNECT_RETRIED)
+
+
+@dataclass(frozen=True)
+class CurveClientKeys:
+    """A device's CurveZMQ key pair and the cloud worker's public key (z85 bytes, 40 characters)."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
 
 
 class RemoteError(EdgesplitError):
@@ -74,10 +105,13 @@ class Channel:
     """
 
     def __init__(self, endpoint: str, *, link: EmulatedLink | None = None, timeout_s: float = 10.0,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve: CurveClientKeys | None = None,
+                 fail_fast: bool = False):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.endpoint, self.link, self.timeout_s = endpoint, link, float(timeout_s)
+        self.curve = curve
+        self.fail_fast = fail_fast  # a refused connection is CloudLostError at once (failover), not a wait
         self._connect(context)
         self.stats = ChannelStats()
         self.last_uplink_ms = 0.0
@@ -94,13 +128,21 @@ class Channel:
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)  # close never blocks on frames the cloud did not take
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if self.curve is not None:
+            self._sock.curve_publickey = self.curve.public
+            self._sock.curve_secretkey = self.curve.secret
+            self._sock.curve_serverkey = self.curve.server_public
+        self._monitor = self._sock.get_monitor_socket(_MONITORED)
         try:
             self._sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
-            self._sock.close()
+            self._disconnect()
             raise TransportError(f"cannot connect to {self.endpoint}: {exc}") from exc
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
 
     def _post(self, data: bytes) -> None:
         """Hand one encoded frame to the socket (TransportError when it cannot take it)."""
@@ -113,15 +155,39 @@ class Channel:
             raise TransportError(f"cannot send to {self.endpoint}: {exc}") from exc
 
     def _take(self, timeout_s: float) -> bytes | None:
-        """One encoded frame from the peer, or None when none arrives within `timeout_s`."""
-        if not self._poller.poll(int(timeout_s * 1000)):
+        """One encoded frame from the peer, or None when none arrives within `timeout_s`.
+        A replies waiting on the socket wins over a monitor event that came after it."""
+        deadline = time.perf_counter() + timeout_s
+        while True:
+            ready = dict(self._poller.poll(max(int((deadline - time.perf_counter()) * 1000), 0)))
+            if self._sock in ready:
+                try:
+                    return self._sock.recv(zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    raise TransportError(f"cannot receive from {self.endpoint}: {exc}") from exc
+            if self._monitor in ready:
+                self._check_event(recv_monitor_message(self._monitor))
+                continue
             return None
-        try:
-            return self._sock.recv(zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            raise TransportError(f"cannot receive from {self.endpoint}: {exc}") from exc
+
+    def _check_event(self, event: dict) -> None:
+        """Raise for a monitor event that ends the wait for a reply."""
+        kind = event["event"]
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            raise KeyRefusedError(f"cloud refused this device's key at {self.endpoint} (status "
+                                  f"{event['value']}): enrol the device's public key on the worker "
+                                  "(edgesplit keys enrol) or check --device-key / --cloud-key")
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            raise KeyRefusedError(f"handshake with {self.endpoint} failed (ZMTP status {event['value']}): "
+                                  "one side speaks CURVE and the other plain text? check --cloud-key")
+        if kind == zmq.EVENT_DISCONNECTED:
+            raise CloudLostError(f"the cloud worker at {self.endpoint} disconnected")
+        if kind == zmq.EVENT_CONNECT_RETRIED and self.fail_fast:
+            raise CloudLostError(f"no cloud worker answers at {self.endpoint} (connection refused)")
 
     def _disconnect(self) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close()
 
     # -- frames ------------------------------------------------------------------------------
@@ -170,7 +236,7 @@ class Channel:
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
         data = self._take(timeout)
         if data is None:
-            raise TransportError(f"no reply from {self.endpoint} within {timeout:g} s "
+            raise ReplyTimeoutError(f"no reply from {self.endpoint} within {timeout:g} s "
                                  "(is the cloud worker running and reachable?)")
         self.last_wait_ms = (time.perf_counter() - self._sent_at_s) * 1000.0
         emulated = self._emulate(len(data), DOWNLINK)
@@ -219,7 +285,7 @@ class MemoryChannel(Channel):
         super().__init__(f"memory://{routing_id.decode(errors='replace')}", link=link, timeout_s=timeout_s)
 
     def _connect(self, context: zmq.Context | None) -> None:
-        pass
+        pass  # no socket, no monitor: the peer is a function
 
     def _post(self, data: bytes) -> None:
         reply = self._serve(self._routing_id, bytes(data))

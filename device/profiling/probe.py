@@ -69,7 +69,7 @@ def split_probe(cfg: dict) -> dict:
     PlanSettings fields besides cut and codec), threads, link_seed. Returns simulate's summary keys plus peak_rss_mb and
     downlink_bytes_per_token.
     """
-    from edgesplit.device.remote import load_front, run_split
+    from edgesplit.device.split import load_front, run_split
     from edgesplit.device.timings import summarize
     from edgesplit.profiles.network import load_network_profile
     from edgesplit.runtime.memory import peak_rss_mb

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from edgesplit.device.remote import load_front, run_split
+from edgesplit.device.split import load_front, run_split
 from edgesplit.harness.simulate import worker_process
 from edgesplit.profiles.network import load_network_profile
 from edgesplit.runtime.errors import ConfigError, EdgesplitError

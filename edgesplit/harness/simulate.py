@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from edgesplit.device.remote import load_front, run_split
+from edgesplit.device.split import load_front, run_split
 from edgesplit.device.timings import SplitResponse, aggregate, summarize
 from edgesplit.profiles.network import load_network_profile
 from edgesplit.runtime import codec as codec_lib
