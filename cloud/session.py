@@ -53,6 +53,7 @@ class Session:
 
     session_id: str
     routing_id: bytes
+    owner: str  # the device it belongs to: its CurveZMQ key (z85) or, in plain mode, its routing id (hex)
     plan: Plan
     params: SamplingParams
     max_tokens: int
@@ -69,10 +70,11 @@ class Session:
     codec_setting: str = ""  # str(plan.codec): what a tensor's codec field usually says, compared without parsing
 
     @classmethod
-    def from_open(cls, frame: OpenFrame, routing_id: bytes, engine: SegmentEngine, kv_mb: float = 0.0) -> "Session":
+    def from_open(cls, frame: OpenFrame, routing_id: bytes, owner: str, engine: SegmentEngine,
+                  kv_mb: float = 0.0) -> "Session":
         """A fresh session for an accepted `open` frame, with its own KV cache on `engine`."""
         params = frame.sampling_params()
-        return cls(frame.session, routing_id, frame.plan, params, int(frame.sampling["max_tokens"]),
+        return cls(frame.session, routing_id, owner, frame.plan, params, int(frame.sampling["max_tokens"]),
                    frozenset(int(i) for i in frame.sampling["stop_ids"]), engine, engine.new_cache(),
                    concrete_seed(params.seed), SequenceCheck(frame.session), kv_mb, codec_setting=str(frame.plan.codec))
 

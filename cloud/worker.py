@@ -1,13 +1,17 @@
-"""The cloud worker: a ZeroMQ ROUTER serving the back segment [cut, L), the head and the sampler.
+"""The cloud worker: serves the back segment [cut, L), the head and the sampler to device sessions.
 
-Each device session (cloud/session.py) gets its own KV cache; the back-segment engine (the
-weights, one onnxruntime session) is built once per configuration and shared by every session
-using it: at start for the warm plans (`--warm-plan`), else at the first session that needs it.
-With `max_kv_mb` the KV caches of the sessions held together stay within that budget. Frames
-are handled one at a time, in arrival order (docs/protocol.md): `open` creates a session (no
-reply), `prefill`/`decode` answer one `token` frame, `close` frees (no reply). Every
-refused frame gets an `error` frame sent to the routing id it came from, and the worker goes on
-serving the other sessions. Session routing lives here, never in the engine.
+Each device session (cloud/session.py) gets its own KV cache on a back-segment engine shared by
+every session of the same configuration (cloud/engines.py). Frames are handled one at a time, in
+arrival order (docs/protocol.md): `open` creates a session (no reply), `prefill`/`decode` answer
+one `token` frame, `close` frees (no reply). Every refused frame gets an `error` frame sent to the
+routing id it came from, and the worker goes on serving the other sessions.
+
+A session belongs to the device that opened it: its CurveZMQ key when the worker has keys
+(cloud/listener.py), else its ZeroMQ routing id. A frame for another device's session is
+answered exactly like one for a session that does not exist. Limits bound what any client can
+make the worker spend: sessions in all and per device, and MB of KV cache in all (by default half
+the memory available at start) and per device. A revoked device's sessions are closed at its next
+frame or when the allow-list is re-read. Session routing lives here, never in the engine.
 """
 
 from __future__ import annotations
@@ -19,20 +23,24 @@ import time
 from typing import Any, Iterable
 
 import numpy as np
-import zmq
 
 from edgesplit.runtime import codec
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import EdgesplitError
+from edgesplit.runtime.memory import available_memory_mb
 from edgesplit.runtime.models import resolve_store
-from edgesplit.runtime.plan import ModelIdentity, Plan, SegmentSettings, back_settings
+from edgesplit.runtime.plan import ModelIdentity, Plan
 from edgesplit.runtime.store import ModelStore
 from edgesplit.transport.protocol import (
-    BAD_FRAME, INTERNAL, LIMIT, PLAN_MISMATCH, SEQUENCE, TENSOR, TOO_LONG, UNKNOWN_SESSION,
+    BAD_FRAME, INTERNAL, LIMIT, PLAN_MISMATCH, SEQUENCE, TENSOR, TOO_LONG, UNAUTHORIZED, UNKNOWN_SESSION,
     CloseFrame, DecodeFrame, ErrorFrame, Frame, OpenFrame, PrefillFrame, ProtocolError, TokenFrame,
     decode_frame, encode_frame, error_frame_for,
 )
+from edgesplit.transport.security import ServerKeys
 
+from .engines import EnginePool
+from .listener import Listener, check_bind
+from .refusals import RefusalLog
 from .session import Session, kv_cache_mb
 
 log = logging.getLogger(__name__)
@@ -40,93 +48,96 @@ log = logging.getLogger(__name__)
 # Error codes after which the session's state is dropped (docs/protocol.md, "Error codes").
 ENDS_SESSION = frozenset((TOO_LONG, PLAN_MISMATCH, LIMIT, INTERNAL))
 POLL_MS = 50  # longest wait for a frame before the idle sweep and the stop event are checked again
-
+RELOAD_S = 1.0  # how often the allow-list folder is checked for changes
+DEFAULT_KV_SHARE = 0.5  # without --max-kv-mb: this share of the memory available at start
 
 
 class CloudWorker:
-    """Serves sessions of `store` on a ROUTER socket bound to `bind`.
+    """Serves sessions of `store` on a ROUTER socket bound to `bind` (None: no socket, frames come
+    through `handle_frame`; a port of 0 binds a random free port; the bound address is `.endpoint`).
 
-    bind: a ZeroMQ endpoint (None: no socket, frames come through `handle_frame`); a port of 0
-    (`tcp://127.0.0.1:0`) binds a random free port. The bound
-    address is `.endpoint`. max_sessions: sessions held at once (more are refused with `limit`).
-    idle_timeout_s: a session with no accepted frame for this many seconds is freed. threads:
-    onnxruntime intra-op threads per engine. engine_kwargs: further SegmentEngine settings
-    (e.g. outlier_channels, head_outlier_channels); precisions, KV precision, capacity and the
-    accuracy level come from each session's plan. max_kv_mb: MB of KV cache the sessions may reserve
-    together (None = no cap); an `open` that would exceed it is refused with `limit`. warm_plans:
-    plans whose back-segment engines are built (and run once) now rather than at their first session.
+    keys: CurveZMQ keys and allow-list (None: plain text, loopback only unless `insecure`).
+    max_sessions / max_sessions_per_device: sessions held at once, in all / per device.
+    max_kv_mb / max_kv_mb_per_device: MB of KV cache sessions may reserve, in all (None: half the
+    memory available at start) / per device (None: no per-device cap). idle_timeout_s: a silent
+    session is freed after this. threads: onnxruntime threads per engine. warm_plans: back
+    segments built (and run once) now, and kept. engine_kwargs: further SegmentEngine settings.
     """
 
-    def __init__(self, store: ModelStore, *, bind: str | None, max_sessions: int = 16, idle_timeout_s: float = 60.0,
-                 threads: int = 2, max_kv_mb: float | None = None, warm_plans: Iterable[Plan] = (), **engine_kwargs):
-        if max_sessions < 1:
-            raise EdgesplitError(f"max_sessions must be >= 1, got {max_sessions}")
+    def __init__(self, store: ModelStore, *, bind: str | None, max_sessions: int = 16,
+                 max_sessions_per_device: int = 4, idle_timeout_s: float = 60.0, threads: int = 2,
+                 max_kv_mb: float | None = None, max_kv_mb_per_device: float | None = None,
+                 warm_plans: Iterable[Plan] = (), keys: ServerKeys | None = None, insecure: bool = False,
+                 **engine_kwargs):
+        if max_sessions < 1 or max_sessions_per_device < 1:
+            raise EdgesplitError(f"max_sessions ({max_sessions}) and max_sessions_per_device "
+                                 f"({max_sessions_per_device}) must be >= 1")
         if not idle_timeout_s > 0:
             raise EdgesplitError(f"idle_timeout_s must be > 0 seconds, got {idle_timeout_s}")
-        if max_kv_mb is not None and not max_kv_mb > 0:
-            raise EdgesplitError(f"max_kv_mb must be > 0 MB (or None for no cap), got {max_kv_mb}")
+        for name, v in (("max_kv_mb", max_kv_mb), ("max_kv_mb_per_device", max_kv_mb_per_device)):
+            if v is not None and not v > 0:
+                raise EdgesplitError(f"{name} must be > 0 MB (or None), got {v}")
         self.store = store
-        self._codec_tables: dict[tuple[codec.CodecSpec, int], codec.CutTable | None] = {}
-        self.max_sessions, self.idle_timeout_s, self.threads = max_sessions, float(idle_timeout_s), threads
-        self.max_kv_mb = None if max_kv_mb is None else float(max_kv_mb)
-        self.engine_kwargs = engine_kwargs
+        self.max_sessions, self.max_sessions_per_device = max_sessions, max_sessions_per_device
+        self.idle_timeout_s = float(idle_timeout_s)
+        self.max_kv_mb = float(max_kv_mb) if max_kv_mb is not None else DEFAULT_KV_SHARE * available_memory_mb()
+        self.max_kv_mb_per_device = None if max_kv_mb_per_device is None else float(max_kv_mb_per_device)
+        self.pool = EnginePool(store, threads, **engine_kwargs)
         self.sessions: dict[str, Session] = {}
-        self.engines: dict[SegmentSettings, SegmentEngine] = {}  # shared back segments
+        self.refusals = RefusalLog()
         self.frames_handled = 0
         self._t_frame = 0.0  # perf_counter s when the frame being handled was received
         for plan in warm_plans:
             self.warm(plan)
-        self._ctx: zmq.Context | None = None
-        self._sock: zmq.Socket | None = None
-        if bind is None:  # no socket: frames come through handle_frame (transport.channel.MemoryChannel)
-            self.endpoint = "memory://"
-            return
-        self._ctx = zmq.Context()  # own context: close() can terminate it without touching others
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)  # close() must not wait for unsent replies
-        # No zmq.MAXMSGSIZE: zmq would drop such a peer silently, while decode_frame answers a
-        # frame over the protocol limit with a `limit` error frame.
-        self.endpoint = self._bind(self._ctx, self._sock, bind)
-        log.info("cloud worker for %s bound to %s (max %d sessions, idle timeout %.1f s)",
-                 store.path, self.endpoint, max_sessions, self.idle_timeout_s)
+        self.listener = None if bind is None else Listener(bind, keys, insecure)
+        self.endpoint = "memory://" if self.listener is None else self.listener.endpoint
+        log.info("cloud worker for %s on %s (%s; max %d sessions, %d per device, KV %.0f MB, idle timeout %.1f s)",
+                 store.path, self.endpoint, "CurveZMQ" if keys else "plain text", max_sessions,
+                 max_sessions_per_device, self.max_kv_mb, self.idle_timeout_s)
 
-    @staticmethod
-    def _bind(ctx: zmq.Context, sock: zmq.Socket, bind: str) -> str:
-        base, _, port = bind.rpartition(":")
-        try:
-            if bind.startswith("tcp://") and port in ("0", "*"):
-                return f"{base}:{sock.bind_to_random_port(base)}"
-            sock.bind(bind)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            ctx.term()
-            raise EdgesplitError(f"--bind {bind!r}: cannot bind the worker's socket there ({exc}); give a ZeroMQ "
-                                 "endpoint such as tcp://127.0.0.1:5555") from None
-        return sock.getsockopt_string(zmq.LAST_ENDPOINT) or bind
+    @property
+    def engines(self) -> dict:
+        """The back-segment engines held now, by their SegmentSettings."""
+        return self.pool.engines
 
     # ------------------------------------------------------------------ loop
-    def serve_forever(self, stop_event: threading.Event | None = None) -> None:
-        """Handle frames one at a time until `stop_event` is set (checked every POLL_MS at least)."""
-        sock = self._sock
-        if sock is None:
+    def serve_forever(self, stop_event: threading.Event | None = None,
+                      reload_event: threading.Event | None = None) -> None:
+        """Handle frames one at a time until `stop_event` is set (checked every POLL_MS at least).
+        The allow-list is re-read when its folder changes and when `reload_event` is set (SIGHUP)."""
+        if self.listener is None:
             raise EdgesplitError("this worker was made without a socket (bind=None): use handle_frame")
         stop_event = stop_event or threading.Event()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+        reload_event = reload_event or threading.Event()
         # A tiny idle timeout (tests) needs sweeps more often than every POLL_MS.
         poll_ms = max(1, min(POLL_MS, int(self.idle_timeout_s * 1000 / 4)))
+        next_reload = time.monotonic() + RELOAD_S
         while not stop_event.is_set():
-            if poller.poll(poll_ms):
-                self.handle_message(sock.recv_multipart())
+            msg = self.listener.poll(poll_ms)
+            if msg is not None:
+                self.handle_message(msg.routing_id, msg.parts, msg.user_id)
             self.evict_idle()
+            if reload_event.is_set() or time.monotonic() > next_reload:
+                self.reload_keys(force=reload_event.is_set())
+                reload_event.clear()
+                next_reload = time.monotonic() + RELOAD_S
         log.info("cloud worker on %s stopping with %d session(s) open", self.endpoint, len(self.sessions))
+
+    def reload_keys(self, force: bool = False) -> None:
+        """Re-read the allow-list (when changed, or always with `force`) and close the sessions of
+        devices no longer on it."""
+        auth = None if self.listener is None else self.listener.auth
+        if auth is None or not auth.reload(force):
+            return
+        for sid, s in list(self.sessions.items()):
+            if s.owner.encode() not in auth.allowed:
+                self._drop(sid, "its device's key was revoked")
 
     def close(self) -> None:
         """Free every session and close the socket (the engines go with the worker)."""
         self.sessions.clear()
-        if self._sock is not None and self._ctx is not None:
-            self._sock.close(linger=0)
-            self._ctx.term()
+        if self.listener is not None:
+            self.listener.close()
 
     def __enter__(self) -> "CloudWorker":
         return self
@@ -139,15 +150,20 @@ class CloudWorker:
         now_s = time.monotonic() if now_s is None else now_s
         gone = [sid for sid, s in self.sessions.items() if s.idle_s(now_s) > self.idle_timeout_s]
         for sid in gone:
-            s = self.sessions.pop(sid)
-            log.info("session %s evicted after %.1f s idle (%d token(s) generated)", sid, s.idle_s(now_s), s.generated)
+            self._drop(sid, f"idle for {self.idle_timeout_s:g} s")
         return gone
 
+    def _drop(self, sid: str, why: str) -> None:
+        s = self.sessions.pop(sid, None)
+        if s is not None:
+            log.info("session %s freed: %s (%d token(s) generated)", sid, why, s.generated)
+            self.pool.release({id(x.engine) for x in self.sessions.values()})
+
     def warm(self, plan: Plan) -> SegmentEngine:
-        """Build the back-segment engine of `plan` now and run it once on a throwaway cache, so the
-        first session's time to first token does not include loading (or first-run allocation)."""
+        """Build the back-segment engine of `plan` now (kept for the worker's life) and run it once
+        on a throwaway cache, so the first session's time to first token does not include loading."""
         self._check_plan("warm-up", plan)
-        engine = self._engine_for(plan)
+        engine = self.pool.engine_for(plan, pin=True)
         t0 = time.perf_counter()
         engine.prefill(np.zeros((min(8, plan.max_seq_len), self.store.config.d_model), np.float32),
                        cache=engine.new_cache())
@@ -161,35 +177,41 @@ class CloudWorker:
         return sum(s.kv_mb for s in self.sessions.values())
 
     # ------------------------------------------------------------------ one frame
-    def handle_message(self, parts: list[bytes]) -> None:
-        """Handle one ROUTER message [routing id, frame] and send its reply, if any, to that routing id."""
+    def handle_message(self, routing_id: bytes, parts: list[bytes], user_id: str | None = None) -> None:
+        """Handle one ROUTER message (the frames after the routing id) and send its reply, if any."""
         self._t_frame = time.perf_counter()
         self.frames_handled += 1
-        routing_id = parts[0]
-        if len(parts) != 2:
+        if len(parts) != 1:
             # A REQ socket or a multipart sender: one frame per message is the protocol.
-            sizes = [len(p) for p in parts[1:]]
-            reply: Frame | None = ErrorFrame(None, None, BAD_FRAME, f"message must be one part (one frame), "
-                                             f"got {len(parts) - 1} parts of {sizes} bytes")
+            err = ErrorFrame(None, None, BAD_FRAME, f"message must be one part (one frame), "
+                             f"got {len(parts)} parts of {[len(p) for p in parts]} bytes")
+            self.refusals.refused(err)
+            reply: Frame | None = err
         else:
-            reply = self._reply_for(routing_id, parts[1])
-        if reply is not None:
-            self._send(routing_id, reply)
+            reply = self._reply_for(routing_id, parts[0], user_id)
+        if reply is not None and self.listener is not None and not self.listener.send(routing_id, encode_frame(reply)):
+            log.warning("reply to %r dropped: the peer is not reading (%s)", routing_id, reply.kind)
 
-    def handle_frame(self, routing_id: bytes, data: bytes) -> bytes | None:
-        """Answer one encoded frame from `routing_id` without the socket: the encoded reply, or None
-        (open, close). What `handle_message` does; for transport.channel.MemoryChannel."""
+    def handle_frame(self, routing_id: bytes, data: bytes, user_id: str | None = None) -> bytes | None:
+        """Answer one encoded frame without the socket: the encoded reply, or None (open, close).
+        What `handle_message` does; for transport.channel.MemoryChannel."""
         self._t_frame = time.perf_counter()
         self.frames_handled += 1
-        reply = self._reply_for(routing_id, data)
+        reply = self._reply_for(routing_id, data, user_id)
         return None if reply is None else encode_frame(reply)
 
-    def _reply_for(self, routing_id: bytes, data: bytes) -> Frame | None:
+    def _reply_for(self, routing_id: bytes, data: bytes, user_id: str | None) -> Frame | None:
         """The reply to one frame: a token frame, None (open/close), or the error frame refusing it."""
         frame: Frame | None = None
+        # The device's identity: its enrolled key (CurveZMQ), else its routing id.
+        owner = user_id if user_id is not None else routing_id.hex()
         try:
             frame = decode_frame(data)
-            return self._dispatch(routing_id, frame)
+            if self.listener is not None and not self.listener.enrolled(user_id):
+                self._drop_owned_by(owner)
+                raise ProtocolError(UNAUTHORIZED, "this device's key is no longer enrolled on this worker",
+                                    getattr(frame, "session", None), getattr(frame, "seq", None))
+            return self._dispatch(owner, routing_id, frame)
         except EdgesplitError as exc:
             err = error_frame_for(exc, getattr(frame, "session", None), getattr(frame, "seq", None))
         # The one broad catch of the worker: a bug or an onnxruntime failure in one session must
@@ -199,111 +221,105 @@ class CloudWorker:
                           getattr(frame, "session", None))
             err = error_frame_for(exc, getattr(frame, "session", None), getattr(frame, "seq", None))
         if err.code in ENDS_SESSION and err.session is not None and not isinstance(frame, OpenFrame):
-            if self.sessions.pop(err.session, None) is not None:
-                log.info("session %s dropped: %s", err.session, err.code)
-        log.info("refused frame (session %s, seq %s): %s: %s", err.session, err.seq, err.code, err.message)
+            s = self.sessions.get(err.session)
+            if s is not None and s.owner == owner:
+                self._drop(err.session, err.code)
+        self.refusals.refused(err)
         return err
 
-    def _dispatch(self, routing_id: bytes, frame: Frame) -> Frame | None:
+    def _drop_owned_by(self, owner: str) -> None:
+        for sid in [sid for sid, s in self.sessions.items() if s.owner == owner]:
+            self._drop(sid, "its device's key was revoked")
+
+    def _dispatch(self, owner: str, routing_id: bytes, frame: Frame) -> Frame | None:
         if isinstance(frame, OpenFrame):
-            self._open(routing_id, frame)
+            self._open(owner, routing_id, frame)
             return None  # a successful open has no reply (docs/protocol.md)
         if isinstance(frame, (TokenFrame, ErrorFrame)):
             raise ProtocolError(BAD_FRAME, f"kind: {frame.kind!r} frames go from the cloud to the device, "
                                 "not to the cloud", frame.session, frame.seq)
         session = self.sessions.get(frame.session)
-        if session is None:
+        if session is None or session.owner != owner:  # another device's session: the same answer
             raise ProtocolError(UNKNOWN_SESSION, f"session {frame.session} is not held by this worker "
                                 "(never opened, closed, or timed out)", frame.session, frame.seq)
         if isinstance(frame, CloseFrame):
             session.seq.check(frame.seq)  # a stale or future close is refused, the session kept
-            del self.sessions[frame.session]
-            log.info("session %s closed (%d token(s) generated)", frame.session, session.generated)
+            self._drop(frame.session, "closed")
             return None
         return self._step(session, frame)
 
-    def _open(self, routing_id: bytes, frame: OpenFrame) -> None:
+    def _open(self, owner: str, routing_id: bytes, frame: OpenFrame) -> None:
         sid, plan = frame.session, frame.plan
         if sid in self.sessions:
             raise ProtocolError(SEQUENCE, f"open: session {sid} is already open; close it first", sid, 0)
         self._check_plan(sid, plan)
-        if len(self.sessions) >= self.max_sessions:
-            raise ProtocolError(LIMIT, f"open: this worker holds {len(self.sessions)} sessions, its limit "
-                                f"max_sessions is {self.max_sessions}; retry later or use another worker", sid, 0)
         cfg = self.store.config
         need_mb = kv_cache_mb(plan, cfg.n_kv_heads, cfg.head_dim)
-        if self.max_kv_mb is not None and self.kv_used_mb + need_mb > self.max_kv_mb:
-            raise ProtocolError(LIMIT, f"open: the session's KV cache needs {need_mb:.1f} MB ({plan.n_layers - plan.cut} "
-                                f"layers x {plan.max_seq_len} positions, {plan.kv_precision}) but only "
-                                f"{self.max_kv_mb - self.kv_used_mb:.1f} MB of max_kv_mb {self.max_kv_mb:g} are "
-                                f"available ({len(self.sessions)} session(s) hold {self.kv_used_mb:.1f} MB); lower "
-                                "plan.max_seq_len, close sessions or retry later", sid, 0)
-        self.sessions[sid] = Session.from_open(frame, routing_id, self._engine_for(plan), need_mb)
+        self._check_limits(owner, sid, plan, need_mb)
+        self.sessions[sid] = Session.from_open(frame, routing_id, owner, self.pool.engine_for(plan), need_mb)
         log.info("session %s opened: cut %d, max_seq_len %d, codec %s (%d open)", sid, plan.cut,
                  plan.max_seq_len, plan.codec, len(self.sessions))
 
+    def _check_limits(self, owner: str, sid: str, plan: Plan, need_mb: float) -> None:
+        """Refuse (`limit`) a session beyond the worker's or the device's share of sessions or KV."""
+        mine = [s for s in self.sessions.values() if s.owner == owner]
+        if len(self.sessions) >= self.max_sessions:
+            raise ProtocolError(LIMIT, f"open: this worker holds {len(self.sessions)} sessions, its limit "
+                                f"max_sessions is {self.max_sessions}; retry later or use another worker", sid, 0)
+        if len(mine) >= self.max_sessions_per_device:
+            raise ProtocolError(LIMIT, f"open: this device holds {len(mine)} sessions, the per-device limit is "
+                                f"{self.max_sessions_per_device}; close one first", sid, 0)
+        what = (f"the session's KV cache needs {need_mb:.1f} MB ({plan.n_layers - plan.cut} layers x "
+                f"{plan.max_seq_len} positions, {plan.kv_precision})")
+        if self.kv_used_mb + need_mb > self.max_kv_mb:
+            raise ProtocolError(LIMIT, f"open: {what} but only {self.max_kv_mb - self.kv_used_mb:.1f} MB of max_kv_mb "
+                                f"{self.max_kv_mb:g} are available ({len(self.sessions)} session(s) hold "
+                                f"{self.kv_used_mb:.1f} MB); lower plan.max_seq_len, close sessions or retry later",
+                                sid, 0)
+        used = sum(s.kv_mb for s in mine)
+        if self.max_kv_mb_per_device is not None and used + need_mb > self.max_kv_mb_per_device:
+            raise ProtocolError(LIMIT, f"open: {what} but this device already holds {used:.1f} MB of its "
+                                f"{self.max_kv_mb_per_device:g} MB share; lower plan.max_seq_len or close one", sid, 0)
+
     def _check_plan(self, sid: str, plan: Plan) -> None:
-        """Refuse a plan for another model, other shards, or one this worker cannot serve."""
+        """Refuse a plan for another model, other shards, or one this worker cannot serve. The
+        refusal names the plan's values, never this worker's store (the client may be anyone)."""
         cfg = self.store.config
         mine = ModelIdentity.of_store(self.store, plan.precisions)
-        if plan.model != mine:
-            raise ProtocolError(PLAN_MISMATCH, f"open: plan.model {plan.model.name!r} fingerprint "
-                                f"{plan.model.fingerprint} differs from this worker's {mine.name!r} fingerprint "
-                                f"{mine.fingerprint} (precisions {', '.join(plan.precisions)})", sid, 0)
-        if plan.n_layers != cfg.n_layers:
-            raise ProtocolError(PLAN_MISMATCH, f"open: plan.n_layers {plan.n_layers} but this worker's model "
-                                f"has {cfg.n_layers} layers", sid, 0)
         needed = [(f"blk.{i}", plan.back_precision) for i in range(plan.cut, plan.n_layers)]
         needed += [(self.store.head_name(), plan.head_precision), ("output_norm", "f32")]
         missing = [f"{n}@{p}" for n, p in needed if (n, p) not in self.store.shards]
-        if missing:
-            raise ProtocolError(PLAN_MISMATCH, f"open: this worker's store {self.store.path} lacks shard(s) "
-                                f"{missing[:4]}{' ...' if len(missing) > 4 else ''} of the plan", sid, 0)
+        if plan.model != mine or plan.n_layers != cfg.n_layers or missing:
+            log.info("plan refused for session %s: plan %s (%d layers), this store %s (%d layers), missing %s",
+                     sid, plan.model, plan.n_layers, mine, cfg.n_layers, missing[:4])
+            raise ProtocolError(PLAN_MISMATCH, f"open: plan.model {plan.model.name!r} fingerprint "
+                                f"{plan.model.fingerprint} (precisions {', '.join(plan.precisions)}, {plan.n_layers} "
+                                "layers) is not the model this worker serves", sid, 0)
         if plan.max_seq_len > cfg.context_length:
             raise ProtocolError(LIMIT, f"open: plan.max_seq_len {plan.max_seq_len} exceeds the model context "
                                 f"{cfg.context_length}", sid, 0)
         try:
-            self._codec_table(plan)
+            self.pool.codec_table(plan)
         except EdgesplitError as exc:
-            raise ProtocolError(BAD_FRAME, f"open: plan.codec {plan.codec!r}: {exc}", sid, 0) from None
-
-    def _codec_table(self, plan: Plan) -> codec.CutTable | None:
-        """The cut's calibrated codec table if the plan's codec needs one (ecq), cached per (codec, cut).
-
-        Raises CodecError when the setting is invalid or this store has no calibration for the cut."""
-        key = (plan.codec, plan.cut)
-        if key not in self._codec_tables:
-            self._codec_tables[key] = codec.table_for(plan.codec, self.store.manifest.get("calibration"), plan.cut)
-        return self._codec_tables[key]
-
-    def _engine_for(self, plan: Plan) -> SegmentEngine:
-        """The shared back-segment engine for the plan's configuration (built on first use)."""
-        key = back_settings(plan)
-        engine = self.engines.get(key)
-        if engine is None:
-            t0 = time.perf_counter()
-            # spin=False: between frames the worker waits on the network; busy-waiting onnxruntime
-            # threads would take the cores from other sessions and processes (README, "Split inference").
-            engine = SegmentEngine(self.store, key.start, key.end, **key.engine_kwargs(), threads=self.threads,
-                                   spin=False, **self.engine_kwargs)
-            self.engines[key] = engine
-            log.info("back segment %s built in %.0f ms", key, (time.perf_counter() - t0) * 1000.0)
-        return engine
+            raise ProtocolError(BAD_FRAME, f"open: plan.codec {str(plan.codec)!r}: {exc}", sid, 0) from None
 
     def _step(self, session: Session, frame: PrefillFrame | DecodeFrame) -> TokenFrame:
         """Run one prefill/decode frame on its session and build the token frame."""
         session.check_order(frame)
         t0 = time.perf_counter()
         try:
-            hidden = codec.decode(frame.tensor.data, self.store.config.d_model, self._codec_table(session.plan))
+            hidden = codec.decode(frame.tensor.data, self.store.config.d_model, self.pool.codec_table(session.plan))
         except codec.CodecError as exc:
             raise ProtocolError(TENSOR, f"{frame.kind} tensor.data: {exc}", frame.session, frame.seq) from None
+        if not np.isfinite(hidden).all():
+            raise ProtocolError(TENSOR, f"{frame.kind} tensor.data: {int((~np.isfinite(hidden)).sum())} value(s) are "
+                                "NaN or infinite", frame.session, frame.seq)
         decode_ms = (time.perf_counter() - t0) * 1000.0
         # The plan's own setting string (the usual case) needs no parsing on every token.
         if (frame.tensor.codec != session.codec_setting
                 and codec.parse_codec(frame.tensor.codec).name != session.plan.codec.name):
             raise ProtocolError(TENSOR, f"{frame.kind} tensor.codec {frame.tensor.codec!r} is not the plan's "
-                                f"codec {session.plan.codec!r}", frame.session, frame.seq)
+                                f"codec {session.codec_setting!r}", frame.session, frame.seq)
         session.check_room(frame, hidden.shape[0])
         self._check_prompt_ids(frame)
         session.accept(frame)
@@ -322,27 +338,19 @@ class CloudWorker:
             raise ProtocolError(TENSOR, f"prefill prompt_ids: id {max(ids)} is outside the vocabulary [0, {vocab})",
                                 frame.session, frame.seq)
 
-    def _send(self, routing_id: bytes, frame: Frame) -> None:
-        assert self._sock is not None  # only handle_message sends, and only serve_forever calls it
-        try:
-            self._sock.send_multipart([routing_id, encode_frame(frame)], flags=zmq.NOBLOCK)
-        except zmq.Again:
-            # The peer's queue is full (or it is gone): dropping one reply beats stalling every session.
-            log.warning("reply to %r dropped: the peer is not reading (%s)", routing_id, frame.kind)
-
 
 def serve(model: str, bind: str, *, stop_event: threading.Event | None = None,
-          precisions: tuple[str, ...] | None = None, **opts) -> None:
-    """Resolve `model` (a name, GGUF or store path) and serve it on `bind` until SIGINT/SIGTERM.
-
-    `opts` go to CloudWorker (max_sessions, idle_timeout_s, threads, engine settings). Signal
-    handlers are installed only when called from the main thread, and restored on return.
-    """
-    if not logging.getLogger().handlers:  # a bare `python -c` launch (device/simulate.py) still logs
+          precisions: tuple[str, ...] | None = None, **opts: Any) -> None:
+    """Resolve `model` (a name, GGUF or store path) and serve it on `bind` until SIGINT/SIGTERM;
+    SIGHUP re-reads the allow-list. `opts` go to CloudWorker. Signal handlers are installed only
+    when called from the main thread, and restored on return."""
+    if not logging.getLogger().handlers and not logging.getLogger("edgesplit").handlers:  # a bare launch still logs
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_bind(bind, opts.get("keys") is not None, bool(opts.get("insecure")))  # before the store loads
     kwargs = {} if precisions is None else {"precisions": tuple(precisions)}
     store = ModelStore(resolve_store(model, progress=False, **kwargs))
     stop_event = stop_event or threading.Event()
+    reload_event = threading.Event()
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         def _stop(signum, _frame) -> None:
@@ -351,9 +359,10 @@ def serve(model: str, bind: str, *, stop_event: threading.Event | None = None,
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, _stop)
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload_event.set())
     worker = CloudWorker(store, bind=bind, **opts)
     try:
-        worker.serve_forever(stop_event)
+        worker.serve_forever(stop_event, reload_event)
     finally:
         worker.close()
         for sig, handler in previous.items():

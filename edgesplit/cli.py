@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from edgesplit import __version__
+from edgesplit.cli_keys import add_keys_commands
 from edgesplit.cli_plan import add_plan_commands
 from edgesplit.cli_split import add_split_commands
 from edgesplit.runtime.engine import ENGINE_SETTINGS, EngineSettings
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
     add_split_commands(sub, common)
     add_plan_commands(sub, common)
+    add_keys_commands(sub, common)
     return parser
 
 
@@ -157,12 +159,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
         raise ConfigError("--system needs --chat")
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    engine = engine_settings_of(args)  # checked before the model loads
     store = ModelStore(resolve_store(args.model, (args.precision,)))
     max_seq_len = args.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, store.config.context_length)
     tok = load_tokenizer(store)
     ids = tok.encode(tok.chat_prompt(args.prompt, args.system) if args.chat else args.prompt)
     check_fits(len(ids), args.max_tokens, max_seq_len)  # before the engines load (seconds)
-    engines = load_local(store, segments=args.segments, max_seq_len=max_seq_len, **engine_settings_of(args).kwargs())
+    engines = load_local(store, segments=args.segments, max_seq_len=max_seq_len, **engine.kwargs())
     last, ended_newline = None, True
     for last in stream_generate(engines, tok, ids, params, max_tokens=args.max_tokens, max_seq_len=max_seq_len):
         if last.text:

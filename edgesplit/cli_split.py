@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.generate import GenerationRequest
@@ -43,6 +44,9 @@ def _add_split_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=2, help="device onnxruntime threads (default 2)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--device-key", default=None, metavar="FILE",
+                   help="this device's secret key (NAME.key_secret) for a CurveZMQ worker; with --cloud-key")
+    p.add_argument("--cloud-key", default=None, metavar="FILE", help="the worker's public key (cloud.key)")
     p.add_argument("--flash-embedding", action="store_true",
                    help="read embedding rows from flash instead of holding the table (same output, ~28 MB less); "
                         "the plan's front_flash 'embedding'")
@@ -57,8 +61,15 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint (default tcp://127.0.0.1:5555)")
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions (default 16)")
+    p.add_argument("--max-sessions-per-device", type=int, default=4, help="sessions one device may hold (default 4)")
     p.add_argument("--max-kv-mb", type=float, default=None,
-                   help="MB of KV cache all sessions may reserve together (default: no cap)")
+                   help="MB of KV cache all sessions may reserve together (default: half the memory available)")
+    p.add_argument("--max-kv-mb-per-device", type=float, default=None,
+                   help="MB of KV cache one device's sessions may reserve (default: no per-device cap)")
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="CurveZMQ: encrypt, and serve only devices enrolled in DIR (edgesplit keys init-cloud)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain text on a non-loopback --bind (anyone reaching the port can use the worker)")
     p.add_argument("--warm-plan", action="append", default=[], metavar="FILE",
                    help="build this plan's back segment at start (repeatable); other plans build at first use")
     p.add_argument("--idle-timeout-s", type=float, default=60.0, help="evict a silent session after this (default 60)")
@@ -68,7 +79,8 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
     device = sub.add_parser("device", parents=[common], help="the device client")
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
     p = dsub.add_parser("run", parents=[common], help="generate with the back segment on a cloud worker")
-    p.add_argument("--cloud", required=True, help="the worker's ZeroMQ endpoint, e.g. tcp://10.0.0.2:5555")
+    p.add_argument("--cloud", required=True, metavar="A[,B...]",
+                   help="the worker's ZeroMQ endpoint, e.g. tcp://10.0.0.2:5555; more, comma-separated, for failover")
     p.add_argument("--timeout-s", type=float, default=30.0, help="give up when the cloud is silent this long")
     _add_split_flags(p)
     p.set_defaults(func=cmd_device_run)
@@ -145,9 +157,13 @@ def _plan_from_profiles(args):
 def cmd_cloud_serve(args: argparse.Namespace) -> int:
     from edgesplit.cloud.worker import serve
     from edgesplit.runtime.plan import load_plan_file
+    from edgesplit.transport.security import ServerKeys
 
-    serve(args.model, args.bind, max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout_s,
-          threads=args.threads, max_kv_mb=args.max_kv_mb, warm_plans=[load_plan_file(f) for f in args.warm_plan])
+    keys = None if args.keys is None else ServerKeys.load(args.keys)  # a bad keys folder fails at start
+    serve(args.model, args.bind, max_sessions=args.max_sessions, max_sessions_per_device=args.max_sessions_per_device,
+          idle_timeout_s=args.idle_timeout_s, threads=args.threads, max_kv_mb=args.max_kv_mb,
+          max_kv_mb_per_device=args.max_kv_mb_per_device, keys=keys, insecure=args.insecure,
+          warm_plans=[load_plan_file(f) for f in args.warm_plan])
     return 0
 
 
@@ -165,31 +181,49 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     from edgesplit.transport.link import EmulatedLink
 
     request = _request(args)
+    curve = _curve(args)
     store, plan = _split(args)
     budget = plan.check_memory(available_memory_mb())
     tok = load_tokenizer(store)
     link = EmulatedLink(load_network_profile(args.network)) if args.network != "loopback" else None
     last = None
     front = load_front(store, plan, threads=args.threads)
-    for last in run_split(store, args.cloud, plan, request.prompt_ids(tok), request.params, request.max_tokens, link,
-                          tokenizer=tok, front=front, timeout_s=args.timeout_s):
+    endpoints = [e.strip() for e in args.cloud.split(",") if e.strip()]
+    recoveries: list = []
+    for last in run_split(store, endpoints, plan, request.prompt_ids(tok), request.params, request.max_tokens, link,
+                          tokenizer=tok, front=front, timeout_s=args.timeout_s, curve=curve, recoveries=recoveries):
         _stream(last)
     sys.stdout.write("\n")
     if last is not None:
         print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | decode: "
               f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | cut {plan.cut}, codec {plan.codec} "
-              f"| peak RSS {peak_rss_mb():.0f} MB of budget {budget:.0f} MB | finish: {last.finish_reason}",
-              file=sys.stderr)
+              f"| peak RSS {peak_rss_mb():.0f} MB of budget {budget:.0f} MB | finish: {last.finish_reason}"
+              + "".join(f" | recovered at {r.endpoint} in {r.ms:.0f} ms ({r.replayed_positions} positions replayed)"
+                        for r in recoveries), file=sys.stderr)
     return 0
+
+
+def _curve(args):
+    """This device's CurveZMQ keys from --device-key and --cloud-key (both or neither)."""
+    if (args.device_key is None) != (args.cloud_key is None):
+        raise ConfigError("--device-key and --cloud-key go together (this device's secret key, the worker's public)")
+    if args.device_key is None:
+        return None
+    from edgesplit.transport.security import device_keys
+
+    return device_keys(args.device_key, args.cloud_key)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from edgesplit.harness.simulate import simulate
 
     request = _request(args)
+    curve = _curve(args)
     store, plan = _split(args)
+    # the worker simulate starts serves the keys folder the worker's public key lives in
+    worker_keys = None if args.cloud_key is None else str(Path(args.cloud_key).resolve().parent)
     result = simulate(store, plan, request, args.network, runs=args.runs, threads=args.threads,
-                      on_token=None if args.json else _stream)
+                      on_token=None if args.json else _stream, curve=curve, worker_keys=worker_keys)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -122,7 +122,8 @@ def test_eval_and_bench_dispatch(monkeypatch, capsys):
         ("llama.cpp", 2, 128, 128, 4, 2)
 
 
-def test_bad_values_are_refused_where_they_are_made(capsys):
+def test_bad_values_are_refused_where_they_are_made(capsys, cache):
+    """Each before any model is fetched or loaded (the cache stays empty)."""
     assert main(["generate", "--threads", "0", "hi"]) == 2
     assert "threads must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["eval", "--text", "t.txt", "--tokens", "1"]) == 2
@@ -132,4 +133,7 @@ def test_bad_values_are_refused_where_they_are_made(capsys):
     assert main(["loadtest", "--devices", "0"]) == 2
     assert "devices must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["cloud", "serve", "--bind", "garbage"]) == 2
-    assert "--bind 'garbage': cannot bind" in capsys.readouterr().err
+    assert "--bind 'garbage': not a ZeroMQ endpoint" in capsys.readouterr().err
+    assert main(["cloud", "serve", "--bind", "tcp://0.0.0.0:5999"]) == 2
+    assert "plain text on a non-loopback address" in capsys.readouterr().err
+    assert not (cache / "models").exists()

@@ -51,7 +51,7 @@ class KeyRefusedError(TransportError):
 # ZeroMQ heartbeats (ZMTP PING/PONG): a peer silent for HEARTBEAT_TIMEOUT_MS counts as disconnected
 HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 1000, 3000
 _MONITORED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-              | zmq.EVENT_CONNECT_RETRIED)
+              | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ class Channel:
         self.endpoint, self.link, self.timeout_s = endpoint, link, float(timeout_s)
         self.curve = curve
         self.fail_fast = fail_fast  # a refused connection is CloudLostError at once (failover), not a wait
+        self.handshakes = 0  # ZMTP handshakes completed with the cloud
         self._connect(context)
         self.stats = ChannelStats()
         self.last_uplink_ms = 0.0
@@ -180,6 +181,11 @@ class Channel:
         if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             raise KeyRefusedError(f"handshake with {self.endpoint} failed (ZMTP status {event['value']}): "
                                   "one side speaks CURVE and the other plain text? check --cloud-key")
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.handshakes += 1
+        if kind == zmq.EVENT_DISCONNECTED and self.handshakes == 0:
+            raise KeyRefusedError(f"the cloud at {self.endpoint} closed the connection during the handshake: it "
+                                  "expects CurveZMQ keys (--device-key / --cloud-key) or refused them")
         if kind == zmq.EVENT_DISCONNECTED:
             raise CloudLostError(f"the cloud worker at {self.endpoint} disconnected")
         if kind == zmq.EVENT_CONNECT_RETRIED and self.fail_fast:

@@ -26,7 +26,9 @@ OPEN, PREFILL, DECODE, TOKEN, CLOSE, ERROR = "open", "prefill", "decode", "token
 # Error codes (ErrorFrame.code / ProtocolError.code); docs/protocol.md says when each is sent.
 BAD_FRAME, VERSION, UNKNOWN_SESSION, SEQUENCE = "bad_frame", "version", "unknown_session", "sequence"
 TENSOR, TOO_LONG, PLAN_MISMATCH, LIMIT, INTERNAL = "tensor", "too_long", "plan_mismatch", "limit", "internal"
-ERROR_CODES = (BAD_FRAME, VERSION, UNKNOWN_SESSION, SEQUENCE, TENSOR, TOO_LONG, PLAN_MISMATCH, LIMIT, INTERNAL)
+UNAUTHORIZED = "unauthorized"  # the sender's CurveZMQ key is no longer enrolled (revoked)
+ERROR_CODES = (BAD_FRAME, VERSION, UNKNOWN_SESSION, SEQUENCE, TENSOR, TOO_LONG, PLAN_MISMATCH, LIMIT, INTERNAL,
+               UNAUTHORIZED)
 FINISH_REASONS = (None, "stop", "length")
 TENSOR_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "max_tokens", "stop_ids")

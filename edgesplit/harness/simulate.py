@@ -30,7 +30,7 @@ from edgesplit.runtime.generate import GenerationRequest, load_tokenizer
 from edgesplit.runtime.memory import available_memory_mb, peak_rss_mb
 from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.store import ModelStore
-from edgesplit.transport.channel import Channel, RemoteError, TransportError
+from edgesplit.transport.channel import Channel, CurveClientKeys, KeyRefusedError, RemoteError, TransportError
 from edgesplit.transport.link import EmulatedLink
 from edgesplit.transport.protocol import Activation, DecodeFrame, new_session_id
 
@@ -69,7 +69,8 @@ def stop_worker(proc: subprocess.Popen) -> None:
 
 
 def wait_ready(endpoint: str, d_model: int, proc: subprocess.Popen | None = None, *,
-               deadline_s: float = 120.0, probe_s: float = 0.5, stderr_path: Path | None = None) -> float:
+               deadline_s: float = 120.0, probe_s: float = 0.5, stderr_path: Path | None = None,
+               curve: CurveClientKeys | None = None) -> float:
     """Probe the worker until it answers; returns the seconds it took.
 
     The probe is a `decode` for a session nobody opened: a live worker answers it at once
@@ -82,13 +83,15 @@ def wait_ready(endpoint: str, d_model: int, proc: subprocess.Popen | None = None
         if proc is not None and proc.poll() is not None:
             tail = stderr_path.read_text(errors="replace")[-2000:] if stderr_path else ""
             raise TransportError(f"the cloud worker exited with code {proc.returncode} before it was ready:\n{tail}")
-        with Channel(endpoint, timeout_s=probe_s) as ch:
+        with Channel(endpoint, timeout_s=probe_s, curve=curve) as ch:
             try:
                 ch.send(DecodeFrame(new_session_id(), 1, Activation("f32", (1, d_model), blob)))
                 ch.recv()
                 return time.perf_counter() - t0
             except RemoteError:
                 return time.perf_counter() - t0  # unknown_session: alive and validating
+            except KeyRefusedError:
+                raise  # up, and refusing this key: waiting will not help
             except TransportError:
                 pass  # not up yet
         if time.perf_counter() - t0 > deadline_s:
@@ -97,7 +100,7 @@ def wait_ready(endpoint: str, d_model: int, proc: subprocess.Popen | None = None
 
 @contextlib.contextmanager
 def worker_process(store_path: str, d_model: int, *extra: str, warm_plan: Plan | None = None,
-                   ready_timeout_s: float = 120.0) -> Iterator[str]:
+                   ready_timeout_s: float = 120.0, curve: CurveClientKeys | None = None) -> Iterator[str]:
     """A cloud worker process serving `store_path` on a free loopback port, ready; yields its endpoint.
 
     `extra`: further `cloud serve` flags. `warm_plan`: passed as `--warm-plan` so the worker builds
@@ -112,7 +115,8 @@ def worker_process(store_path: str, d_model: int, *extra: str, warm_plan: Plan |
         err_path = tmp / "worker.log"
         proc = start_worker(store_path, endpoint, extra, err_path)
         try:
-            ready_s = wait_ready(endpoint, d_model, proc, deadline_s=ready_timeout_s, stderr_path=err_path)
+            ready_s = wait_ready(endpoint, d_model, proc, deadline_s=ready_timeout_s, stderr_path=err_path,
+                                 curve=curve)
             log.info("cloud worker ready after %.2f s", ready_s)
             yield endpoint
         finally:
@@ -120,12 +124,12 @@ def worker_process(store_path: str, d_model: int, *extra: str, warm_plan: Plan |
 
 
 def _generate_once(store, endpoint, plan, ids, params, max_tokens, link, tok, front, timeout_s,
-                   on_token) -> tuple[dict, list[SplitResponse]]:
+                   on_token, curve) -> tuple[dict, list[SplitResponse]]:
     responses: list[SplitResponse] = []
     times: list[float] = []
     t_start = time.perf_counter()
     for resp in run_split(store, endpoint, plan, ids, params, max_tokens, link, tokenizer=tok, front=front,
-                          timeout_s=timeout_s):
+                          timeout_s=timeout_s, curve=curve):
         times.append(time.perf_counter())
         responses.append(resp)
         if on_token is not None:
@@ -135,7 +139,8 @@ def _generate_once(store, endpoint, plan, ids, params, max_tokens, link, tok, fr
 
 def simulate(store: ModelStore, plan: Plan, request: GenerationRequest, network: str = "loopback", *,
              runs: int = 1, link_seed: int = 0, threads: int = 2, ready_timeout_s: float = 120.0,
-             timeout_s: float = 60.0, on_token: Callable[[SplitResponse], None] | None = None) -> dict:
+             timeout_s: float = 60.0, on_token: Callable[[SplitResponse], None] | None = None,
+             curve: CurveClientKeys | None = None, worker_keys: str | None = None) -> dict:
     """Run `runs` split generations of `request` with `plan` against one worker process serving
     `store` on loopback, the `network` link (a built-in profile name or a TOML path) emulated.
 
@@ -159,12 +164,13 @@ def simulate(store: ModelStore, plan: Plan, request: GenerationRequest, network:
     summaries: list[dict] = []
     first: list[SplitResponse] = []
     links: list[EmulatedLink] = []
-    with worker_process(str(store.path), store.config.d_model, warm_plan=plan,
+    extra = () if worker_keys is None else ("--keys", str(worker_keys))
+    with worker_process(str(store.path), store.config.d_model, *extra, warm_plan=plan, curve=curve,
                         ready_timeout_s=ready_timeout_s) as endpoint:
         for i in range(runs):
             links.append(EmulatedLink(profile, seed=link_seed + i))
             summary, responses = _generate_once(store, endpoint, plan, ids, params, max_tokens, links[-1], tok,
-                                                front, timeout_s, on_token if i == 0 else None)
+                                                front, timeout_s, on_token if i == 0 else None, curve)
             summaries.append(summary)
             first = first or responses
     out = {"cut": plan.cut, "network": profile.name, "codec": str(plan.codec), "front_flash": plan.front_flash,
