@@ -306,6 +306,13 @@ class CloudWorker:
     def _step(self, session: Session, frame: PrefillFrame | DecodeFrame) -> TokenFrame:
         """Run one prefill/decode frame on its session and build the token frame."""
         session.check_order(frame)
+        # The declared shape equals the blob's (transport/protocol.py); checking it first bounds what
+        # decoding may allocate (an ecq blob of a few bytes can declare millions of values).
+        t, d = frame.tensor.shape
+        if d != self.store.config.d_model:
+            raise ProtocolError(TENSOR, f"{frame.kind} tensor.shape [{t}, {d}]: the model's width is "
+                                f"{self.store.config.d_model}", frame.session, frame.seq)
+        session.check_room(frame, t)
         t0 = time.perf_counter()
         try:
             hidden = codec.decode(frame.tensor.data, self.store.config.d_model, self.pool.codec_table(session.plan))
@@ -320,7 +327,6 @@ class CloudWorker:
                 and codec.parse_codec(frame.tensor.codec).name != session.plan.codec.name):
             raise ProtocolError(TENSOR, f"{frame.kind} tensor.codec {frame.tensor.codec!r} is not the plan's "
                                 f"codec {session.codec_setting!r}", frame.session, frame.seq)
-        session.check_room(frame, hidden.shape[0])
         self._check_prompt_ids(frame)
         session.accept(frame)
         result = session.step(hidden, frame.kind)

@@ -296,7 +296,7 @@ def load_tokenizer(store: ModelStore | str | os.PathLike) -> Tokenizer:
         store = ModelStore(store)
     info = store.tokenizer_info
     eos = {int(info["eos_id"])} if info.get("eos_id") is not None else set()
-    tok = Tokenizer.from_file(store.path / info.get("file", "tokenizer.json"), info.get("bos_id"), eos,
+    tok = Tokenizer.from_file(store.verified_file(info.get("file", "tokenizer.json")), info.get("bos_id"), eos,
                               info.get("chat_template"))
     for name in EXTRA_EOS:
         tid = tok.tok.token_to_id(name)

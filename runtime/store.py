@@ -36,7 +36,7 @@ from .calibration import CALIBRATION_KEYS, CALIBRATION_TEXT, calibrate
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every file, tokenizer.json included, has its size and sha256 in the manifest
 ALIGN = 64
 EMBEDDING_PRECISIONS = ("q8", "f16", "f32")
 
@@ -147,6 +147,7 @@ def convert(
         tok = build_tokenizer(model.metadata)
         tok.save(str(tmp / "tokenizer.json"))
         manifest = _manifest(model, shards, tuple(precisions), tuple(head_precisions))
+        manifest["files"] = {"tokenizer.json": _file_entry(tmp / "tokenizer.json")}
         calibration_ids = tok.encode(CALIBRATION_TEXT, add_special_tokens=False).ids
         manifest["calibration"] = calibrate(model, calibration_ids)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -155,6 +156,10 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _file_entry(path: Path) -> dict:
+    return {"nbytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _manifest(model: GGUFModel, shards, precisions, head_precisions) -> dict:
@@ -220,12 +225,30 @@ class ModelStore:
             self.head_precisions = tuple(m["head_precisions"])
             self.shards = {(s["name"], s["precision"]): ShardEntry.from_dict(s) for s in m["shards"]}
             self.tokenizer_info = m["tokenizer"]
+            self.files = {str(k): dict(v) for k, v in m["files"].items()}  # other files: name -> nbytes, sha256
             missing = set(CALIBRATION_KEYS) - set(m["calibration"])
             if missing:
                 raise ModelFormatError(f"{mpath}: calibration lacks {sorted(missing)}; convert again")
         except (KeyError, TypeError) as exc:
             raise ModelFormatError(f"{mpath}: malformed manifest ({exc!r})") from exc
         self.bytes_read = 0  # every shard byte this process read from the store
+
+    def verified_file(self, name: str) -> Path:
+        """The path of a store file other than a shard (e.g. tokenizer.json), after checking its size
+        and sha256 against the manifest (ChecksumError naming the file otherwise)."""
+        entry = self.files.get(name)
+        path = self.path / name
+        if entry is None:
+            raise ModelFormatError(f"{path}: not listed in the manifest's files; convert again")
+        if not path.is_file():
+            raise ModelFormatError(f"{path}: missing from the store")
+        size = path.stat().st_size
+        if size != entry["nbytes"]:
+            raise ChecksumError(f"{path}: {size} bytes, manifest says {entry['nbytes']}")
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise ChecksumError(f"{path}: sha256 {digest[:16]}... does not match manifest {entry['sha256'][:16]}...")
+        return path
 
     def shard_entry(self, name: str, precision: str) -> ShardEntry:
         entry = self.shards.get((name, precision))

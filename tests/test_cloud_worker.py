@@ -298,9 +298,9 @@ def test_tensor_bytes_not_matching_shape(setup, tiny_store):
     wire["tensor"] = {"codec": "f32", "shape": [1, d], "data": blob[:-4]}  # truncated blob
     bad.send_raw(msgpack.packb(wire, use_bin_type=True))
     bad.expect_error(P.TENSOR, "truncated or sizes wrong")
-    # a well-formed blob of the wrong width for this model: refused by the worker's own decode
+    # a well-formed blob of the wrong width for this model: refused before it is decoded
     bad.send(P.PrefillFrame(sid, 1, activation(np.ones((2, d + 1)))))
-    bad.expect_error(P.TENSOR, f"expected d={d}")
+    bad.expect_error(P.TENSOR, f"tensor.shape [2, {d + 1}]: the model's width is {d}")
     assert worker.sessions[sid].seq.last == 0  # nothing consumed; a correct prefill may follow
 
 
@@ -496,3 +496,15 @@ def test_real_model_repetition_penalty_split_equals_local(real_store):
                                                     max_tokens=24)
     assert got == want
     assert plain != want
+
+
+def test_non_finite_activations_are_refused(setup, tiny_store):
+    worker, _, bad = setup
+    sid = P.new_session_id()
+    bad.send(P.OpenFrame(sid, make_plan(tiny_store, 1), P.make_sampling()))
+    x = np.ones((2, tiny_store.config.d_model), np.float32)
+    x[1, 3] = np.nan
+    x[0, 0] = np.inf
+    bad.send(P.PrefillFrame(sid, 1, activation(x)))
+    err = bad.expect_error(P.TENSOR, "2 value(s) are NaN or infinite")
+    assert (err.session, err.seq) == (sid, 1) and worker.sessions[sid].seq.last == 0

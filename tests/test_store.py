@@ -48,7 +48,7 @@ def test_dense_columns_equal_the_dense_matrix(tiny_store, precision):
 
 def test_manifest_describes_the_store(tiny_store):
     m = tiny_store.manifest
-    assert m["format_version"] == 1
+    assert m["format_version"] == 2 and set(m["files"]) == {"tokenizer.json"}
     assert m["config"]["n_layers"] == 3
     names = {(s["name"], s["precision"]) for s in m["shards"]}
     for i in range(3):
@@ -139,3 +139,16 @@ def test_store_without_calibration_is_refused(tiny_gguf, tmp_path):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ModelFormatError, match="head_input_absmax"):
         ModelStore(out)
+
+
+def test_a_swapped_tokenizer_is_refused(tiny_gguf, tmp_path):
+    """Every file of the store is covered by the manifest: a changed tokenizer.json is not used."""
+    from edgesplit.runtime.generate import load_tokenizer
+
+    out = convert(tiny_gguf, tmp_path / "s", progress=False)
+    load_tokenizer(ModelStore(out))  # the intact store loads
+    tok = json.loads((out / "tokenizer.json").read_text())
+    tok["added_tokens"] = tok["added_tokens"][:1]
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ChecksumError, match=r"tokenizer\.json: .*manifest"):
+        load_tokenizer(ModelStore(out))
