@@ -104,6 +104,19 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=256)
     p.set_defaults(func=cmd_loadtest)
 
+    p = sub.add_parser("faulttest", parents=[common],
+                       help="SIGKILL the cloud worker mid-generation many times; tokens must not change (JSON)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--cut", type=int, default=15)
+    p.add_argument("--codec", default="f32")
+    p.add_argument("--runs", type=int, default=20, help="kills per case (default 20)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens per generation (default 200)")
+    p.add_argument("--contexts", default="64,1024", help="prompt lengths, tokens (default 64,1024)")
+    p.add_argument("--modes", default="restart,second", help="restart (same endpoint) and/or second (failover)")
+    p.add_argument("--samplings", default="greedy,seeded", help="greedy and/or seeded")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill points")
+    p.set_defaults(func=cmd_faulttest)
+
 
 def _request(args) -> GenerationRequest:
     """The generation request of the flags (checked when made)."""
@@ -246,4 +259,19 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     request = LoadtestRequest(args.devices, args.duration_s, args.max_tokens, args.network)
     store, plan = resolve_split(args.model, PlanSettings(args.cut, args.codec, max_seq_len=args.max_seq_len))
     print(json.dumps(loadtest(store, plan, request)))
+    return 0
+
+
+def cmd_faulttest(args: argparse.Namespace) -> int:
+    from edgesplit.harness.faulttest import FaultRequest, faulttest
+    from edgesplit.runtime.plan import PlanSettings, resolve_split
+
+    def items(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.split(",") if x.strip())
+
+    req = FaultRequest(args.runs, args.tokens, tuple(int(c) for c in items(args.contexts)), items(args.modes),
+                       items(args.samplings), args.seed)
+    max_seq_len = -(-(max(req.contexts) + req.tokens) // 256) * 256  # rounded up to 256
+    store, plan = resolve_split(args.model, PlanSettings(args.cut, args.codec, max_seq_len=max_seq_len))
+    print(json.dumps(faulttest(store, plan, req)))
     return 0
