@@ -117,6 +117,15 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the kill points")
     p.set_defaults(func=cmd_faulttest)
 
+    p = sub.add_parser("hostile", parents=[common],
+                       help="malformed and hostile frames from several sockets while one honest session runs (JSON)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--cut", type=int, default=15)
+    p.add_argument("--frames", type=int, default=10_000, help="hostile frames in all (default 10000)")
+    p.add_argument("--sockets", type=int, default=4, help="attacker sockets (default 4)")
+    p.add_argument("--tokens", type=int, default=64, help="tokens of the honest generation (default 64)")
+    p.set_defaults(func=cmd_hostile)
+
 
 def _request(args) -> GenerationRequest:
     """The generation request of the flags (checked when made)."""
@@ -274,4 +283,14 @@ def cmd_faulttest(args: argparse.Namespace) -> int:
     max_seq_len = -(-(max(req.contexts) + req.tokens) // 256) * 256  # rounded up to 256
     store, plan = resolve_split(args.model, PlanSettings(args.cut, args.codec, max_seq_len=max_seq_len))
     print(json.dumps(faulttest(store, plan, req)))
+    return 0
+
+
+def cmd_hostile(args: argparse.Namespace) -> int:
+    from edgesplit.harness.hostile import HostileRequest, hostile
+    from edgesplit.runtime.plan import PlanSettings, resolve_split
+
+    req = HostileRequest(args.frames, args.sockets, args.tokens)
+    store, plan = resolve_split(args.model, PlanSettings(args.cut, max_seq_len=256))
+    print(json.dumps(hostile(store, plan, req)))
     return 0
