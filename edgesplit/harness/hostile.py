@@ -109,7 +109,7 @@ class _Attacker(threading.Thread):
                            tensor={"codec": "ecq:step=0.2", "shape": [116508, self.d], "data": blob})]
 
     def run(self) -> None:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         self.own = P.new_session_id()
