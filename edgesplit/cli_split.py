@@ -102,6 +102,8 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--network", default="loopback")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per session (default 32)")
     p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--sessions-per-device", type=int, default=1,
+                   help="concurrent sessions per device process (threads sharing its front; default 1)")
     p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("faulttest", parents=[common],
@@ -265,7 +267,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from edgesplit.harness.loadtest import LoadtestRequest, loadtest
     from edgesplit.runtime.plan import PlanSettings, resolve_split
 
-    request = LoadtestRequest(args.devices, args.duration_s, args.max_tokens, args.network)
+    request = LoadtestRequest(args.devices, args.duration_s, args.max_tokens, args.network, args.sessions_per_device)
     store, plan = resolve_split(args.model, PlanSettings(args.cut, args.codec, max_seq_len=args.max_seq_len))
     print(json.dumps(loadtest(store, plan, request)))
     return 0

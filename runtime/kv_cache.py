@@ -16,6 +16,13 @@ from .graph import SegmentSpec
 
 KV_NUMPY = {"f32": np.float32, "f16": np.float16, "int8": np.int8}
 
+# A multi-token step (a prefill) can take hundreds of MB of activations; onnxruntime's arena keeps
+# them for good unless told to shrink after the run. Measured on the cloud back segment (cut 15):
+# after two 2000-token prefills RSS stayed at 658 MB (idle 319); with shrinkage 426 MB, decode
+# speed unchanged (one-token steps never ask for it).
+_SHRINK_ARENA = ort.RunOptions()
+_SHRINK_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
 
 class KVCache:
     """Preallocated KV buffers for layers [start, end) of `spec`, and `pos`, the tokens held."""
@@ -83,7 +90,7 @@ class KVCache:
             io.bind_cpu_input("logits_index", idx)
         io.bind_output(self._out)
         self._step_bound = False
-        self._session.run_with_iobinding(io)
+        self._session.run_with_iobinding(io, _SHRINK_ARENA)
         self.pos += t
         return io.get_outputs()[0].numpy()
 

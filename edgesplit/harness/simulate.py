@@ -100,8 +100,10 @@ def wait_ready(endpoint: str, d_model: int, proc: subprocess.Popen | None = None
 
 @contextlib.contextmanager
 def worker_process(store_path: str, d_model: int, *extra: str, warm_plan: Plan | None = None,
-                   ready_timeout_s: float = 120.0, curve: CurveClientKeys | None = None) -> Iterator[str]:
-    """A cloud worker process serving `store_path` on a free loopback port, ready; yields its endpoint.
+                   ready_timeout_s: float = 120.0,
+                   curve: CurveClientKeys | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A cloud worker process serving `store_path` on a free loopback port, ready; yields its
+    endpoint and process.
 
     `extra`: further `cloud serve` flags. `warm_plan`: passed as `--warm-plan` so the worker builds
     that back segment before it answers. The worker is stopped (SIGTERM, then SIGKILL) on exit.
@@ -118,7 +120,7 @@ def worker_process(store_path: str, d_model: int, *extra: str, warm_plan: Plan |
             ready_s = wait_ready(endpoint, d_model, proc, deadline_s=ready_timeout_s, stderr_path=err_path,
                                  curve=curve)
             log.info("cloud worker ready after %.2f s", ready_s)
-            yield endpoint
+            yield endpoint, proc
         finally:
             stop_worker(proc)
 
@@ -166,7 +168,7 @@ def simulate(store: ModelStore, plan: Plan, request: GenerationRequest, network:
     links: list[EmulatedLink] = []
     extra = () if worker_keys is None else ("--keys", str(worker_keys))
     with worker_process(str(store.path), store.config.d_model, *extra, warm_plan=plan, curve=curve,
-                        ready_timeout_s=ready_timeout_s) as endpoint:
+                        ready_timeout_s=ready_timeout_s) as (endpoint, _):
         for i in range(runs):
             links.append(EmulatedLink(profile, seed=link_seed + i))
             summary, responses = _generate_once(store, endpoint, plan, ids, params, max_tokens, links[-1], tok,
