@@ -10,6 +10,7 @@ against that one worker, stops it and returns one JSON-able dict of latency, thr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import subprocess
@@ -126,12 +127,12 @@ def worker_process(store_path: str, d_model: int, *extra: str, warm_plan: Plan |
 
 
 def _generate_once(store, endpoint, plan, ids, params, max_tokens, link, tok, front, timeout_s,
-                   on_token, curve) -> tuple[dict, list[SplitResponse]]:
+                   on_token, curve, recoveries) -> tuple[dict, list[SplitResponse]]:
     responses: list[SplitResponse] = []
     times: list[float] = []
     t_start = time.perf_counter()
     for resp in run_split(store, endpoint, plan, ids, params, max_tokens, link, tokenizer=tok, front=front,
-                          timeout_s=timeout_s, curve=curve):
+                          timeout_s=timeout_s, curve=curve, recoveries=recoveries):
         times.append(time.perf_counter())
         responses.append(resp)
         if on_token is not None:
@@ -166,17 +167,20 @@ def simulate(store: ModelStore, plan: Plan, request: GenerationRequest, network:
     summaries: list[dict] = []
     first: list[SplitResponse] = []
     links: list[EmulatedLink] = []
+    recoveries: list = []  # sessions rebuilt on a worker after losing one (device/remote.py)
     extra = () if worker_keys is None else ("--keys", str(worker_keys))
     with worker_process(str(store.path), store.config.d_model, *extra, warm_plan=plan, curve=curve,
                         ready_timeout_s=ready_timeout_s) as (endpoint, _):
         for i in range(runs):
             links.append(EmulatedLink(profile, seed=link_seed + i))
             summary, responses = _generate_once(store, endpoint, plan, ids, params, max_tokens, links[-1], tok,
-                                                front, timeout_s, on_token if i == 0 else None, curve)
+                                                front, timeout_s, on_token if i == 0 else None, curve,
+                                                recoveries)
             summaries.append(summary)
             first = first or responses
     out = {"cut": plan.cut, "network": profile.name, "codec": str(plan.codec), "front_flash": plan.front_flash,
-           "peak_rss_mb": peak_rss_mb(), "memory_budget_mb": budget}
+           "peak_rss_mb": peak_rss_mb(), "memory_budget_mb": budget,
+           "recoveries": [dataclasses.asdict(r) for r in recoveries]}
     out.update(aggregate(summaries))
     out.update({
         "tokens": [r.token for r in first],
