@@ -8,6 +8,7 @@ A schema is a dict of key -> field type. Field types:
     Int(low)               int (not bool)
     NumList(low)           non-empty list of finite numbers, returned as a tuple of floats
     IntList(low)           non-empty list of ints, strictly increasing, returned as a tuple
+    StrList()              list of non-empty strings, returned as a tuple
     Table(schema)          a nested table with its own schema (returned as a dict)
     MapOf(field, keys)     a table whose keys are free (or from `keys`), every value of type `field`
     OptionalField(field)   may be absent (then None)
@@ -56,6 +57,11 @@ class NumList:
 @dataclass(frozen=True)
 class IntList:
     low: int = 1
+
+
+@dataclass(frozen=True)
+class StrList:
+    pass  # a list of non-empty strings (may be empty), returned as a tuple
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,10 @@ def check_value(v, f, key: str, origin: str):
         if any(b <= a for a, b in zip(out, out[1:])):
             raise ConfigError(f"{origin}: field {key!r} = {v!r} must be strictly increasing")
         return out
+    if isinstance(f, StrList):
+        if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+            raise ConfigError(f"{origin}: field {key!r} = {v!r} must be a list of non-empty strings")
+        return tuple(v)
     if isinstance(f, Table):
         if not isinstance(v, dict):
             raise ConfigError(f"{origin}: field {key!r} = {v!r} must be a table")
@@ -146,9 +156,14 @@ def check_table(data: dict, schema: dict, origin: str) -> dict:
     return out
 
 
+def _package(folder: str) -> str:
+    """The package holding built-in TOMLs: `edgesplit.profiles.<folder>`, or a full package name."""
+    return folder if "." in folder else f"edgesplit.profiles.{folder}"
+
+
 def builtin_names(folder: str) -> list[str]:
-    """Stems of the built-in `edgesplit.profiles.<folder>/*.toml`, sorted."""
-    d = resources.files(f"edgesplit.profiles.{folder}")
+    """Stems of the built-in `edgesplit.profiles.<folder>/*.toml` (or `<package>/*.toml`), sorted."""
+    d = resources.files(_package(folder))
     return sorted(e.name[:-5] for e in d.iterdir() if e.is_file() and e.name.endswith(".toml"))
 
 
@@ -170,8 +185,8 @@ def read_profile_toml(name_or_path: Union[str, Path], folder: str, kind: str) ->
         if text not in names:
             raise ConfigError(f"{kind} profile: unknown name {text!r} (built-in: {', '.join(names)}; "
                               "or give a path to a .toml file)")
-        origin = f"edgesplit.profiles/{folder}/{text}.toml"
-        raw = resources.files(f"edgesplit.profiles.{folder}").joinpath(f"{text}.toml").read_bytes()
+        origin = f"{_package(folder).replace('.', '/')}/{text}.toml"
+        raw = resources.files(_package(folder)).joinpath(f"{text}.toml").read_bytes()
     try:
         return tomllib.loads(raw.decode("utf-8")), origin
     except UnicodeDecodeError as exc:
