@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import fields
-from typing import Iterable, Iterator, Sequence
+from typing import Generator, Iterable, Iterator, Sequence
+
+import numpy as np
 
 from edgesplit.device.remote import Failover, RemoteSegment
 from edgesplit.device.timings import SplitResponse
@@ -23,6 +25,24 @@ from edgesplit.runtime.store import ModelStore
 from edgesplit.runtime.tokenizer import Tokenizer
 from edgesplit.transport.channel import Channel, CurveClientKeys
 from edgesplit.transport.link import EmulatedLink
+
+
+class FrontSession:
+    """One session's view of a shared front engine: its own KV cache on the engine's weights, so
+    sessions (the daemon's requests, a load test's slots) run side by side on one loaded front."""
+
+    def __init__(self, engine: SegmentEngine):
+        self.engine, self.cache = engine, engine.new_cache()
+        self.max_seq_len = engine.max_seq_len
+
+    def prefill(self, x: np.ndarray) -> np.ndarray:
+        return self.engine.prefill(x, cache=self.cache)
+
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        return self.engine.decode(x, cache=self.cache)
+
+    def reset(self) -> None:
+        self.engine.reset(self.cache)
 
 
 class _TimedSegment:
@@ -117,7 +137,7 @@ def run_split(store: ModelStore, cloud: str | Sequence[str], plan: Plan, prompt_
               *, stop_ids: Iterable[int] | None = None, tokenizer: Tokenizer | None = None,
               front: Segment | None = None, threads: int = 2, timeout_s: float = 10.0,
               identity: dict | None = None, curve: CurveClientKeys | None = None,
-              failover: bool = True, recoveries: list | None = None) -> Iterator[SplitResponse]:
+              failover: bool = True, recoveries: list | None = None) -> Generator[SplitResponse, None, None]:
     """Generate split: the front [0, cut) here, the back on a cloud worker.
 
     `cloud`: the worker's endpoint, or endpoints in failover order. `prompt_ids`: token ids, or

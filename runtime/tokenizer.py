@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
@@ -176,15 +176,20 @@ class Tokenizer:
         Follows the model's template: when `system` is None and the template inserts a default
         system message (SmolLM2 does), that message is used.
         """
+        return self.chat_messages(([("system", system)] if system is not None else []) + [("user", user)])
+
+    def chat_messages(self, messages: Sequence[tuple[str, str]]) -> str:
+        """Render a conversation of (role, content) turns and the assistant header in ChatML; the
+        template's default system message is added when the conversation has none."""
         if self.chat_template is not None and not self.is_chatml:
             raise ConfigError("chat_template is not ChatML; only ChatML prompts are supported")
-        if system is None:
-            system = default_system_prompt(self.chat_template)
-        parts = []
-        if system is not None:
-            parts.append(f"<|im_start|>system\n{system}<|im_end|>\n")
-        parts.append(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
-        return "".join(parts)
+        turns = list(messages)
+        if not any(role == "system" for role, _ in turns):
+            default = default_system_prompt(self.chat_template)
+            if default is not None:
+                turns.insert(0, ("system", default))
+        body = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+        return body + "<|im_start|>assistant\n"
 
     def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
         """A fresh StreamDecoder over this tokenizer."""

@@ -17,10 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import psutil
 
-from edgesplit.device.split import load_front, run_split
+from edgesplit.device.split import FrontSession, load_front, run_split
 from edgesplit.harness.simulate import worker_process
 from edgesplit.profiles.network import load_network_profile
 from edgesplit.runtime.engine import SegmentEngine
@@ -36,23 +35,6 @@ log = logging.getLogger(__name__)
 
 PROMPTS = ("The history of the city begins", "Once upon a time", "The capital of France is",
            "def add(a, b):", "In 1842 a railway line", "Visitors often ask why")
-
-
-class _FrontView:
-    """One session's view of a shared front engine: its own KV cache, the engine's weights."""
-
-    def __init__(self, engine: SegmentEngine):
-        self.engine, self.cache = engine, engine.new_cache()
-        self.max_seq_len = engine.max_seq_len
-
-    def prefill(self, x: np.ndarray) -> np.ndarray:
-        return self.engine.prefill(x, cache=self.cache)
-
-    def decode(self, x: np.ndarray) -> np.ndarray:
-        return self.engine.decode(x, cache=self.cache)
-
-    def reset(self) -> None:
-        self.engine.reset(self.cache)
 
 
 def _sessions(store, endpoint, plan, front, tok, duration_s, max_tokens, network, index) -> dict[str, Any]:
@@ -88,7 +70,7 @@ def device_loop(store_dir: str, endpoint: str, plan: Plan, duration_s: float, ma
         raise ConfigError("loadtest runs resident fronts (front_flash 'resident')")
     results: list[dict[str, Any]] = []
     threads = [threading.Thread(target=lambda i=i: results.append(_sessions(
-        store, endpoint, plan, _FrontView(engine), tok, duration_s, max_tokens, network, index * sessions + i)))
+        store, endpoint, plan, FrontSession(engine), tok, duration_s, max_tokens, network, index * sessions + i)))
         for i in range(sessions)]
     for t in threads:
         t.start()

@@ -1,0 +1,42 @@
+"""CLI of the device daemon: `edgesplit daemon [run] --config FILE` and `edgesplit daemon unit --config FILE`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def add_daemon_commands(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("daemon", parents=[common],
+                       help="the device daemon: an OpenAI-compatible API on this board (or: daemon unit)")
+    p.add_argument("action", nargs="?", choices=("run", "unit"), default="run",
+                   help="run (default) or unit: print the systemd unit for the config")
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="a board name (rpi4-4gb, host, ...), 'auto' (from /proc/device-tree/model) or a TOML path")
+    p.add_argument("--host", default=None, help="listen address (overrides the config and EDGESPLIT_HOST)")
+    p.add_argument("--port", default=None, help="listen port")
+    p.add_argument("--cloud", default=None, metavar="A[,B...]", help="cloud endpoints in failover order")
+    p.add_argument("--threads", default=None, help="onnxruntime threads of the front")
+    p.add_argument("--api-key", default=None, help="Bearer key the API requires")
+    p.add_argument("--exe", default="/usr/local/bin/edgesplit", help="with unit: the edgesplit executable's path")
+    p.set_defaults(func=cmd_daemon)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from edgesplit.firmware_configs.config import load_config
+
+    flags = {"host": args.host, "port": args.port, "cloud_endpoints": args.cloud, "threads": args.threads,
+             "api_key": args.api_key}
+    cfg = load_config(args.config, flags)
+    if args.action == "unit":
+        from edgesplit.device.daemon.server import systemd_unit
+
+        print(systemd_unit(cfg, args.config, args.exe), end="")
+        return 0
+    from edgesplit.device.daemon.server import serve_daemon
+    from edgesplit.transport.security import device_keys
+
+    logging.getLogger("edgesplit").setLevel(cfg.log_level.upper())
+    curve = None if cfg.device_key_file is None else device_keys(cfg.device_key_file, cfg.cloud_key_file or "")
+    serve_daemon(cfg, curve)
+    return 0

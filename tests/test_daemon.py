@@ -1,0 +1,219 @@
+"""The device daemon: the real `openai` client against a daemon process on a random port, connected
+to a real cloud worker process (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from edgesplit.device.split import run_split  # noqa: E402
+from edgesplit.harness.simulate import free_port, start_worker, stop_worker, wait_ready  # noqa: E402
+from edgesplit.runtime.generate import load_tokenizer  # noqa: E402
+from edgesplit.runtime.plan import PlanSettings, make_plan  # noqa: E402
+from edgesplit.runtime.sampling import SamplingParams  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "the cat sat on the"}]
+
+
+def _get(url: str, key: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except urllib.error.URLError:
+        return 0, ""  # not listening (yet)
+
+
+class Daemon:
+    """`edgesplit daemon --config FILE` in its own process, on a free port, ready."""
+
+    def __init__(self, tmp: Path, store, endpoint: str, plan_file: Path, api_key: str | None = None):
+        text = resources.files("edgesplit.firmware_configs").joinpath("host.toml").read_text()
+        port = free_port()
+        text = text.replace('model = "smollm2-135m"', f'model = "{store.path}"')
+        text = text.replace('network = "loopback"', f'network = "loopback"\nplan_file = "{plan_file}"')
+        text = text.replace("port = 8080", f"port = {port}")
+        if api_key:
+            text = text.replace("port = ", f'api_key = "{api_key}"\nport = ', 1)
+        self.config = tmp / f"board-{port}.toml"
+        self.config.write_text(text)
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tmp / f"daemon-{port}.log"
+        env = dict(os.environ, EDGESPLIT_CLOUD_ENDPOINTS=endpoint)
+        with self.log.open("wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "edgesplit", "daemon", "--config", str(self.config)],
+                                         stdout=subprocess.DEVNULL, stderr=err, env=env)
+        deadline = time.monotonic() + 90
+        while _get(self.url + "/health")[0] != 200:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "daemon not ready"
+            time.sleep(0.2)
+
+    def client(self, key: str | None = "none"):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def cloud(tiny_store, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cloud")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_worker(str(tiny_store.path), endpoint, ("--threads", "1"), tmp / "worker.log")
+    wait_ready(endpoint, tiny_store.config.d_model, proc, stderr_path=tmp / "worker.log")
+    yield endpoint, proc
+    stop_worker(proc)
+
+
+@pytest.fixture(scope="module")
+def plan_file(tiny_store, tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    path.write_text(make_plan(tiny_store, PlanSettings(1, max_seq_len=64)).to_json())
+    return path
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_store, cloud, plan_file, tmp_path_factory):
+    d = Daemon(tmp_path_factory.mktemp("daemon"), tiny_store, cloud[0], plan_file)
+    yield d
+    assert d.stop() == 0
+
+
+def test_chat_non_stream_and_stream_agree_and_equal_device_run(daemon, tiny_store, cloud, plan_file):
+    c = daemon.client()
+    whole = c.chat.completions.create(model=str(tiny_store.path), messages=MESSAGES, max_tokens=12, temperature=0)
+    assert whole.choices[0].finish_reason in ("stop", "length") and whole.usage.completion_tokens >= 1
+    chunks = list(c.chat.completions.create(model=str(tiny_store.path), messages=MESSAGES, max_tokens=12,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-2].choices[0].delta.content is None
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks[:-1])
+    assert streamed == whole.choices[0].message.content
+    # the same prompt through the library's split run (what `edgesplit device run` does)
+    tok = load_tokenizer(tiny_store)
+    ids = tok.encode(tok.chat_messages([(m["role"], m["content"]) for m in MESSAGES]))
+    plan = make_plan(tiny_store, PlanSettings(1, max_seq_len=64))
+    text = "".join(r.text for r in run_split(tiny_store, cloud[0], plan, ids, SamplingParams(), 12, tokenizer=tok))
+    assert streamed == text
+
+
+def test_completions_max_tokens_and_stop(daemon, tiny_store):
+    c = daemon.client()
+    r = c.completions.create(model=str(tiny_store.path), prompt="the cat sat", max_tokens=5, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    full = r.choices[0].text
+    assert len(full) > 2
+    stop = full[2:4]
+    cut = c.completions.create(model=str(tiny_store.path), prompt="the cat sat", max_tokens=5, temperature=0,
+                               stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full[:full.find(stop)]
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model=str(tiny_store.path), prompt="the cat sat", max_tokens=5, temperature=0, stream=True))
+    assert streamed == full
+
+
+@pytest.mark.parametrize("body, status, kind", [
+    ({"messages": []}, 400, "BadRequestError"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "BadRequestError"),
+    ({"messages": MESSAGES, "temperature": "hot"}, 400, "BadRequestError"),
+    ({"messages": MESSAGES, "n": 2}, 400, "BadRequestError"),
+    ({"messages": MESSAGES, "model": "gpt-4"}, 404, "NotFoundError"),
+])
+def test_bad_requests_get_openai_errors(daemon, tiny_store, body, status, kind):
+    c = daemon.client()
+    body = {"model": str(tiny_store.path), **body}
+    with pytest.raises(getattr(openai, kind)) as exc:
+        c.chat.completions.create(**body)
+    assert exc.value.status_code == status and exc.value.body["type"] == "invalid_request_error"
+
+
+def test_models_health_and_metrics(daemon, tiny_store):
+    assert [m.id for m in daemon.client().models.list()] == [str(tiny_store.path)]
+    status, body = _get(daemon.url + "/health")
+    assert status == 200 and json.loads(body)["cut"] == 1
+    status, text = _get(daemon.url + "/metrics")
+    assert status == 200
+    for name in ("edgesplit_requests_total", "edgesplit_generated_tokens_total",
+                 "edgesplit_time_to_first_token_seconds_bucket", "edgesplit_link_rtt_seconds_count",
+                 "edgesplit_plan_cut 1.0", "edgesplit_link_bytes_up_total"):
+        assert name in text, name
+
+
+def test_api_key(tiny_store, cloud, plan_file, tmp_path):
+    d = Daemon(tmp_path, tiny_store, cloud[0], plan_file, api_key="s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            d.client("wrong").models.list()
+        assert d.client("s3cret").models.list().data[0].id == str(tiny_store.path)
+        assert _get(d.url + "/health")[0] == 200  # public
+        assert _get(d.url + "/metrics")[0] == 200
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_lost_cloud_mid_stream_is_an_error_the_client_sees(tiny_store, tmp_path):
+    """The worker dies mid-stream and no other answers: the client raises, it never gets a
+    silently truncated answer."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_worker(str(tiny_store.path), endpoint, ("--threads", "1"), tmp_path / "w.log")
+    wait_ready(endpoint, tiny_store.config.d_model, proc, stderr_path=tmp_path / "w.log")
+    plan_file = tmp_path / "long.json"
+    plan_file.write_text(make_plan(tiny_store, PlanSettings(1, max_seq_len=256)).to_json())
+    d = Daemon(tmp_path, tiny_store, endpoint, plan_file)
+    try:
+        stream = d.client().chat.completions.create(model=str(tiny_store.path), messages=MESSAGES, max_tokens=220,
+                                                    temperature=1.0, seed=3, stream=True)
+        with pytest.raises(openai.APIError, match="generation failed"):
+            for i, _ in enumerate(stream):
+                if i == 1:
+                    os.kill(proc.pid, signal.SIGKILL)  # no other worker: not recoverable
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        assert d.stop() == 0
+
+
+def test_bad_config_is_refused_at_start(tmp_path):
+    from edgesplit.cli import main
+
+    bad = tmp_path / "board.toml"
+    bad.write_text(resources.files("edgesplit.firmware_configs").joinpath("host.toml").read_text()
+                   .replace("threads = 2", "threads = 0"))
+    assert main(["daemon", "--config", str(bad)]) == 2
+
+
+def test_systemd_unit(tmp_path):
+    import shutil
+
+    from edgesplit.device.daemon.server import systemd_unit
+    from edgesplit.firmware_configs.config import load_config
+
+    unit = systemd_unit(load_config("rpi4-4gb", env={}), "rpi4-4gb")
+    for line in ("Type=notify", "WatchdogSec=30", "Restart=on-failure", "DynamicUser=yes",
+                 "StateDirectory=edgesplit", "MemoryMax=1875000000", "ProtectSystem=strict", "NoNewPrivileges=yes"):
+        assert line in unit, line
+    if shutil.which("systemd-analyze") is None:
+        return  # not available here: the content checks above stand
+    path = tmp_path / "edgesplit.service"
+    path.write_text(unit.replace("/usr/local/bin/edgesplit", shutil.which("true") or "/bin/true"))
+    r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
+    assert "edgesplit.service" not in r.stderr, r.stderr
