@@ -41,8 +41,11 @@ def _get(url: str, key: str | None = None) -> tuple[int, str]:
 class Daemon:
     """`edgesplit daemon --config FILE` in its own process, on a free port, ready."""
 
-    def __init__(self, tmp: Path, store, endpoint: str, plan_file: Path, api_key: str | None = None):
+    def __init__(self, tmp: Path, store, endpoint: str, plan_file: Path, api_key: str | None = None,
+                 sensor: Path | None = None):
         text = resources.files("edgesplit.firmware_configs").joinpath("host.toml").read_text()
+        if sensor is not None:
+            text = text.replace("/sys/class/thermal/thermal_zone0/temp", str(sensor))
         port = free_port()
         text = text.replace('model = "smollm2-135m"', f'model = "{store.path}"')
         text = text.replace('network = "loopback"', f'network = "loopback"\nplan_file = "{plan_file}"')
@@ -217,3 +220,42 @@ def test_systemd_unit(tmp_path):
     path.write_text(unit.replace("/usr/local/bin/edgesplit", shutil.which("true") or "/bin/true"))
     r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
     assert "edgesplit.service" not in r.stderr, r.stderr
+
+
+def test_thermal_limits_with_a_fake_sensor(tiny_store, cloud, plan_file, tmp_path):
+    sensor = tmp_path / "temp"
+    sensor.write_text("50000\n")  # 50 C
+    d = Daemon(tmp_path, tiny_store, cloud[0], plan_file, sensor=sensor)
+    try:
+        c = d.client()
+        ask = dict(model=str(tiny_store.path), messages=MESSAGES, max_tokens=6, temperature=0)
+        cool = c.chat.completions.create(**ask).choices[0].message.content
+        sensor.write_text("90000\n")  # above the soft limit (85 C): half the threads, same answer
+        assert c.chat.completions.create(**ask).choices[0].message.content == cool
+        metrics = _get(d.url + "/metrics")[1]
+        assert "edgesplit_throttled 1.0" in metrics and "edgesplit_temperature_celsius 90.0" in metrics
+        sensor.write_text("96000\n")  # at the hard limit (95 C): no new requests
+        with pytest.raises(openai.InternalServerError) as exc:
+            c.chat.completions.create(**ask)
+        assert exc.value.status_code == 503 and "too hot: 96.0 C" in exc.value.message
+        sensor.write_text("40000\n")
+        assert c.chat.completions.create(**ask).choices[0].message.content == cool
+        assert "edgesplit_throttled 0.0" in _get(d.url + "/metrics")[1]
+    finally:
+        assert d.stop() == 0
+
+
+def test_sigterm_lets_a_stream_finish_then_exits_0(tiny_store, cloud, tmp_path):
+    plan_file = tmp_path / "long.json"
+    plan_file.write_text(make_plan(tiny_store, PlanSettings(1, max_seq_len=256)).to_json())
+    d = Daemon(tmp_path, tiny_store, cloud[0], plan_file)
+    ask = dict(model=str(tiny_store.path), messages=MESSAGES, max_tokens=200, temperature=1.0, seed=5)
+    want = d.client().chat.completions.create(**ask).choices[0].message.content
+    stream = d.client().chat.completions.create(stream=True, **ask)
+    got = []
+    for i, chunk in enumerate(stream):
+        if i == 1:
+            d.proc.send_signal(signal.SIGTERM)
+        got.append(chunk.choices[0].delta.content or "")
+    assert "".join(got) == want
+    assert d.proc.wait(60) == 0

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from edgesplit.device.daemon.metrics import Metrics
 from edgesplit.device.daemon.requests import ApiError, ApiRequest, parse_request
-from edgesplit.device.daemon.service import DaemonService, Piece
+from edgesplit.device.daemon.service import DaemonService, Generation, Piece
 from edgesplit.runtime.errors import EdgesplitError
 
 log = logging.getLogger(__name__)
@@ -117,25 +117,27 @@ def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
         except ApiError as exc:
             metrics.requests.labels(endpoint, str(exc.status)).inc()
             return _error(exc)
+        try:
+            gen = await run_in_threadpool(service.generate, req, metrics.link)  # refusals before any output
+        except ApiError as exc:
+            gate.leave()
+            metrics.requests.labels(endpoint, str(exc.status)).inc()
+            return _error(exc)
         metrics.requests.labels(endpoint, "200").inc()
         if req.stream:
-            return StreamingResponse(_stream(req), media_type="text/event-stream")
+            return StreamingResponse(_stream(req, gen), media_type="text/event-stream")
         try:
-            return JSONResponse(await run_in_threadpool(_whole, req))
-        except ApiError as exc:
-            return _error(exc)
+            return JSONResponse(await run_in_threadpool(_whole, req, gen))
         except EdgesplitError as exc:
             service.last_cloud_error = str(exc)
             return _error(ApiError(503, f"generation failed: {exc}", "server_error", "unavailable"))
         finally:
+            await run_in_threadpool(gen.close)
             gate.leave()
 
-    def _pieces(req: ApiRequest) -> Iterator[Piece]:
-        return metrics.timed(service.generate(req, on_timings=metrics.link))
-
-    def _whole(req: ApiRequest) -> dict:
+    def _whole(req: ApiRequest, gen: Generation) -> dict:
         last, text = None, []
-        for last in _pieces(req):
+        for last in metrics.timed(gen):
             text.append(last.text)
         rid, created = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         content, finish = "".join(text), last.finish_reason if last else "length"
@@ -144,12 +146,11 @@ def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
         return {"id": rid, "object": "chat.completion" if req.kind == "chat" else "text_completion",
                 "created": created, "model": req.model, "choices": [choice], "usage": _usage(last)}
 
-    async def _stream(req: ApiRequest) -> AsyncIterator[str]:
+    async def _stream(req: ApiRequest, gen: Generation) -> AsyncIterator[str]:
         rid, created = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
-        pieces = None
+        pieces = metrics.timed(gen)
         last: Piece | None = None
         try:
-            pieces = await run_in_threadpool(_pieces, req)
             if req.kind == "chat":
                 yield _chunk(req, rid, created, choices=[_choice(req, None, None, first=True)])
             async for last in iterate_in_threadpool(pieces):
@@ -167,8 +168,7 @@ def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
             err = ApiError(503, f"generation failed: {exc}", "server_error", "unavailable")
             yield "data: " + json.dumps(err.body()) + "\n\n"
         finally:
-            if pieces is not None:
-                await run_in_threadpool(pieces.close)  # type: ignore[attr-defined]  # frees the cloud session
+            await run_in_threadpool(gen.close)  # frees the cloud session (also when the client went away)
             gate.leave()
 
     async def chat(request: Request) -> Response:

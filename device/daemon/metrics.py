@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from edgesplit.device.daemon.thermal import read_temperature_c
 from edgesplit.device.timings import SplitTimings
 
 if TYPE_CHECKING:  # the service imports nothing of this module; annotations only
     from edgesplit.device.daemon.service import DaemonService, Piece
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
-
-
-def read_temperature_c(sensor: str) -> float | None:
-    """Degrees C from a sysfs thermal zone file (millidegrees), or None when it cannot be read."""
-    try:
-        return int(Path(sensor).read_text().strip()) / 1000.0
-    except (OSError, ValueError):
-        return None
 
 
 class Metrics:
@@ -84,4 +76,5 @@ class Metrics:
         temp = read_temperature_c(service.cfg.thermal.sensor_path)
         if temp is not None:
             self.temperature.set(temp)
-            self.throttled.set(1 if temp >= service.cfg.thermal.soft_limit_c else 0)
+        if service.ready.is_set():
+            self.throttled.set(1 if service.governor.throttled else 0)

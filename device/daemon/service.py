@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from edgesplit.device.daemon.requests import ApiError, ApiRequest
+from edgesplit.device.daemon.thermal import ThermalGovernor
 from edgesplit.device.split import FrontSession, load_front, run_split
 from edgesplit.firmware_configs.config import FirmwareConfig
 from edgesplit.runtime.engine import SegmentEngine
@@ -80,11 +81,16 @@ class DaemonService:
         if not isinstance(front, SegmentEngine):
             raise ConfigError(f"{cfg.source}: the plan's front_flash {self.plan.front_flash!r} is not served by the "
                               "daemon yet (it needs a resident front to give each request its own KV cache)")
-        self.front = front
-        self.front.prefill(np.array(self.tokenizer.encode("warm up"), np.int64))  # first-run allocation, before READY
+        front.prefill(np.array(self.tokenizer.encode("warm up"), np.int64))  # first-run allocation, before READY
+        self.governor = ThermalGovernor(cfg.thermal, cfg.threads, self._front_with, front)
         self.ready.set()
         log.info("daemon ready in %.1f s: cut %d, codec %s, cloud %s", time.perf_counter() - t0, self.plan.cut,
                  self.plan.codec, ", ".join(cfg.cloud_endpoints))
+
+    def _front_with(self, threads: int) -> SegmentEngine:
+        front = load_front(self.store, self.plan, threads=threads)
+        assert isinstance(front, SegmentEngine)
+        return front
 
     def _make_plan(self) -> tuple:
         cfg, policy = self.cfg, self.cfg.plan
@@ -104,27 +110,52 @@ class DaemonService:
         tok = self.tokenizer
         return tok.encode(tok.chat_messages(req.messages)) if req.kind == "chat" else tok.encode(req.prompt)
 
-    def generate(self, req: ApiRequest, on_timings=None) -> Iterator[Piece]:
-        """One request's generation (blocking; run it in a worker thread). ApiError when it cannot fit."""
+    def generate(self, req: ApiRequest, on_timings=None) -> "Generation":
+        """One request's generation (blocking; iterate it in a worker thread, and close it). ApiError
+        when it cannot fit the context or the board is too hot (before anything runs)."""
         ids = self.prompt_ids(req)
         room = self.plan.max_seq_len - len(ids)
         max_tokens = req.max_tokens if req.max_tokens is not None else room
         if room < 1 or max_tokens > room:
             raise ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({max_tokens}) do not fit the context "
                            f"of {self.plan.max_seq_len} tokens", "invalid_request_error", "context_length_exceeded")
+        threads, front = self.governor.acquire()
         recoveries: list = []
         gen = run_split(self.store, self.cfg.cloud_endpoints, self.plan, ids, req.params, max_tokens,
-                        tokenizer=self.tokenizer, front=FrontSession(self.front), timeout_s=30.0, curve=self.curve,
+                        tokenizer=self.tokenizer, front=FrontSession(front), timeout_s=30.0, curve=self.curve,
                         recoveries=recoveries)
 
         def pieces() -> Iterator[Piece]:
-            try:
-                for r in gen:
-                    if on_timings is not None:
-                        on_timings(r.timings)
-                    yield Piece(r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens)
-            finally:
-                gen.close()  # a client that went away frees its cloud session now
-                self.failovers += len(recoveries)
+            for r in gen:
+                if on_timings is not None:
+                    on_timings(r.timings)
+                yield Piece(r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens)
 
-        return stop_at(pieces(), req.stop)
+        def done() -> None:
+            gen.close()  # a client that went away frees its cloud session now
+            self.failovers += len(recoveries)
+            self.governor.release(threads)
+
+        return Generation(stop_at(pieces(), req.stop), done)
+
+
+class Generation:
+    """A request's pieces; `close` (idempotent, also at the end) frees its cloud session and front."""
+
+    def __init__(self, pieces: Iterator[Piece], done):
+        self._pieces, self._done = pieces, done
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> Piece:
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._done is not None:
+            done, self._done = self._done, None
+            done()
