@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Generator, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -232,7 +232,7 @@ def generate_step(segments: Sequence[Segment], prompt_ids: Sequence[int], params
 def stream_generate(segments: Sequence[Segment], tokenizer: TokenizerLike, prompt: str | Sequence[int],
                     params: SamplingParams | None = None, *, max_tokens: int = 128,
                     stop_ids: Iterable[int] | None = None, max_seq_len: int | None = None,
-                    remote: SamplingSegment | None = None) -> Iterator[GenerationResponse]:
+                    remote: SamplingSegment | None = None) -> Generator[GenerationResponse, None, None]:
     """Yield a GenerationResponse per generated token, with its printable text.
 
     `prompt` is text (encoded as is: apply `tokenizer.chat_prompt` first for chat) or token ids.

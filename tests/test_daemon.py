@@ -42,7 +42,7 @@ class Daemon:
     """`edgesplit daemon --config FILE` in its own process, on a free port, ready."""
 
     def __init__(self, tmp: Path, store, endpoint: str, plan_file: Path, api_key: str | None = None,
-                 sensor: Path | None = None):
+                 sensor: Path | None = None, memory_budget_mb: float | None = None, ready_status: int = 200):
         text = resources.files("edgesplit.firmware_configs").joinpath("host.toml").read_text()
         if sensor is not None:
             text = text.replace("/sys/class/thermal/thermal_zone0/temp", str(sensor))
@@ -52,6 +52,8 @@ class Daemon:
         text = text.replace("port = 8080", f"port = {port}")
         if api_key:
             text = text.replace("port = ", f'api_key = "{api_key}"\nport = ', 1)
+        if memory_budget_mb is not None:
+            text = text.replace("memory_budget_mb = 2000.0", f"memory_budget_mb = {memory_budget_mb}")
         self.config = tmp / f"board-{port}.toml"
         self.config.write_text(text)
         self.url = f"http://127.0.0.1:{port}"
@@ -61,7 +63,7 @@ class Daemon:
             self.proc = subprocess.Popen([sys.executable, "-m", "edgesplit", "daemon", "--config", str(self.config)],
                                          stdout=subprocess.DEVNULL, stderr=err, env=env)
         deadline = time.monotonic() + 90
-        while _get(self.url + "/health")[0] != 200:
+        while _get(self.url + "/health")[0] != ready_status or "loading" in _get(self.url + "/health")[1]:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
             assert time.monotonic() < deadline, "daemon not ready"
             time.sleep(0.2)
@@ -259,3 +261,52 @@ def test_sigterm_lets_a_stream_finish_then_exits_0(tiny_store, cloud, tmp_path):
         got.append(chunk.choices[0].delta.content or "")
     assert "".join(got) == want
     assert d.proc.wait(60) == 0
+
+
+def test_offline_the_daemon_serves_locally_when_the_model_fits(daemon, tiny_store, plan_file, tmp_path):
+    """No cloud answers: the same answer as the split daemon, served by the whole model locally,
+    and the response says so. When the whole model does not fit the budget: 503, clearly."""
+    ask = dict(model=str(tiny_store.path), messages=MESSAGES, max_tokens=8, temperature=0)
+    split = daemon.client().chat.completions.create(**ask)
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    d = Daemon(tmp_path, tiny_store, nowhere, plan_file)
+    try:
+        status, body = _get(d.url + "/health")
+        assert status == 200 and json.loads(body)["serves"] == "local"
+        local = d.client().chat.completions.create(**ask)
+        assert local.system_fingerprint == "edgesplit-local" and split.system_fingerprint.startswith("edgesplit-split")
+        assert local.choices[0].message.content == split.choices[0].message.content
+    finally:
+        assert d.stop() == 0
+    small = Daemon(tmp_path, tiny_store, nowhere, plan_file, memory_budget_mb=100.0, ready_status=503)
+    try:
+        assert json.loads(_get(small.url + "/health")[1])["status"] == "no cloud"
+        with pytest.raises(openai.InternalServerError) as exc:
+            small.client().chat.completions.create(**ask)
+        assert exc.value.status_code == 503 and "does not fit this device's memory budget of 100 MB" in exc.value.message
+    finally:
+        assert small.stop() == 0
+
+
+@pytest.mark.model
+def test_the_plan_follows_the_measured_link(real_store, tmp_path):
+    """The daemon plans from the link it measures: its probes' round trip replaces the configured
+    profile's, and a new request then uses the planner's choice for that link (measurements are
+    injected here; the probes themselves are tested above through /health)."""
+    from edgesplit.device.daemon.service import DaemonService
+    from edgesplit.firmware_configs.config import load_config
+
+    cfg = load_config("host", flags={"model": str(real_store.path),
+                                     "cloud_endpoints": f"tcp://127.0.0.1:{free_port()}"}, env={})
+    service = DaemonService(cfg)
+    service.load()
+    fast = service.plan
+    service.link.rtts.extend([250.0] * 12)  # what probes over a slow, far link would measure
+    service._maybe_replan()
+    slow = service.plan
+    assert service.replans == 1 and slow != fast
+    assert slow.predicted_ms_per_token >= fast.predicted_ms_per_token + 200  # planned for the measured link
+    assert service.active.planned_rtt_ms == 250.0
+    service._maybe_replan()  # the same link: no new plan
+    assert service.replans == 1 and service.plan is slow
+    service.link.stop()

@@ -58,9 +58,11 @@ def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-def _chunk(req: ApiRequest, rid: str, created: int, **fields: Any) -> str:
+def _chunk(req: ApiRequest, rid: str, created: int, path: str, **fields: Any) -> str:
+    """One SSE event; `system_fingerprint` says what served it (the split and its plan, or local)."""
     obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
-    return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": req.model, **fields}) + "\n\n"
+    return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": req.model,
+                                  "system_fingerprint": f"edgesplit-{path}", **fields}) + "\n\n"
 
 
 def _choice(req: ApiRequest, text: str | None, finish: str | None, first: bool = False) -> dict:
@@ -86,8 +88,12 @@ def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
     async def health(request: Request) -> Response:
         if not service.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "cut": service.plan.cut, "codec": str(service.plan.codec),
-                             "cloud": list(cfg.cloud_endpoints), "last_cloud_error": service.last_cloud_error})
+        up = service.link.up
+        fits = up or await run_in_threadpool(lambda: service.local_fits()[0])
+        body = {"status": "ok" if fits else "no cloud", "cut": service.plan.cut, "codec": str(service.plan.codec),
+                "cloud": list(cfg.cloud_endpoints), "cloud_up": up, "serves": "split" if up else "local" if fits
+                else "nothing", "link_rtt_ms": service.link.rtt_ms, "last_cloud_error": service.last_cloud_error}
+        return JSONResponse(body, status_code=200 if fits else 503)
 
     async def models(request: Request) -> Response:
         if not authorized(request):
@@ -125,9 +131,10 @@ def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
             return _error(exc)
         metrics.requests.labels(endpoint, "200").inc()
         if req.stream:
-            return StreamingResponse(_stream(req, gen), media_type="text/event-stream")
+            return StreamingResponse(_stream(req, gen), media_type="text/event-stream",
+                                     headers={"X-Edgesplit-Path": gen.path})
         try:
-            return JSONResponse(await run_in_threadpool(_whole, req, gen))
+            return JSONResponse(await run_in_threadpool(_whole, req, gen), headers={"X-Edgesplit-Path": gen.path})
         except EdgesplitError as exc:
             service.last_cloud_error = str(exc)
             return _error(ApiError(503, f"generation failed: {exc}", "server_error", "unavailable"))
@@ -144,7 +151,8 @@ def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
         choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
                   if req.kind == "chat" else {"index": 0, "text": content, "finish_reason": finish, "logprobs": None})
         return {"id": rid, "object": "chat.completion" if req.kind == "chat" else "text_completion",
-                "created": created, "model": req.model, "choices": [choice], "usage": _usage(last)}
+                "created": created, "model": req.model, "system_fingerprint": f"edgesplit-{gen.path}",
+                "choices": [choice], "usage": _usage(last)}
 
     async def _stream(req: ApiRequest, gen: Generation) -> AsyncIterator[str]:
         rid, created = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
@@ -152,14 +160,14 @@ def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
         last: Piece | None = None
         try:
             if req.kind == "chat":
-                yield _chunk(req, rid, created, choices=[_choice(req, None, None, first=True)])
+                yield _chunk(req, rid, created, gen.path, choices=[_choice(req, None, None, first=True)])
             async for last in iterate_in_threadpool(pieces):
                 if last.text:
-                    yield _chunk(req, rid, created, choices=[_choice(req, last.text, None)])
+                    yield _chunk(req, rid, created, gen.path, choices=[_choice(req, last.text, None)])
             finish = last.finish_reason if last else "length"
-            yield _chunk(req, rid, created, choices=[_choice(req, None, finish)])
+            yield _chunk(req, rid, created, gen.path, choices=[_choice(req, None, finish)])
             if req.include_usage:
-                yield _chunk(req, rid, created, choices=[], usage=_usage(last))
+                yield _chunk(req, rid, created, gen.path, choices=[], usage=_usage(last))
             yield "data: [DONE]\n\n"
         except ApiError as exc:
             yield "data: " + json.dumps(exc.body()) + "\n\n"

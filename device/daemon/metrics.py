@@ -32,11 +32,15 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS_S, registry=r)
         self.link_rtt = Histogram("edgesplit_link_rtt_seconds", "device-cloud round trip per token, cloud compute "
                                   "excluded", buckets=LATENCY_BUCKETS_S, registry=r)
+        self.link_probe_rtt = Gauge("edgesplit_link_probe_rtt_seconds", "median round trip of the recent link "
+                                    "probes (what the planner uses)", registry=r)
         self.bytes_up = Counter("edgesplit_link_bytes_up", "frame bytes sent to the cloud", registry=r)
         self.bytes_down = Counter("edgesplit_link_bytes_down", "frame bytes received from the cloud", registry=r)
         self.cut = Gauge("edgesplit_plan_cut", "the current plan's cut (device runs layers [0, cut))", registry=r)
         self.codec = Gauge("edgesplit_plan_codec_info", "the current plan's activation codec", ["codec"], registry=r)
         self.failovers = Gauge("edgesplit_failovers", "sessions recovered on another worker since start", registry=r)
+        self.replans = Gauge("edgesplit_replans", "plans changed since start (the measured link moved)", registry=r)
+        self.cloud_up = Gauge("edgesplit_cloud_up", "1 while a cloud endpoint answers the link probes", registry=r)
         self.temperature = Gauge("edgesplit_temperature_celsius", "the board's thermal sensor", registry=r)
         self.throttled = Gauge("edgesplit_throttled", "1 while the soft thermal limit is exceeded", registry=r)
 
@@ -73,6 +77,11 @@ class Metrics:
             self.codec.clear()
             self.codec.labels(str(service.plan.codec)).set(1)
         self.failovers.set(service.failovers)
+        self.replans.set(service.replans)
+        if service.ready.is_set():
+            self.cloud_up.set(1 if service.link.up else 0)
+            if service.link.rtt_ms is not None:
+                self.link_probe_rtt.set(service.link.rtt_ms / 1000.0)
         temp = read_temperature_c(service.cfg.thermal.sensor_path)
         if temp is not None:
             self.temperature.set(temp)

@@ -10,6 +10,7 @@ stop string, with the counts the API reports.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,13 +20,14 @@ from typing import Iterator
 import numpy as np
 
 from edgesplit.device.daemon.requests import ApiError, ApiRequest
+from edgesplit.device.daemon.link import LinkMonitor
 from edgesplit.device.daemon.thermal import ThermalGovernor
 from edgesplit.device.split import FrontSession, load_front, run_split
 from edgesplit.firmware_configs.config import FirmwareConfig
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
-from edgesplit.runtime.generate import load_tokenizer
-from edgesplit.runtime.plan import Plan, load_plan_file, resolve_split
+from edgesplit.runtime.generate import load_tokenizer, stream_generate
+from edgesplit.runtime.plan import Plan, front_settings, load_plan_file, resolve_split
 from edgesplit.transport.channel import CurveClientKeys
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class Piece:
     finish_reason: str | None  # None while running, then 'stop' or 'length'
     prompt_tokens: int
     completion_tokens: int
+    path: str = "split"  # what served it: 'split:cut<K>:<codec>' or 'local' (no cloud answered)
 
 
 def stop_at(pieces: Iterator[Piece], stops: tuple[str, ...]) -> Iterator[Piece]:
@@ -53,58 +56,135 @@ def stop_at(pieces: Iterator[Piece], stops: tuple[str, ...]) -> Iterator[Piece]:
         buffer += last.text
         hits = [i for i in (buffer.find(s) for s in stops) if i >= 0]
         if hits:
-            yield Piece(buffer[:min(hits)], "stop", last.prompt_tokens, last.completion_tokens)
+            yield dataclasses.replace(last, text=buffer[:min(hits)], finish_reason="stop")
             return
         if last.finish_reason is not None:
-            yield Piece(buffer, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+            yield dataclasses.replace(last, text=buffer)
             return
         cut = max(len(buffer) - hold, 0)
-        yield Piece(buffer[:cut], None, last.prompt_tokens, last.completion_tokens)
+        yield dataclasses.replace(last, text=buffer[:cut])
         buffer = buffer[cut:]
 
 
+@dataclass(frozen=True)
+class Active:
+    """The plan new requests use, its fronts (by thread count), and the RTT it was made for."""
+
+    plan: Plan
+    governor: ThermalGovernor
+    planned_rtt_ms: float | None
+
+
 class DaemonService:
-    """The loaded model, plan and front, and the counters the metrics and health report."""
+    """The loaded model, the current plan and front, the link monitor, and the counters the
+    metrics and health report. Without a fixed plan file the plan follows the link: when the
+    measured round trip moves by more than REPLAN_CHANGE from the one the plan was made for, the
+    planner runs again and new requests use its plan (in-flight ones keep theirs). When no cloud
+    endpoint answers and the whole model fits the memory budget, requests are served locally."""
+
+    REPLAN_CHANGE = 0.25
 
     def __init__(self, cfg: FirmwareConfig, curve: CurveClientKeys | None = None):
         self.cfg, self.curve = cfg, curve
         self.ready = threading.Event()
         self.failovers = 0
+        self.replans = 0
         self.last_cloud_error: str | None = None
+        self._local: SegmentEngine | None = None
+        self._lock = threading.Lock()
 
     def load(self) -> None:
-        """The heavy part (seconds): the store, the plan, the tokenizer and the warm front."""
-        cfg, t0 = self.cfg, time.perf_counter()
-        self.store, self.plan = self._make_plan()
-        self.tokenizer = load_tokenizer(self.store)
-        front = load_front(self.store, self.plan, threads=cfg.threads)
-        if not isinstance(front, SegmentEngine):
-            raise ConfigError(f"{cfg.source}: the plan's front_flash {self.plan.front_flash!r} is not served by the "
-                              "daemon yet (it needs a resident front to give each request its own KV cache)")
-        front.prefill(np.array(self.tokenizer.encode("warm up"), np.int64))  # first-run allocation, before READY
-        self.governor = ThermalGovernor(cfg.thermal, cfg.threads, self._front_with, front)
-        self.ready.set()
-        log.info("daemon ready in %.1f s: cut %d, codec %s, cloud %s", time.perf_counter() - t0, self.plan.cut,
-                 self.plan.codec, ", ".join(cfg.cloud_endpoints))
-
-    def _front_with(self, threads: int) -> SegmentEngine:
-        front = load_front(self.store, self.plan, threads=threads)
-        assert isinstance(front, SegmentEngine)
-        return front
-
-    def _make_plan(self) -> tuple:
-        cfg, policy = self.cfg, self.cfg.plan
-        if policy.plan_file is not None:
-            return resolve_split(cfg.model, load_plan_file(policy.plan_file), f"plan file {policy.plan_file}")
-        from edgesplit.device.planning.planner import plan_for
+        """The heavy part (seconds): the store, the link probe, the plan, the tokenizer, the warm front."""
+        from edgesplit.profiles.network import load_network_profile
         from edgesplit.runtime.models import resolve_store
         from edgesplit.runtime.store import ModelStore
 
-        store = ModelStore(resolve_store(cfg.model, precisions=("f32", "q4", "q8")))
-        plan: Plan = plan_for(cfg.device_profile, policy.network, store, objective=policy.objective,
+        cfg, t0 = self.cfg, time.perf_counter()
+        self.store = ModelStore(resolve_store(cfg.model, precisions=("f32", "q4", "q8")))
+        self.tokenizer = load_tokenizer(self.store)
+        self.link = LinkMonitor(cfg.cloud_endpoints, self.store.config.d_model, self.curve,
+                                load_network_profile(cfg.plan.network))
+        self.link.probe()
+        self.active = self._activate(self._make_plan(), None)
+        self.link.on_probe = self._maybe_replan
+        self.link.start()
+        self.ready.set()
+        log.info("daemon ready in %.1f s: cut %d, codec %s, cloud %s (%s)", time.perf_counter() - t0,
+                 self.plan.cut, self.plan.codec, ", ".join(cfg.cloud_endpoints), "up" if self.link.up else "down")
+
+    @property
+    def plan(self) -> Plan:
+        return self.active.plan
+
+    @property
+    def governor(self) -> ThermalGovernor:
+        return self.active.governor
+
+    def _activate(self, plan: Plan, previous: Active | None) -> Active:
+        """`plan` with a warm front: the previous one's when the front is the same."""
+        if previous is not None and front_settings(previous.plan) == front_settings(plan) \
+                and previous.plan.front_flash == plan.front_flash:
+            governor = previous.governor
+        else:
+            front = self._front_for(plan, self.cfg.threads)
+            front.prefill(np.array(self.tokenizer.encode("warm up"), np.int64))  # first-run allocation
+            governor = ThermalGovernor(self.cfg.thermal, self.cfg.threads, lambda t: self._front_for(plan, t), front)
+        return Active(plan, governor, self.link.rtt_ms)
+
+    def _front_for(self, plan: Plan, threads: int) -> SegmentEngine:
+        front = load_front(self.store, plan, threads=threads)
+        if not isinstance(front, SegmentEngine):
+            raise ConfigError(f"{self.cfg.source}: the plan's front_flash {plan.front_flash!r} is not served by the "
+                              "daemon yet (it needs a resident front to give each request its own KV cache)")
+        return front
+
+    def _make_plan(self) -> Plan:
+        cfg, policy = self.cfg, self.cfg.plan
+        if policy.plan_file is not None:
+            return resolve_split(cfg.model, load_plan_file(policy.plan_file), f"plan file {policy.plan_file}")[1]
+        from edgesplit.device.planning.planner import plan_for
+
+        net = self.link.measured_profile()
+        plan: Plan = plan_for(cfg.device_profile, net, self.store, objective=policy.objective,
                               memory_mb=cfg.memory_budget_mb, latency_ms=policy.latency_target_ms,
                               min_top1=policy.min_top1)
-        return resolve_split(cfg.model, plan, f"the plan for {cfg.device_profile} over {policy.network}")
+        return resolve_split(cfg.model, plan, f"the plan for {cfg.device_profile} over {net.name}")[1]
+
+    def _maybe_replan(self) -> None:
+        """Plan again when the measured RTT moved enough (the link monitor calls this after a probe)."""
+        old, rtt = self.active, self.link.rtt_ms
+        if self.cfg.plan.plan_file is not None or rtt is None:
+            return
+        if old.planned_rtt_ms is not None and abs(rtt - old.planned_rtt_ms) <= self.REPLAN_CHANGE * old.planned_rtt_ms:
+            return
+        plan = self._make_plan()
+        self.active = self._activate(plan, old) if plan != old.plan else dataclasses.replace(old, planned_rtt_ms=rtt)
+        if plan != old.plan:
+            self.replans += 1
+            log.info("link rtt %.1f ms: new plan cut %d, codec %s (was cut %d, codec %s)", rtt, plan.cut, plan.codec,
+                     old.plan.cut, old.plan.codec)
+
+    def local_fits(self) -> tuple[bool, float]:
+        """Whether the whole model fits the memory budget on this device (its profile's memory model,
+        the head counted like the embedding), and that prediction in MB."""
+        from edgesplit.device.planning.cost_model import device_memory_mb
+        from edgesplit.profiles.device import load_device_profile
+
+        fig = load_device_profile(self.cfg.device_profile).figures
+        plan = self.plan
+        need = device_memory_mb(fig, plan.n_layers, plan.front_precision, plan.kv_precision, plan.max_seq_len)
+        need += fig.embedding_mb
+        return need <= self.cfg.memory_budget_mb, need
+
+    def _local_engine(self) -> SegmentEngine:
+        with self._lock:
+            if self._local is None:
+                plan = self.plan
+                self._local = SegmentEngine(self.store, 0, plan.n_layers, precision=plan.front_precision,
+                                            head_precision=plan.head_precision, kv_precision=plan.kv_precision,
+                                            max_seq_len=plan.max_seq_len, accuracy_level=plan.accuracy_level,
+                                            head_accuracy_level=plan.accuracy_level, threads=self.cfg.threads)
+            return self._local
 
     def prompt_ids(self, req: ApiRequest) -> list[int]:
         tok = self.tokenizer
@@ -112,38 +192,59 @@ class DaemonService:
 
     def generate(self, req: ApiRequest, on_timings=None) -> "Generation":
         """One request's generation (blocking; iterate it in a worker thread, and close it). ApiError
-        when it cannot fit the context or the board is too hot (before anything runs)."""
+        when it cannot fit the context, the board is too hot, or no cloud answers and the whole
+        model does not fit (all before anything runs)."""
+        active = self.active
         ids = self.prompt_ids(req)
-        room = self.plan.max_seq_len - len(ids)
+        room = active.plan.max_seq_len - len(ids)
         max_tokens = req.max_tokens if req.max_tokens is not None else room
         if room < 1 or max_tokens > room:
             raise ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({max_tokens}) do not fit the context "
-                           f"of {self.plan.max_seq_len} tokens", "invalid_request_error", "context_length_exceeded")
-        threads, front = self.governor.acquire()
+                           f"of {active.plan.max_seq_len} tokens", "invalid_request_error", "context_length_exceeded")
+        if not self.link.up and not self.link.probe():
+            return self._generate_local(req, ids, max_tokens)
+        threads, front = active.governor.acquire()
         recoveries: list = []
-        gen = run_split(self.store, self.cfg.cloud_endpoints, self.plan, ids, req.params, max_tokens,
+        gen = run_split(self.store, self.cfg.cloud_endpoints, active.plan, ids, req.params, max_tokens,
                         tokenizer=self.tokenizer, front=FrontSession(front), timeout_s=30.0, curve=self.curve,
                         recoveries=recoveries)
+        path = f"split:cut{active.plan.cut}:{active.plan.codec}"
 
         def pieces() -> Iterator[Piece]:
             for r in gen:
                 if on_timings is not None:
                     on_timings(r.timings)
-                yield Piece(r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens)
+                yield Piece(r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens, path)
 
         def done() -> None:
             gen.close()  # a client that went away frees its cloud session now
             self.failovers += len(recoveries)
-            self.governor.release(threads)
+            active.governor.release(threads)
 
-        return Generation(stop_at(pieces(), req.stop), done)
+        return Generation(stop_at(pieces(), req.stop), done, path)
+
+    def _generate_local(self, req: ApiRequest, ids: list[int], max_tokens: int) -> "Generation":
+        fits, need = self.local_fits()
+        if not fits:
+            raise ApiError(503, f"no cloud worker answers ({', '.join(self.cfg.cloud_endpoints)}) and the whole model "
+                           f"(~{need:.0f} MB) does not fit this device's memory budget of "
+                           f"{self.cfg.memory_budget_mb:g} MB; retry when the cloud is back", "server_error",
+                           "cloud_unavailable")
+        engine = self._local_engine()
+        gen = stream_generate([FrontSession(engine)], self.tokenizer, ids, req.params, max_tokens=max_tokens)
+
+        def pieces() -> Iterator[Piece]:
+            for r in gen:
+                yield Piece(r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens, "local")
+
+        return Generation(stop_at(pieces(), req.stop), gen.close, "local")
 
 
 class Generation:
     """A request's pieces; `close` (idempotent, also at the end) frees its cloud session and front."""
 
-    def __init__(self, pieces: Iterator[Piece], done):
-        self._pieces, self._done = pieces, done
+    def __init__(self, pieces: Iterator[Piece], done, path: str):
+        self._pieces, self._done, self.path = pieces, done, path
 
     def __iter__(self) -> "Generation":
         return self
