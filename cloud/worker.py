@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from edgesplit.runtime import codec
+from edgesplit.runtime import codec, malloc
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import EdgesplitError
 from edgesplit.runtime.memory import available_memory_mb
@@ -158,6 +158,8 @@ class CloudWorker:
         if s is not None:
             log.info("session %s freed: %s (%d token(s) generated)", sid, why, s.generated)
             self.pool.release({id(x.engine) for x in self.sessions.values()})
+            if not self.sessions:
+                malloc.trim()  # idle: hand the freed KV caches and activations back to the OS
 
     def warm(self, plan: Plan) -> SegmentEngine:
         """Build the back-segment engine of `plan` now (kept for the worker's life) and run it once
@@ -353,6 +355,7 @@ def serve(model: str, bind: str, *, stop_event: threading.Event | None = None,
     if not logging.getLogger().handlers and not logging.getLogger("edgesplit").handlers:  # a bare launch still logs
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_bind(bind, opts.get("keys") is not None, bool(opts.get("insecure")))  # before the store loads
+    malloc.keep_large_allocations_mapped()  # KV caches freed at session close go back to the OS
     kwargs = {} if precisions is None else {"precisions": tuple(precisions)}
     store = ModelStore(resolve_store(model, progress=False, **kwargs))
     stop_event = stop_event or threading.Event()
