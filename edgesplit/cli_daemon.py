@@ -38,5 +38,5 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     logging.getLogger("edgesplit").setLevel(cfg.log_level.upper())
     curve = None if cfg.device_key_file is None else device_keys(cfg.device_key_file, cfg.cloud_key_file or "")
-    serve_daemon(cfg, curve)
+    serve_daemon(cfg, curve, reload=lambda: load_config(args.config, flags))
     return 0

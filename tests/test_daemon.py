@@ -42,7 +42,8 @@ class Daemon:
     """`edgesplit daemon --config FILE` in its own process, on a free port, ready."""
 
     def __init__(self, tmp: Path, store, endpoint: str, plan_file: Path, api_key: str | None = None,
-                 sensor: Path | None = None, memory_budget_mb: float | None = None, ready_status: int = 200):
+                 sensor: Path | None = None, memory_budget_mb: float | None = None, ready_status: int = 200,
+                 one_at_a_time: bool = False):
         text = resources.files("edgesplit.firmware_configs").joinpath("host.toml").read_text()
         if sensor is not None:
             text = text.replace("/sys/class/thermal/thermal_zone0/temp", str(sensor))
@@ -52,6 +53,9 @@ class Daemon:
         text = text.replace("port = 8080", f"port = {port}")
         if api_key:
             text = text.replace("port = ", f'api_key = "{api_key}"\nport = ', 1)
+        if one_at_a_time:
+            text = text.replace("max_concurrent_requests = 2", "max_concurrent_requests = 1")
+            text = text.replace("queue_size = 8", "queue_size = 0")
         if memory_budget_mb is not None:
             text = text.replace("memory_budget_mb = 2000.0", f"memory_budget_mb = {memory_budget_mb}")
         self.config = tmp / f"board-{port}.toml"
@@ -310,3 +314,51 @@ def test_the_plan_follows_the_measured_link(real_store, tmp_path):
     service._maybe_replan()  # the same link: no new plan
     assert service.replans == 1 and service.plan is slow
     service.link.stop()
+
+
+def test_sighup_reloads_the_config(tiny_store, cloud, plan_file, tmp_path):
+    d = Daemon(tmp_path, tiny_store, cloud[0], plan_file)
+    try:
+        assert d.client().models.list().data  # no key yet
+        text = d.config.read_text().replace("port = ", 'api_key = "after-hup"\nport = ', 1)
+        d.config.write_text(text.replace("threads = 2", "threads = 1"))
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while _get(d.url + "/v1/models")[0] != 401:
+            assert time.monotonic() < deadline, "the new api_key did not take effect"
+            time.sleep(0.1)
+        assert d.client("after-hup").models.list().data
+        assert "threads changed but need a restart" in d.log.read_text()
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_client_that_goes_away_frees_its_cloud_session(tiny_store, cloud, tmp_path):
+    import httpx
+
+    plan_file = tmp_path / "long.json"
+    plan_file.write_text(make_plan(tiny_store, PlanSettings(1, max_seq_len=256)).to_json())
+    d = Daemon(tmp_path, tiny_store, cloud[0], plan_file, one_at_a_time=True)  # one slot, no queue
+    try:
+        body = {"model": str(tiny_store.path), "messages": MESSAGES, "max_tokens": 220, "temperature": 1.0,
+                "seed": 9, "stream": True}
+        with httpx.stream("POST", d.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for _ in zip(range(3), r.iter_lines()):
+                pass  # read a little, then hang up
+        deadline = time.monotonic() + 10
+        while "edgesplit_generated_tokens_total" not in _get(d.url + "/metrics")[1]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        # the only slot is free again (a held one would make this 503: there is no queue)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                r = d.client().chat.completions.create(model=str(tiny_store.path), messages=MESSAGES, max_tokens=4,
+                                                       temperature=0)
+                break
+            except openai.InternalServerError:
+                assert time.monotonic() < deadline, "the disconnected stream still holds its slot"
+                time.sleep(0.1)
+        assert r.choices[0].message.content is not None
+    finally:
+        assert d.stop() == 0

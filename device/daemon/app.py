@@ -53,6 +53,10 @@ class Gate:
     def leave(self) -> None:
         self.sem.release()
 
+    def resize(self, limit: int, queue: int) -> None:
+        """New limits for new requests (those running keep their slots)."""
+        self.sem, self.queue = asyncio.Semaphore(limit), queue
+
 
 def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
@@ -79,11 +83,12 @@ def _usage(last: Piece | None) -> dict:
 
 def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
     """The ASGI app over a (loading or loaded) service."""
-    cfg = service.cfg
-    gate = Gate(cfg.max_concurrent_requests, cfg.queue_size)
+    gate = Gate(service.cfg.max_concurrent_requests, service.cfg.queue_size)
+    service.on_reconfigure = lambda cfg: gate.resize(cfg.max_concurrent_requests, cfg.queue_size)
 
     def authorized(request: Request) -> bool:
-        return cfg.api_key is None or request.headers.get("authorization") == f"Bearer {cfg.api_key}"
+        key = service.cfg.api_key  # read per request: SIGHUP may change it
+        return key is None or request.headers.get("authorization") == f"Bearer {key}"
 
     async def health(request: Request) -> Response:
         if not service.ready.is_set():
@@ -91,7 +96,7 @@ def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
         up = service.link.up
         fits = up or await run_in_threadpool(lambda: service.local_fits()[0])
         body = {"status": "ok" if fits else "no cloud", "cut": service.plan.cut, "codec": str(service.plan.codec),
-                "cloud": list(cfg.cloud_endpoints), "cloud_up": up, "serves": "split" if up else "local" if fits
+                "cloud": list(service.cfg.cloud_endpoints), "cloud_up": up, "serves": "split" if up else "local" if fits
                 else "nothing", "link_rtt_ms": service.link.rtt_ms, "last_cloud_error": service.last_cloud_error}
         return JSONResponse(body, status_code=200 if fits else 503)
 
@@ -99,7 +104,7 @@ def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
         if not authorized(request):
             return _error(ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
                                    "authentication_error", "invalid_api_key"))
-        return JSONResponse({"object": "list", "data": [{"id": cfg.model, "object": "model", "created": 0,
+        return JSONResponse({"object": "list", "data": [{"id": service.cfg.model, "object": "model", "created": 0,
                                                          "owned_by": "edgesplit"}]})
 
     async def prometheus(request: Request) -> Response:
@@ -118,7 +123,7 @@ def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
                 body = await request.json()
             except ValueError:
                 raise ApiError(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
-            req = parse_request(kind, body, cfg.model)
+            req = parse_request(kind, body, service.cfg.model)
             await gate.enter()
         except ApiError as exc:
             metrics.requests.labels(endpoint, str(exc.status)).inc()

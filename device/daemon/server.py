@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import threading
+from typing import Callable
 
 import uvicorn
 
@@ -48,8 +49,9 @@ def _check_port_free(host: str, port: int) -> None:
                               "address is not this machine's; change 'port' / 'host' (or --port / --host)") from None
 
 
-def serve_daemon(cfg: FirmwareConfig, curve=None) -> None:
-    """Serve the API until SIGTERM/SIGINT; the model loads in the background (/health says 503 until ready)."""
+def serve_daemon(cfg: FirmwareConfig, curve=None, reload: Callable[[], FirmwareConfig] | None = None) -> None:
+    """Serve the API until SIGTERM/SIGINT; the model loads in the background (/health says 503 until
+    ready). SIGHUP calls `reload` (re-reading the config) and applies what can change live."""
     _check_port_free(cfg.host, cfg.port)
     service, metrics = DaemonService(cfg, curve), Metrics()
     failure: list[BaseException] = []
@@ -70,6 +72,14 @@ def serve_daemon(cfg: FirmwareConfig, curve=None) -> None:
     # after: this handler receives it then, so a clean shutdown exits 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    if reload is not None:
+        def on_hup(*_) -> None:
+            try:
+                service.reconfigure(reload())
+            except ConfigError as exc:  # a bad edit keeps the running config
+                log.error("SIGHUP: config not reloaded: %s", exc)
+
+        signal.signal(signal.SIGHUP, on_hup)
     threading.Thread(target=load, name="edgesplit-load", daemon=True).start()
 
     async def watchdog() -> None:

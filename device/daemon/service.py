@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -92,6 +92,26 @@ class DaemonService:
         self.last_cloud_error: str | None = None
         self._local: SegmentEngine | None = None
         self._lock = threading.Lock()
+        self.on_reconfigure: Callable[[FirmwareConfig], None] | None = None
+
+    def reconfigure(self, new: FirmwareConfig) -> list[str]:
+        """Take a re-read config (SIGHUP): the API key, cloud endpoints, request limits, thermal and
+        plan policy, memory budget and log level apply to new requests; the model, threads, listen
+        address, device profile and key files need a restart and are kept (returned)."""
+        old = self.cfg
+        frozen = [f for f in ("model", "threads", "host", "port", "device_profile", "board", "device_key_file",
+                              "cloud_key_file") if getattr(new, f) != getattr(old, f)]
+        kept = {f: getattr(old, f) for f in frozen}
+        self.cfg = dataclasses.replace(new, **kept)
+        if self.ready.is_set():
+            self.link.endpoints = self.cfg.cloud_endpoints
+            self.active.governor.policy = self.cfg.thermal
+        if self.on_reconfigure is not None:
+            self.on_reconfigure(self.cfg)
+        logging.getLogger("edgesplit").setLevel(self.cfg.log_level.upper())
+        log.info("config reloaded from %s%s", new.source,
+                 f"; {', '.join(frozen)} changed but need a restart" if frozen else "")
+        return frozen
 
     def load(self) -> None:
         """The heavy part (seconds): the store, the link probe, the plan, the tokenizer, the warm front."""
