@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Iterator
@@ -181,8 +182,11 @@ def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
             err = ApiError(503, f"generation failed: {exc}", "server_error", "unavailable")
             yield "data: " + json.dumps(err.body()) + "\n\n"
         finally:
-            await run_in_threadpool(gen.close)  # frees the cloud session (also when the client went away)
+            # Also reached when the client went away and the stream was cancelled: nothing may be
+            # awaited here, so the slot is freed now and the generation closed by a thread (it
+            # waits for a step in progress, then frees the cloud session and the front).
             gate.leave()
+            threading.Thread(target=gen.close, name="edgesplit-close", daemon=True).start()
 
     async def chat(request: Request) -> Response:
         return await completions(request, "chat")

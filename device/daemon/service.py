@@ -261,22 +261,31 @@ class DaemonService:
 
 
 class Generation:
-    """A request's pieces; `close` (idempotent, also at the end) frees its cloud session and front."""
+    """A request's pieces; `close` (idempotent, also at the end) frees its cloud session and front.
+    Thread-safe: a close from another thread waits for the step in progress, then ends it."""
 
     def __init__(self, pieces: Iterator[Piece], done, path: str):
         self._pieces, self._done, self.path = pieces, done, path
+        self._lock = threading.Lock()
 
     def __iter__(self) -> "Generation":
         return self
 
     def __next__(self) -> Piece:
-        try:
-            return next(self._pieces)
-        except StopIteration:
-            self.close()
-            raise
+        with self._lock:
+            if self._done is None:
+                raise StopIteration
+            try:
+                return next(self._pieces)
+            except StopIteration:
+                self._finish()
+                raise
 
     def close(self) -> None:
+        with self._lock:
+            self._finish()
+
+    def _finish(self) -> None:
         if self._done is not None:
             done, self._done = self._done, None
             done()
