@@ -21,6 +21,14 @@ def add_daemon_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--exe", default="/usr/local/bin/edgesplit", help="with unit: the edgesplit executable's path")
     p.set_defaults(func=cmd_daemon)
 
+    p = sub.add_parser("daemon-bench", parents=[common],
+                       help="time to first token and per token through the daemon's API vs simulate (JSON)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--cut", type=int, default=15)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_daemon_bench)
+
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     from edgesplit.firmware_configs.config import load_config
@@ -39,4 +47,16 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     logging.getLogger("edgesplit").setLevel(cfg.log_level.upper())
     curve = None if cfg.device_key_file is None else device_keys(cfg.device_key_file, cfg.cloud_key_file or "")
     serve_daemon(cfg, curve, reload=lambda: load_config(args.config, flags))
+    return 0
+
+
+def cmd_daemon_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from edgesplit.harness.daemon_bench import DaemonBenchRequest, daemon_bench
+    from edgesplit.runtime.plan import PlanSettings, resolve_split
+
+    req = DaemonBenchRequest(args.runs, args.max_tokens)
+    store, plan = resolve_split(args.model, PlanSettings(args.cut, max_seq_len=512))
+    print(json.dumps(daemon_bench(store, plan, req)))
     return 0
