@@ -148,7 +148,8 @@ class DaemonService:
         else:
             front = self._front_for(plan, self.cfg.threads)
             front.prefill(np.array(self.tokenizer.encode("warm up"), np.int64))  # first-run allocation
-            governor = ThermalGovernor(self.cfg.thermal, self.cfg.threads, lambda t: self._front_for(plan, t), front)
+            governor = ThermalGovernor(self.cfg.thermal, self.cfg.threads, lambda t: self._front_for(plan, t), front,
+                                       FrontSession)
         return Active(plan, governor, self.link.rtt_ms)
 
     def _front_for(self, plan: Plan, threads: int) -> SegmentEngine:
@@ -223,10 +224,10 @@ class DaemonService:
                            f"of {active.plan.max_seq_len} tokens", "invalid_request_error", "context_length_exceeded")
         if not self.link.up and not self.link.probe():
             return self._generate_local(req, ids, max_tokens)
-        threads, front = active.governor.acquire()
+        threads, session = active.governor.acquire()
         recoveries: list = []
         gen = run_split(self.store, self.cfg.cloud_endpoints, active.plan, ids, req.params, max_tokens,
-                        tokenizer=self.tokenizer, front=FrontSession(front), timeout_s=30.0, curve=self.curve,
+                        tokenizer=self.tokenizer, front=session, timeout_s=30.0, curve=self.curve,
                         recoveries=recoveries)
         path = f"split:cut{active.plan.cut}:{active.plan.codec}"
 
@@ -239,7 +240,7 @@ class DaemonService:
         def done() -> None:
             gen.close()  # a client that went away frees its cloud session now
             self.failovers += len(recoveries)
-            active.governor.release(threads)
+            active.governor.release(threads, session)
 
         return Generation(stop_at(pieces(), req.stop), done, path)
 

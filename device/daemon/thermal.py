@@ -32,18 +32,22 @@ def read_temperature_c(sensor: str) -> float | None:
 class ThermalGovernor:
     """Chooses the front (by thread count) a new request runs on; `build(threads)` makes one."""
 
-    def __init__(self, policy: ThermalPolicy, threads: int, build: Callable[[int], Any], front: Any):
+    def __init__(self, policy: ThermalPolicy, threads: int, build: Callable[[int], Any], front: Any,
+                 session: Callable[[Any], Any] = lambda front: front):
         self.policy, self.full_threads = policy, threads
         self.low_threads = max(1, threads // 2)
-        self.build = build
+        self.build, self.session = build, session  # session(front): one request's view of a front
         self.fronts: dict[int, Any] = {threads: front}
         self.users: dict[int, int] = {threads: 0}
+        self.idle: dict[int, list[Any]] = {threads: []}  # per front: request sessions (KV caches) to reuse
         self.throttled = False
         self.temperature_c: float | None = None
         self._lock = threading.Lock()
 
     def acquire(self) -> tuple[int, Any]:
-        """(threads, front) for a new request; ApiError 503 at the hard limit. Call `release` after."""
+        """(threads, a session on the front) for a new request: its own KV cache, reused from an
+        earlier request when one is idle (allocating a cache costs milliseconds of the first token).
+        ApiError 503 at the hard limit. Call `release` after."""
         temp = self.temperature_c = read_temperature_c(self.policy.sensor_path)
         p = self.policy
         if temp is not None and temp >= p.hard_limit_c:
@@ -62,15 +66,18 @@ class ThermalGovernor:
             threads = self.low_threads if self.throttled else self.full_threads
             if threads not in self.fronts:
                 self.fronts[threads] = self.build(threads)
-                self.users[threads] = 0
+                self.users[threads], self.idle[threads] = 0, []
             self.users[threads] += 1
-            return threads, self.fronts[threads]
+            pool = self.idle[threads]
+            return threads, pool.pop() if pool else self.session(self.fronts[threads])
 
-    def release(self, threads: int) -> None:
-        """A request on the `threads` front finished; free fronts no longer wanted nor used."""
+    def release(self, threads: int, session: Any) -> None:
+        """A request on the `threads` front finished; its session is kept for the next request, and
+        fronts no longer wanted nor used are freed."""
         with self._lock:
             self.users[threads] -= 1
+            self.idle[threads].append(session)
             wanted = self.low_threads if self.throttled else self.full_threads
             for t in [t for t in self.fronts if t != wanted and self.users[t] == 0]:
-                del self.fronts[t], self.users[t]
+                del self.fronts[t], self.users[t], self.idle[t]
                 log.info("front with %d thread(s) freed", t)
