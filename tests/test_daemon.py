@@ -313,6 +313,14 @@ def test_the_plan_follows_the_measured_link(real_store, tmp_path):
     assert service.active.planned_rtt_ms == 250.0
     service._maybe_replan()  # the same link: no new plan
     assert service.replans == 1 and service.plan is slow
+    # a slow uplink, measured from large frames: 64 KB that took 1 s beyond the cloud and the round trip
+    for _ in range(3):
+        service.link.observe_frame(64_000, wait_ms=250.0 + 1000.0 + 20.0, cloud_ms=20.0)
+    assert abs(service.link.uplink_mbps - 0.512) < 1e-9
+    service._maybe_replan()
+    thin = service.plan
+    assert service.replans == 2 and str(thin.codec) != "f32"  # a compressed codec for the thin link
+    assert service.link.measured_profile().uplink_mbps == service.link.uplink_mbps
     service.link.stop()
 
 

@@ -2,8 +2,11 @@
 
 A probe is a `decode` frame for a session nobody opened: a live worker answers it at once with
 `unknown_session`, so the probe's round trip is the link's (plus the worker's frame parsing).
-`LinkMonitor` probes the endpoints every `interval_s` in a background thread; the planner then
-sees the configured network profile with the measured RTT (`measured_profile`).
+`LinkMonitor` probes the endpoints every `interval_s` in a background thread. The uplink's
+bandwidth comes from the requests' own large frames (a prefill's activations): the time the
+device waited beyond the cloud's own handling and the probed round trip is serialization, so
+bits / that time is the rate. The planner then sees the configured network profile with the
+measured round trip and uplink rate (`measured_profile`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class LinkMonitor:
         self.endpoints, self.d_model, self.curve, self.base = endpoints, d_model, curve, base
         self.interval_s = interval_s
         self.rtts: deque[float] = deque(maxlen=window)
+        self.uplink_mbps_samples: deque[float] = deque(maxlen=window)
         self.up = False
         self.on_probe: Callable[[], None] | None = None  # called after each background probe
         self._stop = threading.Event()
@@ -67,18 +71,38 @@ class LinkMonitor:
         self.up = False
         return False
 
+    MIN_SAMPLE_BYTES = 16_384  # frames this large take measurable time to serialize on a slow link
+    MIN_SERIALIZATION_MS = 2.0  # below this the estimate is noise (a fast link): keep the profile's rate
+
+    def observe_frame(self, up_bytes: int, wait_ms: float, cloud_ms: float) -> None:
+        """One request's frame: `up_bytes` sent, the device waited `wait_ms` for the reply of which
+        the cloud spent `cloud_ms` handling it."""
+        rtt = self.rtt_ms
+        if rtt is None or up_bytes < self.MIN_SAMPLE_BYTES:
+            return
+        serialization_ms = wait_ms - cloud_ms - rtt
+        if serialization_ms >= self.MIN_SERIALIZATION_MS:
+            self.uplink_mbps_samples.append(up_bytes * 8 / (serialization_ms * 1000.0))
+
+    @property
+    def uplink_mbps(self) -> float | None:
+        """Median of the measured uplink rates, Mbit/s (None when no frame measured it)."""
+        return statistics.median(self.uplink_mbps_samples) if self.uplink_mbps_samples else None
+
     @property
     def rtt_ms(self) -> float | None:
         """Median of the recent probes' round trips, ms (None before the first answer)."""
         return statistics.median(self.rtts) if self.rtts else None
 
     def measured_profile(self) -> NetworkProfile:
-        """The configured link profile with the measured round trip (when there is one)."""
-        rtt = self.rtt_ms
-        if rtt is None:
+        """The configured link profile with what was measured: the round trip, the uplink rate."""
+        rtt, up = self.rtt_ms, self.uplink_mbps
+        if rtt is None and up is None:
             return self.base
-        return dataclasses.replace(self.base, name=f"{self.base.name} (measured rtt)", rtt_ms=rtt,
-                                   source=f"{self.base.source}; rtt measured by the daemon's probes")
+        return dataclasses.replace(self.base, name=f"{self.base.name} (measured)",
+                                   rtt_ms=self.base.rtt_ms if rtt is None else rtt,
+                                   uplink_mbps=self.base.uplink_mbps if up is None else up,
+                                   source=f"{self.base.source}; rtt and uplink measured by the daemon")
 
     def start(self) -> None:
         self._thread.start()

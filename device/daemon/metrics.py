@@ -65,7 +65,7 @@ class Metrics:
                 close()
 
     def link(self, t: SplitTimings) -> None:
-        """One token's link figures."""
+        """One token's link figures (per request: the service also feeds them to its link monitor)."""
         self.link_rtt.observe(max(t.wait_ms - t.cloud_frame_ms, 0.0) / 1000.0)
         self.bytes_up.inc(t.uplink_bytes)
         self.bytes_down.inc(t.downlink_bytes)

@@ -73,6 +73,14 @@ class Active:
     plan: Plan
     governor: ThermalGovernor
     planned_rtt_ms: float | None
+    planned_uplink_mbps: float | None = None
+
+
+def _moved(now: float | None, planned: float | None, change: float) -> bool:
+    """Whether a measurement differs from what the plan was made for by more than `change` (relative)."""
+    if now is None:
+        return False
+    return planned is None or abs(now - planned) > change * planned
 
 
 class DaemonService:
@@ -150,7 +158,7 @@ class DaemonService:
             front.prefill(np.array(self.tokenizer.encode("warm up"), np.int64))  # first-run allocation
             governor = ThermalGovernor(self.cfg.thermal, self.cfg.threads, lambda t: self._front_for(plan, t), front,
                                        FrontSession)
-        return Active(plan, governor, self.link.rtt_ms)
+        return Active(plan, governor, self.link.rtt_ms, self.link.uplink_mbps)
 
     def _front_for(self, plan: Plan, threads: int) -> SegmentEngine:
         front = load_front(self.store, plan, threads=threads)
@@ -172,14 +180,17 @@ class DaemonService:
         return resolve_split(cfg.model, plan, f"the plan for {cfg.device_profile} over {net.name}")[1]
 
     def _maybe_replan(self) -> None:
-        """Plan again when the measured RTT moved enough (the link monitor calls this after a probe)."""
-        old, rtt = self.active, self.link.rtt_ms
-        if self.cfg.plan.plan_file is not None or rtt is None:
+        """Plan again when the measured round trip or uplink rate moved enough (the link monitor
+        calls this after each probe)."""
+        old, rtt, up = self.active, self.link.rtt_ms, self.link.uplink_mbps
+        if self.cfg.plan.plan_file is not None or (rtt is None and up is None):
             return
-        if old.planned_rtt_ms is not None and abs(rtt - old.planned_rtt_ms) <= self.REPLAN_CHANGE * old.planned_rtt_ms:
+        if not (_moved(rtt, old.planned_rtt_ms, self.REPLAN_CHANGE) or _moved(up, old.planned_uplink_mbps,
+                                                                              self.REPLAN_CHANGE)):
             return
         plan = self._make_plan()
-        self.active = self._activate(plan, old) if plan != old.plan else dataclasses.replace(old, planned_rtt_ms=rtt)
+        self.active = self._activate(plan, old) if plan != old.plan else dataclasses.replace(
+            old, planned_rtt_ms=rtt, planned_uplink_mbps=up)
         if plan != old.plan:
             self.replans += 1
             log.info("link rtt %.1f ms: new plan cut %d, codec %s (was cut %d, codec %s)", rtt, plan.cut, plan.codec,
@@ -233,8 +244,10 @@ class DaemonService:
 
         def pieces() -> Iterator[Piece]:
             for r in gen:
+                t = r.timings
+                self.link.observe_frame(t.uplink_bytes, t.wait_ms, t.cloud_frame_ms)
                 if on_timings is not None:
-                    on_timings(r.timings)
+                    on_timings(t)
                 yield Piece(r.text, r.finish_reason, r.prompt_tokens, r.generation_tokens, path)
 
         def done() -> None:
