@@ -336,7 +336,8 @@ class CloudWorker:
         # compute, sampling); what it adds to the other two is the worker's own overhead.
         frame_ms = (time.perf_counter() - self._t_frame) * 1000.0
         return TokenFrame(frame.session, frame.seq, result.token, result.finish_reason,
-                          {"cloud_compute": result.compute_ms, "decode_activation": decode_ms, "cloud_frame": frame_ms})
+                          {"cloud_compute": result.compute_ms, "decode_activation": decode_ms, "cloud_frame": frame_ms,
+                           "batch": 1})  # sessions stepped in this forward pass (one at a time, for now)
 
     def _check_prompt_ids(self, frame) -> None:
         """Refuse (`tensor`) prompt ids outside the vocabulary: the sampler would index past its logits."""

@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=_int_list, default=None, metavar="START,END",
                    help="instead of speed: load only layers [START, END), run the prompt, report memory")
     _add_flash_bench(p)
+    g = p.add_argument_group("the cloud worker alone (--worker)")
+    g.add_argument("--worker", action="store_true",
+                   help="replay recorded cut activations from N concurrent sessions against one worker (JSON)")
+    g.add_argument("--cut", type=int, default=15, help="with --worker: the cut (default 15)")
+    g.add_argument("--concurrency", type=_int_list, default=[1, 4, 8, 16, 32], metavar="N[,N...]",
+                   help="with --worker: concurrent sessions per level (default 1,4,8,16,32)")
+    g.add_argument("--duration-s", type=float, default=10.0, help="with --worker: seconds per level (default 10)")
     p.set_defaults(func=cmd_bench)
     add_split_commands(sub, common)
     add_plan_commands(sub, common)
@@ -218,6 +225,15 @@ def _add_flash_bench(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.worker:
+        from edgesplit.harness.worker_bench import WorkerBenchRequest, worker_bench
+        from edgesplit.runtime.plan import PlanSettings, resolve_split
+
+        wreq = WorkerBenchRequest(tuple(args.concurrency), args.duration_s, args.prompt_tokens,
+                                  args.decode_tokens, args.threads)
+        store, plan = resolve_split(args.model, PlanSettings(args.cut, max_seq_len=512))
+        print(json.dumps(worker_bench(store, plan, wreq)))
+        return 0
     if args.flash:
         from edgesplit.harness.flash_bench import MODES, FlashBenchRequest, run_flash_bench
 

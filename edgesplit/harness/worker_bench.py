@@ -1,0 +1,151 @@
+"""`edgesplit bench --worker`: the cloud worker alone, under N concurrent sessions (one JSON object).
+
+Real cut activations are recorded once from the device front (a greedy generation of the whole
+model, the hidden state at the cut of the prompt and of every generated token, f32 codec). Then,
+for each N, N client sockets replay them as sessions back to back for `duration_s`, each frame
+sent when the previous reply arrived, so only the worker is measured: aggregate tok/s, per-token
+latency p50/p99 (frame sent to token received), the worker's RSS, and the batch sizes it reports
+in the token frames' timing (`batch`: sessions stepped in one forward pass).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from edgesplit.harness.faulttest import prompt_of
+from edgesplit.harness.simulate import free_port, start_worker, stop_worker, wait_ready
+from edgesplit.runtime import codec
+from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.memory import MB
+from edgesplit.runtime.plan import Plan, back_settings, front_settings
+from edgesplit.runtime.store import ModelStore
+from edgesplit.transport import protocol as P
+from edgesplit.transport.channel import Channel
+
+
+@dataclass(frozen=True)
+class WorkerBenchRequest:
+    concurrency: tuple[int, ...] = (1, 4, 8, 16, 32)
+    duration_s: float = 10.0
+    prompt_tokens: int = 32
+    tokens: int = 32  # tokens per session
+    threads: int = 2  # the worker's onnxruntime threads
+
+    def __post_init__(self) -> None:
+        if not self.concurrency or min(self.concurrency) < 1 or self.duration_s <= 0 or self.tokens < 2:
+            raise ConfigError(f"bench --worker needs concurrency >= 1, duration_s > 0 and tokens >= 2, got {self}")
+
+
+def record(store: ModelStore, plan: Plan, prompt_tokens: int, tokens: int) -> list[P.Activation]:
+    """The activations a device would send: the prompt's hidden states at the cut, then one row per
+    greedily generated token (the whole model run locally, split at the plan's cut)."""
+    f, b = front_settings(plan), back_settings(plan)
+    front = SegmentEngine(store, f.start, f.end, **f.engine_kwargs())
+    back = SegmentEngine(store, b.start, b.end, **b.engine_kwargs())
+    spec = codec.parse_codec("f32")
+
+    def act(h: np.ndarray) -> P.Activation:
+        h = np.ascontiguousarray(h, np.float32)
+        return P.Activation("f32", h.shape, codec.encode(h, spec))
+
+    h = front.prefill(np.array(prompt_of(store, prompt_tokens), np.int64))
+    out, token = [act(h)], int(np.argmax(back.prefill(h)[0]))
+    for _ in range(tokens - 1):
+        h = front.decode(np.array([token], np.int64))
+        out.append(act(h))
+        token = int(np.argmax(back.decode(h)[0]))
+    return out
+
+
+class _Client(threading.Thread):
+    """One socket replaying the recorded session back to back until `stop`."""
+
+    def __init__(self, endpoint: str, plan: Plan, acts: list[P.Activation], stop: threading.Event):
+        super().__init__(daemon=True)
+        self.endpoint, self.plan, self.acts, self.stop_event = endpoint, plan, acts, stop
+        self.latencies_ms: list[float] = []
+        self.batches: Counter[int] = Counter()
+        self.tokens = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        with Channel(self.endpoint, timeout_s=60.0) as ch:
+            while not self.stop_event.is_set():
+                sid = P.new_session_id()
+                ch.send(P.OpenFrame(sid, self.plan, P.make_sampling(max_tokens=len(self.acts))), emulate=False)
+                for seq, act in enumerate(self.acts, start=1):
+                    frame = P.PrefillFrame(sid, seq, act) if seq == 1 else P.DecodeFrame(sid, seq, act)
+                    t0 = time.perf_counter()
+                    try:
+                        ch.send(frame, emulate=False)
+                        reply = ch.recv()
+                    except Exception as exc:  # noqa: BLE001 -- counted, the bench goes on
+                        self.errors.append(str(exc)[:200])
+                        return
+                    if not isinstance(reply, P.TokenFrame):
+                        self.errors.append(f"expected a token frame, got {reply.kind}")
+                        return
+                    self.latencies_ms.append((time.perf_counter() - t0) * 1000.0)
+                    self.batches[int(reply.timing.get("batch", 1))] += 1
+                    self.tokens += 1
+                ch.send(P.CloseFrame(sid, len(self.acts) + 1), emulate=False)
+
+
+def _level(endpoint: str, plan: Plan, acts: list[P.Activation], n: int, duration_s: float,
+           worker: psutil.Process) -> dict:
+    stop = threading.Event()
+    clients = [_Client(endpoint, plan, acts, stop) for _ in range(n)]
+    rss = [worker.memory_info().rss / MB]
+    t0 = time.perf_counter()
+    for c in clients:
+        c.start()
+    while time.perf_counter() - t0 < duration_s:
+        time.sleep(0.25)
+        rss.append(worker.memory_info().rss / MB)
+    stop.set()
+    for c in clients:
+        c.join(120)
+    span = time.perf_counter() - t0
+    lat = sorted(x for c in clients for x in c.latencies_ms)
+    batches = sum((c.batches for c in clients), Counter())
+    return {"sessions": n, "tokens": sum(c.tokens for c in clients), "seconds": span,
+            "aggregate_tok_s": sum(c.tokens for c in clients) / span,
+            "latency_ms_p50": statistics.median(lat) if lat else None,
+            "latency_ms_p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+            "worker_rss_mb_peak": max(rss), "batch_histogram": dict(sorted(batches.items())),
+            "errors": [e for c in clients for e in c.errors]}
+
+
+def worker_bench(store: ModelStore, plan: Plan, req: WorkerBenchRequest) -> dict:
+    """Every concurrency level of `req` against one worker process; one JSON-able dict."""
+    acts = record(store, plan, req.prompt_tokens, req.tokens)
+    with tempfile.TemporaryDirectory(prefix="edgesplit-worker-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        plan_file = tmp / "plan.json"
+        plan_file.write_text(plan.to_json())
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        extra = ("--threads", str(req.threads), "--warm-plan", str(plan_file), "--max-sessions",
+                 str(2 * max(req.concurrency)))
+        proc = start_worker(str(store.path), endpoint, extra, tmp / "worker.log")
+        try:
+            wait_ready(endpoint, store.config.d_model, proc, stderr_path=tmp / "worker.log")
+            worker = psutil.Process(proc.pid)
+            idle = worker.memory_info().rss / MB
+            levels = [_level(endpoint, plan, acts, n, req.duration_s, worker) for n in req.concurrency]
+        finally:
+            stop_worker(proc)
+    by_n = {lv["sessions"]: lv["aggregate_tok_s"] for lv in levels}
+    lo, hi = min(req.concurrency), max(req.concurrency)
+    return {"cut": plan.cut, "threads": req.threads, "prompt_tokens": req.prompt_tokens, "tokens": req.tokens,
+            "worker_rss_mb_idle": idle, "levels": levels,
+            f"aggregate_ratio_{hi}_vs_{lo}": by_n[hi] / by_n[lo] if by_n.get(lo) else None}
