@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 
 from edgesplit.runtime import codec
+from edgesplit.runtime.batch import BatchedSegment
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.plan import Plan, SegmentSettings, back_settings
 from edgesplit.runtime.store import ModelStore
@@ -24,23 +25,25 @@ log = logging.getLogger(__name__)
 class EnginePool:
     """Back-segment engines keyed by SegmentSettings, plus the codec tables of the cuts in use."""
 
-    def __init__(self, store: ModelStore, threads: int, idle_engines: int = 2, **engine_kwargs):
-        self.store, self.threads, self.idle_engines = store, threads, idle_engines
+    def __init__(self, store: ModelStore, threads: int, slots: int, idle_engines: int = 2, **engine_kwargs):
+        self.store, self.threads, self.slots, self.idle_engines = store, threads, slots, idle_engines
         self.engine_kwargs = engine_kwargs
-        self.engines: OrderedDict[SegmentSettings, SegmentEngine] = OrderedDict()  # least recently used first
+        self.engines: OrderedDict[SegmentSettings, BatchedSegment] = OrderedDict()  # least recently used first
         self.pinned: set[SegmentSettings] = set()
         self._tables: dict[tuple[codec.CodecSpec, int], codec.CutTable | None] = {}
 
-    def engine_for(self, plan: Plan, pin: bool = False) -> SegmentEngine:
-        """The shared engine for the plan's back segment (built on first use); `pin`: never freed."""
+    def engine_for(self, plan: Plan, pin: bool = False) -> BatchedSegment:
+        """The shared engine for the plan's back segment (built on first use, with a KV pool of
+        `slots` sessions, stepped together when they decode); `pin`: never freed."""
         key = back_settings(plan)
         engine = self.engines.get(key)
         if engine is None:
             t0 = time.perf_counter()
             # spin=False: between frames the worker waits on the network; busy-waiting onnxruntime
             # threads would take the cores from other sessions and processes (README, "Split inference").
-            engine = SegmentEngine(self.store, key.start, key.end, **key.engine_kwargs(), threads=self.threads,
-                                   spin=False, **self.engine_kwargs)
+            engine = BatchedSegment(SegmentEngine(self.store, key.start, key.end, **key.engine_kwargs(),
+                                                  threads=self.threads, spin=False, **self.engine_kwargs),
+                                    self.slots)
             self.engines[key] = engine
             log.info("back segment %s built in %.0f ms", key, (time.perf_counter() - t0) * 1000.0)
         self.engines.move_to_end(key)

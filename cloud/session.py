@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgesplit.runtime.memory import MB
-from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.batch import BatchedSegment
 from edgesplit.runtime.generate import finish_reason
 from edgesplit.runtime.kv_cache import KV_NUMPY, KVCache
 from edgesplit.runtime.plan import Plan
@@ -58,8 +58,9 @@ class Session:
     params: SamplingParams
     max_tokens: int
     stop_ids: frozenset[int]
-    engine: SegmentEngine  # shared by every session with the same back-segment configuration
-    cache: KVCache  # this session's own KV cache on `engine`
+    engine: BatchedSegment  # shared by every session with the same back-segment configuration
+    slot: int  # this session's slot in the engine's KV pool
+    cache: KVCache  # this session's KV cache: views of its slot
     seed: int  # the sampler's seed (the device's, or a fresh one when it sent none)
     seq: SequenceCheck
     kv_mb: float = 0.0  # MB reserved by `cache` (counted against the worker's --max-kv-mb)
@@ -70,12 +71,13 @@ class Session:
     codec_setting: str = ""  # str(plan.codec): what a tensor's codec field usually says, compared without parsing
 
     @classmethod
-    def from_open(cls, frame: OpenFrame, routing_id: bytes, owner: str, engine: SegmentEngine,
+    def from_open(cls, frame: OpenFrame, routing_id: bytes, owner: str, engine: BatchedSegment,
                   kv_mb: float = 0.0) -> "Session":
-        """A fresh session for an accepted `open` frame, with its own KV cache on `engine`."""
+        """A fresh session for an accepted `open` frame, with a slot of `engine`'s KV pool."""
         params = frame.sampling_params()
+        slot, cache = engine.new_cache()
         return cls(frame.session, routing_id, owner, frame.plan, params, int(frame.sampling["max_tokens"]),
-                   frozenset(int(i) for i in frame.sampling["stop_ids"]), engine, engine.new_cache(),
+                   frozenset(int(i) for i in frame.sampling["stop_ids"]), engine, slot, cache,
                    concrete_seed(params.seed), SequenceCheck(frame.session), kv_mb, codec_setting=str(frame.plan.codec))
 
     @property
@@ -137,15 +139,27 @@ class Session:
             self.history.extend(frame.prompt_ids)
         self.touch()
 
-    def step(self, hidden: np.ndarray, kind: str) -> StepResult:
-        """Run the back segment on `hidden` (T, d) float32, sample the next token, update the counters."""
+    def prefill(self, hidden: np.ndarray) -> StepResult:
+        """Run the back segment on the prompt's `hidden` (T, d) float32 (alone: multi-token steps run
+        at batch 1) and sample the first token."""
         t0 = time.perf_counter()
-        if kind == PREFILL:
-            logits = self.engine.prefill(hidden, cache=self.cache)
-        else:
-            logits = self.engine.decode(hidden, cache=self.cache)
+        logits = self.engine.engine.prefill(hidden, cache=self.cache)
+        return self.sample(logits[0], t0)
+
+    def decoded(self, logits: np.ndarray, t0: float) -> StepResult:
+        """A decode step ran for this session in a batch (its KV slot now holds one more position):
+        sample from its `logits` (V,); `t0`: perf_counter s when the batch began."""
+        self.cache.pos += 1
+        return self.sample(logits, t0)
+
+    def release(self) -> None:
+        """Give the session's KV slot back to its engine's pool."""
+        self.engine.release(self.slot)
+
+    def sample(self, logits: np.ndarray, t0: float) -> StepResult:
+        """Sample the next token from `logits` (V,), update the counters and the finish reason."""
         # token n's draw depends on (seed, n) only: a replayed session draws the same tokens
-        token = sample(logits[0], self.params, step_rng(self.seed, self.generated), self.history)
+        token = sample(logits, self.params, step_rng(self.seed, self.generated), self.history)
         self.history.append(token)
         self.generated += 1
         compute_ms = (time.perf_counter() - t0) * 1000.0

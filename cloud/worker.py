@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from edgesplit.runtime import codec, malloc
-from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.batch import BatchedSegment, Row
 from edgesplit.runtime.errors import EdgesplitError
 from edgesplit.runtime.memory import available_memory_mb
 from edgesplit.runtime.models import resolve_store
@@ -38,8 +38,9 @@ from edgesplit.transport.protocol import (
 )
 from edgesplit.transport.security import ServerKeys
 
+from .batcher import DecodeBatch, Pending
 from .engines import EnginePool
-from .listener import Listener, check_bind
+from .listener import Listener, Message, check_bind
 from .refusals import RefusalLog
 from .session import Session, kv_cache_mb
 
@@ -68,7 +69,7 @@ class CloudWorker:
                  max_sessions_per_device: int = 4, idle_timeout_s: float = 60.0, threads: int = 2,
                  max_kv_mb: float | None = None, max_kv_mb_per_device: float | None = None,
                  warm_plans: Iterable[Plan] = (), keys: ServerKeys | None = None, insecure: bool = False,
-                 **engine_kwargs):
+                 batch_window_ms: float = 2.0, **engine_kwargs):
         if max_sessions < 1 or max_sessions_per_device < 1:
             raise EdgesplitError(f"max_sessions ({max_sessions}) and max_sessions_per_device "
                                  f"({max_sessions_per_device}) must be >= 1")
@@ -82,7 +83,10 @@ class CloudWorker:
         self.idle_timeout_s = float(idle_timeout_s)
         self.max_kv_mb = float(max_kv_mb) if max_kv_mb is not None else DEFAULT_KV_SHARE * available_memory_mb()
         self.max_kv_mb_per_device = None if max_kv_mb_per_device is None else float(max_kv_mb_per_device)
-        self.pool = EnginePool(store, threads, **engine_kwargs)
+        self.pool = EnginePool(store, threads, max_sessions, **engine_kwargs)  # KV slots = max_sessions
+        self.batch = DecodeBatch()
+        self._stepped: list[tuple[bytes, Frame]] = []  # replies of batches already run, not yet sent
+        self.batch_window_ms = float(batch_window_ms)
         self.sessions: dict[str, Session] = {}
         self.refusals = RefusalLog()
         self.frames_handled = 0
@@ -115,13 +119,28 @@ class CloudWorker:
         while not stop_event.is_set():
             msg = self.listener.poll(poll_ms)
             if msg is not None:
-                self.handle_message(msg.routing_id, msg.parts, msg.user_id)
+                self.handle_messages(self._gather(msg))
             self.evict_idle()
             if reload_event.is_set() or time.monotonic() > next_reload:
                 self.reload_keys(force=reload_event.is_set())
                 reload_event.clear()
                 next_reload = time.monotonic() + RELOAD_S
         log.info("cloud worker on %s stopping with %d session(s) open", self.endpoint, len(self.sessions))
+
+    def _gather(self, first: Message) -> list[Message]:
+        """`first` and the messages that arrive with it: all those already waiting, then, while
+        fewer than the open sessions came, more within `batch_window_ms` (so decode steps of
+        sessions that sent at nearly the same time run as one batch)."""
+        assert self.listener is not None
+        msgs = [first]
+        deadline = time.perf_counter() + self.batch_window_ms / 1000.0
+        while len(msgs) < max(len(self.sessions), 1) * 2:
+            wait_ms = 0 if len(msgs) >= len(self.sessions) else int(max(deadline - time.perf_counter(), 0) * 1000)
+            msg = self.listener.poll(wait_ms)
+            if msg is None:
+                break
+            msgs.append(msg)
+        return msgs
 
     def reload_keys(self, force: bool = False) -> None:
         """Re-read the allow-list (when changed, or always with `force`) and close the sessions of
@@ -156,19 +175,24 @@ class CloudWorker:
     def _drop(self, sid: str, why: str) -> None:
         s = self.sessions.pop(sid, None)
         if s is not None:
+            s.release()
             log.info("session %s freed: %s (%d token(s) generated)", sid, why, s.generated)
             self.pool.release({id(x.engine) for x in self.sessions.values()})
             if not self.sessions:
                 malloc.trim()  # idle: hand the freed KV caches and activations back to the OS
 
-    def warm(self, plan: Plan) -> SegmentEngine:
-        """Build the back-segment engine of `plan` now (kept for the worker's life) and run it once
-        on a throwaway cache, so the first session's time to first token does not include loading."""
+    def warm(self, plan: Plan) -> BatchedSegment:
+        """Build the back-segment engine of `plan` now (kept for the worker's life) and run its
+        prompt and batched graphs once on a throwaway slot, so the first session's time to first
+        token does not include loading."""
         self._check_plan("warm-up", plan)
         engine = self.pool.engine_for(plan, pin=True)
         t0 = time.perf_counter()
-        engine.prefill(np.zeros((min(8, plan.max_seq_len), self.store.config.d_model), np.float32),
-                       cache=engine.new_cache())
+        slot, cache = engine.new_cache()
+        n, d = min(8, plan.max_seq_len - 1), self.store.config.d_model
+        engine.engine.prefill(np.zeros((n, d), np.float32), cache=cache)
+        engine.step([Row(slot, n, np.zeros((1, d), np.float32))], {})
+        engine.release(slot)
         log.info("back segment [%d, %d) warmed: first run %.0f ms", plan.cut, plan.n_layers,
                  (time.perf_counter() - t0) * 1000.0)
         return engine
@@ -178,29 +202,53 @@ class CloudWorker:
         """MB of KV cache reserved by the sessions held now."""
         return sum(s.kv_mb for s in self.sessions.values())
 
-    # ------------------------------------------------------------------ one frame
+    # ------------------------------------------------------------------ frames
+    def handle_messages(self, msgs: list[Message]) -> None:
+        """Handle ROUTER messages that arrived together and send the replies: each frame in arrival
+        order, except that the decode steps among them run as batches at the end."""
+        for routing_id, reply in self._replies(msgs):
+            if self.listener is not None and not self.listener.send(routing_id, encode_frame(reply)):
+                log.warning("reply to %r dropped: the peer is not reading (%s)", routing_id, reply.kind)
+
     def handle_message(self, routing_id: bytes, parts: list[bytes], user_id: str | None = None) -> None:
         """Handle one ROUTER message (the frames after the routing id) and send its reply, if any."""
-        self._t_frame = time.perf_counter()
-        self.frames_handled += 1
-        if len(parts) != 1:
-            # A REQ socket or a multipart sender: one frame per message is the protocol.
-            err = ErrorFrame(None, None, BAD_FRAME, f"message must be one part (one frame), "
-                             f"got {len(parts)} parts of {[len(p) for p in parts]} bytes")
-            self.refusals.refused(err)
-            reply: Frame | None = err
-        else:
-            reply = self._reply_for(routing_id, parts[0], user_id)
-        if reply is not None and self.listener is not None and not self.listener.send(routing_id, encode_frame(reply)):
-            log.warning("reply to %r dropped: the peer is not reading (%s)", routing_id, reply.kind)
+        self.handle_messages([Message(routing_id, parts, user_id)])
 
     def handle_frame(self, routing_id: bytes, data: bytes, user_id: str | None = None) -> bytes | None:
         """Answer one encoded frame without the socket: the encoded reply, or None (open, close).
         What `handle_message` does; for transport.channel.MemoryChannel."""
-        self._t_frame = time.perf_counter()
-        self.frames_handled += 1
-        reply = self._reply_for(routing_id, data, user_id)
-        return None if reply is None else encode_frame(reply)
+        replies = self._replies([Message(routing_id, [data], user_id)])
+        return encode_frame(replies[0][1]) if replies else None
+
+    def _replies(self, msgs: list[Message]) -> list[tuple[bytes, Frame]]:
+        out: list[tuple[bytes, Frame]] = []
+        for m in msgs:
+            self._t_frame = time.perf_counter()
+            self.frames_handled += 1
+            if len(m.parts) != 1:
+                # A REQ socket or a multipart sender: one frame per message is the protocol.
+                err = ErrorFrame(None, None, BAD_FRAME, f"message must be one part (one frame), "
+                                 f"got {len(m.parts)} parts of {[len(p) for p in m.parts]} bytes")
+                self.refusals.refused(err)
+                out.append((m.routing_id, err))
+                continue
+            reply = self._reply_for(m.routing_id, m.parts[0], m.user_id)
+            out += self._stepped
+            self._stepped = []
+            if reply is not None:
+                out.append((m.routing_id, reply))
+        self._run_batch()
+        out += self._stepped
+        self._stepped = []
+        return out
+
+    def _run_batch(self) -> None:
+        """Step the pending decode frames now; their replies join `_stepped`."""
+        for routing_id, reply, session in self.batch.run(self.sessions):
+            if isinstance(reply, ErrorFrame):
+                self._drop(session.session_id, reply.code)
+                self.refusals.refused(reply)
+            self._stepped.append((routing_id, reply))
 
     def _reply_for(self, routing_id: bytes, data: bytes, user_id: str | None) -> Frame | None:
         """The reply to one frame: a token frame, None (open/close), or the error frame refusing it."""
@@ -248,7 +296,7 @@ class CloudWorker:
             session.seq.check(frame.seq)  # a stale or future close is refused, the session kept
             self._drop(frame.session, "closed")
             return None
-        return self._step(session, frame)
+        return self._step(session, frame, routing_id)
 
     def _open(self, owner: str, routing_id: bytes, frame: OpenFrame) -> None:
         sid, plan = frame.session, frame.plan
@@ -305,9 +353,12 @@ class CloudWorker:
         except EdgesplitError as exc:
             raise ProtocolError(BAD_FRAME, f"open: plan.codec {str(plan.codec)!r}: {exc}", sid, 0) from None
 
-    def _step(self, session: Session, frame: PrefillFrame | DecodeFrame) -> TokenFrame:
-        """Run one prefill/decode frame on its session and build the token frame."""
+    def _step(self, session: Session, frame: PrefillFrame | DecodeFrame, routing_id: bytes) -> TokenFrame | None:
+        """Run a prefill on its session and build the token frame; a decode frame is checked and
+        joins the batch of decode steps run when the frames read together are done (None)."""
         session.check_order(frame)
+        if isinstance(frame, DecodeFrame) and any(p.session is session for p in self.batch.pending):
+            self._run_batch()  # its previous step (a replay sends its frames without waiting) goes first
         # The declared shape equals the blob's (transport/protocol.py); checking it first bounds what
         # decoding may allocate (an ecq blob of a few bytes can declare millions of values).
         t, d = frame.tensor.shape
@@ -331,13 +382,16 @@ class CloudWorker:
                                 f"codec {session.codec_setting!r}", frame.session, frame.seq)
         self._check_prompt_ids(frame)
         session.accept(frame)
-        result = session.step(hidden, frame.kind)
+        if isinstance(frame, DecodeFrame):
+            self.batch.add(Pending(routing_id, session, frame, hidden, decode_ms, self._t_frame))
+            return None
+        result = session.prefill(hidden)
         # cloud_frame: receipt of the frame to its reply built (parsing, validation, decoding,
         # compute, sampling); what it adds to the other two is the worker's own overhead.
         frame_ms = (time.perf_counter() - self._t_frame) * 1000.0
         return TokenFrame(frame.session, frame.seq, result.token, result.finish_reason,
                           {"cloud_compute": result.compute_ms, "decode_activation": decode_ms, "cloud_frame": frame_ms,
-                           "batch": 1})  # sessions stepped in this forward pass (one at a time, for now)
+                           "batch": 1})  # sessions stepped in this forward pass: a prompt runs alone
 
     def _check_prompt_ids(self, frame) -> None:
         """Refuse (`tensor`) prompt ids outside the vocabulary: the sampler would index past its logits."""

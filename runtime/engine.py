@@ -91,6 +91,31 @@ def segment_outliers(manifest: dict, s: SegmentSpec, n_channels: int, head_n_cha
     return {k: v for k, v in out.items() if v is not None}
 
 
+def build_session(store: ModelStore, s: SegmentSpec, threads: int, spin: bool, outlier_channels: int,
+                  head_outlier_channels: int) -> tuple[ort.InferenceSession, list[ort.OrtValue]]:
+    """The onnxruntime session of segment `s` and the weight values it reads in place (they must
+    live as long as the session)."""
+    layers = {i: store.layer(i, s.precision) for i in range(s.start, s.end)}
+    embedding = store.load("token_embd", s.head_precision) if s.has_embedding else None
+    head = norm = None
+    if s.has_head:
+        same = embedding is not None and store.config.tied_head
+        head = embedding if same else store.load(store.head_name(), s.head_precision)
+        norm = store.load("output_norm", "f32")["weight"]
+    kv_scales = None
+    if s.kv_precision == "int8":
+        from .calibration import kv_scales_for
+
+        kv_scales = kv_scales_for(store.manifest, s.start, s.end)
+    outliers = segment_outliers(store.manifest, s, outlier_channels, head_outlier_channels)
+    model, weights = build_segment(s, layers, embedding, head, norm, kv_scales, outliers)
+    del layers, embedding, head
+    so = session_options(threads, spin)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
+    so.add_external_initializers(list(weights), values)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]), values
+
+
 class SegmentEngine:
     """Runs one segment. `prefill` and `decode` append to the KV cache; `reset` empties it.
 
@@ -137,31 +162,9 @@ class SegmentEngine:
         return self.spec.max_seq_len
 
     def _build(self) -> ort.InferenceSession:
-        s, st = self.spec, self.store
-        layers = {i: st.layer(i, s.precision) for i in range(s.start, s.end)}
-        embedding = st.load("token_embd", s.head_precision) if s.has_embedding else None
-        head = norm = None
-        if s.has_head:
-            same = embedding is not None and st.config.tied_head
-            head = embedding if same else st.load(st.head_name(), s.head_precision)
-            norm = st.load("output_norm", "f32")["weight"]
-        kv_scales = self._kv_scales() if s.kv_precision == "int8" else None
-        model, weights = build_segment(s, layers, embedding, head, norm, kv_scales, self._outliers())
-        del layers, embedding, head
-        so = session_options(self.threads, self.spin)
-        # onnxruntime reads these arrays in place; they must live as long as the session.
-        self._weights = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
-        so.add_external_initializers(list(weights), self._weights)
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-    def _outliers(self) -> dict:
-        return segment_outliers(self.store.manifest, self.spec, self.outlier_channels, self.head_outlier_channels)
-
-    def _kv_scales(self) -> dict:
-        """Per-channel int8 KV scales from the store's calibration table."""
-        from .calibration import kv_scales_for
-
-        return kv_scales_for(self.store.manifest, self.spec.start, self.spec.end)
+        session, self._weights = build_session(self.store, self.spec, self.threads, self.spin,
+                                               self.outlier_channels, self.head_outlier_channels)
+        return session
 
     @property
     def start(self) -> int:

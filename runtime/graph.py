@@ -43,6 +43,7 @@ class SegmentSpec:
     head_accuracy_level: int = 4  # the head's; 8-bit MatMulNBits has no fast fp32 kernel
     embed_ids: bool = True  # False: a segment starting at 0 takes hidden states (T, d), embedded outside
     with_head: bool = True  # False: a segment ending at n_layers returns hidden states, no norm/head
+    batched: bool = False  # True: one decode step of B sessions, hidden (B, d), each at its own position
 
     @property
     def has_embedding(self) -> bool:
@@ -181,7 +182,8 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
     g = _Graph(spec.accuracy_level)
     inputs, outputs = [], []
     kv_type = KV_TYPES[spec.kv_precision]
-    cache_shape = [1, cfg.n_kv_heads, spec.max_seq_len, hd]
+    # batched: B sessions of one token each (rows of a KV slot pool); else one session's T tokens
+    cache_shape = ["B" if spec.batched else 1, cfg.n_kv_heads, spec.max_seq_len, hd]
 
     if spec.has_embedding:
         assert embedding is not None, "a segment with the embedding needs its table"
@@ -190,12 +192,14 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
     else:
         inputs.append(helper.make_tensor_value_info("hidden_in", TensorProto.FLOAT, ["T", d]))
         h = "hidden_in"
-    inputs.append(helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]))
+    inputs.append(helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B" if spec.batched else 1]))
     inputs.append(helper.make_tensor_value_info("total_seq_len", TensorProto.INT32, []))
     cos, sin = rope_cache(cfg, spec.max_seq_len)
     g.init("rope.cos", cos)
     g.init("rope.sin", sin)
-    shape_3d = g.init("shape.3d", np.array([1, -1, cfg.n_heads * hd + 2 * cfg.n_kv_heads * hd], np.int64))
+    qkv_width = cfg.n_heads * hd + 2 * cfg.n_kv_heads * hd
+    # (T, qkv) -> (1, T, qkv) for one session; (B, qkv) -> (B, 1, qkv) for B sessions of one token each
+    shape_3d = g.init("shape.3d", np.array([-1, 1, qkv_width] if spec.batched else [1, -1, qkv_width], np.int64))
     shape_2d = g.init("shape.2d", np.array([-1, d], np.int64))
     eps = float(cfg.norm_eps)
 
@@ -249,9 +253,12 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
         h = g.op1("Add", [h, pending])
     if spec.has_head:
         assert head is not None and output_norm is not None, "a segment with the head needs it and the final norm"
-        inputs.append(helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n"]))
         hn = g.op1("SimplifiedLayerNormalization", [h, g.init("output_norm", output_norm)], epsilon=eps, axis=-1)
-        hsel = g.op1("Gather", [hn, "logits_index"], axis=0)
+        if spec.batched:  # every row: one per session
+            hsel = hn
+        else:
+            inputs.append(helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n"]))
+            hsel = g.op1("Gather", [hn, "logits_index"], axis=0)
         logits = g.linear(hsel, head, "head", d, acc=spec.head_accuracy_level, outliers=outliers.get("head"))
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
         outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", cfg.vocab_size]))

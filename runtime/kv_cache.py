@@ -27,7 +27,9 @@ _SHRINK_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:
 class KVCache:
     """Preallocated KV buffers for layers [start, end) of `spec`, and `pos`, the tokens held."""
 
-    def __init__(self, session: ort.InferenceSession, spec: SegmentSpec):
+    def __init__(self, session: ort.InferenceSession, spec: SegmentSpec, buffers: list[np.ndarray] | None = None):
+        """`buffers`: this session's K and V arrays (1, kv_heads, max_seq_len, head_dim) for each
+        layer in order, e.g. views of one slot of a KVPool (runtime/batch.py); default: its own."""
         cfg = spec.config
         self.spec = spec
         self._session = session
@@ -40,7 +42,8 @@ class KVCache:
         for i in range(spec.start, spec.end):
             for kind in ("key", "value"):
                 # np.zeros: pages are only touched (resident) as positions fill
-                buf = np.zeros((1, cfg.n_kv_heads, spec.max_seq_len, cfg.head_dim), KV_NUMPY[spec.kv_precision])
+                buf = (buffers[len(self._kv)] if buffers is not None else
+                       np.zeros((1, cfg.n_kv_heads, spec.max_seq_len, cfg.head_dim), KV_NUMPY[spec.kv_precision]))
                 val = ort.OrtValue.ortvalue_from_numpy(buf)
                 self.nbytes += buf.nbytes
                 self._kv.append(val)

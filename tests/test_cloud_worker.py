@@ -26,6 +26,7 @@ from edgesplit.runtime.generate import generate_step
 from edgesplit.runtime.plan import ModelIdentity, Plan
 from edgesplit.runtime.sampling import SamplingParams
 from edgesplit.transport import protocol as P
+from edgesplit.transport.channel import MemoryChannel, RemoteError
 
 MAX_SEQ = 64  # tokens: plan capacity of the ordinary sessions here
 EXACT = dict(accuracy_level=0, head_accuracy_level=0)  # fp32 compute: split == unsplit exactly
@@ -336,14 +337,14 @@ def test_plan_mismatch(setup, tiny_store, caplog):
 def test_internal_error_is_contained(setup, tiny_store, fronts, monkeypatch, caplog):
     worker, _, bad = setup
     dev = Device(bad, fronts[1], make_plan(tiny_store, 1))
-    real_step = Session.step
+    real_prefill = Session.prefill
 
-    def failing_step(self, hidden, kind):
+    def failing_prefill(self, hidden):
         if self.session_id == dev.sid:
             raise RuntimeError("simulated kernel failure")
-        return real_step(self, hidden, kind)
+        return real_prefill(self, hidden)
 
-    monkeypatch.setattr(Session, "step", failing_step)
+    monkeypatch.setattr(Session, "prefill", failing_prefill)
     dev.open()
     with caplog.at_level(logging.ERROR, logger="edgesplit.cloud.worker"):
         hidden = fronts[1].prefill(np.asarray(PROMPT, np.int64), cache=dev.cache)
@@ -508,3 +509,32 @@ def test_non_finite_activations_are_refused(setup, tiny_store):
     bad.send(P.PrefillFrame(sid, 1, activation(x)))
     err = bad.expect_error(P.TENSOR, "2 value(s) are NaN or infinite")
     assert (err.session, err.seq) == (sid, 1) and worker.sessions[sid].seq.last == 0
+
+
+
+def test_a_failing_batched_step_ends_only_its_sessions(tiny_store, fronts, monkeypatch):
+    """An internal error in a batched decode step is an `internal` error for the sessions of that
+    batch; the worker goes on serving new sessions."""
+    from edgesplit.runtime.batch import BatchedSegment
+
+    worker = CloudWorker(tiny_store, bind=None)
+    ch = MemoryChannel(worker.handle_frame, routing_id=b"dev")
+    sid = P.new_session_id()
+    ch.send(P.OpenFrame(sid, make_plan(tiny_store, 1), P.make_sampling()))
+    h = fronts[1].prefill(np.asarray(PROMPT, np.int64), cache=fronts[1].new_cache())
+    ch.send(P.PrefillFrame(sid, 1, activation(h)))
+    assert isinstance(ch.recv(), P.TokenFrame)
+    real = BatchedSegment.step
+    monkeypatch.setattr(BatchedSegment, "step", lambda self, rows, others: (_ for _ in ()).throw(RuntimeError("boom")))
+    ch.send(P.DecodeFrame(sid, 2, activation(h[-1:])))
+    with pytest.raises(RemoteError, match="internal.*boom"):
+        ch.recv()
+    assert sid not in worker.sessions and worker.pool.engines  # the slot is free, the engine stays
+    monkeypatch.setattr(BatchedSegment, "step", real)
+    sid2 = P.new_session_id()
+    ch.send(P.OpenFrame(sid2, make_plan(tiny_store, 1), P.make_sampling()))
+    ch.send(P.PrefillFrame(sid2, 1, activation(h)))
+    assert isinstance(ch.recv(), P.TokenFrame)
+    ch.send(P.DecodeFrame(sid2, 2, activation(h[-1:])))
+    reply = ch.recv()
+    assert isinstance(reply, P.TokenFrame) and reply.timing["batch"] == 1

@@ -1,0 +1,126 @@
+"""Batched decode: one forward pass steps many sessions of one segment, each at its own position.
+
+A `KVPool` holds, per layer, K and V buffers of shape (slots, kv_heads, max_seq_len, head_dim);
+slot s of every buffer is one session's cache. A session's prompt (several tokens) runs on the
+segment's ordinary graph with a KVCache over its slot's views, alone: GroupQueryAttention takes
+multi-token steps only at batch 1. Decode steps of several sessions run together on the batched
+graph (runtime/graph.py `batched`): hidden (B, d), `seqlens_k` (B,) = each row's past length,
+`total_seq_len` = the longest + 1, the pool's first B slots bound as the KV buffers. A row of the
+batch whose slot is not stepping gets a zero input at its next position, which its own next step
+overwrites before anything reads it, so it is left as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from .engine import SegmentEngine, build_session
+from .errors import ConfigError
+from .graph import SegmentSpec
+from .kv_cache import KV_NUMPY, KVCache
+
+
+class KVPool:
+    """K and V buffers for `slots` sessions of segment `spec`, and which slots are taken."""
+
+    def __init__(self, spec: SegmentSpec, slots: int):
+        cfg = spec.config
+        shape = (slots, cfg.n_kv_heads, spec.max_seq_len, cfg.head_dim)
+        # np.zeros: a page becomes resident only when a session's positions reach it
+        self.buffers = [np.zeros(shape, KV_NUMPY[spec.kv_precision]) for _ in range(2 * (spec.end - spec.start))]
+        self.slots, self.spec = slots, spec
+        self.taken: set[int] = set()
+
+    def take(self) -> int:
+        """The lowest free slot (so a batch spans as few slots as possible)."""
+        free = [s for s in range(self.slots) if s not in self.taken]
+        if not free:
+            raise ConfigError(f"all {self.slots} KV slots of this segment are taken")
+        self.taken.add(free[0])
+        return free[0]
+
+    def give_back(self, slot: int) -> None:
+        self.taken.discard(slot)
+
+    def views(self, slot: int) -> list[np.ndarray]:
+        """Slot `slot` of every buffer, (1, kv_heads, max_seq_len, head_dim) each, in layer order."""
+        return [b[slot:slot + 1] for b in self.buffers]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One session stepping in a batch: its slot, its position (= past length) and its hidden row."""
+
+    slot: int
+    pos: int
+    hidden: np.ndarray  # (d,) or (1, d) float32
+
+
+class BatchedSegment:
+    """A segment that runs prompts alone and decode steps of many sessions at once, on one KV pool.
+
+    `engine`: the segment's ordinary engine (its graph runs prompts, on pool views). The batched
+    graph is built from the same store and settings."""
+
+    def __init__(self, engine: SegmentEngine, slots: int):
+        if engine.spec.has_embedding:
+            raise ConfigError("batched decode runs segments that take hidden states (a cloud back segment)")
+        self.engine = engine
+        self.spec = SegmentSpec(**{**engine.spec.__dict__, "batched": True})
+        self._session, self._weights = build_session(engine.store, self.spec, engine.threads, engine.spin,
+                                                     engine.outlier_channels, engine.head_outlier_channels)
+        self.pool = KVPool(engine.spec, slots)
+        self._io = self._session.io_binding()
+        self._out = "logits" if self.spec.has_head else "hidden_out"
+        self._io.bind_output(self._out)  # first, so it is get_outputs()[0]
+        self._bound_rows = 0
+
+    def new_cache(self) -> tuple[int, KVCache]:
+        """A free slot and a KVCache over it (for the session's prompt, on the ordinary graph)."""
+        slot = self.pool.take()
+        return slot, KVCache(self.engine._session, self.engine.spec, self.pool.views(slot))
+
+    def release(self, slot: int) -> None:
+        self.pool.give_back(slot)
+
+    def _bind(self, rows: int) -> None:
+        """Bind the pool's first `rows` slots as every layer's KV input and output."""
+        if rows == self._bound_rows:
+            return
+        kinds = ("key", "value")
+        for j, buf in enumerate(self.pool.buffers):
+            layer, kind = self.spec.start + j // 2, kinds[j % 2]
+            value = ort.OrtValue.ortvalue_from_numpy(buf[:rows])
+            self._io.bind_ortvalue_input(f"past_{kind}.{layer}", value)
+            self._io.bind_ortvalue_output(f"present_{kind}.{layer}", value)
+        self._bound_rows = rows
+
+    def step(self, rows: list[Row], others: dict[int, int]) -> np.ndarray:
+        """One decode step of every session in `rows`; `others` maps the other taken slots to their
+        positions (their rows run on a zero input written where their next step will write).
+        Returns the outputs (len(rows), V or d) in the order of `rows`."""
+        if not rows:
+            raise ConfigError("a batched step needs at least one session")
+        n = max(max(r.slot for r in rows), max(others, default=-1)) + 1
+        d = self.spec.config.d_model
+        hidden = np.zeros((n, d), np.float32)
+        past = np.zeros(n, np.int32)
+        for slot, pos in others.items():
+            past[slot] = pos
+        for r in rows:
+            if r.pos + 1 > self.spec.max_seq_len:
+                raise ConfigError(f"slot {r.slot}: position {r.pos} is beyond max_seq_len {self.spec.max_seq_len}")
+            hidden[r.slot] = np.asarray(r.hidden, np.float32).reshape(d)
+            past[r.slot] = r.pos
+        past = np.minimum(past, self.spec.max_seq_len - 1)  # a full idle slot: its last row is rewritten
+        self._bind(n)
+        self._io.bind_cpu_input("hidden_in", hidden)
+        self._io.bind_cpu_input("seqlens_k", past)
+        self._io.bind_cpu_input("total_seq_len", np.array(int(past.max()) + 1, np.int32))
+        self._io.bind_output(self._out)  # unallocated again: the batch's row count changes between steps
+        self._session.run_with_iobinding(self._io)
+        out = self._io.get_outputs()[0].numpy()
+        return out[[r.slot for r in rows]]

@@ -1,0 +1,57 @@
+"""Batched decode (runtime/batch.py): many sessions stepped in one forward pass give what each
+would get alone -- at fp32 compute within 1e-5 in logits; sessions left out of a step are untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgesplit.runtime.batch import BatchedSegment, Row
+from edgesplit.runtime.engine import SegmentEngine
+
+rng = np.random.default_rng(0)
+
+
+def hidden(n, d):
+    return rng.standard_normal((n, d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("accuracy_level, tolerance", [(0, 1e-5), (4, 1e-3)])
+def test_batched_steps_equal_separate_sessions(tiny_store, accuracy_level, tolerance):
+    d = tiny_store.config.d_model
+    kw = dict(max_seq_len=32, accuracy_level=accuracy_level, head_accuracy_level=accuracy_level)
+    back = SegmentEngine(tiny_store, 1, 3, **kw)
+    alone = SegmentEngine(tiny_store, 1, 3, **kw)
+    batched = BatchedSegment(back, slots=4)
+    prompts = [hidden(5, d), hidden(3, d), hidden(7, d)]
+    ref_caches = [alone.new_cache() for _ in prompts]
+    slots, caches = zip(*(batched.new_cache() for _ in prompts))
+    pos = [p.shape[0] for p in prompts]
+    for p, rc, c in zip(prompts, ref_caches, caches):
+        assert np.array_equal(alone.prefill(p, cache=rc), back.prefill(p, cache=c))
+    schedule = [(0, 1, 2), (0, 1, 2), (0, 2), (1,), (0, 1, 2), (0,), (2,)]  # who steps together; the rest wait
+    for who in schedule:
+        xs = {i: hidden(1, d) for i in who}
+        want = {i: alone.decode(xs[i], cache=ref_caches[i]) for i in who}
+        others = {slots[i]: pos[i] for i in range(len(prompts)) if i not in who}
+        got = batched.step([Row(slots[i], pos[i], xs[i]) for i in who], others)
+        for k, i in enumerate(who):
+            assert np.abs(got[k] - want[i][0]).max() <= tolerance
+            assert int(np.argmax(got[k])) == int(np.argmax(want[i][0]))
+            pos[i] += 1
+    batched.release(slots[2])  # the batch shrinks to two rows: outputs are allocated per step
+    xs = {i: hidden(1, d) for i in (0, 1)}
+    got = batched.step([Row(slots[i], pos[i], xs[i]) for i in (0, 1)], {})
+    for k, i in enumerate((0, 1)):
+        assert np.abs(got[k] - alone.decode(xs[i], cache=ref_caches[i])[0]).max() <= tolerance
+
+
+def test_slots_are_taken_and_given_back(tiny_store):
+    batched = BatchedSegment(SegmentEngine(tiny_store, 1, 3, max_seq_len=16), slots=2)
+    a, _ = batched.new_cache()
+    b, _ = batched.new_cache()
+    assert (a, b) == (0, 1)
+    with pytest.raises(Exception, match="all 2 KV slots"):
+        batched.new_cache()
+    batched.release(a)
+    assert batched.new_cache()[0] == 0
