@@ -12,6 +12,7 @@ overwrites before anything reads it, so it is left as it was.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,13 +25,21 @@ from .kv_cache import KV_NUMPY, KVCache
 
 
 class KVPool:
-    """K and V buffers for `slots` sessions of segment `spec`, and which slots are taken."""
+    """K and V buffers for `slots` sessions of segment `spec`, and which slots are taken.
+
+    The buffers are anonymous memory maps: a page becomes resident only when a session's positions
+    reach it, and a slot given back is handed to the OS again (madvise DONTNEED), so a worker's
+    memory follows the sessions it holds, not the most it ever held."""
 
     def __init__(self, spec: SegmentSpec, slots: int):
         cfg = spec.config
         shape = (slots, cfg.n_kv_heads, spec.max_seq_len, cfg.head_dim)
-        # np.zeros: a page becomes resident only when a session's positions reach it
-        self.buffers = [np.zeros(shape, KV_NUMPY[spec.kv_precision]) for _ in range(2 * (spec.end - spec.start))]
+        dtype = np.dtype(KV_NUMPY[spec.kv_precision])
+        self.slot_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        # private: MADV_DONTNEED frees a private page (it reads as zero after); a shared one would stay in memory
+        self._maps = [mmap.mmap(-1, slots * self.slot_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                      for _ in range(2 * (spec.end - spec.start))]
+        self.buffers = [np.frombuffer(m, dtype).reshape(shape) for m in self._maps]
         self.slots, self.spec = slots, spec
         self.taken: set[int] = set()
 
@@ -43,7 +52,14 @@ class KVPool:
         return free[0]
 
     def give_back(self, slot: int) -> None:
+        """Free a slot, and its memory: its whole pages go back to the OS (they read as zeros after)."""
         self.taken.discard(slot)
+        page = mmap.PAGESIZE
+        start = -(-slot * self.slot_bytes // page) * page  # page-aligned, inside the slot
+        end = (slot + 1) * self.slot_bytes // page * page
+        if end > start:
+            for m in self._maps:
+                m.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def views(self, slot: int) -> list[np.ndarray]:
         """Slot `slot` of every buffer, (1, kv_heads, max_seq_len, head_dim) each, in layer order."""
