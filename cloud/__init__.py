@@ -1,9 +1,12 @@
 """edgesplit.cloud: the cloud worker.
 
-- `worker`: `CloudWorker`, one ROUTER socket serving many device sessions on shared back-segment
-  engines (keyed by the plan's `back_settings`), every limit and bad frame answered with an error
-  frame; `handle_frame` answers one frame without the socket; `serve` runs it until a signal.
-- `session`: one device session's state (its KV cache, sampler, sequence numbers).
+- `worker`: `CloudWorker`, serving many device sessions: ownership, limits, every bad frame
+  answered with an error frame; `handle_frame` answers one frame without the socket.
+- `batcher`: the decode frames read together, stepped in one forward pass per engine.
+- `engines`: the shared back-segment engines (keyed by the plan's `back_settings`), each with
+  its KV slot pool (runtime/batch.py).
+- `listener`: the socket, plain or CurveZMQ with a running authenticator; `refusals`: rate-limited
+  logging of refused frames; `session`: one device session's state; `serve`: the worker process.
 
 Imports `runtime` and `transport`, never `device`.
 """

@@ -17,10 +17,9 @@ frame or when the allow-list is re-read. Session routing lives here, never in th
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
@@ -28,7 +27,6 @@ from edgesplit.runtime import codec, malloc
 from edgesplit.runtime.batch import BatchedSegment, Row
 from edgesplit.runtime.errors import EdgesplitError
 from edgesplit.runtime.memory import available_memory_mb
-from edgesplit.runtime.models import resolve_store
 from edgesplit.runtime.plan import ModelIdentity, Plan
 from edgesplit.runtime.store import ModelStore
 from edgesplit.transport.protocol import (
@@ -40,7 +38,7 @@ from edgesplit.transport.security import ServerKeys
 
 from .batcher import DecodeBatch, Pending
 from .engines import EnginePool
-from .listener import Listener, Message, check_bind
+from .listener import Listener, Message
 from .refusals import RefusalLog
 from .session import Session, kv_cache_mb
 
@@ -400,34 +398,3 @@ class CloudWorker:
         if ids and max(ids) >= vocab:
             raise ProtocolError(TENSOR, f"prefill prompt_ids: id {max(ids)} is outside the vocabulary [0, {vocab})",
                                 frame.session, frame.seq)
-
-
-def serve(model: str, bind: str, *, stop_event: threading.Event | None = None,
-          precisions: tuple[str, ...] | None = None, **opts: Any) -> None:
-    """Resolve `model` (a name, GGUF or store path) and serve it on `bind` until SIGINT/SIGTERM;
-    SIGHUP re-reads the allow-list. `opts` go to CloudWorker. Signal handlers are installed only
-    when called from the main thread, and restored on return."""
-    if not logging.getLogger().handlers and not logging.getLogger("edgesplit").handlers:  # a bare launch still logs
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    check_bind(bind, opts.get("keys") is not None, bool(opts.get("insecure")))  # before the store loads
-    malloc.keep_large_allocations_mapped()  # KV caches freed at session close go back to the OS
-    kwargs = {} if precisions is None else {"precisions": tuple(precisions)}
-    store = ModelStore(resolve_store(model, progress=False, **kwargs))
-    stop_event = stop_event or threading.Event()
-    reload_event = threading.Event()
-    previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        def _stop(signum, _frame) -> None:
-            log.info("signal %d: stopping", signum)
-            stop_event.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, _stop)
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload_event.set())
-    worker = CloudWorker(store, bind=bind, **opts)
-    try:
-        worker.serve_forever(stop_event, reload_event)
-    finally:
-        worker.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

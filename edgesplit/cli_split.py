@@ -179,7 +179,7 @@ def _plan_from_profiles(args):
 
 
 def cmd_cloud_serve(args: argparse.Namespace) -> int:
-    from edgesplit.cloud.worker import serve
+    from edgesplit.cloud.serve import serve
     from edgesplit.runtime.plan import load_plan_file
     from edgesplit.transport.security import ServerKeys
 
