@@ -8,14 +8,11 @@ uninterrupted run's, token for token, for greedy decoding and for seeded samplin
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-from pathlib import Path
 
 import pytest
 
 from edgesplit.device.split import run_split
-from edgesplit.harness.simulate import free_port, start_worker, stop_worker, wait_ready
+from edgesplit.harness.worker_proc import WorkerProcess
 from edgesplit.runtime.plan import PlanSettings, make_plan
 from edgesplit.runtime.sampling import SamplingParams
 from edgesplit.transport.channel import TransportError
@@ -24,31 +21,9 @@ PROMPT = [1, 5, 9, 30, 2, 7, 11]
 MAX_TOKENS = 24
 
 
-class Worker:
-    """A `cloud serve` process on a fixed loopback endpoint that can be killed and restarted."""
-
-    def __init__(self, store, tmp: Path, name: str):
-        self.store, self.err = store, tmp / f"{name}.log"
-        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        self.proc = None
-
-    def start(self) -> "Worker":
-        self.proc = start_worker(str(self.store.path), self.endpoint, ("--threads", "1"), self.err)
-        wait_ready(self.endpoint, self.store.config.d_model, self.proc, stderr_path=self.err)
-        return self
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            stop_worker(self.proc)
-
-
 @contextlib.contextmanager
-def workers(store, tmp, n):
-    ws = [Worker(store, tmp, f"w{i}").start() for i in range(n)]
+def workers(store, n):
+    ws = [WorkerProcess(str(store.path), store.config.d_model, threads=1).start() for _ in range(n)]
     try:
         yield ws
     finally:
@@ -74,8 +49,8 @@ def plan(tiny_store):
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.95, seed=11)],
                          ids=["greedy", "seeded"])
 @pytest.mark.parametrize("mode", ["restart", "second"])
-def test_killed_worker_session_finishes_with_the_same_tokens(tiny_store, plan, tmp_path, params, mode):
-    with workers(tiny_store, tmp_path, 2 if mode == "second" else 1) as ws:
+def test_killed_worker_session_finishes_with_the_same_tokens(tiny_store, plan, params, mode):
+    with workers(tiny_store, 2 if mode == "second" else 1) as ws:
         want = generate(tiny_store, plan, ws[0].endpoint, params)
 
         def kill_at(n):
@@ -94,8 +69,8 @@ def test_killed_worker_session_finishes_with_the_same_tokens(tiny_store, plan, t
     assert r.ms > 0
 
 
-def test_without_failover_a_killed_worker_is_an_error(tiny_store, plan, tmp_path):
-    with workers(tiny_store, tmp_path, 1) as ws:
+def test_without_failover_a_killed_worker_is_an_error(tiny_store, plan):
+    with workers(tiny_store, 1) as ws:
         with pytest.raises(TransportError, match="disconnected"):
             for i, _ in enumerate(run_split(tiny_store, ws[0].endpoint, plan, PROMPT, None, MAX_TOKENS, stop_ids=(),
                                             timeout_s=10.0, failover=False)):
@@ -103,10 +78,10 @@ def test_without_failover_a_killed_worker_is_an_error(tiny_store, plan, tmp_path
                     ws[0].kill()
 
 
-def test_no_worker_left_is_a_clear_error_in_bounded_time(tiny_store, plan, tmp_path):
+def test_no_worker_left_is_a_clear_error_in_bounded_time(tiny_store, plan):
     import time
 
-    with workers(tiny_store, tmp_path, 1) as ws:
+    with workers(tiny_store, 1) as ws:
         t0 = time.perf_counter()
         with pytest.raises(TransportError, match="not recovered"):
             for i, _ in enumerate(run_split(tiny_store, ws[0].endpoint, plan, PROMPT, None, MAX_TOKENS, stop_ids=(),

@@ -12,11 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import random
-import signal
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from edgesplit.device.split import load_front, run_split
-from edgesplit.harness.simulate import free_port, start_worker, stop_worker, wait_ready
+from edgesplit.harness.worker_proc import WorkerProcess
 from edgesplit.runtime.calibration import CALIBRATION_TEXT
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
 from edgesplit.runtime.generate import load_tokenizer
@@ -57,36 +54,14 @@ class FaultRequest:
             raise ConfigError(f"faulttest: unknown mode or sampling {bad} (modes {MODES}, samplings {tuple(SAMPLINGS)})")
 
 
-class _Worker:
-    """A warm `cloud serve` process on a fixed loopback endpoint, killable and restartable."""
-
-    def __init__(self, store: ModelStore, plan_file: Path, log_dir: Path, name: str):
-        self.store, self.plan_file, self.err = store, plan_file, log_dir / f"{name}.log"
-        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, wait: bool = True) -> None:
-        extra = ("--threads", "1", "--warm-plan", str(self.plan_file))
-        self.proc = start_worker(str(self.store.path), self.endpoint, extra, self.err)
-        if wait:
-            wait_ready(self.endpoint, self.store.config.d_model, self.proc, stderr_path=self.err)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            stop_worker(self.proc)
-
-
 @contextlib.contextmanager
-def _workers(store: ModelStore, plan: Plan, n: int) -> Iterator[list[_Worker]]:
+def _workers(store: ModelStore, plan: Plan, n: int) -> Iterator[list[WorkerProcess]]:
+    """`n` warm worker processes (1 thread each) serving `plan`, stopped on exit."""
     with tempfile.TemporaryDirectory(prefix="edgesplit-faulttest-") as tmp:
         plan_file = Path(tmp) / "plan.json"
         plan_file.write_text(plan.to_json())
-        ws = [_Worker(store, plan_file, Path(tmp), f"w{i}") for i in range(n)]
+        ws = [WorkerProcess(str(store.path), store.config.d_model, threads=1, extra=("--warm-plan", str(plan_file)))
+              for _ in range(n)]
         try:
             for w in ws:
                 w.start()
@@ -138,10 +113,10 @@ def _one_case(store, plan, front, req: FaultRequest, sampling: str, mode: str, c
                              "replayed_positions": sum(r.replayed_positions for r in recoveries)})
             except EdgesplitError as exc:
                 runs.append({"kill_at": k, "completed": False, "identical": False, "error": str(exc)[:300]})
-            if ws[0].proc is None or ws[0].proc.poll() is not None:  # "second": bring the killed one back
+            if not ws[0].alive:  # "second": bring the killed one back
                 ws[0].start()
             else:
-                wait_ready(ws[0].endpoint, store.config.d_model, ws[0].proc, stderr_path=ws[0].err)
+                ws[0].wait()
     done = [r for r in runs if r["completed"]]
     ms = [r["recovery_ms"] for r in done]
     return {"sampling": sampling, "mode": mode, "context": context, "runs": len(runs),
