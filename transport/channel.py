@@ -21,13 +21,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from edgesplit.profiles.network import DOWNLINK, UPLINK
+from edgesplit.runtime import codec
 from edgesplit.runtime.errors import EdgesplitError
 from edgesplit.transport.link import EmulatedLink, sleep_until
-from edgesplit.transport.protocol import ErrorFrame, Frame, decode_frame, encode_frame
+from edgesplit.transport.protocol import (Activation, DecodeFrame, ErrorFrame, Frame, decode_frame, encode_frame,
+                                          new_session_id)
 
 log = logging.getLogger(__name__)
 
@@ -303,3 +306,19 @@ class MemoryChannel(Channel):
 
     def _disconnect(self) -> None:
         self._replies.clear()
+
+
+def probe_ms(endpoint: str, d_model: int, *, curve: CurveClientKeys | None = None, timeout_s: float = 0.5,
+             fail_fast: bool = True) -> float:
+    """The round trip (ms) of one probe of the worker at `endpoint`: a `decode` for a session nobody
+    opened, which a live worker answers at once with `unknown_session`. TransportError (a
+    subclass saying why) when nothing answers within `timeout_s` or the worker refuses the keys."""
+    blob = codec.encode(np.zeros((1, d_model), np.float32), codec.parse_codec("f32"))
+    with Channel(endpoint, timeout_s=timeout_s, curve=curve, fail_fast=fail_fast) as ch:
+        t0 = time.perf_counter()
+        try:
+            ch.send(DecodeFrame(new_session_id(), 1, Activation("f32", (1, d_model), blob)))
+            ch.recv()
+        except RemoteError:
+            pass  # unknown_session: the answer a live worker gives
+        return (time.perf_counter() - t0) * 1000.0

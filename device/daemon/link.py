@@ -1,7 +1,8 @@
 """The daemon's view of its link to the cloud: which endpoints answer, and the round trip it measures.
 
-A probe is a `decode` frame for a session nobody opened: a live worker answers it at once with
-`unknown_session`, so the probe's round trip is the link's (plus the worker's frame parsing).
+A probe (transport.channel.probe_ms) is a `decode` frame for a session nobody opened: a live
+worker answers it at once with `unknown_session`, so its round trip is the link's (plus the
+worker's frame parsing).
 `LinkMonitor` probes the endpoints every `interval_s` in a background thread. The uplink's
 bandwidth comes from the requests' own large frames (a prefill's activations): the time the
 device waited beyond the cloud's own handling and the probed round trip is serialization, so
@@ -15,33 +16,13 @@ import dataclasses
 import logging
 import statistics
 import threading
-import time
 from collections import deque
 from typing import Callable
 
-import numpy as np
-
 from edgesplit.profiles.network import NetworkProfile
-from edgesplit.runtime import codec
-from edgesplit.transport.channel import Channel, CurveClientKeys, RemoteError, TransportError
-from edgesplit.transport.protocol import Activation, DecodeFrame, new_session_id
+from edgesplit.transport.channel import CurveClientKeys, TransportError, probe_ms
 
 log = logging.getLogger(__name__)
-
-
-def probe_ms(endpoint: str, d_model: int, curve: CurveClientKeys | None, timeout_s: float = 0.5) -> float | None:
-    """The round trip (ms) of one probe frame to `endpoint`, or None when nothing answers."""
-    blob = codec.encode(np.zeros((1, d_model), np.float32), codec.parse_codec("f32"))
-    with Channel(endpoint, timeout_s=timeout_s, curve=curve, fail_fast=True) as ch:
-        t0 = time.perf_counter()
-        try:
-            ch.send(DecodeFrame(new_session_id(), 1, Activation("f32", (1, d_model), blob)))
-            ch.recv()
-        except RemoteError:
-            pass  # unknown_session: the answer we wanted
-        except TransportError:
-            return None
-        return (time.perf_counter() - t0) * 1000.0
 
 
 class LinkMonitor:
@@ -61,11 +42,12 @@ class LinkMonitor:
     def probe(self) -> bool:
         """Probe the endpoints in order until one answers; returns whether one did."""
         for endpoint in self.endpoints:
-            ms = probe_ms(endpoint, self.d_model, self.curve)
-            if ms is not None:
-                self.rtts.append(ms)
-                self.up = True
-                return True
+            try:
+                self.rtts.append(probe_ms(endpoint, self.d_model, curve=self.curve))
+            except TransportError:
+                continue
+            self.up = True
+            return True
         if self.up:
             log.warning("no cloud endpoint answers (%s)", ", ".join(self.endpoints))
         self.up = False

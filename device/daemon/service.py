@@ -173,11 +173,9 @@ class DaemonService:
             return resolve_split(cfg.model, load_plan_file(policy.plan_file), f"plan file {policy.plan_file}")[1]
         from edgesplit.device.planning.planner import plan_for
 
-        net = self.link.measured_profile()
-        plan: Plan = plan_for(cfg.device_profile, net, self.store, objective=policy.objective,
-                              memory_mb=cfg.memory_budget_mb, latency_ms=policy.latency_target_ms,
-                              min_top1=policy.min_top1)
-        return resolve_split(cfg.model, plan, f"the plan for {cfg.device_profile} over {net.name}")[1]
+        # made for self.store (its identity from the store's shards): nothing to resolve again
+        return plan_for(cfg.device_profile, self.link.measured_profile(), self.store, objective=policy.objective,
+                        memory_mb=cfg.memory_budget_mb, latency_ms=policy.latency_target_ms, min_top1=policy.min_top1)
 
     def _maybe_replan(self) -> None:
         """Plan again when the measured round trip or uplink rate moved enough (the link monitor

@@ -25,15 +25,13 @@ import numpy as np
 from edgesplit.device.split import load_front, run_split
 from edgesplit.device.timings import SplitResponse, aggregate, summarize
 from edgesplit.profiles.network import load_network_profile
-from edgesplit.runtime import codec as codec_lib
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.generate import GenerationRequest, load_tokenizer
 from edgesplit.runtime.memory import available_memory_mb, peak_rss_mb
 from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.store import ModelStore
-from edgesplit.transport.channel import Channel, CurveClientKeys, KeyRefusedError, RemoteError, TransportError
+from edgesplit.transport.channel import CurveClientKeys, KeyRefusedError, TransportError, probe_ms
 from edgesplit.transport.link import EmulatedLink
-from edgesplit.transport.protocol import Activation, DecodeFrame, new_session_id
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +77,17 @@ def wait_ready(endpoint: str, d_model: int, proc: subprocess.Popen | None = None
     or nothing answers within `deadline_s`.
     """
     t0 = time.perf_counter()
-    blob = codec_lib.encode(np.zeros((1, d_model), np.float32), codec_lib.parse_codec("f32"))
     while True:
         if proc is not None and proc.poll() is not None:
             tail = stderr_path.read_text(errors="replace")[-2000:] if stderr_path else ""
             raise TransportError(f"the cloud worker exited with code {proc.returncode} before it was ready:\n{tail}")
-        with Channel(endpoint, timeout_s=probe_s, curve=curve) as ch:
-            try:
-                ch.send(DecodeFrame(new_session_id(), 1, Activation("f32", (1, d_model), blob)))
-                ch.recv()
-                return time.perf_counter() - t0
-            except RemoteError:
-                return time.perf_counter() - t0  # unknown_session: alive and validating
-            except KeyRefusedError:
-                raise  # up, and refusing this key: waiting will not help
-            except TransportError:
-                pass  # not up yet
+        try:
+            probe_ms(endpoint, d_model, curve=curve, timeout_s=probe_s, fail_fast=False)
+            return time.perf_counter() - t0
+        except KeyRefusedError:
+            raise  # up, and refusing this key: waiting will not help
+        except TransportError:
+            pass  # not up yet
         if time.perf_counter() - t0 > deadline_s:
             raise TransportError(f"the cloud worker at {endpoint} did not come up within {deadline_s:g} s")
 
