@@ -13,8 +13,9 @@ with one contiguous read. Converting twice gives the same bytes (no timestamps, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable
+from typing import Callable, Iterator
 
 import hashlib
 import json
@@ -135,8 +136,7 @@ def convert(
     from .tokenizer import build_tokenizer  # heavy; only convert needs it
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         shards = []
         jobs = _shard_jobs(model, tuple(precisions), tuple(head_precisions))
         for name, p, make in tqdm(jobs, desc=f"convert {Path(gguf_path).name}", unit="shard", disable=not progress):
@@ -151,10 +151,6 @@ def convert(
         calibration_ids = tok.encode(CALIBRATION_TEXT, add_special_tokens=False).ids
         manifest["calibration"] = calibrate(model, calibration_ids)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -188,6 +184,19 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A fresh temp directory beside `out` to write a store into; swapped into place at `out`
+    when the block ends, deleted when it raises, so a reader never sees a half-written store."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(new: Path, out: Path) -> None:

@@ -23,15 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgesplit.runtime.errors import ChecksumError, ConfigError, ModelFormatError, StoreVersionError
-from edgesplit.runtime.store import ModelStore, TensorEntry, replace_dir, sha256_file
+from edgesplit.runtime.store import ModelStore, TensorEntry, sha256_file, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +193,7 @@ def build_flash_store(store: ModelStore, out: str | os.PathLike, settings: dict,
 
     out = Path(out)
     cfg = store.config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         emb = store.load("token_embd", "q8")
         rows = np.concatenate([emb["scales"].view(np.uint8), emb["qweight"].reshape(cfg.vocab_size, -1)], axis=1)
         (tmp / "embedding.bin").write_bytes(np.ascontiguousarray(rows).tobytes())
@@ -220,10 +217,6 @@ def build_flash_store(store: ModelStore, out: str | os.PathLike, settings: dict,
             "files": [{"name": n, "nbytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in FILES],
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
