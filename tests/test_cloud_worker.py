@@ -7,9 +7,7 @@ with transport.protocol and activations with runtime.codec from a local front Se
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
 
 import msgpack
@@ -27,6 +25,7 @@ from edgesplit.runtime.plan import ModelIdentity, Plan
 from edgesplit.runtime.sampling import SamplingParams
 from edgesplit.transport import protocol as P
 from edgesplit.transport.channel import MemoryChannel, RemoteError
+from worker_thread import running_worker
 
 MAX_SEQ = 64  # tokens: plan capacity of the ordinary sessions here
 EXACT = dict(accuracy_level=0, head_accuracy_level=0)  # fp32 compute: split == unsplit exactly
@@ -46,22 +45,6 @@ def make_plan(store, cut: int, max_seq_len: int = MAX_SEQ, fingerprint: str | No
 def activation(x: np.ndarray) -> P.Activation:
     x = np.ascontiguousarray(x, np.float32)
     return P.Activation("f32", x.shape, codec.encode(x, F32))
-
-
-@contextlib.contextmanager
-def running_worker(store, **kwargs):
-    """A CloudWorker serving in a background thread on a random port; stopped and closed on exit."""
-    worker = CloudWorker(store, bind="tcp://127.0.0.1:0", threads=1, **kwargs)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.serve_forever, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield worker
-    finally:
-        stop.set()
-        thread.join(5)
-        assert not thread.is_alive(), "worker did not stop within 5 s"
-        worker.close()
 
 
 class Client:

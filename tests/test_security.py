@@ -3,10 +3,8 @@ per-device quotas. Real sockets and a running authenticator wherever keys are in
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-import threading
 import time
 
 import numpy as np
@@ -19,6 +17,7 @@ from edgesplit.runtime.plan import PlanSettings, make_plan
 from edgesplit.transport import protocol as P
 from edgesplit.transport import security
 from edgesplit.transport.channel import Channel, KeyRefusedError, MemoryChannel, RemoteError
+from worker_thread import running_worker
 
 PROMPT = [1, 5, 9, 30, 2]
 
@@ -32,20 +31,6 @@ def keys(tmp_path):
     _, stranger_sec = security.new_device("stranger", tmp_path / "stranger")
     security.enrol(folder, "pi", pi_pub)
     return dict(folder=folder, cloud_key=cloud_key, pi=pi_sec, stranger=stranger_sec, pi_pub=pi_pub)
-
-
-@contextlib.contextmanager
-def serving(store, **kwargs):
-    worker = CloudWorker(store, bind="tcp://127.0.0.1:0", threads=1, **kwargs)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.serve_forever, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield worker
-    finally:
-        stop.set()
-        thread.join(10)
-        worker.close()
 
 
 def tokens(store, endpoint, curve=None, **kw):
@@ -79,15 +64,15 @@ def test_key_files_and_their_refusals(keys, tmp_path):
 
 # ---------------------------------------------------------------- CurveZMQ
 def test_enrolled_device_is_served_and_gets_the_plain_tokens(tiny_store, keys):
-    with serving(tiny_store) as plain:
+    with running_worker(tiny_store) as plain:
         want = tokens(tiny_store, plain.endpoint)
-    with serving(tiny_store, keys=security.ServerKeys.load(keys["folder"])) as worker:
+    with running_worker(tiny_store, keys=security.ServerKeys.load(keys["folder"])) as worker:
         got = tokens(tiny_store, worker.endpoint, security.device_keys(keys["pi"], keys["cloud_key"]))
     assert got == want and len(got) == 8
 
 
 def test_unenrolled_key_is_refused_quickly_and_never_served(tiny_store, keys):
-    with serving(tiny_store, keys=security.ServerKeys.load(keys["folder"])) as worker:
+    with running_worker(tiny_store, keys=security.ServerKeys.load(keys["folder"])) as worker:
         t0 = time.perf_counter()
         with pytest.raises(KeyRefusedError, match="cloud refused this device's key"):
             tokens(tiny_store, worker.endpoint, security.device_keys(keys["stranger"], keys["cloud_key"]))
@@ -96,14 +81,14 @@ def test_unenrolled_key_is_refused_quickly_and_never_served(tiny_store, keys):
 
 
 def test_plain_client_against_a_curve_worker_is_refused(tiny_store, keys):
-    with serving(tiny_store, keys=security.ServerKeys.load(keys["folder"])) as worker:
+    with running_worker(tiny_store, keys=security.ServerKeys.load(keys["folder"])) as worker:
         with pytest.raises(KeyRefusedError):
             tokens(tiny_store, worker.endpoint)
         assert worker.frames_handled == 0
 
 
 def test_revocation_closes_the_devices_sessions_and_enrolment_needs_no_restart(tiny_store, keys, tmp_path):
-    with serving(tiny_store, keys=security.ServerKeys.load(keys["folder"])) as worker:
+    with running_worker(tiny_store, keys=security.ServerKeys.load(keys["folder"])) as worker:
         curve = security.device_keys(keys["pi"], keys["cloud_key"])
         gen = run_split(tiny_store, worker.endpoint, make_plan(tiny_store, PlanSettings(1, max_seq_len=32)), PROMPT,
                         None, 8, stop_ids=(), timeout_s=5.0, curve=curve, failover=False)
