@@ -24,6 +24,20 @@ def _decode_all(engine, ids, n_prefill):
     return np.concatenate(rows)
 
 
+def _decode_chained(parts, ids, n_prefill):
+    """`_decode_all` through segments chained in order: each one's output is the next one's input."""
+    x = ids[:n_prefill]
+    for p in parts:
+        x = p.prefill(x, all_logits=True) if p is parts[-1] else p.prefill(x)
+    rows = [x]
+    for t in ids[n_prefill:]:
+        x = np.array([t])
+        for p in parts:
+            x = p.decode(x)
+        rows.append(x)
+    return np.concatenate(rows)
+
+
 @pytest.mark.parametrize("precision,head", [("f32", "f32"), ("q4", "q8"), ("q4", "f32")])
 def test_engine_matches_reference(tiny_store, tiny_ref, precision, head):
     # q4 is the GGUF's own Q4_1 blocks and q8 the Q8_0 table: both exact at accuracy level 0
@@ -98,16 +112,7 @@ def test_a_cut_changes_nothing_at_the_default_setting(tiny_store, cuts):
     parts = [SegmentEngine(tiny_store, a, b, max_seq_len=64) for a, b in zip(cuts, cuts[1:])]
     want = _decode_all(whole, IDS, 6)
     assert np.array_equal(_decode_all(again, IDS, 6), want)
-    x = IDS[:6]
-    for p in parts:
-        x = p.prefill(x, all_logits=True) if p.end == 3 else p.prefill(x)
-    rows = [x]
-    for t in IDS[6:]:
-        x = np.array([t])
-        for p in parts:
-            x = p.decode(x)
-        rows.append(x)
-    assert np.array_equal(np.concatenate(rows), want)
+    assert np.array_equal(_decode_chained(parts, IDS, 6), want)
 
 
 @pytest.mark.parametrize("cuts", [[0, 1, 3], [0, 2, 3], [0, 1, 2, 3]])
@@ -116,16 +121,7 @@ def test_segments_chain_to_the_whole(tiny_store, cuts):
     parts = [SegmentEngine(tiny_store, a, b, max_seq_len=64, precision="f32", head_precision="f32")
              for a, b in zip(cuts, cuts[1:])]
     want = _decode_all(whole, IDS, 6)
-    x = IDS[:6]
-    for p in parts:
-        x = p.prefill(x, all_logits=True) if p.end == 3 else p.prefill(x)
-    rows = [x]
-    for t in IDS[6:]:
-        x = np.array([t])
-        for p in parts:
-            x = p.decode(x)
-        rows.append(x)
-    got = np.concatenate(rows)
+    got = _decode_chained(parts, IDS, 6)
     assert np.abs(got - want).max() <= 1e-5
     assert parts[0].start == 0 and parts[-1].end == 3
 
