@@ -143,8 +143,12 @@ class Session:
         """Run the back segment on the prompt's `hidden` (T, d) float32 (alone: multi-token steps run
         at batch 1) and sample the first token."""
         t0 = time.perf_counter()
-        logits = self.engine.engine.prefill(hidden, cache=self.cache)
-        return self.sample(logits[0], t0)
+        return self.sample(self.run_prompt(hidden)[0], t0)
+
+    def run_prompt(self, hidden: np.ndarray) -> np.ndarray:
+        """Extend the KV cache by `hidden` (T, d), the whole prompt or its next chunk; the logits
+        (1, V) of its last position."""
+        return self.engine.engine.prefill(hidden, cache=self.cache)
 
     def decoded(self, logits: np.ndarray, t0: float) -> StepResult:
         """A decode step ran for this session in a batch (its KV slot now holds one more position):

@@ -16,10 +16,11 @@ frame or when the allow-list is re-read. Session routing lives here, never in th
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -39,6 +40,7 @@ from edgesplit.transport.security import ServerKeys
 from .batcher import DecodeBatch, Pending
 from .engines import EnginePool
 from .listener import Listener, Message
+from .prefills import DEFAULT_CHUNK, PrefillJob, PrefillQueue
 from .refusals import RefusalLog
 from .session import Session, kv_cache_mb
 
@@ -49,6 +51,10 @@ ENDS_SESSION = frozenset((TOO_LONG, PLAN_MISMATCH, LIMIT, INTERNAL))
 POLL_MS = 50  # longest wait for a frame before the idle sweep and the stop event are checked again
 RELOAD_S = 1.0  # how often the allow-list folder is checked for changes
 DEFAULT_KV_SHARE = 0.5  # without --max-kv-mb: this share of the memory available at start
+
+
+def _same(frame: Frame) -> Frame:
+    return frame
 
 
 class CloudWorker:
@@ -67,7 +73,7 @@ class CloudWorker:
                  max_sessions_per_device: int = 4, idle_timeout_s: float = 60.0, threads: int = 2,
                  max_kv_mb: float | None = None, max_kv_mb_per_device: float | None = None,
                  warm_plans: Iterable[Plan] = (), keys: ServerKeys | None = None, insecure: bool = False,
-                 batch_window_ms: float = 2.0, **engine_kwargs):
+                 batch_window_ms: float = 2.0, prefill_chunk: int = DEFAULT_CHUNK, **engine_kwargs):
         if max_sessions < 1 or max_sessions_per_device < 1:
             raise EdgesplitError(f"max_sessions ({max_sessions}) and max_sessions_per_device "
                                  f"({max_sessions_per_device}) must be >= 1")
@@ -85,6 +91,7 @@ class CloudWorker:
         self.batch = DecodeBatch()
         self._stepped: list[tuple[bytes, Frame]] = []  # replies of batches already run, not yet sent
         self.batch_window_ms = float(batch_window_ms)
+        self.prefills = PrefillQueue(prefill_chunk)  # long prompts, a chunk per turn of the loop
         self.sessions: dict[str, Session] = {}
         self.refusals = RefusalLog()
         self.frames_handled = 0
@@ -115,9 +122,11 @@ class CloudWorker:
         poll_ms = max(1, min(POLL_MS, int(self.idle_timeout_s * 1000 / 4)))
         next_reload = time.monotonic() + RELOAD_S
         while not stop_event.is_set():
-            msg = self.listener.poll(poll_ms)
+            msg = self.listener.poll(0 if self.prefills else poll_ms)
             if msg is not None:
                 self.handle_messages(self._gather(msg))
+            if self.prefills:
+                self._send(self._advance_prefill())
             self.evict_idle()
             if reload_event.is_set() or time.monotonic() > next_reload:
                 self.reload_keys(force=reload_event.is_set())
@@ -204,7 +213,10 @@ class CloudWorker:
     def handle_messages(self, msgs: list[Message]) -> None:
         """Handle ROUTER messages that arrived together and send the replies: each frame in arrival
         order, except that the decode steps among them run as batches at the end."""
-        for routing_id, reply in self._replies(msgs):
+        self._send(self._replies(msgs))
+
+    def _send(self, replies: list[tuple[bytes, Frame]]) -> None:
+        for routing_id, reply in replies:
             if self.listener is not None and not self.listener.send(routing_id, encode_frame(reply)):
                 log.warning("reply to %r dropped: the peer is not reading (%s)", routing_id, reply.kind)
 
@@ -238,6 +250,40 @@ class CloudWorker:
         self._run_batch()
         out += self._stepped
         self._stepped = []
+        while self.listener is None and self.prefills:  # no loop to interleave with: run prompts whole
+            out += self._advance_prefill()
+        return out
+
+    def _advance_prefill(self) -> list[tuple[bytes, Frame]]:
+        """Run one chunk of the oldest long prompt; once it is in, its token frame and the replies
+        to the frames of its session that waited behind it."""
+        job = self.prefills.jobs[0]
+        try:
+            done = self.prefills.advance(self.sessions)
+        except Exception as exc:  # noqa: BLE001 -- as in _answer: this session ends, the others go on
+            log.exception("prompt chunk failed (session %s)", job.session.session_id)
+            err = error_frame_for(exc, job.frame.session, job.frame.seq)
+            self._drop(job.session.session_id, err.code)
+            self.refusals.refused(err)
+            return [(job.routing_id, err)]
+        if done is None:
+            return []
+        job, result = done
+        if result is None:  # more chunks to come
+            return []
+        out: list[tuple[bytes, Frame]] = [(job.routing_id, TokenFrame(
+            job.frame.session, job.frame.seq, result.token, result.finish_reason,
+            {"cloud_compute": result.compute_ms, "decode_activation": job.decode_ms,
+             "cloud_frame": (time.perf_counter() - job.t_frame) * 1000.0, "batch": 1, "chunks": job.chunks}))]
+        for routing_id, owner, frame in job.backlog:
+            reply = self._answer(owner, routing_id, functools.partial(_same, frame))
+            out += self._stepped
+            self._stepped = []
+            if reply is not None:
+                out.append((routing_id, reply))
+        self._run_batch()
+        out += self._stepped
+        self._stepped = []
         return out
 
     def _run_batch(self) -> None:
@@ -250,15 +296,23 @@ class CloudWorker:
 
     def _reply_for(self, routing_id: bytes, data: bytes, user_id: str | None) -> Frame | None:
         """The reply to one frame: a token frame, None (open/close), or the error frame refusing it."""
-        frame: Frame | None = None
         # The device's identity: its enrolled key (CurveZMQ), else its routing id.
         owner = user_id if user_id is not None else routing_id.hex()
-        try:
+
+        def read() -> Frame:
             frame = decode_frame(data)
             if self.listener is not None and not self.listener.enrolled(user_id):
                 self._drop_owned_by(owner)
                 raise ProtocolError(UNAUTHORIZED, "this device's key is no longer enrolled on this worker",
                                     getattr(frame, "session", None), getattr(frame, "seq", None))
+            return frame
+        return self._answer(owner, routing_id, read)
+
+    def _answer(self, owner: str, routing_id: bytes, read: Callable[[], Frame]) -> Frame | None:
+        """The reply to the frame `read()` gives (decoded and checked there), or the error frame refusing it."""
+        frame: Frame | None = None
+        try:
+            frame = read()
             return self._dispatch(owner, routing_id, frame)
         except EdgesplitError as exc:
             err = error_frame_for(exc, getattr(frame, "session", None), getattr(frame, "seq", None))
@@ -268,6 +322,9 @@ class CloudWorker:
             log.exception("internal error on a %s frame (session %s)", getattr(frame, "kind", "?"),
                           getattr(frame, "session", None))
             err = error_frame_for(exc, getattr(frame, "session", None), getattr(frame, "seq", None))
+        return self._refuse(owner, frame, err)
+
+    def _refuse(self, owner: str, frame: Frame | None, err: ErrorFrame) -> ErrorFrame:
         if err.code in ENDS_SESSION and err.session is not None and not isinstance(frame, OpenFrame):
             s = self.sessions.get(err.session)
             if s is not None and s.owner == owner:
@@ -290,6 +347,10 @@ class CloudWorker:
         if session is None or session.owner != owner:  # another device's session: the same answer
             raise ProtocolError(UNKNOWN_SESSION, f"session {frame.session} is not held by this worker "
                                 "(never opened, closed, or timed out)", frame.session, frame.seq)
+        job = self.prefills.job_for(session)
+        if job is not None:  # its prompt is still running: the frame waits until it is in
+            job.backlog.append((routing_id, owner, frame))
+            return None
         if isinstance(frame, CloseFrame):
             session.seq.check(frame.seq)  # a stale or future close is refused, the session kept
             self._drop(frame.session, "closed")
@@ -382,6 +443,9 @@ class CloudWorker:
         session.accept(frame)
         if isinstance(frame, DecodeFrame):
             self.batch.add(Pending(routing_id, session, frame, hidden, decode_ms, self._t_frame))
+            return None
+        if self.prefills.wants(t):
+            self.prefills.add(PrefillJob(routing_id, session, frame, hidden, decode_ms, self._t_frame))
             return None
         result = session.prefill(hidden)
         # cloud_frame: receipt of the frame to its reply built (parsing, validation, decoding,
