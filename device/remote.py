@@ -33,6 +33,7 @@ from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.sampling import SamplingParams, concrete_seed
 from edgesplit.transport.channel import (Channel, CloudLostError, KeyRefusedError, RemoteError, ReplyTimeoutError,
                                          TransportError)
+from edgesplit.transport.directory import DirectoryError
 from edgesplit.transport.protocol import (
     INTERNAL, LIMIT, UNKNOWN_SESSION, Activation, CloseFrame, DecodeFrame, OpenFrame, PrefillFrame, TokenFrame,
     make_sampling, new_session_id,
@@ -53,6 +54,9 @@ class Failover:
     endpoints: tuple[str, ...]
     connect: Callable[[str], Channel]
     attempts: int = 10
+    # a pool's directory: a session id's endpoints in failover order, asked afresh each call
+    # (transport/directory.py); None: `endpoints` as given
+    routes: Callable[[str], tuple[str, ...]] | None = None
     backoff_s: float = 0.05
     max_backoff_s: float = 2.0
     give_up_after_s: float = 30.0  # no new attempt starts later than this after the failure
@@ -125,6 +129,8 @@ class RemoteSegment:
         if self.session is not None:
             raise ConfigError("RemoteSegment.prefill called twice in one session: call reset() first")
         self.session = new_session_id()
+        if self.failover is not None and self.failover.routes is not None:
+            self._use(self.failover.routes(self.session)[0])  # the session's own replica
         # a concrete seed, so that a replay of this session on another worker draws the same tokens
         params = dataclasses.replace(self.params, seed=concrete_seed(self.params.seed))
         sampling = make_sampling(params, self.max_tokens, self.stop_ids)
@@ -164,6 +170,13 @@ class RemoteSegment:
         return out
 
     # -- internals -------------------------------------------------------------------------
+    def _use(self, endpoint: str) -> None:
+        """Talk to `endpoint` from now on (a new channel unless already there)."""
+        assert self.failover is not None
+        if self.channel.endpoint != endpoint or self.channel.closed:
+            self.channel.close()
+            self.channel = self.failover.connect(endpoint)
+
     def _send(self, frame) -> None:
         t = self.timings
         t.uplink_ms += self.channel.send(frame)
@@ -238,17 +251,24 @@ class RemoteSegment:
         fo, t0 = self.failover, time.perf_counter()
         log.warning("session %s lost its cloud worker at %s (%s): recovering by replay of %d frame(s)",
                     self.session, self.channel.endpoint, cause, len(self.log.frames))
+        key = self.log.open.session  # the session's first id keeps its place in a pool's hash order
         start = fo.endpoints.index(self.channel.endpoint) if self.channel.endpoint in fo.endpoints else 0
         last: Exception = cause
         for attempt in range(fo.attempts):
             if time.perf_counter() - t0 > fo.give_up_after_s:
                 break
             time.sleep(min(fo.backoff_s * 2 ** attempt, fo.max_backoff_s))
-            endpoint = fo.endpoints[(start + attempt) % len(fo.endpoints)]
-            self.channel.close()
-            self.channel = fo.connect(endpoint)
             try:
+                # a pool: its own replica first (restarted, or still listed), then the next in its order
+                endpoints = fo.endpoints[start:] + fo.endpoints[:start] if fo.routes is None else fo.routes(key)
+                endpoint = endpoints[attempt % len(endpoints)]
+                self.channel.close()
+                self.channel = fo.connect(endpoint)
                 reply = self._replay()
+            except DirectoryError as exc:  # the pool's directory may be restarting too
+                last = exc
+                log.warning("recovery attempt %d: %s", attempt + 1, exc)
+                continue
             except TransportError as exc:
                 if not recoverable(exc):
                     raise

@@ -18,12 +18,14 @@ from edgesplit.device.remote import Failover, RemoteSegment
 from edgesplit.device.timings import SplitResponse
 from edgesplit.runtime import codec
 from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.generate import GenerationResponse, Segment, load_tokenizer, stream_generate
 from edgesplit.runtime.plan import Plan, front_settings
 from edgesplit.runtime.sampling import SamplingParams
 from edgesplit.runtime.store import ModelStore
 from edgesplit.runtime.tokenizer import Tokenizer
 from edgesplit.transport.channel import Channel, CurveClientKeys
+from edgesplit.transport.directory import query as query_directory, routes as directory_routes
 from edgesplit.transport.link import EmulatedLink
 
 
@@ -132,15 +134,18 @@ def load_front(store: ModelStore, plan: Plan, *, threads: int = 2):
                                                            max_seq_len=plan.max_seq_len, threads=threads))
 
 
-def run_split(store: ModelStore, cloud: str | Sequence[str], plan: Plan, prompt_ids: str | Sequence[int],
+def run_split(store: ModelStore, cloud: str | Sequence[str] | None, plan: Plan, prompt_ids: str | Sequence[int],
               params: SamplingParams | None = None, max_tokens: int = 128, link: EmulatedLink | None = None,
               *, stop_ids: Iterable[int] | None = None, tokenizer: Tokenizer | None = None,
               front: Segment | None = None, threads: int = 2, timeout_s: float = 10.0,
               identity: dict | None = None, curve: CurveClientKeys | None = None,
-              failover: bool = True, recoveries: list | None = None) -> Generator[SplitResponse, None, None]:
+              failover: bool = True, recoveries: list | None = None,
+              directory: str | None = None) -> Generator[SplitResponse, None, None]:
     """Generate split: the front [0, cut) here, the back on a cloud worker.
 
-    `cloud`: the worker's endpoint, or endpoints in failover order. `prompt_ids`: token ids, or
+    `cloud`: the worker's endpoint, or endpoints in failover order; or None and `directory`, a
+    pool's directory endpoint (transport/directory.py): each session goes to the replica its id
+    hashes to, and on failure to the next live one in its order. `prompt_ids`: token ids, or
     text (encoded as is; apply `tokenizer.chat_prompt` first for chat). `stop_ids` default to the
     tokenizer's eos ids. `front`: an already loaded front (else one is loaded as the plan says).
     `link`: emulate a network profile on the channel. `curve`: this device's CurveZMQ keys and the
@@ -150,7 +155,11 @@ def run_split(store: ModelStore, cloud: str | Sequence[str], plan: Plan, prompt_
     """
     if not isinstance(store, ModelStore):
         store = ModelStore(store)
-    endpoints = (cloud,) if isinstance(cloud, str) else tuple(cloud)
+    if (cloud is None) == (directory is None):
+        raise ConfigError("run_split needs either cloud endpoints or a pool directory, not both")
+    routes = None if directory is None else directory_routes(directory, timeout_s=min(timeout_s, 2.0))
+    endpoints = (tuple(r.endpoint for r in query_directory(directory)) if directory is not None
+                 else (cloud,) if isinstance(cloud, str) else tuple(cloud or ()))
     tok = tokenizer or load_tokenizer(store)
     ids = tok.encode(prompt_ids) if isinstance(prompt_ids, str) else [int(i) for i in prompt_ids]
     stops = tok.eos_ids if stop_ids is None else frozenset(int(i) for i in stop_ids)
@@ -164,8 +173,8 @@ def run_split(store: ModelStore, cloud: str | Sequence[str], plan: Plan, prompt_
     remote = RemoteSegment(channel, plan, params, max_tokens=max_tokens, stop_ids=stops, identity=identity,
                            prompt_ids=ids, codec_table=codec.table_for(plan.codec, store.manifest.get("calibration"),
                                                                        plan.cut),
-                           failover=Failover(endpoints, connect, give_up_after_s=max(2 * timeout_s, 10.0))
-                           if failover else None)
+                           failover=Failover(endpoints, connect, give_up_after_s=max(2 * timeout_s, 10.0),
+                                             routes=routes) if failover or routes else None)
     try:
         for resp in stream_generate([timed_front], timed_tok, ids, params, max_tokens=max_tokens,
                                     stop_ids=stops, remote=remote):

@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--concurrency", type=_int_list, default=[1, 4, 8, 16, 32], metavar="N[,N...]",
                    help="with --worker: concurrent sessions per level (default 1,4,8,16,32)")
     g.add_argument("--duration-s", type=float, default=10.0, help="with --worker: seconds per level (default 10)")
+    g.add_argument("--replicas", type=_int_list, default=[], metavar="R[,R...]",
+                   help="with --worker: measure a `cloud pool` of each size instead of one worker (Ray)")
     p.set_defaults(func=cmd_bench)
     add_split_commands(sub, common)
     add_plan_commands(sub, common)
@@ -230,7 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from edgesplit.runtime.plan import PlanSettings, resolve_split
 
         wreq = WorkerBenchRequest(tuple(args.concurrency), args.duration_s, args.prompt_tokens,
-                                  args.decode_tokens, args.threads)
+                                  args.decode_tokens, args.threads, tuple(args.replicas))
         store, plan = resolve_split(args.model, PlanSettings(args.cut, max_seq_len=512))
         print(json.dumps(worker_bench(store, plan, wreq)))
         return 0

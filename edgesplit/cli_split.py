@@ -13,6 +13,8 @@ from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
 from edgesplit.runtime.models import DEFAULT_MODEL
 from edgesplit.runtime.sampling import SamplingParams
 
+from .cli_pool import add_pool_command
+
 
 def _add_split_flags(p: argparse.ArgumentParser) -> None:
     """Plan and sampling flags shared by `device run` and `simulate`.
@@ -74,13 +76,19 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="build this plan's back segment at start (repeatable); other plans build at first use")
     p.add_argument("--idle-timeout-s", type=float, default=60.0, help="evict a silent session after this (default 60)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
+    p.add_argument("--prefill-chunk", type=int, default=128, metavar="N",
+                   help="run prompts longer than N positions N at a time, between other sessions' steps (0: whole)")
     p.set_defaults(func=cmd_cloud_serve)
+    add_pool_command(csub, common)
 
     device = sub.add_parser("device", parents=[common], help="the device client")
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
     p = dsub.add_parser("run", parents=[common], help="generate with the back segment on a cloud worker")
-    p.add_argument("--cloud", required=True, metavar="A[,B...]",
-                   help="the worker's ZeroMQ endpoint, e.g. tcp://10.0.0.2:5555; more, comma-separated, for failover")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--cloud", metavar="A[,B...]",
+                       help="the worker's ZeroMQ endpoint, e.g. tcp://10.0.0.2:5555; more, comma-separated, for failover")
+    where.add_argument("--directory", metavar="ENDPOINT",
+                       help="a worker pool's directory (edgesplit cloud pool): the session goes to its hashed worker")
     p.add_argument("--timeout-s", type=float, default=30.0, help="give up when the cloud is silent this long")
     _add_split_flags(p)
     p.set_defaults(func=cmd_device_run)
@@ -187,7 +195,7 @@ def cmd_cloud_serve(args: argparse.Namespace) -> int:
     serve(args.model, args.bind, max_sessions=args.max_sessions, max_sessions_per_device=args.max_sessions_per_device,
           idle_timeout_s=args.idle_timeout_s, threads=args.threads, max_kv_mb=args.max_kv_mb,
           max_kv_mb_per_device=args.max_kv_mb_per_device, keys=keys, insecure=args.insecure,
-          warm_plans=[load_plan_file(f) for f in args.warm_plan])
+          warm_plans=[load_plan_file(f) for f in args.warm_plan], prefill_chunk=args.prefill_chunk)
     return 0
 
 
@@ -212,10 +220,11 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     link = EmulatedLink(load_network_profile(args.network)) if args.network != "loopback" else None
     last = None
     front = load_front(store, plan, threads=args.threads)
-    endpoints = [e.strip() for e in args.cloud.split(",") if e.strip()]
+    endpoints = None if args.cloud is None else [e.strip() for e in args.cloud.split(",") if e.strip()]
     recoveries: list = []
     for last in run_split(store, endpoints, plan, request.prompt_ids(tok), request.params, request.max_tokens, link,
-                          tokenizer=tok, front=front, timeout_s=args.timeout_s, curve=curve, recoveries=recoveries):
+                          tokenizer=tok, front=front, timeout_s=args.timeout_s, curve=curve, recoveries=recoveries,
+                          directory=args.directory):
         _stream(last)
     sys.stdout.write("\n")
     if last is not None:

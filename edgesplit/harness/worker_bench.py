@@ -6,17 +6,24 @@ for each N, N client sockets replay them as sessions back to back for `duration_
 sent when the previous reply arrived, so only the worker is measured: aggregate tok/s, per-token
 latency p50/p99 (frame sent to token received), the worker's RSS, and the batch sizes it reports
 in the token frames' timing (`batch`: sessions stepped in one forward pass).
+
+With `--replicas R[,R...]` the same levels run against a `cloud pool` of each size (Ray actors on
+this machine, sharing its CPUs), each session sent to the replica its id hashes to.
 """
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import psutil
@@ -31,6 +38,7 @@ from edgesplit.runtime.plan import Plan, back_settings, front_settings
 from edgesplit.runtime.store import ModelStore
 from edgesplit.transport import protocol as P
 from edgesplit.transport.channel import Channel
+from edgesplit.transport.directory import DirectoryError, Replica, query, rank
 
 
 @dataclass(frozen=True)
@@ -39,11 +47,14 @@ class WorkerBenchRequest:
     duration_s: float = 10.0
     prompt_tokens: int = 32
     tokens: int = 32  # tokens per session
-    threads: int = 2  # the worker's onnxruntime threads
+    threads: int = 2  # the worker's onnxruntime threads (a pool's replicas share them)
+    replicas: tuple[int, ...] = ()  # pool sizes to measure (`cloud pool`); empty: one `cloud serve`
 
     def __post_init__(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1 or self.duration_s <= 0 or self.tokens < 2:
             raise ConfigError(f"bench --worker needs concurrency >= 1, duration_s > 0 and tokens >= 2, got {self}")
+        if self.replicas and min(self.replicas) < 1:
+            raise ConfigError(f"bench --worker --replicas needs pool sizes >= 1, got {self.replicas}")
 
 
 def record(store: ModelStore, plan: Plan, prompt_tokens: int, tokens: int) -> list[P.Activation]:
@@ -68,20 +79,24 @@ def record(store: ModelStore, plan: Plan, prompt_tokens: int, tokens: int) -> li
 
 
 class _Client(threading.Thread):
-    """One socket replaying the recorded session back to back until `stop`."""
+    """One client replaying the recorded session back to back until `stop`, each session sent to
+    the endpoint `route` gives for its id (one socket per endpoint)."""
 
-    def __init__(self, endpoint: str, plan: Plan, acts: list[P.Activation], stop: threading.Event):
+    def __init__(self, route: Callable[[str], str], plan: Plan, acts: list[P.Activation], stop: threading.Event):
         super().__init__(daemon=True)
-        self.endpoint, self.plan, self.acts, self.stop_event = endpoint, plan, acts, stop
+        self.route, self.plan, self.acts, self.stop_event = route, plan, acts, stop
         self.latencies_ms: list[float] = []
         self.batches: Counter[int] = Counter()
         self.tokens = 0
         self.errors: list[str] = []
 
     def run(self) -> None:
-        with Channel(self.endpoint, timeout_s=60.0) as ch:
+        channels: dict[str, Channel] = {}
+        try:
             while not self.stop_event.is_set():
                 sid = P.new_session_id()
+                endpoint = self.route(sid)
+                ch = channels.get(endpoint) or channels.setdefault(endpoint, Channel(endpoint, timeout_s=60.0))
                 ch.send(P.OpenFrame(sid, self.plan, P.make_sampling(max_tokens=len(self.acts))), emulate=False)
                 for seq, act in enumerate(self.acts, start=1):
                     frame = P.PrefillFrame(sid, seq, act) if seq == 1 else P.DecodeFrame(sid, seq, act)
@@ -99,19 +114,26 @@ class _Client(threading.Thread):
                     self.batches[int(reply.timing.get("batch", 1))] += 1
                     self.tokens += 1
                 ch.send(P.CloseFrame(sid, len(self.acts) + 1), emulate=False)
+        finally:
+            for ch in channels.values():
+                ch.close()
 
 
-def _level(endpoint: str, plan: Plan, acts: list[P.Activation], n: int, duration_s: float,
-           worker: psutil.Process) -> dict:
+def _rss_mb(workers: list[psutil.Process]) -> float:
+    return sum(w.memory_info().rss for w in workers) / MB
+
+
+def _level(route: Callable[[str], str], plan: Plan, acts: list[P.Activation], n: int, duration_s: float,
+           workers: list[psutil.Process]) -> dict:
     stop = threading.Event()
-    clients = [_Client(endpoint, plan, acts, stop) for _ in range(n)]
-    rss = [worker.memory_info().rss / MB]
+    clients = [_Client(route, plan, acts, stop) for _ in range(n)]
+    rss = [_rss_mb(workers)]
     t0 = time.perf_counter()
     for c in clients:
         c.start()
     while time.perf_counter() - t0 < duration_s:
         time.sleep(0.25)
-        rss.append(worker.memory_info().rss / MB)
+        rss.append(_rss_mb(workers))
     stop.set()
     for c in clients:
         c.join(120)
@@ -126,26 +148,77 @@ def _level(endpoint: str, plan: Plan, acts: list[P.Activation], n: int, duration
             "errors": [e for c in clients for e in c.errors]}
 
 
+@contextmanager
+def _one_worker(store: ModelStore, plan_file: Path, req: WorkerBenchRequest,
+                tmp: Path) -> Iterator[tuple[Callable[[str], str], list[psutil.Process]]]:
+    """`cloud serve` on a free loopback port: every session goes to it."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    extra = ("--threads", str(req.threads), "--warm-plan", str(plan_file), "--max-sessions",
+             str(2 * max(req.concurrency)))
+    proc = start_worker(str(store.path), endpoint, extra, tmp / "worker.log")
+    try:
+        wait_ready(endpoint, store.config.d_model, proc, stderr_path=tmp / "worker.log")
+        yield (lambda _sid: endpoint), [psutil.Process(proc.pid)]
+    finally:
+        stop_worker(proc)
+
+
+@contextmanager
+def _pool(store: ModelStore, plan_file: Path, req: WorkerBenchRequest, tmp: Path,
+          replicas: int) -> Iterator[tuple[Callable[[str], str], list[psutil.Process]]]:
+    """`cloud pool` with `replicas` workers sharing this machine's CPUs (req.threads split among
+    them): each session goes to the replica its id hashes to, as a device's would."""
+    threads = max(1, req.threads // replicas)
+    directory = f"tcp://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "edgesplit", "cloud", "pool", "--model", str(store.path), "--replicas", str(replicas),
+           "--directory", directory, "--threads", str(threads), "--cpus-per-replica", f"{req.threads / replicas:g}",
+           "--warm-plan", str(plan_file), "--max-sessions", str(2 * max(req.concurrency))]
+    with (tmp / "pool.log").open("wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        live = wait_directory(directory, replicas, proc, tmp / "pool.log")
+        yield (lambda sid: rank(sid, live)[0].endpoint), [psutil.Process(r.pid) for r in live]
+    finally:
+        stop_worker(proc)
+
+
+def wait_directory(directory: str, replicas: int, proc: subprocess.Popen, log_path: Path,
+                   deadline_s: float = 300.0) -> tuple[Replica, ...]:
+    """The pool's live replicas once its directory lists `replicas` of them (ConfigError if the
+    pool process exits first or the deadline passes)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < deadline_s:
+        if proc.poll() is not None:
+            raise ConfigError(f"cloud pool exited ({proc.returncode}): {log_path.read_text(errors='replace')[-2000:]}")
+        try:
+            live = query(directory, timeout_s=1.0)
+            if len(live) == replicas:
+                return live
+        except DirectoryError:
+            pass  # not up yet
+        time.sleep(0.5)
+    raise ConfigError(f"cloud pool's directory {directory} did not list {replicas} replicas within {deadline_s:g} s")
+
+
 def worker_bench(store: ModelStore, plan: Plan, req: WorkerBenchRequest) -> dict:
-    """Every concurrency level of `req` against one worker process; one JSON-able dict."""
+    """Every concurrency level of `req` against one worker process, or for each pool size in
+    `req.replicas` against a pool of that many; one JSON-able dict."""
     acts = record(store, plan, req.prompt_tokens, req.tokens)
+    out: dict = {"cut": plan.cut, "threads": req.threads, "prompt_tokens": req.prompt_tokens, "tokens": req.tokens}
     with tempfile.TemporaryDirectory(prefix="edgesplit-worker-bench-") as tmp_name:
         tmp = Path(tmp_name)
         plan_file = tmp / "plan.json"
         plan_file.write_text(plan.to_json())
-        endpoint = f"tcp://127.0.0.1:{free_port()}"
-        extra = ("--threads", str(req.threads), "--warm-plan", str(plan_file), "--max-sessions",
-                 str(2 * max(req.concurrency)))
-        proc = start_worker(str(store.path), endpoint, extra, tmp / "worker.log")
-        try:
-            wait_ready(endpoint, store.config.d_model, proc, stderr_path=tmp / "worker.log")
-            worker = psutil.Process(proc.pid)
-            idle = worker.memory_info().rss / MB
-            levels = [_level(endpoint, plan, acts, n, req.duration_s, worker) for n in req.concurrency]
-        finally:
-            stop_worker(proc)
-    by_n = {lv["sessions"]: lv["aggregate_tok_s"] for lv in levels}
-    lo, hi = min(req.concurrency), max(req.concurrency)
-    return {"cut": plan.cut, "threads": req.threads, "prompt_tokens": req.prompt_tokens, "tokens": req.tokens,
-            "worker_rss_mb_idle": idle, "levels": levels,
-            f"aggregate_ratio_{hi}_vs_{lo}": by_n[hi] / by_n[lo] if by_n.get(lo) else None}
+        targets = [(None, _one_worker(store, plan_file, req, tmp))] if not req.replicas else \
+            [(r, _pool(store, plan_file, req, tmp, r)) for r in req.replicas]
+        runs = []
+        for replicas, target in targets:
+            with target as (route, workers):
+                idle = _rss_mb(workers)
+                levels = [_level(route, plan, acts, n, req.duration_s, workers) for n in req.concurrency]
+            by_n = {lv["sessions"]: lv["aggregate_tok_s"] for lv in levels}
+            lo, hi = min(req.concurrency), max(req.concurrency)
+            runs.append({**({} if replicas is None else {"replicas": replicas}), "worker_rss_mb_idle": idle,
+                         "levels": levels,
+                         f"aggregate_ratio_{hi}_vs_{lo}": by_n[hi] / by_n[lo] if by_n.get(lo) else None})
+    return {**out, **runs[0]} if not req.replicas else {**out, "pool": runs}
