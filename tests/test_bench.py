@@ -50,3 +50,28 @@ def test_prompt_ids_deterministic_and_ordinary():
     assert a.min() >= 17 and a.max() < 49152 and len(set(a.tolist())) == 128
     small = prompt_ids(64, 270)
     assert small.min() >= 17 and small.max() < 270
+
+
+def test_worker_bench_measures_each_level_and_the_ceiling(tiny_store):
+    from edgesplit.harness.worker_bench import WorkerBenchRequest, worker_bench
+    from edgesplit.runtime.plan import PlanSettings, make_plan
+
+    plan = make_plan(tiny_store, PlanSettings(1, max_seq_len=64))
+    r = worker_bench(tiny_store, plan, WorkerBenchRequest((1, 3), 1.0, prompt_tokens=6, tokens=4, threads=1))
+    assert [lv["sessions"] for lv in r["levels"]] == [1, 3]
+    for lv in r["levels"]:
+        assert lv["errors"] == [] and lv["tokens"] > 0 and lv["aggregate_tok_s"] > 0
+        assert lv["latency_ms_p50"] <= lv["latency_ms_p99"]
+        assert sum(lv["batch_histogram"].values()) == lv["tokens"]  # every token frame says its batch
+        assert max(lv["batch_histogram"]) <= lv["sessions"]
+    assert set(r["batched_step_ms"]) == {1, 3} and r["compute_bound_ratio_3_vs_1"] > 0
+    assert r["aggregate_ratio_3_vs_1"] == r["levels"][1]["aggregate_tok_s"] / r["levels"][0]["aggregate_tok_s"]
+
+
+def test_worker_bench_refuses_bad_levels():
+    from edgesplit.harness.worker_bench import WorkerBenchRequest
+
+    with pytest.raises(ConfigError, match="concurrency >= 1"):
+        WorkerBenchRequest((0, 4))
+    with pytest.raises(ConfigError, match="pool sizes >= 1"):
+        WorkerBenchRequest(replicas=(0,))

@@ -5,7 +5,9 @@ model, the hidden state at the cut of the prompt and of every generated token, f
 for each N, N client sockets replay them as sessions back to back for `duration_s`, each frame
 sent when the previous reply arrived, so only the worker is measured: aggregate tok/s, per-token
 latency p50/p99 (frame sent to token received), the worker's RSS, and the batch sizes it reports
-in the token frames' timing (`batch`: sessions stepped in one forward pass).
+in the token frames' timing (`batch`: sessions stepped in one forward pass). Beside them, the
+compute ceiling: one batched decode step of each size timed in this process before the worker
+starts (no sockets, no prompts, no sampling), so the JSON says how much of the gap is compute.
 
 With `--replicas R[,R...]` the same levels run against a `cloud pool` of each size (Ray actors on
 this machine, sharing its CPUs), each session sent to the replica its id hashes to.
@@ -28,9 +30,11 @@ from typing import Callable, Iterator
 import numpy as np
 import psutil
 
+from edgesplit.cloud.engines import EnginePool
 from edgesplit.harness.faulttest import prompt_of
 from edgesplit.harness.simulate import free_port, start_worker, stop_worker, wait_ready
 from edgesplit.runtime import codec
+from edgesplit.runtime.batch import Row
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.memory import MB
@@ -75,6 +79,29 @@ def record(store: ModelStore, plan: Plan, prompt_tokens: int, tokens: int) -> li
         h = front.decode(np.array([token], np.int64))
         out.append(act(h))
         token = int(np.argmax(back.decode(h)[0]))
+    return out
+
+
+def batched_step_ms(store: ModelStore, plan: Plan, threads: int, sizes: tuple[int, ...], runs: int = 7) -> dict:
+    """Median ms of one batched decode step of the back segment (+ head) for each batch size, in
+    this process before any worker runs: the compute ceiling the worker's aggregate is held to."""
+    pool = EnginePool(store, threads, max(sizes))
+    engine = pool.engine_for(plan)
+    d, rng = store.config.d_model, np.random.default_rng(0)
+    slots = []
+    for _ in range(max(sizes)):
+        slot, cache = engine.new_cache()
+        engine.engine.prefill(rng.standard_normal((8, d), dtype=np.float32), cache=cache)
+        slots.append(slot)
+    out = {}
+    for n in sizes:
+        times = []
+        for _ in range(runs):
+            rows = [Row(slot, 8, rng.standard_normal((1, d), dtype=np.float32)) for slot in slots[:n]]
+            t0 = time.perf_counter()
+            engine.step(rows, {})
+            times.append((time.perf_counter() - t0) * 1000.0)
+        out[n] = statistics.median(times)
     return out
 
 
@@ -204,7 +231,11 @@ def worker_bench(store: ModelStore, plan: Plan, req: WorkerBenchRequest) -> dict
     """Every concurrency level of `req` against one worker process, or for each pool size in
     `req.replicas` against a pool of that many; one JSON-able dict."""
     acts = record(store, plan, req.prompt_tokens, req.tokens)
-    out: dict = {"cut": plan.cut, "threads": req.threads, "prompt_tokens": req.prompt_tokens, "tokens": req.tokens}
+    step_ms = batched_step_ms(store, plan, req.threads, req.concurrency)
+    lo, hi = min(req.concurrency), max(req.concurrency)
+    out: dict = {"cut": plan.cut, "threads": req.threads, "prompt_tokens": req.prompt_tokens, "tokens": req.tokens,
+                 "batched_step_ms": step_ms, "compute_bound_tok_s": {n: n * 1000.0 / ms for n, ms in step_ms.items()},
+                 f"compute_bound_ratio_{hi}_vs_{lo}": (hi / step_ms[hi]) / (lo / step_ms[lo])}
     with tempfile.TemporaryDirectory(prefix="edgesplit-worker-bench-") as tmp_name:
         tmp = Path(tmp_name)
         plan_file = tmp / "plan.json"
@@ -217,7 +248,6 @@ def worker_bench(store: ModelStore, plan: Plan, req: WorkerBenchRequest) -> dict
                 idle = _rss_mb(workers)
                 levels = [_level(route, plan, acts, n, req.duration_s, workers) for n in req.concurrency]
             by_n = {lv["sessions"]: lv["aggregate_tok_s"] for lv in levels}
-            lo, hi = min(req.concurrency), max(req.concurrency)
             runs.append({**({} if replicas is None else {"replicas": replicas}), "worker_rss_mb_idle": idle,
                          "levels": levels,
                          f"aggregate_ratio_{hi}_vs_{lo}": by_n[hi] / by_n[lo] if by_n.get(lo) else None})
