@@ -134,13 +134,14 @@ def load_front(store: ModelStore, plan: Plan, *, threads: int = 2):
                                                            max_seq_len=plan.max_seq_len, threads=threads))
 
 
-def run_split(store: ModelStore, cloud: str | Sequence[str] | None, plan: Plan, prompt_ids: str | Sequence[int],
+def run_split(store: ModelStore | None, cloud: str | Sequence[str] | None, plan: Plan, prompt_ids: str | Sequence[int],
               params: SamplingParams | None = None, max_tokens: int = 128, link: EmulatedLink | None = None,
               *, stop_ids: Iterable[int] | None = None, tokenizer: Tokenizer | None = None,
               front: Segment | None = None, threads: int = 2, timeout_s: float = 10.0,
               identity: dict | None = None, curve: CurveClientKeys | None = None,
               failover: bool = True, recoveries: list | None = None,
-              directory: str | None = None) -> Generator[SplitResponse, None, None]:
+              directory: str | None = None,
+              codec_table: codec.CutTable | None = None) -> Generator[SplitResponse, None, None]:
     """Generate split: the front [0, cut) here, the back on a cloud worker.
 
     `cloud`: the worker's endpoint, or endpoints in failover order; or None and `directory`, a
@@ -149,21 +150,28 @@ def run_split(store: ModelStore, cloud: str | Sequence[str] | None, plan: Plan, 
     text (encoded as is; apply `tokenizer.chat_prompt` first for chat). `stop_ids` default to the
     tokenizer's eos ids. `front`: an already loaded front (else one is loaded as the plan says).
     `link`: emulate a network profile on the channel. `curve`: this device's CurveZMQ keys and the
-    worker's public key. `failover`: recover a lost worker by replay (device/remote.py); each
+    worker's public key. `store` None: a bundle's run, with `tokenizer`, `front` and `codec_table`
+    given. `failover`: recover a lost worker by replay (device/remote.py); each
     recovery is appended to `recoveries` when given. Yields one SplitResponse per token, with that
     token's SplitTimings. The channel is closed at the end.
     """
-    if not isinstance(store, ModelStore):
-        store = ModelStore(store)
+    if store is None:  # a bundle: its tokenizer, front and codec table are given
+        if tokenizer is None or front is None:
+            raise ConfigError("run_split without a model store needs the tokenizer and the front (a bundle's)")
+        tok, seg = tokenizer, front
+    else:
+        store = store if isinstance(store, ModelStore) else ModelStore(store)
+        tok = tokenizer or load_tokenizer(store)
+        seg = front or load_front(store, plan, threads=threads)
+        codec_table = codec.table_for(plan.codec, store.manifest.get("calibration"), plan.cut)
     if (cloud is None) == (directory is None):
         raise ConfigError("run_split needs either cloud endpoints or a pool directory, not both")
     routes = None if directory is None else directory_routes(directory, timeout_s=min(timeout_s, 2.0))
     endpoints = (tuple(r.endpoint for r in query_directory(directory)) if directory is not None
                  else (cloud,) if isinstance(cloud, str) else tuple(cloud or ()))
-    tok = tokenizer or load_tokenizer(store)
     ids = tok.encode(prompt_ids) if isinstance(prompt_ids, str) else [int(i) for i in prompt_ids]
     stops = tok.eos_ids if stop_ids is None else frozenset(int(i) for i in stop_ids)
-    timed_front = _TimedSegment(front or load_front(store, plan, threads=threads))
+    timed_front = _TimedSegment(seg)
     timed_tok = _TimedTokenizer(tok)
 
     def connect(endpoint: str, fail_fast: bool = True) -> Channel:
@@ -171,8 +179,7 @@ def run_split(store: ModelStore, cloud: str | Sequence[str] | None, plan: Plan, 
 
     channel = connect(endpoints[0], fail_fast=False)  # the first connection may wait for a starting worker
     remote = RemoteSegment(channel, plan, params, max_tokens=max_tokens, stop_ids=stops, identity=identity,
-                           prompt_ids=ids, codec_table=codec.table_for(plan.codec, store.manifest.get("calibration"),
-                                                                       plan.cut),
+                           prompt_ids=ids, codec_table=codec_table,
                            failover=Failover(endpoints, connect, give_up_after_s=max(2 * timeout_s, 10.0),
                                              routes=routes) if failover or routes else None)
     try:

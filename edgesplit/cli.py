@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from edgesplit import __version__
+from edgesplit.cli_bundle import add_bundle_command
 from edgesplit.cli_daemon import add_daemon_commands
 from edgesplit.cli_keys import add_keys_commands
 from edgesplit.cli_plan import add_plan_commands
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_commands(sub, common)
     add_keys_commands(sub, common)
     add_daemon_commands(sub, common)
+    add_bundle_command(sub, common)
     return parser
 
 

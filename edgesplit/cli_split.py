@@ -90,6 +90,8 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
     where.add_argument("--directory", metavar="ENDPOINT",
                        help="a worker pool's directory (edgesplit cloud pool): the session goes to its hashed worker")
     p.add_argument("--timeout-s", type=float, default=30.0, help="give up when the cloud is silent this long")
+    p.add_argument("--bundle", default=None, metavar="DIR",
+                   help="run the front of this bundle (edgesplit bundle) in LiteRT: its plan, tokenizer and codec table")
     _add_split_flags(p)
     p.set_defaults(func=cmd_device_run)
 
@@ -214,17 +216,19 @@ def cmd_device_run(args: argparse.Namespace) -> int:
 
     request = _request(args)
     curve = _curve(args)
-    store, plan = _split(args)
+    if args.bundle is not None:
+        store, plan, tok, front, table = _bundle_front(args)
+    else:
+        store, plan = _split(args)
+        tok, front, table = load_tokenizer(store), load_front(store, plan, threads=args.threads), None
     budget = plan.check_memory(available_memory_mb())
-    tok = load_tokenizer(store)
     link = EmulatedLink(load_network_profile(args.network)) if args.network != "loopback" else None
     last = None
-    front = load_front(store, plan, threads=args.threads)
     endpoints = None if args.cloud is None else [e.strip() for e in args.cloud.split(",") if e.strip()]
     recoveries: list = []
     for last in run_split(store, endpoints, plan, request.prompt_ids(tok), request.params, request.max_tokens, link,
                           tokenizer=tok, front=front, timeout_s=args.timeout_s, curve=curve, recoveries=recoveries,
-                          directory=args.directory):
+                          directory=args.directory, codec_table=table):
         _stream(last)
     sys.stdout.write("\n")
     if last is not None:
@@ -234,6 +238,17 @@ def cmd_device_run(args: argparse.Namespace) -> int:
               + "".join(f" | recovered at {r.endpoint} in {r.ms:.0f} ms ({r.replayed_positions} positions replayed)"
                         for r in recoveries), file=sys.stderr)
     return 0
+
+
+def _bundle_front(args):
+    """(None, plan, tokenizer, LiteRT front, codec table) of --bundle DIR; the plan flags may not be given."""
+    from edgesplit.device.bundle.bundle import Bundle
+
+    given = [f for f, v in (("--cut", args.cut), ("--plan", args.plan), ("--device", args.device)) if v is not None]
+    if given:
+        raise ConfigError(f"--bundle carries its plan: drop {' and '.join(given)}")
+    bundle = Bundle.open(args.bundle)
+    return None, bundle.plan, bundle.tokenizer(), bundle.load_front(args.threads), bundle.codec_table()
 
 
 def _curve(args):

@@ -295,9 +295,13 @@ def load_tokenizer(store: ModelStore | str | os.PathLike) -> Tokenizer:
     if not isinstance(store, ModelStore):
         store = ModelStore(store)
     info = store.tokenizer_info
+    return tokenizer_from(store.verified_file(info.get("file", "tokenizer.json")), info)
+
+
+def tokenizer_from(path: str | os.PathLike, info: dict) -> Tokenizer:
+    """A tokenizer.json with a store's `tokenizer_info` (bos/eos ids, chat template); eos_ids as above."""
     eos = {int(info["eos_id"])} if info.get("eos_id") is not None else set()
-    tok = Tokenizer.from_file(store.verified_file(info.get("file", "tokenizer.json")), info.get("bos_id"), eos,
-                              info.get("chat_template"))
+    tok = Tokenizer.from_file(path, info.get("bos_id"), eos, info.get("chat_template"))
     for name in EXTRA_EOS:
         tid = tok.tok.token_to_id(name)
         if tid is not None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install edgesplit with its test dependencies and the [cluster] extra (Ray) into it.
+# Create .venv (if needed) and install edgesplit with its test dependencies and the [cluster] (Ray) and [litert] extras into it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -7,4 +7,4 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,cluster]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,cluster,litert]"

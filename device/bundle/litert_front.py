@@ -1,0 +1,116 @@
+"""The bundle's front.tflite run by ai-edge-litert's interpreter (XNNPACK), as a front segment.
+
+`LiteRTFront` has the segment interface of the onnxruntime front (`prefill` of token ids (T,),
+`decode` of one id, `reset`, `max_seq_len`), so the one generation loop, split runs, `simulate`,
+the daemon and `eval --cut` take it unchanged. The KV cache lives in the `decode` signature's own
+input buffers (numpy views, written in place: a step copies only its new rows); a prompt runs
+through the largest `prefill_T` that fits (padded at the end, which causal attention makes
+invisible to the real tokens), the rest token by token.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from edgesplit.runtime.errors import ConfigError, KVCacheOverflowError
+
+log = logging.getLogger(__name__)
+
+
+class _Signature:
+    """One signature's subgraph: its input views (valid while tensors are not re-allocated) and outputs."""
+
+    def __init__(self, interp: Interpreter, name: str):
+        runner = interp.get_signature_runner(name)
+        self.wrapper, self.sub = interp._interpreter, runner._subgraph_index  # the wrapper's per-subgraph calls
+        self.inputs, self.outputs = dict(runner._inputs), dict(runner._outputs)
+        self.wrapper.AllocateTensors(self.sub)
+        self.length = int(self.view("tokens").shape[0])
+
+    def view(self, name: str) -> np.ndarray:
+        return self.wrapper.tensor(self.wrapper, self.inputs[name], self.sub)
+
+    def run(self) -> None:
+        self.wrapper.Invoke(self.sub)
+
+    def output(self, name: str) -> np.ndarray:
+        return self.wrapper.GetTensor(self.outputs[name], self.sub)
+
+
+class LiteRTFront:
+    """Layers [0, cut) of a bundle's front.tflite; `threads`: the interpreter's (XNNPACK) threads."""
+
+    def __init__(self, model_path: str, cut: int, threads: int = 2):
+        if threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
+        self.cut = cut
+        self.interp = Interpreter(model_path=str(model_path), num_threads=threads)
+        names = list(self.interp.get_signature_list())
+        if "decode" not in names:
+            raise ConfigError(f"{model_path}: no 'decode' signature (it has {names})")
+        self.decode_sig = _Signature(self.interp, "decode")
+        self.prefills = sorted((_Signature(self.interp, n) for n in names if n.startswith("prefill_")),
+                               key=lambda s: s.length)
+        self.caches = [(self.decode_sig.view(f"k_cache_{l}"), self.decode_sig.view(f"v_cache_{l}"))
+                       for l in range(cut)]  # (kv_heads, S, hd) each: the canonical cache
+        self.max_seq_len = int(self.caches[0][0].shape[1])
+        self.pos = 0
+
+    def reset(self) -> None:
+        """Forget the session: positions start again at 0 (old rows are masked, not cleared)."""
+        self.pos = 0
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        """Run the prompt's token ids (T,); hidden states at the cut (T, d)."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        self._check_room(ids.size)
+        out, i = [], 0
+        while i < ids.size:
+            sig = self._bucket(ids.size - i)
+            n = min(sig.length, ids.size - i)
+            out.append(self._run(sig, ids[i:i + n]))
+            i += n
+        return np.concatenate(out, axis=0)
+
+    def decode(self, ids) -> np.ndarray:
+        """One token id (shape (1,) or scalar); its hidden state at the cut (1, d)."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if ids.size != 1:
+            raise ConfigError(f"decode takes one token, got {ids.size}")
+        self._check_room(1)
+        return self._run(self.decode_sig, ids)
+
+    # -- internals -------------------------------------------------------------------------
+    def _check_room(self, n: int) -> None:
+        if self.pos + n > self.max_seq_len:
+            raise KVCacheOverflowError(f"{self.pos} cached + {n} new tokens exceeds the bundle's max_seq_len "
+                                       f"{self.max_seq_len}")
+
+    def _bucket(self, remaining: int) -> _Signature:
+        """The largest prefill signature whose padded positions stay within max_seq_len (else decode)."""
+        fits = [s for s in self.prefills if self.pos + s.length <= self.max_seq_len]
+        if not fits or remaining == 1:
+            return self.decode_sig
+        over = [s for s in fits if s.length >= remaining]
+        return over[0] if over else fits[-1]
+
+    def _run(self, sig: _Signature, ids: np.ndarray) -> np.ndarray:
+        """Run `ids` (n <= sig.length) at self.pos; write their K/V rows into the cache."""
+        n = ids.size
+        tokens = sig.view("tokens")
+        tokens[:] = 0
+        tokens[:n] = ids
+        sig.view("pos")[0] = self.pos
+        if sig is not self.decode_sig:  # a prefill subgraph has its own input buffers: give it the rows so far
+            for l, (k, v) in enumerate(self.caches):
+                sig.view(f"k_cache_{l}")[:, :self.pos] = k[:, :self.pos]
+                sig.view(f"v_cache_{l}")[:, :self.pos] = v[:, :self.pos]
+        sig.run()
+        for l, (k, v) in enumerate(self.caches):
+            k[:, self.pos:self.pos + n] = sig.output(f"k_new_{l}")[:, :n]
+            v[:, self.pos:self.pos + n] = sig.output(f"v_new_{l}")[:, :n]
+        self.pos += n
+        return sig.output("hidden")[:n]
