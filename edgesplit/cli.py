@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the split [0, K) + [K, L) with --codec at the cut (instead of --segments)")
     p.add_argument("--codec", default=None, metavar="C",
                    help="activation codec at the cut, e.g. int8 or 'ts+tabq:tau=40,budget=0.1' (with --cut)")
+    p.add_argument("--bundle", default=None, metavar="DIR",
+                   help="the split at this bundle's cut with its front in LiteRT (with --codec)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", parents=[common], help="prefill/decode speed (JSON)")
@@ -130,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=_int_list, default=None, metavar="START,END",
                    help="instead of speed: load only layers [START, END), run the prompt, report memory")
     _add_flash_bench(p)
+    g = p.add_argument_group("a bundle's LiteRT front against the onnxruntime front (--litert)")
+    g.add_argument("--litert", action="store_true", help="equivalence, speed and size of --bundle's front (JSON)")
+    g.add_argument("--bundle", default=None, metavar="DIR", help="with --litert: the bundle (edgesplit bundle)")
     g = p.add_argument_group("the cloud worker alone (--worker)")
     g.add_argument("--worker", action="store_true",
                    help="replay recorded cut activations from N concurrent sessions against one worker (JSON)")
@@ -205,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     segments = None if args.segments is None else tuple(args.segments)
     req = evaluate.EvalRequest(Path(args.text), args.tokens, args.window, args.model, segments, args.cut, args.codec,
-                               engine_settings_of(args))
+                               engine_settings_of(args), None if args.bundle is None else Path(args.bundle))
     print(json.dumps(evaluate.run_eval(req)))
     return 0
 
@@ -229,6 +234,17 @@ def _add_flash_bench(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.litert:
+        from edgesplit.harness.litert_bench import LiteRTBenchRequest, litert_bench
+        from edgesplit.runtime.models import resolve_store
+        from edgesplit.runtime.store import ModelStore
+
+        if args.bundle is None:
+            raise ConfigError("bench --litert needs --bundle DIR (edgesplit bundle --out DIR)")
+        lreq = LiteRTBenchRequest(Path(args.bundle), prompt_tokens=args.prompt_tokens, runs=args.runs,
+                                  threads=args.threads)
+        print(json.dumps(litert_bench(ModelStore(resolve_store(args.model, precisions=("q4", "q8"))), lreq)))
+        return 0
     if args.worker:
         from edgesplit.harness.worker_bench import WorkerBenchRequest, worker_bench
         from edgesplit.runtime.plan import PlanSettings, resolve_split

@@ -100,6 +100,8 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
     _add_split_flags(p)
     p.add_argument("--runs", type=int, default=1, help="generations against the one worker; figures are medians (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--bundle", default=None, metavar="DIR",
+                   help="the device front from this bundle, in LiteRT (its plan; the worker serves --model)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("loadtest", parents=[common],
@@ -212,7 +214,9 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     from edgesplit.profiles.network import load_network_profile
     from edgesplit.runtime.generate import load_tokenizer
     from edgesplit.runtime.memory import available_memory_mb, peak_rss_mb
+    from edgesplit.transport.channel import RemoteError
     from edgesplit.transport.link import EmulatedLink
+    from edgesplit.transport.protocol import PLAN_MISMATCH
 
     request = _request(args)
     curve = _curve(args)
@@ -226,10 +230,17 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     last = None
     endpoints = None if args.cloud is None else [e.strip() for e in args.cloud.split(",") if e.strip()]
     recoveries: list = []
-    for last in run_split(store, endpoints, plan, request.prompt_ids(tok), request.params, request.max_tokens, link,
-                          tokenizer=tok, front=front, timeout_s=args.timeout_s, curve=curve, recoveries=recoveries,
-                          directory=args.directory, codec_table=table):
-        _stream(last)
+    try:
+        for last in run_split(store, endpoints, plan, request.prompt_ids(tok), request.params, request.max_tokens,
+                              link, tokenizer=tok, front=front, timeout_s=args.timeout_s, curve=curve,
+                              recoveries=recoveries, directory=args.directory, codec_table=table):
+            _stream(last)
+    except RemoteError as exc:
+        if args.bundle is None or exc.code != PLAN_MISMATCH:
+            raise
+        raise ConfigError(f"{Path(args.bundle) / 'manifest.json'}: this bundle was made for model {plan.model.name!r} "
+                          f"with store fingerprint {plan.model.fingerprint[:16]}...; the worker serves another store "
+                          f"({exc})") from None
     sys.stdout.write("\n")
     if last is not None:
         print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | decode: "
@@ -267,11 +278,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     request = _request(args)
     curve = _curve(args)
-    store, plan = _split(args)
+    front = None
+    if args.bundle is not None:
+        from edgesplit.runtime.models import resolve_store
+        from edgesplit.runtime.plan import check_plan_store
+        from edgesplit.runtime.store import ModelStore
+
+        _, plan, _, front, _ = _bundle_front(args)
+        store = ModelStore(resolve_store(args.model, precisions=plan.precisions))
+        check_plan_store(plan, store, f"bundle {args.bundle}")
+    else:
+        store, plan = _split(args)
     # the worker simulate starts serves the keys folder the worker's public key lives in
     worker_keys = None if args.cloud_key is None else str(Path(args.cloud_key).resolve().parent)
     result = simulate(store, plan, request, args.network, runs=args.runs, threads=args.threads,
-                      on_token=None if args.json else _stream, curve=curve, worker_keys=worker_keys)
+                      on_token=None if args.json else _stream, curve=curve, worker_keys=worker_keys, front=front)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -26,7 +26,7 @@ from edgesplit.runtime.store import ModelStore, sha256_file, staged_dir
 from edgesplit.runtime.generate import tokenizer_from
 from edgesplit.runtime.tokenizer import Tokenizer
 
-from .front_graph import FrontWriter
+from .front_graph import DEFAULT_OUTLIER_CHANNELS, FrontWriter
 
 FORMAT = "edgesplit-bundle"
 FORMAT_VERSION = 1
@@ -37,8 +37,9 @@ DEFAULT_PREFILL_LENGTHS = (16, 64, 256)  # prompt-length buckets, each a `prefil
 class BundleSettings:
     """How the front is written: weight precision, prompt buckets, interpreter threads at run time."""
 
-    weights: str = "f32"
+    weights: str = "f32"  # the precision that keeps the fidelity floor (README: what q4 and int8 cost)
     prefill_lengths: tuple[int, ...] = DEFAULT_PREFILL_LENGTHS
+    outlier_channels: int = DEFAULT_OUTLIER_CHANNELS  # q4: calibrated input channels per projection kept in fp32
 
 
 def write_bundle(store: ModelStore, plan: Plan, out: str | Path, settings: BundleSettings = BundleSettings(),
@@ -46,7 +47,7 @@ def write_bundle(store: ModelStore, plan: Plan, out: str | Path, settings: Bundl
     """Write the bundle of `plan` (made for `store`) to `out` atomically; returns its path."""
     out = Path(out)
     lengths = tuple(t for t in sorted(set(settings.prefill_lengths)) if t <= plan.max_seq_len)
-    model = FrontWriter(store, plan.cut, plan.max_seq_len, settings.weights).write(lengths)
+    model = FrontWriter(store, plan, settings.weights, settings.outlier_channels).write(lengths)
     with staged_dir(out) as tmp:
         (tmp / "front.tflite").write_bytes(model)
         shutil.copyfile(store.verified_file("tokenizer.json"), tmp / "tokenizer.json")
@@ -59,6 +60,7 @@ def write_bundle(store: ModelStore, plan: Plan, out: str | Path, settings: Bundl
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "plan": json.loads(plan.to_json()),
                     "front": {"file": "front.tflite", "weights": settings.weights, "cut": plan.cut,
+                              "outlier_channels": settings.outlier_channels if settings.weights == "q4" else 0,
                               "max_seq_len": plan.max_seq_len, "signatures": ["decode"] + [f"prefill_{t}" for t in lengths],
                               "shard_bytes": _shard_bytes(store, plan)},
                     "tokenizer": store.tokenizer_info, "files": files}

@@ -16,7 +16,8 @@ from ai_edge_litert import schema_py_generated as S
 
 TENSOR_TYPES = {np.dtype(np.float32): S.TensorType.FLOAT32, np.dtype(np.int32): S.TensorType.INT32,
                 np.dtype(np.int8): S.TensorType.INT8, np.dtype(np.bool_): S.TensorType.BOOL,
-                np.dtype(np.int64): S.TensorType.INT64}
+                np.dtype(np.int64): S.TensorType.INT64, np.dtype(np.float16): S.TensorType.FLOAT16,
+                np.dtype(np.uint8): S.TensorType.UINT8}
 SCHEMA_VERSION = 3
 
 
@@ -88,12 +89,20 @@ class Graph:
         self.inputs: list[tuple[str, int]] = []
         self.outputs: list[tuple[str, int]] = []
 
-    def _tensor(self, name: str, shape, dtype, buffer: int = 0, quant: Quant | None = None) -> int:
+    def _tensor(self, name: str, shape, dtype, buffer: int = 0, quant: Quant | None = None,
+                blockwise: tuple[int, int] | None = None) -> int:
         t = S.TensorT()
         t.name = name
         t.shape = np.asarray(shape, np.int32)
         t.type = TENSOR_TYPES[np.dtype(dtype)]
         t.buffer = buffer
+        if blockwise is not None:  # signed 4-bit values, two per byte (low nibble first), f16 scales per block
+            t.type = S.TensorType.INT4
+            bq = S.BlockwiseQuantizationT()
+            bq.scales, bq.zeroPoints, bq.blockSize = blockwise[0], -1, blockwise[1]
+            qp = S.QuantizationParametersT()
+            qp.detailsType, qp.details = S.QuantizationDetails.BlockwiseQuantization, bq
+            t.quantization = qp
         if quant is not None:
             q = S.QuantizationParametersT()
             q.scale = np.asarray(quant.scales, np.float32)
@@ -108,10 +117,13 @@ class Graph:
         self.inputs.append((name, i))
         return i
 
-    def const(self, key: str, array: np.ndarray, quant: Quant | None = None) -> int:
-        """A constant tensor; `key` names its buffer, shared with other subgraphs' tensors of that key."""
+    def const(self, key: str, array: np.ndarray, quant: Quant | None = None, blockwise: tuple[int, int] | None = None,
+              shape: list[int] | None = None) -> int:
+        """A constant tensor; `key` names its buffer, shared with other subgraphs' tensors of that key.
+        `blockwise` (scales tensor, block size): `array` holds packed int4 values of `shape`."""
         array = np.asarray(array)
-        return self._tensor(key, array.shape, array.dtype, self.model.buffer(key, array), quant)
+        return self._tensor(key, array.shape if shape is None else shape, array.dtype, self.model.buffer(key, array),
+                            quant, blockwise)
 
     def op(self, builtin: int, inputs: list[int], shape, dtype=np.float32, options=None, name: str = "") -> int:
         """Append one operator with a single output of `shape`; returns that output's tensor index.

@@ -1,18 +1,23 @@
 """The device front (embedding and layers [0, cut)) as LiteRT operators, from the model store.
 
-One subgraph per signature: `decode` (one token) and `prefill_T` (T tokens). Inputs: `tokens`
-int32 (T,), `pos` int32 (1,) -- the position of the first token -- and per layer l the KV cache
-`k_cache_l`, `v_cache_l` float32 (kv_heads, max_seq_len, head_dim), of which the rows before
-`pos` are read. Outputs: `hidden` (T, d) at the cut and the new rows `k_new_l`, `v_new_l`
+One subgraph per signature: `decode` (one token) and `prefill_T` (T tokens), and variants that
+read fewer cache rows (`decode_kW`: the first W; `prefill_T_k0`: none, for a prompt at position
+0). Inputs: `tokens` int32 (T,), `pos` int32 (1,) -- the position of the first token -- and per
+layer l the KV cache `k_cache_l`, `v_cache_l` float32 (kv_heads, rows, head_dim), of which the
+rows before `pos` are read. Outputs: `hidden` (T, d) at the cut and the new rows `k_new_l`, `v_new_l`
 (kv_heads, T, head_dim), which the caller writes at `pos` (the cache stays the caller's buffer:
 nothing of size max_seq_len is copied per step).
 
 The arithmetic is the reference's (runtime/reference.py): RMSNorm x * rsqrt(mean(x^2) + eps) * w;
 RoPE on adjacent pairs, written as x * cos + (x @ R^T) * sin with R the fixed pair rotation (so
 no strided slicing); attention over the cache (masked beyond `pos`) and the new rows (causal),
-one softmax; SwiGLU. Weights: the store's q4 layers dequantized (`f32`, exactly the GGUF's
-values), or requantized to symmetric per-channel int8 (`int8`, LiteRT's dynamic-range kernels);
-the embedding is the store's Q8_0 table as int8 blocks and their scales (exact) either way.
+one softmax; SwiGLU. The layers at the plan's front precision, three ways: `f32` dequantizes them
+(exactly the values the onnxruntime front uses, fp32 compute); for q4 layers `q4` keeps the Q4_1 blocks
+exactly -- w = d*q + m = d*(q - 8) + (m + 8d), so LiteRT's blockwise int4 FULLY_CONNECTED (signed
+nibbles q - 8, the f16 block scales d) plus a small float FULLY_CONNECTED of the 32-wide block sums
+of x by (m + 8d); XNNPACK quantizes x to int8 per row on the way, as onnxruntime's accuracy level
+4 does; `int8` requantizes per output channel (lossy). The embedding at the plan's head
+precision: a Q8_0 table as int8 blocks and their scales (exact), else float32.
 """
 
 from __future__ import annotations
@@ -21,15 +26,21 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as S
 
 from edgesplit.runtime import quant
+from edgesplit.runtime.calibration import outlier_channels
 from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.store import ModelStore
 
 from .flatbuf import Graph, ModelBuilder, Quant
 
 OP = S.BuiltinOperator
-WEIGHTS = ("f32", "int8")
+WEIGHTS = ("f32", "q4", "int8")
+# the calibrated input of each projection (runtime/calibration.py), whose outlier channels q4 keeps in fp32
+PROJECTION_INPUT = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in", "attn_output": "o_in",
+                    "ffn_gate": "ffn_in", "ffn_up": "ffn_in", "ffn_down": "down_in"}
+DECODE_WINDOWS = (128, 512)  # cache rows of the windowed decode signatures (and the whole cache)
+DEFAULT_OUTLIER_CHANNELS = 8  # as the onnxruntime engine's default at accuracy level 4
 MASKED = -1e9  # added to the scores of positions not yet written (exp underflows to exactly 0)
-MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def _opt(cls, **fields):
@@ -54,6 +65,15 @@ def pair_rotation(head_dim: int) -> np.ndarray:
     return r
 
 
+def dense(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """A store matrix at any precision as float32 (out, in): the values the onnxruntime front uses."""
+    if "mins" in parts:
+        return quant.q4_dense(parts["qweight"], parts["scales"], parts["mins"])
+    if "qweight" in parts:
+        return quant.q8_dense(parts["qweight"], parts["scales"])
+    return parts["weight"].astype(np.float32)
+
+
 def int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel int8 of w (out, in): (int8 values, scales (out,))."""
     scales = np.maximum(np.abs(w).max(axis=1), 1e-12).astype(np.float32) / np.float32(127)
@@ -64,39 +84,52 @@ def int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class FrontWriter:
     """Writes the front [0, cut) of `store` for `max_seq_len` positions with `weights` precision."""
 
-    def __init__(self, store: ModelStore, cut: int, max_seq_len: int, weights: str = "f32"):
-        cfg = store.config
+    def __init__(self, store: ModelStore, plan: Plan, weights: str = "f32",
+                 outlier_channels: int = DEFAULT_OUTLIER_CHANNELS):
+        cfg, cut, max_seq_len = store.config, plan.cut, plan.max_seq_len
         if weights not in WEIGHTS:
             raise ConfigError(f"bundle weights {weights!r} is not one of {', '.join(WEIGHTS)}")
+        if weights == "q4" and plan.front_precision != "q4":
+            raise ConfigError(f"bundle weights 'q4' keeps the store's q4 blocks, but the plan's front_precision is "
+                              f"{plan.front_precision!r}: use f32 or int8, or a plan with q4 front layers")
         if not 1 <= cut < cfg.n_layers:
             raise ConfigError(f"bundle cut {cut} is outside [1, {cfg.n_layers})")
-        if "q4" not in store.precisions or "q8" not in store.head_precisions:
-            raise ConfigError(f"store {store.path}: a bundle is made from its q4 layers and q8 embedding "
-                              f"(it has {', '.join(store.precisions)} / {', '.join(store.head_precisions)})")
+        self.precision, self.head_precision = plan.front_precision, plan.head_precision
         self.store, self.cut, self.max_seq_len, self.weights = store, cut, max_seq_len, weights
+        self.outlier_channels = outlier_channels
         self.cfg = cfg
         self.model = ModelBuilder(f"edgesplit front [0, {cut}) of {store.manifest.get('model_name', store.path.name)}")
         self.cos, self.sin = rope_tables(max_seq_len, cfg.head_dim, cfg.rope_base)
 
-    def write(self, prefill_lengths: tuple[int, ...]) -> bytes:
-        """The model with a `decode` signature and one `prefill_T` per T in `prefill_lengths`."""
-        self.signature("decode", 1)
+    def write(self, prefill_lengths: tuple[int, ...], decode_windows: tuple[int, ...] = DECODE_WINDOWS) -> bytes:
+        """The model's signatures: `decode` (the whole cache) and `decode_k{W}` (its first W rows,
+        for positions < W: attention costs what the session holds, not max_seq_len); per T in
+        `prefill_lengths`, `prefill_{T}` (at any position) and `prefill_{T}_k0` (at position 0:
+        no cache inputs at all)."""
+        s = self.max_seq_len
+        self.signature("decode", 1, s)
+        for w in sorted(set(decode_windows)):
+            if w < s:
+                self.signature(f"decode_k{w}", 1, w)
         for t in prefill_lengths:
-            if not 1 < t <= self.max_seq_len:
-                raise ConfigError(f"prefill length {t} is outside (1, max_seq_len {self.max_seq_len}]")
-            self.signature(f"prefill_{t}", t)
+            if not 1 < t <= s:
+                raise ConfigError(f"prefill length {t} is outside (1, max_seq_len {s}]")
+            self.signature(f"prefill_{t}", t, s)
+            self.signature(f"prefill_{t}_k0", t, 0)
         return self.model.to_bytes()
 
     # -- one signature ----------------------------------------------------------------------
-    def signature(self, name: str, t: int) -> None:
+    def signature(self, name: str, t: int, window: int) -> None:
+        """A signature of `t` tokens reading the first `window` rows of the KV cache (0: none)."""
         cfg, g = self.cfg, self.model.graph(name)
-        kvh, hd, s = cfg.n_kv_heads, cfg.head_dim, self.max_seq_len
+        kvh, hd = cfg.n_kv_heads, cfg.head_dim
         tokens = g.input("tokens", [t], np.int32)
         pos = g.input("pos", [1], np.int32)
-        caches = [(g.input(f"k_cache_{l}", [kvh, s, hd], np.float32), g.input(f"v_cache_{l}", [kvh, s, hd], np.float32))
+        caches = [(g.input(f"k_cache_{l}", [kvh, window, hd], np.float32),
+                   g.input(f"v_cache_{l}", [kvh, window, hd], np.float32)) if window else (-1, -1)
                   for l in range(self.cut)]
         positions = g.op(OP.ADD, [pos, g.const(f"arange_{t}", np.arange(t, dtype=np.int32))], [t], np.int32)
-        ctx = _Context(g, t, positions, self._mask(g, pos), self._causal(g, t))
+        ctx = _Context(g, t, positions, self._mask(g, pos, window) if window else -1, self._causal(g, t), window)
         h = self._embed(g, tokens, t)
         for l in range(self.cut):
             h, k_new, v_new = self._layer(ctx, l, h, *caches[l])
@@ -104,9 +137,8 @@ class FrontWriter:
             g.output(f"v_new_{l}", v_new)
         g.output("hidden", h)
 
-    def _mask(self, g: Graph, pos: int) -> int:
-        """(S,) 0 for cache rows before pos, MASKED from pos on."""
-        s = self.max_seq_len
+    def _mask(self, g: Graph, pos: int, s: int) -> int:
+        """(s,) 0 for cache rows before pos, MASKED from pos on."""
         before = g.op(OP.LESS, [g.const(f"arange_{s}", np.arange(s, dtype=np.int32)), pos], [s], np.bool_)
         ones = g.op(OP.CAST, [before], [s], np.float32)
         off = g.op(OP.SUB, [ones, g.const("one", np.ones(1, np.float32))], [s])
@@ -121,11 +153,14 @@ class FrontWriter:
         return g.const(f"causal_{t}", np.where(np.arange(t)[None, :] > tok, MASKED, 0.0).astype(np.float32))
 
     def _embed(self, g: Graph, tokens: int, t: int) -> int:
-        cfg, e = self.cfg, self.store.load("token_embd", "q8")
+        cfg, e = self.cfg, self.store.load("token_embd", self.head_precision)
+        axis0 = _opt(S.GatherOptionsT, axis=0, batchDims=0)
+        if self.head_precision != "q8":  # f16 / f32: the table as float32
+            return g.op(OP.GATHER, [g.const("embd", e["weight"].astype(np.float32)), tokens], [t, cfg.d_model],
+                        options=axis0)
         nb = e["scales"].shape[1]
         table = g.const("embd.q", (e["qweight"].astype(np.int16) - 128).astype(np.int8))  # (V, nb, 32)
         scales = g.const("embd.scales", e["scales"].astype(np.float32)[:, :, None])  # (V, nb, 1)
-        axis0 = _opt(S.GatherOptionsT, axis=0, batchDims=0)
         q = g.op(OP.GATHER, [table, tokens], [t, nb, quant.BLOCK], np.int8, axis0)
         sc = g.op(OP.GATHER, [scales, tokens], [t, nb, 1], np.float32, axis0)
         x = g.op(OP.MUL, [g.op(OP.CAST, [q], [t, nb, quant.BLOCK]), sc], [t, nb, quant.BLOCK])
@@ -134,24 +169,55 @@ class FrontWriter:
 
     def _layer(self, c: "_Context", l: int, h: int, k_cache: int, v_cache: int) -> tuple[int, int, int]:
         cfg, g, t = self.cfg, c.g, c.t
-        w = self.store.layer(l, "q4")
-        dense = {m: quant.q4_dense(w[f"{m}.qweight"], w[f"{m}.scales"], w[f"{m}.mins"]) for m in MATRICES}
+        w = self.store.layer(l, self.precision)
+
+        def fc(x: int, m: str) -> int:
+            parts = {k[len(m) + 1:]: v for k, v in w.items() if k.startswith(m + ".")}
+            if self.weights == "q4":
+                outliers = outlier_channels(self.store.manifest, PROJECTION_INPUT[m], self.outlier_channels, layer=l)
+                return self._fc_q4(c, x, f"blk.{l}.{m}", parts, outliers)
+            return self._fc(c, x, f"blk.{l}.{m}", dense(parts))
+
         x = self._rms_norm(c, h, f"blk.{l}.attn_norm", w["attn_norm"])
-        q = self._fc(c, x, f"blk.{l}.attn_q", dense["attn_q"])
-        k = self._fc(c, x, f"blk.{l}.attn_k", dense["attn_k"])
-        v = self._fc(c, x, f"blk.{l}.attn_v", dense["attn_v"])
-        attn, k_new, v_new = self._attention(c, q, k, v, k_cache, v_cache)
-        h = g.op(OP.ADD, [h, self._fc(c, attn, f"blk.{l}.attn_output", dense["attn_output"])], [t, cfg.d_model])
+        attn, k_new, v_new = self._attention(c, fc(x, "attn_q"), fc(x, "attn_k"), fc(x, "attn_v"), k_cache, v_cache)
+        h = g.op(OP.ADD, [h, fc(attn, "attn_output")], [t, cfg.d_model])
         x2 = self._rms_norm(c, h, f"blk.{l}.ffn_norm", w["ffn_norm"])
-        gate = self._fc(c, x2, f"blk.{l}.ffn_gate", dense["ffn_gate"])
-        up = self._fc(c, x2, f"blk.{l}.ffn_up", dense["ffn_up"])
-        f = cfg.d_ffn
+        gate, up, f = fc(x2, "ffn_gate"), fc(x2, "ffn_up"), cfg.d_ffn
         act = g.op(OP.MUL, [g.op(OP.MUL, [gate, g.op(OP.LOGISTIC, [gate], [t, f])], [t, f]), up], [t, f])
-        h = g.op(OP.ADD, [h, self._fc(c, act, f"blk.{l}.ffn_down", dense["ffn_down"])], [t, cfg.d_model],
-                 name=f"blk.{l}.out")
+        h = g.op(OP.ADD, [h, fc(act, "ffn_down")], [t, cfg.d_model], name=f"blk.{l}.out")
         return h, k_new, v_new
 
     # -- pieces -----------------------------------------------------------------------------
+    def _fc_q4(self, c: "_Context", x: int, key: str, w: dict[str, np.ndarray], outliers: np.ndarray | None) -> int:
+        """x (T, in) @ W.T for W in Q4_1 blocks (qweight (out, nb, 16) packed, scales, mins (out, nb)):
+        blockwise int4 of (q - 8) by d, plus the block sums of x by (m + 8d). The calibrated
+        `outliers` input channels skip the int8 quantization of x (as onnxruntime's level 4 does):
+        they are zeroed in that path and multiplied in fp32 by their exact columns of W."""
+        g, t = c.g, c.t
+        out, nb = w["scales"].shape
+        k = nb * quant.BLOCK
+        y_out = None
+        if outliers is not None:
+            keep = np.ones(k, np.float32)
+            keep[outliers] = 0.0
+            cols = g.op(OP.GATHER, [x, g.const(f"{key}.outliers", outliers.astype(np.int32))], [t, outliers.size],
+                        options=_opt(S.GatherOptionsT, axis=1, batchDims=0))
+            y_out = g.op(OP.FULLY_CONNECTED, [cols, g.const(f"{key}.outlier_w", quant.dense_columns(w, outliers)), -1],
+                         [t, out], options=_opt(S.FullyConnectedOptionsT, keepNumDims=False))
+            x = g.op(OP.MUL, [x, g.const(f"{key}.keep", keep)], [t, k])
+        scales = g.const(f"{key}.d", w["scales"].astype(np.float16))
+        # low nibble first in both layouts; q ^ 8 is the 4-bit two's complement of q - 8
+        wt = g.const(f"{key}.q", np.ascontiguousarray(w["qweight"] ^ np.uint8(0x88)).reshape(-1),
+                     blockwise=(scales, quant.BLOCK), shape=[out, k])
+        fc = _opt(S.FullyConnectedOptionsT, keepNumDims=False, asymmetricQuantizeInputs=True)
+        y = g.op(OP.FULLY_CONNECTED, [x, wt, -1], [t, out], options=fc)
+        sums = g.op(OP.SUM, [self._reshape(g, x, [t, nb, quant.BLOCK]), g.const("axis_last", np.array([-1], np.int32))],
+                    [t, nb], options=_opt(S.ReducerOptionsT, keepDims=False))
+        offsets = (w["mins"].astype(np.float32) + np.float32(8) * w["scales"].astype(np.float32))  # (out, nb)
+        corr = g.op(OP.FULLY_CONNECTED, [sums, g.const(f"{key}.m8d", offsets), -1], [t, out], options=fc)
+        y = g.op(OP.ADD, [y, corr], [t, out])
+        return y if y_out is None else g.op(OP.ADD, [y, y_out], [t, out])
+
     def _fc(self, c: "_Context", x: int, key: str, w: np.ndarray) -> int:
         """x (T, in) @ w.T -> (T, out), w at the bundle's precision."""
         if self.weights == "int8":
@@ -190,12 +256,13 @@ class FrontWriter:
                     [t, heads, hd])
 
     def _attention(self, c: "_Context", q: int, k: int, v: int, k_cache: int, v_cache: int) -> tuple[int, int, int]:
-        cfg, g, t = self.cfg, c.g, c.t
-        kvh, hd, s, grp = cfg.n_kv_heads, cfg.head_dim, self.max_seq_len, cfg.n_heads // cfg.n_kv_heads
+        cfg, g, t, s = self.cfg, c.g, c.t, c.window
+        kvh, hd, grp = cfg.n_kv_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
         if c.cos == -1:  # the RoPE rows of these positions, gathered once per signature
             axis0 = _opt(S.GatherOptionsT, axis=0, batchDims=0)
-            cos = g.op(OP.GATHER, [g.const(f"rope_cos_{s}", self.cos), c.positions], [t, hd], options=axis0)
-            sin = g.op(OP.GATHER, [g.const(f"rope_sin_{s}", self.sin), c.positions], [t, hd], options=axis0)
+            sm = self.max_seq_len
+            cos = g.op(OP.GATHER, [g.const(f"rope_cos_{sm}", self.cos), c.positions], [t, hd], options=axis0)
+            sin = g.op(OP.GATHER, [g.const(f"rope_sin_{sm}", self.sin), c.positions], [t, hd], options=axis0)
             c.cos, c.sin = self._reshape(g, cos, [t, 1, hd]), self._reshape(g, sin, [t, 1, hd])
         qr = self._rope(c, q, cfg.n_heads)  # (T, H, hd); query head j reads kv head j // grp
         qg = self._reshape(g, self._transpose(g, self._reshape(g, qr, [t, kvh, grp, hd]), [1, 0, 2, 3],
@@ -203,24 +270,27 @@ class FrontWriter:
         k_new = self._transpose(g, self._rope(c, k, kvh), [1, 0, 2], [kvh, t, hd])
         v_new = self._transpose(g, self._reshape(g, v, [t, kvh, hd]), [1, 0, 2], [kvh, t, hd])
         adj_y = _opt(S.BatchMatMulOptionsT, adjX=False, adjY=True)
-        scale = g.const("attn_scale", np.full(1, 1.0 / np.sqrt(hd), np.float32))
-        s_cache = g.op(OP.MUL, [g.op(OP.BATCH_MATMUL, [qg, k_cache], [kvh, t * grp, s], options=adj_y), scale],
-                       [kvh, t * grp, s])
-        s_cache = g.op(OP.ADD, [s_cache, c.mask], [kvh, t * grp, s])
-        s_new = g.op(OP.MUL, [g.op(OP.BATCH_MATMUL, [qg, k_new], [kvh, t * grp, t], options=adj_y), scale],
-                     [kvh, t * grp, t])
-        if c.causal is not None:
-            s_new = g.op(OP.ADD, [s_new, c.causal], [kvh, t * grp, t])
-        scores = g.op(OP.CONCATENATION, [s_cache, s_new], [kvh, t * grp, s + t],
-                      options=_opt(S.ConcatenationOptionsT, axis=2))
-        p = g.op(OP.SOFTMAX, [scores], [kvh, t * grp, s + t], options=_opt(S.SoftmaxOptionsT, beta=1.0))
-        p_cache = g.op(OP.SLICE, [p, g.const("zeros3", np.zeros(3, np.int32)), self._shape(g, [kvh, t * grp, s])],
-                       [kvh, t * grp, s])
-        p_new = g.op(OP.SLICE, [p, self._shape(g, [0, 0, s]), self._shape(g, [kvh, t * grp, t])], [kvh, t * grp, t])
         no_adj = _opt(S.BatchMatMulOptionsT, adjX=False, adjY=False)
-        o = g.op(OP.ADD, [g.op(OP.BATCH_MATMUL, [p_cache, v_cache], [kvh, t * grp, hd], options=no_adj),
-                          g.op(OP.BATCH_MATMUL, [p_new, v_new], [kvh, t * grp, hd], options=no_adj)],
-                 [kvh, t * grp, hd])
+        scale = g.const("attn_scale", np.full(1, 1.0 / np.sqrt(hd), np.float32))
+        rows = t * grp
+        s_new = g.op(OP.MUL, [g.op(OP.BATCH_MATMUL, [qg, k_new], [kvh, rows, t], options=adj_y), scale], [kvh, rows, t])
+        if c.causal is not None:
+            s_new = g.op(OP.ADD, [s_new, c.causal], [kvh, rows, t])
+        if not s:  # no cache: attention over the new rows only
+            p_new = g.op(OP.SOFTMAX, [s_new], [kvh, rows, t], options=_opt(S.SoftmaxOptionsT, beta=1.0))
+            o = g.op(OP.BATCH_MATMUL, [p_new, v_new], [kvh, rows, hd], options=no_adj)
+        else:
+            s_cache = g.op(OP.MUL, [g.op(OP.BATCH_MATMUL, [qg, k_cache], [kvh, rows, s], options=adj_y), scale],
+                           [kvh, rows, s])
+            s_cache = g.op(OP.ADD, [s_cache, c.mask], [kvh, rows, s])
+            scores = g.op(OP.CONCATENATION, [s_cache, s_new], [kvh, rows, s + t],
+                          options=_opt(S.ConcatenationOptionsT, axis=2))
+            p = g.op(OP.SOFTMAX, [scores], [kvh, rows, s + t], options=_opt(S.SoftmaxOptionsT, beta=1.0))
+            p_cache = g.op(OP.SLICE, [p, g.const("zeros3", np.zeros(3, np.int32)), self._shape(g, [kvh, rows, s])],
+                           [kvh, rows, s])
+            p_new = g.op(OP.SLICE, [p, self._shape(g, [0, 0, s]), self._shape(g, [kvh, rows, t])], [kvh, rows, t])
+            o = g.op(OP.ADD, [g.op(OP.BATCH_MATMUL, [p_cache, v_cache], [kvh, rows, hd], options=no_adj),
+                              g.op(OP.BATCH_MATMUL, [p_new, v_new], [kvh, rows, hd], options=no_adj)], [kvh, rows, hd])
         o = self._transpose(g, self._reshape(g, o, [kvh, t, grp, hd]), [1, 0, 2, 3], [t, kvh, grp, hd])
         return self._reshape(g, o, [t, cfg.n_heads * hd]), k_new, v_new
 
@@ -228,6 +298,7 @@ class FrontWriter:
 class _Context:
     """What every layer of one signature shares: its graph, T, the positions, masks and RoPE rows."""
 
-    def __init__(self, g: Graph, t: int, positions: int, mask: int, causal: int | None):
+    def __init__(self, g: Graph, t: int, positions: int, mask: int, causal: int | None, window: int):
         self.g, self.t, self.positions, self.mask, self.causal = g, t, positions, mask, causal
+        self.window = window  # cache rows read (0: none)
         self.cos = self.sin = -1  # tensor indices, once gathered

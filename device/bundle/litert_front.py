@@ -4,8 +4,8 @@
 `decode` of one id, `reset`, `max_seq_len`), so the one generation loop, split runs, `simulate`,
 the daemon and `eval --cut` take it unchanged. The KV cache lives in the `decode` signature's own
 input buffers (numpy views, written in place: a step copies only its new rows); a prompt runs
-through the largest `prefill_T` that fits (padded at the end, which causal attention makes
-invisible to the real tokens), the rest token by token.
+through the `prefill_T` signatures (largest first; a short tail padded at the end, which causal
+attention makes invisible to the real tokens), a last single token through `decode`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class _Signature:
         self.inputs, self.outputs = dict(runner._inputs), dict(runner._outputs)
         self.wrapper.AllocateTensors(self.sub)
         self.length = int(self.view("tokens").shape[0])
+        self.window = 0  # cache rows it reads (set by LiteRTFront)
 
     def view(self, name: str) -> np.ndarray:
         return self.wrapper.tensor(self.wrapper, self.inputs[name], self.sub)
@@ -37,7 +38,8 @@ class _Signature:
         self.wrapper.Invoke(self.sub)
 
     def output(self, name: str) -> np.ndarray:
-        return self.wrapper.GetTensor(self.outputs[name], self.sub)
+        """A view of an output after `run` (valid until the next run: copy what is kept)."""
+        return self.wrapper.tensor(self.wrapper, self.outputs[name], self.sub)
 
 
 class LiteRTFront:
@@ -51,12 +53,18 @@ class LiteRTFront:
         names = list(self.interp.get_signature_list())
         if "decode" not in names:
             raise ConfigError(f"{model_path}: no 'decode' signature (it has {names})")
-        self.decode_sig = _Signature(self.interp, "decode")
-        self.prefills = sorted((_Signature(self.interp, n) for n in names if n.startswith("prefill_")),
-                               key=lambda s: s.length)
-        self.caches = [(self.decode_sig.view(f"k_cache_{l}"), self.decode_sig.view(f"v_cache_{l}"))
+        sigs = {n: _Signature(self.interp, n) for n in names if n.startswith(("decode", "prefill_"))}
+        self.full = sigs["decode"]
+        self.caches = [(self.full.view(f"k_cache_{l}"), self.full.view(f"v_cache_{l}"))
                        for l in range(cut)]  # (kv_heads, S, hd) each: the canonical cache
         self.max_seq_len = int(self.caches[0][0].shape[1])
+        for sig in sigs.values():
+            sig.window = int(sig.view("k_cache_0").shape[1]) if "k_cache_0" in sig.inputs else 0
+            for name in sig.inputs:  # arena memory: rows not yet written must be finite (0 * NaN is NaN)
+                sig.view(name).fill(0)
+        # decode signatures by window, smallest first; the windowed ones get every new row (< window)
+        self.decodes = sorted((x for n, x in sigs.items() if n.startswith("decode")), key=lambda x: x.window)
+        self.prefills = sorted((x for n, x in sigs.items() if n.startswith("prefill_")), key=lambda x: x.length)
         self.pos = 0
 
     def reset(self) -> None:
@@ -81,7 +89,7 @@ class LiteRTFront:
         if ids.size != 1:
             raise ConfigError(f"decode takes one token, got {ids.size}")
         self._check_room(1)
-        return self._run(self.decode_sig, ids)
+        return self._run(self._decode_sig(), ids)
 
     # -- internals -------------------------------------------------------------------------
     def _check_room(self, n: int) -> None:
@@ -89,28 +97,40 @@ class LiteRTFront:
             raise KVCacheOverflowError(f"{self.pos} cached + {n} new tokens exceeds the bundle's max_seq_len "
                                        f"{self.max_seq_len}")
 
+    def _decode_sig(self) -> _Signature:
+        """The decode signature with the fewest cache rows that still holds every position so far."""
+        return next(x for x in self.decodes if x.window > self.pos)
+
     def _bucket(self, remaining: int) -> _Signature:
-        """The largest prefill signature whose padded positions stay within max_seq_len (else decode)."""
-        fits = [s for s in self.prefills if self.pos + s.length <= self.max_seq_len]
-        if not fits or remaining == 1:
-            return self.decode_sig
-        over = [s for s in fits if s.length >= remaining]
-        return over[0] if over else fits[-1]
+        """The signature for the next piece of a prompt: the largest prefill_T with T <= remaining,
+        else the smallest with T > remaining (padded), else decode; at position 0 the variant that
+        reads no cache. Padded positions must stay within max_seq_len."""
+        fits = [s for s in self.prefills if self.pos + s.length <= self.max_seq_len
+                and (s.window == 0) == (self.pos == 0)]
+        under = [s for s in fits if s.length <= remaining]
+        over = [s for s in fits if s.length > remaining]
+        if remaining == 1 or not fits:
+            return self._decode_sig()
+        return under[-1] if under else over[0]
 
     def _run(self, sig: _Signature, ids: np.ndarray) -> np.ndarray:
-        """Run `ids` (n <= sig.length) at self.pos; write their K/V rows into the cache."""
-        n = ids.size
+        """Run `ids` (n <= sig.length) at self.pos; write their K/V rows into the caches."""
+        n, p = ids.size, self.pos
         tokens = sig.view("tokens")
         tokens[:] = 0
         tokens[:n] = ids
-        sig.view("pos")[0] = self.pos
-        if sig is not self.decode_sig:  # a prefill subgraph has its own input buffers: give it the rows so far
+        sig.view("pos")[0] = p
+        if sig.window and sig not in self.decodes:  # a prefill reading the cache: give it the rows so far
             for l, (k, v) in enumerate(self.caches):
-                sig.view(f"k_cache_{l}")[:, :self.pos] = k[:, :self.pos]
-                sig.view(f"v_cache_{l}")[:, :self.pos] = v[:, :self.pos]
+                sig.view(f"k_cache_{l}")[:, :p] = k[:, :p]
+                sig.view(f"v_cache_{l}")[:, :p] = v[:, :p]
         sig.run()
-        for l, (k, v) in enumerate(self.caches):
-            k[:, self.pos:self.pos + n] = sig.output(f"k_new_{l}")[:, :n]
-            v[:, self.pos:self.pos + n] = sig.output(f"v_new_{l}")[:, :n]
+        for l in range(self.cut):
+            k_new, v_new = sig.output(f"k_new_{l}")[:, :n], sig.output(f"v_new_{l}")[:, :n]
+            for d in self.decodes:  # every decode signature keeps the rows it can read
+                if p < d.window:
+                    end = min(p + n, d.window)
+                    d.view(f"k_cache_{l}")[:, p:end] = k_new[:, :end - p]
+                    d.view(f"v_cache_{l}")[:, p:end] = v_new[:, :end - p]
         self.pos += n
-        return sig.output("hidden")[:n]
+        return sig.output("hidden")[:n].copy()

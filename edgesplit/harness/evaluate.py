@@ -30,10 +30,13 @@ class EvalRequest:
     cut: int | None = None
     codec: str | None = None
     engine: EngineSettings = field(default_factory=EngineSettings)
+    bundle: Path | None = None  # the front from this bundle, in LiteRT (the split at its cut)
 
     def __post_init__(self) -> None:
-        if (self.cut is None) != (self.codec is None):
+        if self.bundle is None and (self.cut is None) != (self.codec is None):
             raise ConfigError("--cut and --codec go together (the codec runs at the cut)")
+        if self.bundle is not None and self.codec is None:
+            raise ConfigError("--bundle evaluates the split at the bundle's cut: give --codec too")
         if self.cut is not None and self.segments is not None:
             raise ConfigError("--cut replaces --segments; give one or the other")
         if self.codec is not None:
@@ -53,7 +56,16 @@ def run_eval(req: EvalRequest) -> dict:
     tokens = text_tokens(text, load_tokenizer(store), req.tokens)
     reference = ReferenceModel.from_gguf(resolve_gguf(req.model))
     kwargs = req.engine.kwargs()
-    if req.cut is not None and req.codec is not None:
+    if req.bundle is not None:
+        from edgesplit.device.bundle.bundle import Bundle
+
+        bundle = Bundle.open(req.bundle)
+        if req.cut is not None and req.cut != bundle.plan.cut:
+            raise ConfigError(f"--cut {req.cut}: the bundle {req.bundle} is cut at {bundle.plan.cut}")
+        out = evaluate_split(store, reference, tokens, cut=bundle.plan.cut, codec=req.codec, window=req.window,
+                             front=bundle.load_front(req.engine.threads), **kwargs)
+        out.update(front="litert", bundle=str(req.bundle), bundle_weights=bundle.front["weights"])
+    elif req.cut is not None and req.codec is not None:
         out = evaluate_split(store, reference, tokens, cut=req.cut, codec=req.codec, window=req.window, **kwargs)
     else:
         segments = None if req.segments is None else list(req.segments)

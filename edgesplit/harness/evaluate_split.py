@@ -49,7 +49,7 @@ def _check_cut(cut, n_layers: int) -> int:
     return k
 
 
-def evaluate_split(store: ModelStore, reference, tokens, *, cut, codec, window: int = 512,
+def evaluate_split(store: ModelStore, reference, tokens, *, cut, codec, window: int = 512, front=None,
                    **engine_kwargs) -> dict:
     """Evaluate the split at layer `cut` with `codec` (a CodecSpec or its CLI string) in the loop.
 
@@ -57,6 +57,8 @@ def evaluate_split(store: ModelStore, reference, tokens, *, cut, codec, window: 
     kl_mean, tokens, max_abs_dlogit, settings, segments, window) plus ppl_lossless,
     top1_lossless (lossless split vs reference), top1_vs_lossless, cut, codec, bytes_per_token,
     bytes_per_prompt_token and bytes_per_token_f16 (the f16 size of one row, for scale).
+    `front`: another front segment [0, cut) with `reset` and `prefill` (a bundle's LiteRT front);
+    default an onnxruntime SegmentEngine with the engine settings.
     """
     cfg = store.config
     spec = parse_codec(codec) if isinstance(codec, str) else codec
@@ -67,7 +69,10 @@ def evaluate_split(store: ModelStore, reference, tokens, *, cut, codec, window: 
     table = table_for(spec, store.manifest.get("calibration"), k)
     tokens, settings = check_inputs(store, tokens, window, engine_kwargs)
     seq = min(window, tokens.size)
-    front = SegmentEngine(store, 0, k, max_seq_len=seq, **settings)
+    if front is None:
+        front = SegmentEngine(store, 0, k, max_seq_len=seq, **settings)
+    elif front.max_seq_len < seq:
+        raise ConfigError(f"window {seq} exceeds the front's max_seq_len {front.max_seq_len}")
     back = SegmentEngine(store, k, cfg.n_layers, max_seq_len=seq, **settings)
 
     def run_back(h: np.ndarray) -> np.ndarray:

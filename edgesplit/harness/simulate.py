@@ -136,7 +136,7 @@ def _generate_once(store, endpoint, plan, ids, params, max_tokens, link, tok, fr
 def simulate(store: ModelStore, plan: Plan, request: GenerationRequest, network: str = "loopback", *,
              runs: int = 1, link_seed: int = 0, threads: int = 2, ready_timeout_s: float = 120.0,
              timeout_s: float = 60.0, on_token: Callable[[SplitResponse], None] | None = None,
-             curve: CurveClientKeys | None = None, worker_keys: str | None = None) -> dict:
+             curve: CurveClientKeys | None = None, worker_keys: str | None = None, front=None) -> dict:
     """Run `runs` split generations of `request` with `plan` against one worker process serving
     `store` on loopback, the `network` link (a built-in profile name or a TOML path) emulated.
 
@@ -145,7 +145,8 @@ def simulate(store: ModelStore, plan: Plan, request: GenerationRequest, network:
     Returns medians over the runs (`aggregate`): `per_token_ms`, `ttft_ms`, `tok_s`,
     `bytes_per_token`, `breakdown_ms`, `framework_ms`, `overhead_ratio` (and `overhead_ratios`, one
     per run), plus `cut`, `network`, `codec`, `front_flash`, the device's `peak_rss_mb` against
-    its `memory_budget_mb`, and the first run's `tokens`, `text`, `link`.
+    its `memory_budget_mb`, and the first run's `tokens`, `text`, `link`. `front`: another front
+    segment for the plan (a bundle's LiteRT front) instead of the onnxruntime one.
     """
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ConfigError(f"runs must be an integer >= 1, got {runs!r}")
@@ -154,8 +155,8 @@ def simulate(store: ModelStore, plan: Plan, request: GenerationRequest, network:
     tok = load_tokenizer(store)
     ids = request.prompt_ids(tok)
     params, max_tokens = request.params, request.max_tokens
-    # loaded and run once before the clock starts
-    front = load_front(store, plan, threads=threads)
+    # loaded (unless given: a bundle's LiteRT front) and run once before the clock starts
+    front = front or load_front(store, plan, threads=threads)
     front.prefill(np.zeros(min(8, plan.max_seq_len), np.int64))
     summaries: list[dict] = []
     first: list[SplitResponse] = []
