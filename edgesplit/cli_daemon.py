@@ -18,6 +18,8 @@ def add_daemon_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--cloud", default=None, metavar="A[,B...]", help="cloud endpoints in failover order")
     p.add_argument("--threads", default=None, help="onnxruntime threads of the front")
     p.add_argument("--api-key", default=None, help="Bearer key the API requires")
+    p.add_argument("--bundle", default=None, metavar="DIR",
+                   help="serve this bundle's plan with its front in LiteRT (overrides the config's [plan] bundle)")
     p.add_argument("--exe", default="/usr/local/bin/edgesplit", help="with unit: the edgesplit executable's path")
     p.set_defaults(func=cmd_daemon)
 
@@ -31,11 +33,23 @@ def add_daemon_commands(sub, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from edgesplit.firmware_configs.config import load_config
+    import dataclasses
+
+    from edgesplit.firmware_configs.config import FirmwareConfig, load_config
 
     flags = {"host": args.host, "port": args.port, "cloud_endpoints": args.cloud, "threads": args.threads,
              "api_key": args.api_key}
-    cfg = load_config(args.config, flags)
+
+    def load() -> FirmwareConfig:
+        cfg = load_config(args.config, flags)
+        if args.bundle is None:
+            return cfg
+        cfg = dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, bundle=args.bundle, plan_file=None),
+                                  source=f"{cfg.source} (with --bundle)")
+        cfg.check()
+        return cfg
+
+    cfg = load()
     if args.action == "unit":
         from edgesplit.device.daemon.server import systemd_unit
 
@@ -46,7 +60,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     logging.getLogger("edgesplit").setLevel(cfg.log_level.upper())
     curve = None if cfg.device_key_file is None else device_keys(cfg.device_key_file, cfg.cloud_key_file or "")
-    serve_daemon(cfg, curve, reload=lambda: load_config(args.config, flags))
+    serve_daemon(cfg, curve, reload=load)
     return 0
 
 

@@ -25,7 +25,8 @@ OBJECTIVES = ("latency", "fidelity", "memory")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _PLAN = {"objective": Str(OBJECTIVES), "network": Str(), "latency_target_ms": OptionalField(Num(0.0, True)),
-         "min_top1": OptionalField(Num()), "plan_file": OptionalField(Str())}
+         "min_top1": OptionalField(Num()), "plan_file": OptionalField(Str()),
+         "bundle": OptionalField(Str())}
 _THERMAL = {"sensor_path": Str(), "soft_limit_c": Num(), "hard_limit_c": Num()}
 _SCHEMA = {
     "board": Str(), "description": Str(), "model_match": OptionalField(Str()), "device_profile": Str(),
@@ -50,6 +51,7 @@ class PlanPolicy:
     latency_target_ms: float | None = None
     min_top1: float | None = None
     plan_file: str | None = None
+    bundle: str | None = None  # a bundle folder (edgesplit bundle): its plan, and its front run in LiteRT
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,10 @@ class FirmwareConfig:
                 raise ConfigError(f"{self.source}: field {name!r} = {path!r}: file not found")
         if self.plan.plan_file is not None and not Path(self.plan.plan_file).is_file():
             raise ConfigError(f"{self.source}: [plan] plan_file = {self.plan.plan_file!r}: file not found")
+        if self.plan.bundle is not None and not (Path(self.plan.bundle) / "manifest.json").is_file():
+            raise ConfigError(f"{self.source}: [plan] bundle = {self.plan.bundle!r}: no manifest.json there")
+        if self.plan.bundle is not None and self.plan.plan_file is not None:
+            raise ConfigError(f"{self.source}: [plan] bundle and plan_file both fix the plan: give one")
 
 
 def _is_loopback(host: str) -> bool:

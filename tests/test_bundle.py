@@ -200,3 +200,26 @@ def test_simulate_with_a_bundle_gives_the_onnxruntime_fronts_tokens(tiny_store, 
         assert r.returncode == 0, r.stderr[-2000:]
         runs[name] = json.loads(r.stdout)["tokens"]
     assert runs["litert"] == runs["ort"] and len(runs["ort"]) == 12
+
+
+def test_sessions_interleaved_on_one_litert_front_equal_each_alone(tiny_bundle):
+    """Two sessions stepping in turn (the daemon's concurrent requests): each session's hidden
+    states equal those of the same session run alone (rows saved and restored on each switch)."""
+    from edgesplit.device.split import FrontSession
+
+    front = Bundle.open(tiny_bundle).load_front(threads=1)
+    a_ids, b_ids = np.arange(3, 43) % 200, np.arange(100, 170) % 200
+
+    def alone(ids):
+        s = FrontSession(front)
+        return np.concatenate([s.prefill(ids[:20])] + [s.decode(ids[i:i + 1]) for i in range(20, ids.size)])
+
+    want_a, want_b = alone(a_ids), alone(b_ids)
+    sa, sb = FrontSession(front), FrontSession(front)
+    got_a, got_b = [sa.prefill(a_ids[:20])], [sb.prefill(b_ids[:20])]
+    for i in range(20, b_ids.size):
+        if i < a_ids.size:
+            got_a.append(sa.decode(a_ids[i:i + 1]))
+        got_b.append(sb.decode(b_ids[i:i + 1]))
+    np.testing.assert_array_equal(np.concatenate(got_a), want_a)
+    np.testing.assert_array_equal(np.concatenate(got_b), want_b)

@@ -43,13 +43,14 @@ class Daemon:
 
     def __init__(self, tmp: Path, store, endpoint: str, plan_file: Path, api_key: str | None = None,
                  sensor: Path | None = None, memory_budget_mb: float | None = None, ready_status: int = 200,
-                 one_at_a_time: bool = False):
+                 one_at_a_time: bool = False, bundle: Path | None = None):
         text = resources.files("edgesplit.firmware_configs").joinpath("host.toml").read_text()
         if sensor is not None:
             text = text.replace("/sys/class/thermal/thermal_zone0/temp", str(sensor))
         port = free_port()
         text = text.replace('model = "smollm2-135m"', f'model = "{store.path}"')
-        text = text.replace('network = "loopback"', f'network = "loopback"\nplan_file = "{plan_file}"')
+        fixed = f'bundle = "{bundle}"' if bundle is not None else f'plan_file = "{plan_file}"'
+        text = text.replace('network = "loopback"', f'network = "loopback"\n{fixed}')
         text = text.replace("port = 8080", f"port = {port}")
         if api_key:
             text = text.replace("port = ", f'api_key = "{api_key}"\nport = ', 1)
@@ -370,3 +371,36 @@ def test_a_client_that_goes_away_frees_its_cloud_session(tiny_store, cloud, tmp_
         assert r.choices[0].message.content is not None
     finally:
         assert d.stop() == 0
+
+
+def test_the_daemon_serves_a_bundle_with_requests_side_by_side(tiny_store, cloud, tmp_path):
+    """[plan] bundle: the bundle's plan, its front in LiteRT; two concurrent requests (each its own
+    session on the one LiteRT front) answer what the onnxruntime front's daemon answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgesplit.device.bundle.bundle import BundleSettings, write_bundle
+
+    plan = make_plan(tiny_store, PlanSettings(2, max_seq_len=64, accuracy_level=0))
+    plan_path = tmp_path / "plan0.json"
+    plan_path.write_text(plan.to_json())
+    bundle = write_bundle(tiny_store, plan, tmp_path / "bundle", BundleSettings(prefill_lengths=(16,)))
+    questions = ["What is two plus two?", "Name a colour.", "Say hello."]
+
+    def ask(d: Daemon, q: str) -> str:
+        r = d.client().chat.completions.create(model=str(tiny_store.path), messages=[{"role": "user", "content": q}],
+                                               max_tokens=16, temperature=0)
+        return r.choices[0].message.content
+
+    ort = Daemon(tmp_path, tiny_store, cloud[0], plan_path)
+    try:
+        want = [ask(ort, q) for q in questions]
+    finally:
+        assert ort.stop() == 0
+    lite = Daemon(tmp_path, tiny_store, cloud[0], plan_path, bundle=bundle)
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            got = list(ex.map(lambda q: ask(lite, q), questions))
+    finally:
+        assert lite.stop() == 0
+    assert got == want
+    assert "XNNPACK" in lite.log.read_text() and "XNNPACK" not in ort.log.read_text()  # the front ran in LiteRT

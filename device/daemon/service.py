@@ -27,7 +27,7 @@ from edgesplit.firmware_configs.config import FirmwareConfig
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.generate import load_tokenizer, stream_generate
-from edgesplit.runtime.plan import Plan, front_settings, load_plan_file, resolve_split
+from edgesplit.runtime.plan import Plan, check_plan_store, front_settings, load_plan_file, resolve_split
 from edgesplit.transport.channel import CurveClientKeys
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,11 @@ class DaemonService:
                                        FrontSession)
         return Active(plan, governor, self.link.rtt_ms, self.link.uplink_mbps)
 
-    def _front_for(self, plan: Plan, threads: int) -> SegmentEngine:
+    def _front_for(self, plan: Plan, threads: int):
+        """The warm front of `plan`: a SegmentEngine, or the bundle's LiteRT front (both give each
+        request its own KV cache through FrontSession)."""
+        if self.cfg.plan.bundle is not None:
+            return self.bundle.load_front(threads)
         front = load_front(self.store, plan, threads=threads)
         if not isinstance(front, SegmentEngine):
             raise ConfigError(f"{self.cfg.source}: the plan's front_flash {plan.front_flash!r} is not served by the "
@@ -171,6 +175,12 @@ class DaemonService:
         cfg, policy = self.cfg, self.cfg.plan
         if policy.plan_file is not None:
             return resolve_split(cfg.model, load_plan_file(policy.plan_file), f"plan file {policy.plan_file}")[1]
+        if policy.bundle is not None:
+            from edgesplit.device.bundle.bundle import Bundle
+
+            self.bundle = Bundle.open(policy.bundle)
+            check_plan_store(self.bundle.plan, self.store, f"{cfg.source}: [plan] bundle {policy.bundle}")
+            return self.bundle.plan
         from edgesplit.device.planning.planner import plan_for
 
         # made for self.store (its identity from the store's shards): nothing to resolve again
@@ -181,7 +191,7 @@ class DaemonService:
         """Plan again when the measured round trip or uplink rate moved enough (the link monitor
         calls this after each probe)."""
         old, rtt, up = self.active, self.link.rtt_ms, self.link.uplink_mbps
-        if self.cfg.plan.plan_file is not None or (rtt is None and up is None):
+        if self.cfg.plan.plan_file is not None or self.cfg.plan.bundle is not None or (rtt is None and up is None):
             return
         if not (_moved(rtt, old.planned_rtt_ms, self.REPLAN_CHANGE) or _moved(up, old.planned_uplink_mbps,
                                                                               self.REPLAN_CHANGE)):
