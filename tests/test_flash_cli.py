@@ -52,3 +52,11 @@ def test_budget_refused_with_numbers(tiny_store, text, capsys):
                           "--budget-mb", "0.01")
     assert code == 2 and not rows
     assert "does not fit the memory budget" in err and "> budget 0.01 MB" in err
+
+
+def test_embedding_with_the_default_budget_works(tiny_store, text, capsys):
+    """The default --budget-fraction (0.5 of the whole front) is below what embedding mode keeps
+    resident (every layer): the default budget is raised to that minimum instead of failing."""
+    code, rows, err = run(capsys, "--model", tiny_store.path, "--text", text, "--mode", "embedding")
+    assert code == 0, err
+    assert rows[0]["budget_mb"] == pytest.approx(rows[0]["resident_mb"])

@@ -98,11 +98,13 @@ def segment_bytes(flash: FlashStore) -> tuple[int, list[int]]:
     return flash.row_bytes * flash.vocab_size, [r.nbytes for r in flash.layers]
 
 
-def budget_bytes(req: FlashBenchRequest, flash: FlashStore) -> int:
+def budget_bytes(req: FlashBenchRequest, flash: FlashStore, floor: int = 0) -> int:
+    """The memory budget: --budget-mb as given, else --budget-fraction of the whole front, raised
+    to `floor` (what the mode must keep resident), so the default works for every mode."""
     table, layers = segment_bytes(flash)
     if req.budget_mb is not None:
         return int(req.budget_mb * MB)
-    return int(req.budget_fraction * (table + sum(layers)))
+    return max(int(req.budget_fraction * (table + sum(layers))), floor)
 
 
 def fidelity(front, ref_front, head: CloudHead, tokens: np.ndarray, window: int) -> dict:
@@ -147,8 +149,9 @@ def read_table(flash: FlashStore) -> None:
 
 def run_embedding(req: FlashBenchRequest, store, flash, tokens, head, model: FlashModel | None, factor: float = 1.0) -> dict:
     table, layers = segment_bytes(flash)
-    budget = budget_bytes(req, flash)
     emb = FlashEmbedding(flash, CACHE_ROWS)
+    # the layers stay resident in this mode: the default budget is at least them and the row cache
+    budget = budget_bytes(req, flash, floor=sum(layers) + emb.cache_bytes)
     check_budget("embedding rows on flash", Budget(sum(layers), emb.cache_bytes, 0), budget)
     f = flash.file("embedding.bin")
     before = f.bytes_read
