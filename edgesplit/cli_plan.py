@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
 from edgesplit.runtime.models import DEFAULT_MODEL
 
@@ -27,7 +28,8 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--network", required=True, help="network profile name (lte, ...) or TOML path")
     p.add_argument("--cloud-profile", default="cpu-server", help="cloud profile name or TOML path (default cpu-server)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
-    p.add_argument("--objective", choices=("latency", "fidelity", "memory"), default="latency")
+    p.add_argument("--objective", choices=("latency", "fidelity", "memory", "cost"), default="latency",
+                   help="minimize ms per token, device MB or cloud USD per token, or maximize top-1 (default latency)")
     p.add_argument("--memory-mb", type=float, default=None, help="device memory limit (default: usable memory)")
     p.add_argument("--latency-ms", type=float, default=None, help="per-token latency limit, ms")
     p.add_argument("--ttft-ms", type=float, default=None, help="time-to-first-token limit, ms")
@@ -40,6 +42,29 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="FILE", help="write the Pareto plot as PNG")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("plan-table", parents=[common],
+                       help="the chosen cut against per-token latency targets, for each device profile")
+    p.add_argument("--network", required=True, help="network profile name (lte, ...) or TOML path")
+    p.add_argument("--latency-ms", required=True, metavar="X[,X...]", help="per-token latency targets, ms")
+    p.add_argument("--devices", default="", metavar="D[,D...]", help="device profiles (default: every built-in)")
+    p.add_argument("--cloud-profile", default="cpu-server", help="cloud profile name or TOML path (default cpu-server)")
+    p.add_argument("--objective", choices=("latency", "fidelity", "memory", "cost"), default="cost")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    p.set_defaults(func=cmd_plan_table)
+
+    p = sub.add_parser("plan-check", parents=[common],
+                       help="measure a cut x codec grid over an emulated link; the planner's choices against it (JSON)")
+    p.add_argument("--network", required=True, help="network profile name (lte, 3g-poor, ...) or TOML path")
+    p.add_argument("--cuts", default="1,15,29", help="cuts of the grid (default 1,15,29)")
+    p.add_argument("--codecs", default="f32;f16;int8;ecq:step=0.2", help="codecs of the grid, ';'-separated")
+    p.add_argument("--latency-ms", default="", metavar="X[,X...]",
+                   help="latency targets for the cloud-cost objective's choices (measured against them)")
+    p.add_argument("--tokens", type=int, default=24, help="decode tokens per session (default 24)")
+    p.add_argument("--passes", type=int, default=2, help="passes over the grid; medians (default 2)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
+    p.set_defaults(func=cmd_plan_check)
 
     p = sub.add_parser("sweep", parents=[common],
                        help="measure every cut over an emulated link, predicted vs measured (JSON)")
@@ -96,6 +121,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(report["why"])
         print(json.dumps(report["plan"], indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_plan_table(args: argparse.Namespace) -> int:
+    from edgesplit.harness.cut_table import CutTableRequest, cut_table, format_cut_table
+    from edgesplit.runtime.models import resolve_store
+    from edgesplit.runtime.store import ModelStore
+
+    try:
+        lats = tuple(float(x) for x in args.latency_ms.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--latency-ms {args.latency_ms!r}: expected comma-separated numbers") from None
+    req = CutTableRequest(args.network, lats, tuple(d for d in args.devices.split(",") if d.strip()),
+                          args.cloud_profile, args.objective)
+    rows = cut_table(ModelStore(resolve_store(args.model, precisions=("f32", "q4", "q8"))), req)
+    print(json.dumps(rows) if args.json else format_cut_table(rows))
+    return 0
+
+
+def cmd_plan_check(args: argparse.Namespace) -> int:
+    from edgesplit.harness.plan_check import PlanCheckRequest, plan_check
+    from edgesplit.runtime.models import resolve_store
+    from edgesplit.runtime.store import ModelStore
+
+    try:
+        cuts = tuple(int(c) for c in args.cuts.split(",") if c.strip())
+        lats = tuple(float(x) for x in args.latency_ms.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--cuts {args.cuts!r} / --latency-ms {args.latency_ms!r}: expected numbers") from None
+    req = PlanCheckRequest(args.network, cuts, tuple(c for c in args.codecs.split(";") if c.strip()), lats,
+                           args.tokens, args.passes)
+    print(json.dumps(plan_check(ModelStore(resolve_store(args.model, precisions=("q4", "f32"))), req)))
     return 0
 
 

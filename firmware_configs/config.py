@@ -21,7 +21,7 @@ from edgesplit.runtime.errors import ConfigError
 
 PACKAGE = "edgesplit.firmware_configs"
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
-OBJECTIVES = ("latency", "fidelity", "memory")
+OBJECTIVES = ("latency", "fidelity", "memory", "cost")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _PLAN = {"objective": Str(OBJECTIVES), "network": Str(), "latency_target_ms": OptionalField(Num(0.0, True)),

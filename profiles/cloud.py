@@ -8,6 +8,7 @@ Keys (units in the names):
     prefill_time_factor         float  worker prefill time per layer / reference's, > 0
     step_floor_ms               float  ms every step costs at least (kernel launches, batching wait)
     memory_gb                   float  memory of the worker, GB (for the record; not a constraint here)
+    price_per_hour_usd          float  what an hour of the worker costs, USD (the planner's `cost` objective)
 
 The worker's time for a step is `max(step_floor_ms, factor * reference time)`. Built-ins live in
 `edgesplit/profiles/clouds/*.toml`; errors name file+field+value.
@@ -39,6 +40,7 @@ class CloudProfile:
     prefill_time_factor: float
     step_floor_ms: float
     memory_gb: float
+    price_per_hour_usd: float
     figures: MeasuredFigures  # the reference's measured figures
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,7 +51,7 @@ class CloudProfile:
 _SCHEMA = {
     "name": Str(), "description": Str(), "source": Str(), "reference": Str(),
     "decode_time_factor": Num(0.0, True), "prefill_time_factor": Num(0.0, True),
-    "step_floor_ms": Num(), "memory_gb": Num(0.0, True),
+    "step_floor_ms": Num(), "memory_gb": Num(0.0, True), "price_per_hour_usd": Num(0.0),
 }
 
 

@@ -38,7 +38,7 @@ def device(factor: float = 1.0, usable_mb: float = 10_000.0) -> DeviceProfile:
 
 
 def cloud(factor: float = 1.0) -> CloudProfile:
-    return CloudProfile("cl", "c", "test", "host", factor, factor, 0.0, 1.0, figures())
+    return CloudProfile("cl", "c", "test", "host", factor, factor, 0.0, 1.0, 1.0, figures())
 
 
 def net(mbps: float = 1000.0, rtt_ms: float = 10.0, loss_pct: float = 0.0) -> NetworkProfile:
@@ -204,3 +204,36 @@ def test_flash_option_stays_out_of_the_plan():
     assert "flash" not in {f.name for f in dataclasses.fields(Plan)}
     with pytest.raises(Exception, match="flash_options"):
         Request(flash_options=("swap",))
+
+
+def test_cost_objective_takes_the_deepest_cut_the_latency_target_allows():
+    """Cloud cost falls with every layer the device runs; the latency target caps how many. A slow
+    device: the looser the target, the deeper the cut, and the cheaper the plan."""
+    slow = device(factor=4.0)
+    loose, tight = run(slow, cloud(), net(), objective="cost"), None
+    assert loose.chosen.setting.cut == L - 1  # no target: everything the device can afford
+    tight = run(slow, cloud(), net(), objective="cost", latency_ms=loose.chosen.costs.ms_per_token - 0.5)
+    assert tight.chosen.setting.cut < loose.chosen.setting.cut
+    assert tight.chosen.costs.ms_per_token <= loose.chosen.costs.ms_per_token - 0.5
+    assert tight.chosen.costs.cloud_usd_per_mtok > loose.chosen.costs.cloud_usd_per_mtok > 0
+    assert "USD of cloud compute per 10^6 tokens" in tight.why
+
+
+def test_cloud_cost_is_cloud_seconds_times_the_price():
+    from edgesplit.device.planning.cost_model import cloud_usd_per_mtok
+
+    cl = dataclasses.replace(cloud(), price_per_hour_usd=3.6)
+    assert cloud_usd_per_mtok(cl, 2.0) == pytest.approx(2.0 / 1000 * 3.6 / 3600 * 1e6)  # 2 ms at $3.6/h: $2 per 10^6
+    c = costs(device(), cl, net(), Setting(2, "q4", "q4", "f32", "f32", 256), up_bytes=32, prompt_bytes_per_token=32,
+              context=64, prompt_tokens=16)
+    assert c is not None and c.cloud_usd_per_mtok == pytest.approx(cloud_usd_per_mtok(cl, c.breakdown_ms["cloud_compute"]))
+
+
+def test_cloud_profiles_carry_a_price():
+    from edgesplit.profiles.cloud import cloud_profile_from_dict, list_cloud_profiles, load_cloud_profile
+
+    for name in list_cloud_profiles():
+        assert load_cloud_profile(name).price_per_hour_usd > 0
+    data = {k: v for k, v in load_cloud_profile("host").to_dict().items() if k != "price_per_hour_usd"}
+    with pytest.raises(Exception, match="price_per_hour_usd"):
+        cloud_profile_from_dict(data, "x.toml")

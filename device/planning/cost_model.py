@@ -16,7 +16,8 @@ Latency (ms per decode token at a context of `context` tokens):
     overhead        = the measured split loop overhead (frames, sockets, detokenizing)
 `ms_per_token` is the typical (median) token: a retransmission hits a token only now and then
 (p_token = 1 - (1 - loss)^2, < 50% for every profile here) and so does not move the median, which
-is what `simulate` and `sweep` report. `mean_ms_per_token` adds the expected retransmissions
+is what `simulate` and `sweep` report. `cloud_usd_per_mtok` prices the cloud compute per token at the cloud profile's price per hour.
+`mean_ms_per_token` adds the expected retransmissions
 (p / (1 - p) lost attempts per frame, each costing RTO + serialization).
 Time to first token: the same with prefill figures for a prompt of `prompt_tokens`.
 
@@ -72,6 +73,7 @@ class Costs:
     ttft_ms: float
     breakdown_ms: dict  # per decode token: device_compute, encode, link, cloud_compute, overhead
     flash: "FrontFlash | None" = None  # what the front's flash option costs (None: no details)
+    cloud_usd_per_mtok: float = 0.0  # cloud compute per decode token x the worker's price, USD per 10^6 tokens
 
 
 @dataclass(frozen=True)
@@ -234,4 +236,11 @@ def costs(dev: DeviceProfile, cloud: CloudProfile, net: NetworkProfile, s: Setti
     retry = retransmit_ms(net, up_bytes + f.frame_up_bytes, f.frame_down_bytes)
     memory = all_resident_mb if s.flash == "resident" else other_mb + front.front_mb
     ttft = ttft_ms(dev, cloud, net, s, prompt_bytes_per_token, prompt_tokens) + front.prefill_io_ms
-    return Costs(memory, typical, typical + retry, ttft, breakdown, front)
+    return Costs(memory, typical, typical + retry, ttft, breakdown, front,
+                 cloud_usd_per_mtok(cloud, breakdown["cloud_compute"]))
+
+
+def cloud_usd_per_mtok(cloud: CloudProfile, cloud_ms_per_token: float) -> float:
+    """USD per million decode tokens of cloud compute: the worker's seconds per token x its price per
+    second, as if one session had the worker to itself (batching divides it by the batch)."""
+    return cloud_ms_per_token / 1000.0 * cloud.price_per_hour_usd / 3600.0 * 1e6

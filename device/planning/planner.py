@@ -7,7 +7,8 @@ table in, candidates out; no I/O. `plan_for` is the one entry point that touches
 (for the plan's model identity). The front's flash option (resident / embedding rows on flash /
 layer streaming, `Request.flash_options`) is a decision variable too; it is kept in the planner's
 report, not in the Plan (the wire protocol carries the Plan). Objectives: 'latency' (min ms per token), 'fidelity' (max top-1
-agreement) or 'memory' (min device MB), each subject to every constraint given.
+agreement), 'memory' (min device MB) or 'cost' (min cloud compute per token at the cloud profile's
+price: the deepest cut the device can afford), each subject to every constraint given.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from edgesplit.runtime.plan import Plan, PlanSettings, make_plan
 from edgesplit.device.planning.cost_model import FLASH_OPTIONS, Costs, Setting, costs
 from edgesplit.device.planning.fidelity import Fidelity, FidelityTable
 
-OBJECTIVES = ("latency", "fidelity", "memory")
+OBJECTIVES = ("latency", "fidelity", "memory", "cost")
 
 
 class InfeasibleError(EdgesplitError):
@@ -78,10 +79,10 @@ class Candidate:
     fidelity: Fidelity
 
     def point(self) -> dict:
-        """The setting and its three objectives, JSON-able (a Pareto front entry)."""
+        """The setting and its objectives, JSON-able (a Pareto front entry)."""
         return {**dataclasses.asdict(self.setting), "ms_per_token": self.costs.ms_per_token,
                 "mean_ms_per_token": self.costs.mean_ms_per_token, "ttft_ms": self.costs.ttft_ms,
-                "device_memory_mb": self.costs.device_memory_mb,
+                "device_memory_mb": self.costs.device_memory_mb, "cloud_usd_per_mtok": self.costs.cloud_usd_per_mtok,
                 "top1": self.fidelity.top1, "ppl_ratio": self.fidelity.ppl_ratio}
 
 
@@ -189,6 +190,8 @@ def objective_key(objective: str):
         return lambda c: (round(c.costs.ms_per_token, 3), -c.fidelity.top1, c.costs.device_memory_mb)
     if objective == "fidelity":
         return lambda c: (-round(c.fidelity.top1, 4), -c.setting.max_seq_len, c.costs.ms_per_token)
+    if objective == "cost":
+        return lambda c: (round(c.costs.cloud_usd_per_mtok, 4), c.costs.ms_per_token, -c.fidelity.top1)
     return lambda c: (round(c.costs.device_memory_mb, 1), c.costs.ms_per_token, -c.fidelity.top1)
 
 
@@ -223,7 +226,8 @@ def choose(dev: DeviceProfile, cloud: CloudProfile, net: NetworkProfile, table: 
     runner = next((c for c in ok[1:] if c.setting.cut != best.setting.cut), None)
     goal = {"latency": f"{best.costs.ms_per_token:.2f} ms/token",
             "fidelity": f"top-1 {best.fidelity.top1:.4f}",
-            "memory": f"{best.costs.device_memory_mb:.0f} MB on the device"}[req.objective]
+            "memory": f"{best.costs.device_memory_mb:.0f} MB on the device",
+            "cost": f"{best.costs.cloud_usd_per_mtok:.4f} USD of cloud compute per 10^6 tokens"}[req.objective]
     why = (f"objective {req.objective}: {_describe(best)} gives {goal} "
            f"({best.costs.ms_per_token:.2f} ms/token, TTFT {best.costs.ttft_ms:.0f} ms, "
            f"{best.costs.device_memory_mb:.0f} MB, top-1 {best.fidelity.top1:.4f}); "

@@ -98,7 +98,7 @@ def split_overhead_ms(profile: dict, calibs: list[dict], ps: ProfileSettings) ->
     from edgesplit.profiles.network import load_network_profile
 
     dev = device_profile_from_dict(profile, "profile being measured")
-    cloud = CloudProfile("self", "this machine", "measured", "host", 1.0, 1.0, 0.0, 1.0, dev.figures)
+    cloud = CloudProfile("self", "this machine", "measured", "host", 1.0, 1.0, 0.0, 1.0, 0.0, dev.figures)
     net = load_network_profile("loopback")
     extra = []
     for c in calibs:
