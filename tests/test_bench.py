@@ -75,3 +75,12 @@ def test_worker_bench_refuses_bad_levels():
         WorkerBenchRequest((0, 4))
     with pytest.raises(ConfigError, match="pool sizes >= 1"):
         WorkerBenchRequest(replicas=(0,))
+
+
+@pytest.mark.model
+def test_bench_vs_llama_cpp_reports_its_peak_rss_from_its_own_process(real_store, real_gguf):
+    pytest.importorskip("llama_cpp", reason="the optional [bench] extra (llama-cpp-python) is not installed")
+    r = bench(real_store, real_gguf, runs=1, prompt_tokens=16, decode_tokens=8, vs_llama=True)
+    assert r["ref_decode_tok_s"] > 0 and r["decode_ratio"] == r["decode_tok_s"] / r["ref_decode_tok_s"]
+    assert 100 < r["ref_peak_rss_mb"] < r["peak_rss_mb"] * 2  # a whole process: Python, llama.cpp, the GGUF
+    assert r["memory_ratio"] == r["peak_rss_mb"] / r["ref_peak_rss_mb"]

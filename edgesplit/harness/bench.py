@@ -7,6 +7,7 @@ the timed runs interleave (ours, theirs, ours, theirs, ...) so machine noise hit
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import statistics
 import time
@@ -58,6 +59,31 @@ def _time_llama(llm, ids: list[int], decode_tokens: int, vocab_size: int) -> tup
     return t1 - t0, time.perf_counter() - t1
 
 
+def _llama_peak(gguf_path: str, n_ctx: int, ids: list[int], decode_tokens: int, threads: int, vocab_size: int,
+                queue) -> None:
+    """In a fresh process: llama.cpp loads the GGUF at `n_ctx`, runs the bench's job once, reports its peak RSS."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                          n_batch=max(512, len(ids)), verbose=False, logits_all=False)
+    _time_llama(llm, ids, decode_tokens, vocab_size)
+    queue.put(peak_rss_mb())
+
+
+def llama_peak_rss_mb(gguf_path: str | os.PathLike, n_ctx: int, ids: list[int], decode_tokens: int, threads: int,
+                      vocab_size: int, timeout_s: float = 300.0) -> float:
+    """llama.cpp's peak RSS (MB) for the same job in its own process (peak RSS is per process)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_llama_peak, args=(os.fspath(gguf_path), n_ctx, ids, decode_tokens, threads, vocab_size,
+                                                 queue))
+    proc.start()
+    try:
+        return float(queue.get(timeout=timeout_s))
+    finally:
+        proc.join(timeout=30)
+
+
 def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: int = 2, runs: int = 5,
           prompt_tokens: int = 128, decode_tokens: int = 128, vs_llama: bool = False,
           **engine_kwargs) -> dict:
@@ -68,7 +94,8 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
     RSS after our engine ran and before llama.cpp loads (it includes whatever the process held
     before the call). With vs_llama, llama.cpp runs `gguf_path` in this process, interleaved with
     ours, and ref_prefill_tok_s, ref_decode_tok_s, prefill_ratio and decode_ratio (ours / theirs)
-    are added. `engine_kwargs` go to SegmentEngine (precision, accuracy_level, ...).
+    are added, and ref_peak_rss_mb: llama.cpp's peak RSS for the same job at the same context
+    (n_ctx = prompt + decode tokens) in its own process, with memory_ratio = ours / theirs. `engine_kwargs` go to SegmentEngine (precision, accuracy_level, ...).
     """
     if runs < 1 or prompt_tokens < 1 or decode_tokens < 1:
         raise ConfigError(f"runs ({runs}), prompt_tokens ({prompt_tokens}) and decode_tokens "
@@ -121,6 +148,10 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
         out["prefill_ratio"] = out["prefill_tok_s"] / out["ref_prefill_tok_s"]
         out["decode_ratio"] = out["decode_tok_s"] / out["ref_decode_tok_s"]
         del llm
+        assert gguf_path is not None
+        # the same job at the same context (our KV holds `total` positions: n_ctx = total)
+        out["ref_peak_rss_mb"] = llama_peak_rss_mb(gguf_path, total, ref_ids, decode_tokens, threads, cfg.vocab_size)
+        out["memory_ratio"] = peak_mb / out["ref_peak_rss_mb"]
     out.update({k: settings[k] for k in ENGINE_SETTINGS})
     out.update(threads=threads, runs=runs, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
                vs="llama.cpp" if vs_llama else None, load_avg_1m=load_avg_1m)
