@@ -47,7 +47,8 @@ def test_profile_writes_a_profile_the_loader_accepts(tiny_profile, tiny_store):
 
 def _cloud_toml(path, reference):
     path.write_text(f'name = "tinycloud"\ndescription = "d"\nsource = "test"\nreference = "{reference}"\n'
-                    'decode_time_factor = 1.0\nprefill_time_factor = 1.0\nstep_floor_ms = 0.0\nmemory_gb = 1.0\n')
+                    'decode_time_factor = 1.0\nprefill_time_factor = 1.0\nstep_floor_ms = 0.0\nmemory_gb = 1.0\n'
+                    'price_per_hour_usd = 0.1\n')
     return path
 
 
