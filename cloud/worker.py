@@ -28,7 +28,7 @@ from edgesplit.runtime import codec, malloc
 from edgesplit.runtime.batch import BatchedSegment, Row
 from edgesplit.runtime.errors import EdgesplitError
 from edgesplit.runtime.memory import available_memory_mb
-from edgesplit.runtime.plan import ModelIdentity, Plan
+from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.store import ModelStore
 from edgesplit.transport.protocol import (
     BAD_FRAME, INTERNAL, LIMIT, PLAN_MISMATCH, SEQUENCE, TENSOR, TOO_LONG, UNAUTHORIZED, UNKNOWN_SESSION,
@@ -37,6 +37,7 @@ from edgesplit.transport.protocol import (
 )
 from edgesplit.transport.security import ServerKeys
 
+from .admission import Limits, check_limits, check_plan
 from .batcher import DecodeBatch, Pending
 from .engines import EnginePool
 from .listener import Listener, Message
@@ -192,7 +193,7 @@ class CloudWorker:
         """Build the back-segment engine of `plan` now (kept for the worker's life) and run its
         prompt and batched graphs once on a throwaway slot, so the first session's time to first
         token does not include loading."""
-        self._check_plan("warm-up", plan)
+        check_plan(self.store, self.pool, "warm-up", plan)
         engine = self.pool.engine_for(plan, pin=True)
         t0 = time.perf_counter()
         slot, cache = engine.new_cache()
@@ -203,6 +204,10 @@ class CloudWorker:
         log.info("back segment [%d, %d) warmed: first run %.0f ms", plan.cut, plan.n_layers,
                  (time.perf_counter() - t0) * 1000.0)
         return engine
+
+    def limits(self) -> Limits:
+        """What one open may take, as set now."""
+        return Limits(self.max_sessions, self.max_sessions_per_device, self.max_kv_mb, self.max_kv_mb_per_device)
 
     @property
     def kv_used_mb(self) -> float:
@@ -361,56 +366,13 @@ class CloudWorker:
         sid, plan = frame.session, frame.plan
         if sid in self.sessions:
             raise ProtocolError(SEQUENCE, f"open: session {sid} is already open; close it first", sid, 0)
-        self._check_plan(sid, plan)
+        check_plan(self.store, self.pool, sid, plan)
         cfg = self.store.config
         need_mb = kv_cache_mb(plan, cfg.n_kv_heads, cfg.head_dim)
-        self._check_limits(owner, sid, plan, need_mb)
+        check_limits(self.limits(), self.sessions, owner, sid, plan, need_mb)
         self.sessions[sid] = Session.from_open(frame, routing_id, owner, self.pool.engine_for(plan), need_mb)
         log.info("session %s opened: cut %d, max_seq_len %d, codec %s (%d open)", sid, plan.cut,
                  plan.max_seq_len, plan.codec, len(self.sessions))
-
-    def _check_limits(self, owner: str, sid: str, plan: Plan, need_mb: float) -> None:
-        """Refuse (`limit`) a session beyond the worker's or the device's share of sessions or KV."""
-        mine = [s for s in self.sessions.values() if s.owner == owner]
-        if len(self.sessions) >= self.max_sessions:
-            raise ProtocolError(LIMIT, f"open: this worker holds {len(self.sessions)} sessions, its limit "
-                                f"max_sessions is {self.max_sessions}; retry later or use another worker", sid, 0)
-        if len(mine) >= self.max_sessions_per_device:
-            raise ProtocolError(LIMIT, f"open: this device holds {len(mine)} sessions, the per-device limit is "
-                                f"{self.max_sessions_per_device}; close one first", sid, 0)
-        what = (f"the session's KV cache needs {need_mb:.1f} MB ({plan.n_layers - plan.cut} layers x "
-                f"{plan.max_seq_len} positions, {plan.kv_precision})")
-        if self.kv_used_mb + need_mb > self.max_kv_mb:
-            raise ProtocolError(LIMIT, f"open: {what} but only {self.max_kv_mb - self.kv_used_mb:.1f} MB of max_kv_mb "
-                                f"{self.max_kv_mb:g} are available ({len(self.sessions)} session(s) hold "
-                                f"{self.kv_used_mb:.1f} MB); lower plan.max_seq_len, close sessions or retry later",
-                                sid, 0)
-        used = sum(s.kv_mb for s in mine)
-        if self.max_kv_mb_per_device is not None and used + need_mb > self.max_kv_mb_per_device:
-            raise ProtocolError(LIMIT, f"open: {what} but this device already holds {used:.1f} MB of its "
-                                f"{self.max_kv_mb_per_device:g} MB share; lower plan.max_seq_len or close one", sid, 0)
-
-    def _check_plan(self, sid: str, plan: Plan) -> None:
-        """Refuse a plan for another model, other shards, or one this worker cannot serve. The
-        refusal names the plan's values, never this worker's store (the client may be anyone)."""
-        cfg = self.store.config
-        mine = ModelIdentity.of_store(self.store, plan.precisions)
-        needed = [(f"blk.{i}", plan.back_precision) for i in range(plan.cut, plan.n_layers)]
-        needed += [(self.store.head_name(), plan.head_precision), ("output_norm", "f32")]
-        missing = [f"{n}@{p}" for n, p in needed if (n, p) not in self.store.shards]
-        if plan.model != mine or plan.n_layers != cfg.n_layers or missing:
-            log.info("plan refused for session %s: plan %s (%d layers), this store %s (%d layers), missing %s",
-                     sid, plan.model, plan.n_layers, mine, cfg.n_layers, missing[:4])
-            raise ProtocolError(PLAN_MISMATCH, f"open: plan.model {plan.model.name!r} fingerprint "
-                                f"{plan.model.fingerprint} (precisions {', '.join(plan.precisions)}, {plan.n_layers} "
-                                "layers) is not the model this worker serves", sid, 0)
-        if plan.max_seq_len > cfg.context_length:
-            raise ProtocolError(LIMIT, f"open: plan.max_seq_len {plan.max_seq_len} exceeds the model context "
-                                f"{cfg.context_length}", sid, 0)
-        try:
-            self.pool.codec_table(plan)
-        except EdgesplitError as exc:
-            raise ProtocolError(BAD_FRAME, f"open: plan.codec {str(plan.codec)!r}: {exc}", sid, 0) from None
 
     def _step(self, session: Session, frame: PrefillFrame | DecodeFrame, routing_id: bytes) -> TokenFrame | None:
         """Run a prefill on its session and build the token frame; a decode frame is checked and
