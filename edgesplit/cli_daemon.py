@@ -16,6 +16,8 @@ def add_daemon_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, help="listen address (overrides the config and EDGESPLIT_HOST)")
     p.add_argument("--port", default=None, help="listen port")
     p.add_argument("--cloud", default=None, metavar="A[,B...]", help="cloud endpoints in failover order")
+    p.add_argument("--directory", default=None, metavar="ENDPOINT",
+                   help="a worker pool's directory (edgesplit cloud pool) instead of fixed endpoints")
     p.add_argument("--threads", default=None, help="onnxruntime threads of the front")
     p.add_argument("--api-key", default=None, help="Bearer key the API requires")
     p.add_argument("--bundle", default=None, metavar="DIR",
@@ -37,7 +39,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     from edgesplit.firmware_configs.config import FirmwareConfig, load_config
 
-    flags = {"host": args.host, "port": args.port, "cloud_endpoints": args.cloud, "threads": args.threads,
+    flags = {"host": args.host, "port": args.port, "cloud_endpoints": args.cloud, "cloud_directory": args.directory,
+             "threads": args.threads,
              "api_key": args.api_key}
 
     def load() -> FirmwareConfig:

@@ -32,12 +32,13 @@ _SCHEMA = {
     "board": Str(), "description": Str(), "model_match": OptionalField(Str()), "device_profile": Str(),
     "threads": Int(1), "memory_budget_mb": Num(0.0, True), "host": Str(), "port": Int(1),
     "api_key": OptionalField(Str()), "model": Str(), "cloud_endpoints": StrList(),
+    "cloud_directory": OptionalField(Str()),
     "device_key_file": OptionalField(Str()), "cloud_key_file": OptionalField(Str()),
     "max_concurrent_requests": Int(1), "queue_size": Int(0), "log_level": Str(LOG_LEVELS),
     "plan": Table(_PLAN), "thermal": Table(_THERMAL),
 }
 # fields a flag or EDGESPLIT_<FIELD> may override (scalars and the endpoint list)
-OVERRIDABLE = ("host", "port", "threads", "memory_budget_mb", "api_key", "model", "cloud_endpoints",
+OVERRIDABLE = ("host", "port", "threads", "memory_budget_mb", "api_key", "model", "cloud_endpoints", "cloud_directory",
                "device_key_file", "cloud_key_file", "max_concurrent_requests", "queue_size", "log_level")
 
 
@@ -79,6 +80,7 @@ class FirmwareConfig:
     api_key: str | None  # Bearer key of the API (None: no key; only allowed on loopback)
     model: str  # known name, GGUF or store path
     cloud_endpoints: tuple[str, ...]  # in failover order
+    cloud_directory: str | None  # a worker pool's directory (edgesplit cloud pool): replaces cloud_endpoints
     device_key_file: str | None  # this device's CurveZMQ secret key (NAME.key_secret)
     cloud_key_file: str | None  # the worker's public key (cloud.key)
     max_concurrent_requests: int  # requests generating at once (each its own cloud session)

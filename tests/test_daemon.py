@@ -43,7 +43,7 @@ class Daemon:
 
     def __init__(self, tmp: Path, store, endpoint: str, plan_file: Path, api_key: str | None = None,
                  sensor: Path | None = None, memory_budget_mb: float | None = None, ready_status: int = 200,
-                 one_at_a_time: bool = False, bundle: Path | None = None):
+                 one_at_a_time: bool = False, bundle: Path | None = None, directory: str | None = None):
         text = resources.files("edgesplit.firmware_configs").joinpath("host.toml").read_text()
         if sensor is not None:
             text = text.replace("/sys/class/thermal/thermal_zone0/temp", str(sensor))
@@ -64,6 +64,8 @@ class Daemon:
         self.url = f"http://127.0.0.1:{port}"
         self.log = tmp / f"daemon-{port}.log"
         env = dict(os.environ, EDGESPLIT_CLOUD_ENDPOINTS=endpoint)
+        if directory is not None:
+            env["EDGESPLIT_CLOUD_DIRECTORY"] = directory
         with self.log.open("wb") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "edgesplit", "daemon", "--config", str(self.config)],
                                          stdout=subprocess.DEVNULL, stderr=err, env=env)
@@ -404,3 +406,38 @@ def test_the_daemon_serves_a_bundle_with_requests_side_by_side(tiny_store, cloud
         assert lite.stop() == 0
     assert got == want
     assert "XNNPACK" in lite.log.read_text() and "XNNPACK" not in ort.log.read_text()  # the front ran in LiteRT
+
+
+def test_the_daemon_finds_its_workers_through_a_pool_directory(tiny_store, cloud, plan_file, tmp_path):
+    """cloud_directory: the endpoints come from a pool's directory. It lists the live worker and one
+    that does not answer; sessions hashed to the dead one move to the live one by replay, so every
+    answer equals the fixed-endpoint daemon's."""
+    from edgesplit.transport.directory import DirectoryServer, Replica
+
+    live = [Replica("replica-0", cloud[0], 1, "127.0.0.1", "0" * 64),
+            Replica("replica-1", f"tcp://127.0.0.1:{free_port()}", 2, "127.0.0.1", "0" * 64)]
+    server = DirectoryServer("tcp://127.0.0.1:0", lambda: live)
+    questions = [f"Question number {i}?" for i in range(12)]  # P(none hashed to the dead one) = 2^-12
+
+    def ask(d: Daemon, q: str) -> str:
+        r = d.client().chat.completions.create(model=str(tiny_store.path), messages=[{"role": "user", "content": q}],
+                                               max_tokens=8, temperature=0)
+        return r.choices[0].message.content
+
+    try:
+        fixed = Daemon(tmp_path, tiny_store, cloud[0], plan_file)
+        try:
+            want = [ask(fixed, q) for q in questions]
+        finally:
+            assert fixed.stop() == 0
+        pooled = Daemon(tmp_path, tiny_store, "tcp://127.0.0.1:1", plan_file, directory=server.endpoint)
+        try:
+            got = [ask(pooled, q) for q in questions]
+            health = json.loads(_get(pooled.url + "/health")[1])
+        finally:
+            assert pooled.stop() == 0
+    finally:
+        server.close()
+    assert got == want
+    assert health["cloud_directory"] == server.endpoint and health["cloud_up"]
+    assert "recovered" in pooled.log.read_text() or "recovering" in pooled.log.read_text()  # some hashed to the dead one

@@ -97,7 +97,7 @@ def build_app(service: DaemonService, metrics: Metrics) -> Starlette:
         up = service.link.up
         fits = up or await run_in_threadpool(lambda: service.local_fits()[0])
         body = {"status": "ok" if fits else "no cloud", "cut": service.plan.cut, "codec": str(service.plan.codec),
-                "cloud": list(service.cfg.cloud_endpoints), "cloud_up": up, "serves": "split" if up else "local" if fits
+                "cloud": list(service.link.endpoints), "cloud_directory": service.cfg.cloud_directory, "cloud_up": up, "serves": "split" if up else "local" if fits
                 else "nothing", "link_rtt_ms": service.link.rtt_ms, "last_cloud_error": service.last_cloud_error}
         return JSONResponse(body, status_code=200 if fits else 503)
 

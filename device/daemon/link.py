@@ -21,6 +21,7 @@ from typing import Callable
 
 from edgesplit.profiles.network import NetworkProfile
 from edgesplit.transport.channel import CurveClientKeys, TransportError, probe_ms
+from edgesplit.transport.directory import DirectoryError, query as query_directory
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,10 @@ class LinkMonitor:
     """Background probes of the cloud endpoints: `up`, and the median RTT of the recent probes."""
 
     def __init__(self, endpoints: tuple[str, ...], d_model: int, curve: CurveClientKeys | None,
-                 base: NetworkProfile, interval_s: float = 5.0, window: int = 12):
+                 base: NetworkProfile, interval_s: float = 5.0, window: int = 12,
+                 directory: str | None = None):
         self.endpoints, self.d_model, self.curve, self.base = endpoints, d_model, curve, base
+        self.directory = directory  # a pool's directory: the endpoints are its live replicas, asked each probe
         self.interval_s = interval_s
         self.rtts: deque[float] = deque(maxlen=window)
         self.uplink_mbps_samples: deque[float] = deque(maxlen=window)
@@ -41,6 +44,12 @@ class LinkMonitor:
 
     def probe(self) -> bool:
         """Probe the endpoints in order until one answers; returns whether one did."""
+        if self.directory is not None:
+            try:
+                self.endpoints = tuple(r.endpoint for r in query_directory(self.directory, timeout_s=1.0))
+            except DirectoryError as exc:
+                log.warning("%s", exc)
+                self.endpoints = ()
         for endpoint in self.endpoints:
             try:
                 self.rtts.append(probe_ms(endpoint, self.d_model, curve=self.curve))
@@ -49,7 +58,7 @@ class LinkMonitor:
             self.up = True
             return True
         if self.up:
-            log.warning("no cloud endpoint answers (%s)", ", ".join(self.endpoints))
+            log.warning("no cloud endpoint answers (%s)", ", ".join(self.endpoints) or self.directory)
         self.up = False
         return False
 

@@ -112,7 +112,7 @@ class DaemonService:
         kept = {f: getattr(old, f) for f in frozen}
         self.cfg = dataclasses.replace(new, **kept)
         if self.ready.is_set():
-            self.link.endpoints = self.cfg.cloud_endpoints
+            self.link.endpoints, self.link.directory = self.cfg.cloud_endpoints, self.cfg.cloud_directory
             self.active.governor.policy = self.cfg.thermal
         if self.on_reconfigure is not None:
             self.on_reconfigure(self.cfg)
@@ -131,14 +131,20 @@ class DaemonService:
         self.store = ModelStore(resolve_store(cfg.model, precisions=("f32", "q4", "q8")))
         self.tokenizer = load_tokenizer(self.store)
         self.link = LinkMonitor(cfg.cloud_endpoints, self.store.config.d_model, self.curve,
-                                load_network_profile(cfg.plan.network))
+                                load_network_profile(cfg.plan.network), directory=cfg.cloud_directory)
         self.link.probe()
         self.active = self._activate(self._make_plan(), None)
         self.link.on_probe = self._maybe_replan
         self.link.start()
         self.ready.set()
         log.info("daemon ready in %.1f s: cut %d, codec %s, cloud %s (%s)", time.perf_counter() - t0,
-                 self.plan.cut, self.plan.codec, ", ".join(cfg.cloud_endpoints), "up" if self.link.up else "down")
+                 self.plan.cut, self.plan.codec, self.cloud_name, "up" if self.link.up else "down")
+
+    @property
+    def cloud_name(self) -> str:
+        """The cloud as the config names it: its endpoints, or the pool directory."""
+        d = self.cfg.cloud_directory
+        return f"directory {d}" if d else ", ".join(self.cfg.cloud_endpoints)
 
     @property
     def plan(self) -> Plan:
@@ -245,7 +251,9 @@ class DaemonService:
             return self._generate_local(req, ids, max_tokens)
         threads, session = active.governor.acquire()
         recoveries: list = []
-        gen = run_split(self.store, self.cfg.cloud_endpoints, active.plan, ids, req.params, max_tokens,
+        directory = self.cfg.cloud_directory  # a pool: the session goes to the replica its id hashes to
+        gen = run_split(self.store, None if directory else self.cfg.cloud_endpoints, active.plan, ids, req.params,
+                        max_tokens, directory=directory,
                         tokenizer=self.tokenizer, front=session, timeout_s=30.0, curve=self.curve,
                         recoveries=recoveries)
         path = f"split:cut{active.plan.cut}:{active.plan.codec}"
@@ -268,7 +276,7 @@ class DaemonService:
     def _generate_local(self, req: ApiRequest, ids: list[int], max_tokens: int) -> "Generation":
         fits, need = self.local_fits()
         if not fits:
-            raise ApiError(503, f"no cloud worker answers ({', '.join(self.cfg.cloud_endpoints)}) and the whole model "
+            raise ApiError(503, f"no cloud worker answers ({self.cloud_name}) and the whole model "
                            f"(~{need:.0f} MB) does not fit this device's memory budget of "
                            f"{self.cfg.memory_budget_mb:g} MB; retry when the cloud is back", "server_error",
                            "cloud_unavailable")
