@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=_int_list, default=None, metavar="START,END",
                    help="instead of speed: load only layers [START, END), run the prompt, report memory")
     _add_flash_bench(p)
+    p.add_argument("--op-profile", action="store_true",
+                   help="instead of speed: ms per decode token by operator type (onnxruntime's node profiler, JSON)")
     g = p.add_argument_group("a bundle's LiteRT front against the onnxruntime front (--litert)")
     g.add_argument("--litert", action="store_true", help="equivalence, speed and size of --bundle's front (JSON)")
     g.add_argument("--bundle", default=None, metavar="DIR", help="with --litert: the bundle (edgesplit bundle)")
@@ -234,6 +236,16 @@ def _add_flash_bench(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.op_profile:
+        from edgesplit.harness.op_profile import op_profile
+        from edgesplit.runtime.models import resolve_store
+        from edgesplit.runtime.store import ModelStore
+
+        engine = engine_settings_of(args)
+        store = ModelStore(resolve_store(args.model, (engine.precision,)))
+        kwargs = {k: v for k, v in engine.kwargs().items() if k != "max_seq_len"}
+        print(json.dumps(op_profile(store, args.prompt_tokens, args.decode_tokens, **kwargs)))
+        return 0
     if args.litert:
         from edgesplit.harness.litert_bench import LiteRTBenchRequest, litert_bench
         from edgesplit.runtime.models import resolve_store

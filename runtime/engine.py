@@ -24,10 +24,14 @@ log = logging.getLogger(__name__)
 
 
 
-def session_options(threads: int, spin: bool = True) -> ort.SessionOptions:
+def session_options(threads: int, spin: bool = True, profile_prefix: str | None = None) -> ort.SessionOptions:
     """CPU session options tuned for small-batch latency. `spin` False: idle intra-op threads
-    sleep instead of busy-waiting (for processes that wait on a network between runs)."""
+    sleep instead of busy-waiting (for processes that wait on a network between runs).
+    `profile_prefix`: onnxruntime's per-node profiling into `<prefix>_<time>.json` (benchmarks)."""
     so = ort.SessionOptions()
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = threads
@@ -92,7 +96,8 @@ def segment_outliers(manifest: dict, s: SegmentSpec, n_channels: int, head_n_cha
 
 
 def build_session(store: ModelStore, s: SegmentSpec, threads: int, spin: bool, outlier_channels: int,
-                  head_outlier_channels: int) -> tuple[ort.InferenceSession, list[ort.OrtValue]]:
+                  head_outlier_channels: int,
+                  profile_prefix: str | None = None) -> tuple[ort.InferenceSession, list[ort.OrtValue]]:
     """The onnxruntime session of segment `s` and the weight values it reads in place (they must
     live as long as the session)."""
     layers = {i: store.layer(i, s.precision) for i in range(s.start, s.end)}
@@ -110,7 +115,7 @@ def build_session(store: ModelStore, s: SegmentSpec, threads: int, spin: bool, o
     outliers = segment_outliers(store.manifest, s, outlier_channels, head_outlier_channels)
     model, weights = build_segment(s, layers, embedding, head, norm, kv_scales, outliers)
     del layers, embedding, head
-    so = session_options(threads, spin)
+    so = session_options(threads, spin, profile_prefix)
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
     so.add_external_initializers(list(weights), values)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]), values
@@ -130,7 +135,8 @@ class SegmentEngine:
                  precision: str = "q4", head_precision: str = "q8", kv_precision: str = "f32",
                  max_seq_len: int | None = None, threads: int = 2, accuracy_level: int = 4,
                  outlier_channels: int = 8, head_accuracy_level: int = 4, head_outlier_channels: int = 16,
-                 embed_ids: bool = True, with_head: bool = True, spin: bool = True):
+                 embed_ids: bool = True, with_head: bool = True, spin: bool = True,
+                 profile_prefix: str | None = None):
         cfg = store.config
         end = cfg.n_layers if end is None else end
         max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.context_length) if max_seq_len is None else max_seq_len
@@ -153,6 +159,7 @@ class SegmentEngine:
         self.outlier_channels = outlier_channels
         self.head_outlier_channels = head_outlier_channels
         self.threads, self.spin = threads, spin
+        self.profile_prefix = profile_prefix  # onnxruntime's node profiling (benchmarks only)
         self._session = self._build()
         self.cache = self.new_cache()  # the default session; a cloud worker makes one per device
 
@@ -163,8 +170,12 @@ class SegmentEngine:
 
     def _build(self) -> ort.InferenceSession:
         session, self._weights = build_session(self.store, self.spec, self.threads, self.spin,
-                                               self.outlier_channels, self.head_outlier_channels)
+                                               self.outlier_channels, self.head_outlier_channels, self.profile_prefix)
         return session
+
+    def end_profiling(self) -> str:
+        """Stop onnxruntime's profiling (made with `profile_prefix`); the JSON trace's path."""
+        return self._session.end_profiling()
 
     @property
     def start(self) -> int:

@@ -84,3 +84,15 @@ def test_bench_vs_llama_cpp_reports_its_peak_rss_from_its_own_process(real_store
     assert r["ref_decode_tok_s"] > 0 and r["decode_ratio"] == r["decode_tok_s"] / r["ref_decode_tok_s"]
     assert 100 < r["ref_peak_rss_mb"] < r["peak_rss_mb"] * 2  # a whole process: Python, llama.cpp, the GGUF
     assert r["memory_ratio"] == r["peak_rss_mb"] / r["ref_peak_rss_mb"]
+
+
+def test_op_profile_sums_the_decode_nodes_by_operator(store):
+    from edgesplit.harness.op_profile import op_profile
+
+    r = op_profile(store, prompt_tokens=8, decode_tokens=4, threads=1)
+    ops = r["ops"]
+    assert "MatMulNBits" in ops and "GroupQueryAttention" in ops
+    assert ops["GroupQueryAttention"]["nodes_per_token"] == store.config.n_layers  # one per layer per token
+    assert sum(v["ms_per_token"] for v in ops.values()) == pytest.approx(r["nodes_ms_per_token"])
+    assert sum(v["share"] for v in ops.values()) == pytest.approx(1.0)
+    assert 0 < r["nodes_ms_per_token"] <= r["wall_ms_per_token"]
