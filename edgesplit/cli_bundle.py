@@ -36,6 +36,10 @@ def add_bundle_command(sub, common: argparse.ArgumentParser) -> None:
                         "q4 (the same blocks as int4 + block offsets: 3.3x smaller, int8 activations) or int8")
     p.add_argument("--outlier-channels", type=int, default=None, metavar="N",
                    help="q4: calibrated input channels per projection kept in fp32 (default 8)")
+    p.add_argument("--lean", action="store_true",
+                   help="only decode and prefill_T (no decode_k128/k512 or prefill_T_k0 reading fewer cache rows): "
+                        "XNNPACK packs the weights once per signature, so fewer signatures hold less memory; "
+                        "steps attend over all max_seq_len rows (slower)")
     p.add_argument("--prefill-lengths", type=_lengths, default=None, metavar="T[,T...]",
                    help="prompt-length buckets, one prefill_T signature each (default 16,64,256)")
     p.add_argument("--golden", default=None, metavar="FILE",
@@ -71,7 +75,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
                           "the whole front in the LiteRT model: plan with more memory, or without flash")
     board = Path(str(resources.files("edgesplit.firmware_configs") / f"{args.device}.toml"))
     settings = BundleSettings(args.weights, args.prefill_lengths or DEFAULT_PREFILL_LENGTHS,
-                              DEFAULT_OUTLIER_CHANNELS if args.outlier_channels is None else args.outlier_channels)
+                              DEFAULT_OUTLIER_CHANNELS if args.outlier_channels is None else args.outlier_channels,
+                              not args.lean)
     out = write_bundle(store, plan, args.out, settings, daemon_config=board if args.device and board.is_file() else None)
     manifest = json.loads((out / "manifest.json").read_text())
     size = manifest["files"]["front.tflite"]["bytes"]

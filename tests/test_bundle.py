@@ -80,7 +80,8 @@ def test_bundle_is_deterministic_and_self_describing(tiny_store, tiny_bundle, tm
     assert m1 == m2
     assert m1["format"] == "edgesplit-bundle" and m1["format_version"] == 1
     assert set(m1["files"]) == {"front.tflite", "tokenizer.json"}  # f32 codec: no table; no board config
-    assert m1["front"]["signatures"] == ["decode", "prefill_16", "prefill_64"]
+    assert m1["front"]["signatures"] == ["decode", "decode_k128", "prefill_16", "prefill_16_k0", "prefill_64",
+                                         "prefill_64_k0"]
     for name, entry in m1["files"].items():
         assert sha256_file(tiny_bundle / name) == entry["sha256"]
     assert Bundle.open(tiny_bundle).tokenizer().encode("hello") == Bundle.open(again).tokenizer().encode("hello")
@@ -223,3 +224,18 @@ def test_sessions_interleaved_on_one_litert_front_equal_each_alone(tiny_bundle):
         got_b.append(sb.decode(b_ids[i:i + 1]))
     np.testing.assert_array_equal(np.concatenate(got_a), want_a)
     np.testing.assert_array_equal(np.concatenate(got_b), want_b)
+
+
+@pytest.mark.parametrize("prompt", [1, 40, 100])
+def test_a_lean_bundle_has_two_signature_kinds_and_the_same_hidden_states(tiny_store, tmp_path, prompt):
+    """--lean: decode and prefill_T only (each reading the whole cache), equal to the onnxruntime front."""
+    plan = make_plan(tiny_store, PlanSettings(2, max_seq_len=256, accuracy_level=0))
+    out = write_bundle(tiny_store, plan, tmp_path / "lean", BundleSettings(prefill_lengths=(16, 64), windows=False))
+    b = Bundle.open(out)
+    assert b.front["signatures"] == ["decode", "prefill_16", "prefill_64"]
+    front = b.load_front(threads=1)
+    assert [s.window for s in front.decodes] == [256] and all(s.window == 256 for s in front.prefills)
+    ort = SegmentEngine(tiny_store, 0, 2, max_seq_len=256, **EXACT)
+    ids = (np.arange(160) * 7 + 3) % tiny_store.config.vocab_size
+    a, ref = hidden_both(front, ort, ids, prompt)
+    assert np.abs(a - ref).max() / np.sqrt(np.mean(ref ** 2)) <= 1e-5

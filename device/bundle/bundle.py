@@ -40,6 +40,7 @@ class BundleSettings:
     weights: str = "f32"  # the precision that keeps the fidelity floor (README: what q4 and int8 cost)
     prefill_lengths: tuple[int, ...] = DEFAULT_PREFILL_LENGTHS
     outlier_channels: int = DEFAULT_OUTLIER_CHANNELS  # q4: calibrated input channels per projection kept in fp32
+    windows: bool = True  # also decode_kW / prefill_T_k0 signatures: faster steps, more memory (False: lean)
 
 
 def write_bundle(store: ModelStore, plan: Plan, out: str | Path, settings: BundleSettings = BundleSettings(),
@@ -47,7 +48,8 @@ def write_bundle(store: ModelStore, plan: Plan, out: str | Path, settings: Bundl
     """Write the bundle of `plan` (made for `store`) to `out` atomically; returns its path."""
     out = Path(out)
     lengths = tuple(t for t in sorted(set(settings.prefill_lengths)) if t <= plan.max_seq_len)
-    model = FrontWriter(store, plan, settings.weights, settings.outlier_channels).write(lengths)
+    writer = FrontWriter(store, plan, settings.weights, settings.outlier_channels)
+    model = writer.write(lengths, settings.windows)
     with staged_dir(out) as tmp:
         (tmp / "front.tflite").write_bytes(model)
         shutil.copyfile(store.verified_file("tokenizer.json"), tmp / "tokenizer.json")
@@ -61,7 +63,8 @@ def write_bundle(store: ModelStore, plan: Plan, out: str | Path, settings: Bundl
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "plan": json.loads(plan.to_json()),
                     "front": {"file": "front.tflite", "weights": settings.weights, "cut": plan.cut,
                               "outlier_channels": settings.outlier_channels if settings.weights == "q4" else 0,
-                              "max_seq_len": plan.max_seq_len, "signatures": ["decode"] + [f"prefill_{t}" for t in lengths],
+                              "max_seq_len": plan.max_seq_len,
+                              "signatures": [n for n, _, _ in writer.signatures(lengths, settings.windows)],
                               "shard_bytes": _shard_bytes(store, plan)},
                     "tokenizer": store.tokenizer_info, "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -101,22 +101,27 @@ class FrontWriter:
         self.model = ModelBuilder(f"edgesplit front [0, {cut}) of {store.manifest.get('model_name', store.path.name)}")
         self.cos, self.sin = rope_tables(max_seq_len, cfg.head_dim, cfg.rope_base)
 
-    def write(self, prefill_lengths: tuple[int, ...], decode_windows: tuple[int, ...] = DECODE_WINDOWS) -> bytes:
-        """The model's signatures: `decode` (the whole cache) and `decode_k{W}` (its first W rows,
-        for positions < W: attention costs what the session holds, not max_seq_len); per T in
-        `prefill_lengths`, `prefill_{T}` (at any position) and `prefill_{T}_k0` (at position 0:
-        no cache inputs at all)."""
+    def write(self, prefill_lengths: tuple[int, ...], windows: bool = False) -> bytes:
+        """The model's signatures: `decode` and `prefill_{T}` per T in `prefill_lengths`, each reading
+        the whole cache. With `windows`, also `decode_k{W}` (the first W rows, W in DECODE_WINDOWS:
+        a step costs what the session holds, not max_seq_len) and `prefill_{T}_k0` (at position 0:
+        no cache). XNNPACK packs the weights once per signature, so each one costs the front's
+        packed weights in memory again: windows trade memory for speed."""
+        for name, t, window in self.signatures(prefill_lengths, windows):
+            self.signature(name, t, window)
+        return self.model.to_bytes()
+
+    def signatures(self, prefill_lengths: tuple[int, ...], windows: bool) -> list[tuple[str, int, int]]:
+        """(name, tokens, cache rows read) of every signature `write` makes."""
         s = self.max_seq_len
-        self.signature("decode", 1, s)
-        for w in sorted(set(decode_windows)):
-            if w < s:
-                self.signature(f"decode_k{w}", 1, w)
+        out = [("decode", 1, s)] + [(f"decode_k{w}", 1, w) for w in sorted(set(DECODE_WINDOWS)) if windows and w < s]
         for t in prefill_lengths:
             if not 1 < t <= s:
                 raise ConfigError(f"prefill length {t} is outside (1, max_seq_len {s}]")
-            self.signature(f"prefill_{t}", t, s)
-            self.signature(f"prefill_{t}_k0", t, 0)
-        return self.model.to_bytes()
+            out.append((f"prefill_{t}", t, s))
+            if windows:
+                out.append((f"prefill_{t}_k0", t, 0))
+        return out
 
     # -- one signature ----------------------------------------------------------------------
     def signature(self, name: str, t: int, window: int) -> None:

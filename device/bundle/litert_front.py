@@ -158,8 +158,11 @@ class LiteRTFront:
         """The signature for the next piece of a prompt: the largest prefill_T with T <= remaining,
         else the smallest with T > remaining (padded), else decode; at position 0 the variant that
         reads no cache. Padded positions must stay within max_seq_len."""
-        fits = [s for s in self.prefills if c.pos + s.length <= self.max_seq_len
-                and (s.window == 0) == (c.pos == 0)]
+        fits = [s for s in self.prefills if c.pos + s.length <= self.max_seq_len and (s.window > 0 or c.pos == 0)]
+        if c.pos == 0 and any(s.window == 0 for s in fits):  # at position 0 the variants without a cache
+            fits = [s for s in fits if s.window == 0]
+        else:
+            fits = [s for s in fits if s.window > 0]
         under = [s for s in fits if s.length <= remaining]
         over = [s for s in fits if s.length > remaining]
         if remaining == 1 or not fits:

@@ -8,7 +8,8 @@ One JSON object, both fronts in the same run, same cut, same threads:
 - speed: decode ms per token and prefill ms of a `prompt_tokens` prompt, medians over `runs`
   interleaved runs, against the onnxruntime front at level 0 (fp32 compute) and at level 4 (int8
   activations, the default), with the ratios;
-- size: front.tflite bytes against the store shards the onnxruntime front loads.
+- size: front.tflite bytes against the store shards the onnxruntime front loads, and the RSS each
+  front adds to the process when loaded (XNNPACK packs the weights once per signature).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from edgesplit.device.bundle.bundle import Bundle
 from edgesplit.harness.faulttest import prompt_of
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.memory import MB
 from edgesplit.runtime.plan import check_plan_store
 from edgesplit.runtime.store import ModelStore
 
@@ -83,9 +86,22 @@ def litert_bench(store: ModelStore, req: LiteRTBenchRequest) -> dict:
     check_plan_store(plan, store, f"bundle {req.bundle}")
     if req.tokens > plan.max_seq_len:
         raise ConfigError(f"--tokens {req.tokens} exceeds the bundle's max_seq_len {plan.max_seq_len}")
-    front = bundle.load_front(req.threads)
-    fronts = {"litert": front, "ort_level0": _ort(store, plan.cut, plan.max_seq_len, 0, req.threads),
-              "ort_level4": _ort(store, plan.cut, plan.max_seq_len, 4, req.threads)}
+    proc = psutil.Process()
+    rss: dict[str, float] = {}
+
+    def loaded(name: str, make):
+        """Load a front and run a short prompt; record the RSS (MB) it added to this process."""
+        before = proc.memory_info().rss
+        f = make()
+        f.prefill(np.arange(8, dtype=np.int64))
+        f.reset()
+        rss[name] = (proc.memory_info().rss - before) / MB
+        return f
+
+    front = loaded("litert", lambda: bundle.load_front(req.threads))
+    fronts = {"litert": front,
+              "ort_level0": loaded("ort_level0", lambda: _ort(store, plan.cut, plan.max_seq_len, 0, req.threads)),
+              "ort_level4": loaded("ort_level4", lambda: _ort(store, plan.cut, plan.max_seq_len, 4, req.threads))}
     ids = np.array(prompt_of(store, req.tokens), np.int64)
     out: dict = {"bundle": str(req.bundle), "cut": plan.cut, "weights": bundle.front["weights"], "threads": req.threads,
                  "equivalence_vs_ort_level0": equivalence(front, fronts["ort_level0"], ids, req.decode_tokens)}
@@ -100,7 +116,8 @@ def litert_bench(store: ModelStore, req: LiteRTBenchRequest) -> dict:
     for ref in ("ort_level0", "ort_level4"):
         out[f"decode_ratio_vs_{ref}"] = out["litert_decode_ms_per_token"] / out[f"{ref}_decode_ms_per_token"]
         out[f"prefill_ratio_vs_{ref}"] = out["litert_prefill_ms"] / out[f"{ref}_prefill_ms"]
-    out.update(prompt_tokens=req.prompt_tokens, runs=req.runs,
+    out.update({f"{name}_loaded_rss_mb": mb for name, mb in rss.items()})
+    out.update(prompt_tokens=req.prompt_tokens, runs=req.runs, signatures=bundle.front["signatures"],
                front_tflite_bytes=bundle.manifest["files"]["front.tflite"]["bytes"],
                front_shard_bytes=bundle.front["shard_bytes"])
     return out
