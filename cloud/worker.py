@@ -16,7 +16,6 @@ frame or when the allow-list is re-read. Session routing lives here, never in th
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -52,10 +51,6 @@ ENDS_SESSION = frozenset((TOO_LONG, PLAN_MISMATCH, LIMIT, INTERNAL))
 POLL_MS = 50  # longest wait for a frame before the idle sweep and the stop event are checked again
 RELOAD_S = 1.0  # how often the allow-list folder is checked for changes
 DEFAULT_KV_SHARE = 0.5  # without --max-kv-mb: this share of the memory available at start
-
-
-def _same(frame: Frame) -> Frame:
-    return frame
 
 
 class CloudWorker:
@@ -281,7 +276,7 @@ class CloudWorker:
             {"cloud_compute": result.compute_ms, "decode_activation": job.decode_ms,
              "cloud_frame": (time.perf_counter() - job.t_frame) * 1000.0, "batch": 1, "chunks": job.chunks}))]
         for routing_id, owner, frame in job.backlog:
-            reply = self._answer(owner, routing_id, functools.partial(_same, frame))
+            reply = self._answer(owner, routing_id, lambda: frame)  # called before `frame` moves on
             out += self._stepped
             self._stepped = []
             if reply is not None:
