@@ -1,8 +1,8 @@
 """`edgesplit plan-check`: the planner's decisions measured where they change the outcome.
 
-Over an emulated network, a grid of cuts x codecs is measured on this machine (one worker
-process, each configuration's device in its own process, `passes` alternating passes, medians,
-as `sweep` does). Then:
+Over an emulated network, a grid of cuts x codecs is measured on this machine with `sweep`'s
+probe (one worker process, each configuration's device in its own process, `passes` alternating
+passes, medians). Then:
 - latency: the planner's choice (minimum ms per token among the grid's codecs, q4 layers, any
   cut; its configuration is measured too when it is outside the grid) against the best measured
   configuration: the ratio of their measured ms per token (target <= 1.10);
@@ -19,9 +19,7 @@ from dataclasses import dataclass
 
 from edgesplit.device.planning.fidelity import FidelityTable
 from edgesplit.device.planning.planner import InfeasibleError, Request, choose
-from edgesplit.device.profiling.probe import run_probe
-from edgesplit.device.profiling.quiet import wait_until_quiet
-from edgesplit.harness.sweep import MAX_SEQ_LEN, PROMPT, WARMUP_TOKENS
+from edgesplit.harness.sweep import MAX_SEQ_LEN, alternating, probe_split
 from edgesplit.harness.worker_proc import WorkerProcess
 from edgesplit.profiles.cloud import load_cloud_profile
 from edgesplit.profiles.device import load_device_profile
@@ -63,16 +61,11 @@ def plan_check(store: ModelStore, req: PlanCheckRequest) -> dict:
     out_infeasible: dict[str, str] = {}
     with WorkerProcess(str(store.path), store.config.d_model, threads=threads) as worker:
         def measure(configs: list[tuple[int, str]]) -> None:
-            for p in range(req.passes):
-                for cut, codec in (configs if p % 2 == 0 else configs[::-1]):
-                    worker.recycle_if_big()
-                    wait_until_quiet(timeout_s=req.quiet_wait_s)
-                    r = run_probe("split", {
-                        "store": str(store.path), "endpoint": worker.endpoint, "cut": cut, "network": req.network,
-                        "codec": codec, "prompt": PROMPT, "max_tokens": req.tokens, "warmup_tokens": WARMUP_TOKENS,
-                        "plan": {"max_seq_len": MAX_SEQ_LEN}, "threads": threads, "link_seed": 1000 * p + cut})
-                    measured.setdefault((cut, codec), []).append(r["per_token_ms"])
-                    log.info("plan-check %s cut %d %s: %.1f ms/token", req.network, cut, codec, r["per_token_ms"])
+            for p, (cut, codec) in alternating(configs, req.passes):
+                r, _ = probe_split(worker, str(store.path), req.network, cut, codec, req.tokens, MAX_SEQ_LEN, threads,
+                                   1000 * p + cut, req.quiet_wait_s)
+                measured.setdefault((cut, codec), []).append(r["per_token_ms"])
+                log.info("plan-check %s cut %d %s: %.1f ms/token", req.network, cut, codec, r["per_token_ms"])
 
         measure([(c, k) for c in req.cuts for k in req.codecs])
         lat = choose(dev, cloud, net, table, _request("latency", req.codecs, context), L).chosen

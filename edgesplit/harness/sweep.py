@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+from typing import Any, Iterator
 
 from edgesplit.device.planning.cost_model import Setting, decode_costs, device_memory_mb
 from edgesplit.device.planning.fidelity import FidelityTable
@@ -49,6 +50,28 @@ def _row(r: dict, dev, cloud, net, setting: Setting, tokens: int) -> dict:
             "measured_ttft_ms": r["ttft_ms"], "measured_breakdown_ms": r["breakdown_ms"],
             "predicted_breakdown_ms": pred, "bytes_per_token": r["bytes_per_token"],
             "prompt_tokens": r["prompt_tokens"]}
+
+
+def alternating(items: list, passes: int) -> Iterator[tuple[int, Any]]:
+    """(pass, item) over `passes` passes, every other pass in reverse order, so a slow minute on a
+    shared machine hits different items in each pass."""
+    for p in range(passes):
+        for item in (items if p % 2 == 0 else items[::-1]):
+            yield p, item
+
+
+def probe_split(worker: WorkerProcess, store_path: str, network: str, cut: int, codec: str, tokens: int,
+                max_seq_len: int, threads: int, link_seed: int, quiet_wait_s: float) -> tuple[dict, dict]:
+    """One measured split session against `worker` (the device in its own process, device/probe.py
+    `split`: a warm-up session, then `tokens` decode tokens over `network`), after waiting for a
+    quiet machine; (its figures, the quiet check)."""
+    worker.recycle_if_big()
+    quiet = wait_until_quiet(timeout_s=quiet_wait_s)
+    r = run_probe("split", {
+        "store": store_path, "endpoint": worker.endpoint, "cut": cut, "network": network, "codec": codec,
+        "prompt": PROMPT, "max_tokens": tokens, "warmup_tokens": WARMUP_TOKENS, "plan": {"max_seq_len": max_seq_len},
+        "threads": threads, "link_seed": link_seed})
+    return r, quiet
 
 
 def planner_cut(dev, cloud, net, codec: str, context: int, context_length: int) -> int:
@@ -88,18 +111,12 @@ def sweep(model: str, network: str, *, cuts=None, codec: str = "f32", tokens: in
     cuts = list(range(1, L)) if cuts is None else [int(c) for c in cuts]
     runs: dict[int, list[dict]] = {cut: [] for cut in cuts}
     with WorkerProcess(str(store.path), store.config.d_model, threads=threads) as worker:
-        for p in range(passes):
-            for cut in (cuts if p % 2 == 0 else cuts[::-1]):
-                worker.recycle_if_big()
-                quiet = wait_until_quiet(timeout_s=quiet_wait_s)
-                r = run_probe("split", {
-                    "store": str(store.path), "endpoint": worker.endpoint, "cut": cut, "network": network,
-                    "codec": codec, "prompt": PROMPT, "max_tokens": tokens, "warmup_tokens": WARMUP_TOKENS,
-                    "plan": {"max_seq_len": seq_len}, "threads": threads,
-                    "link_seed": link_seed + 1000 * p + cut})
-                runs[cut].append(dict(r, busy_cores_before=quiet["busy_cores"]))
-                log.info("sweep %s pass %d cut %d: %.2f ms/token, peak RSS %.0f MB (others busy %.1f cores)",
-                         net.name, p, cut, r["per_token_ms"], r["peak_rss_mb"], quiet["busy_cores"] or 0.0)
+        for p, cut in alternating(cuts, passes):
+            r, quiet = probe_split(worker, str(store.path), network, cut, codec, tokens, seq_len, threads,
+                                   link_seed + 1000 * p + cut, quiet_wait_s)
+            runs[cut].append(dict(r, busy_cores_before=quiet["busy_cores"]))
+            log.info("sweep %s pass %d cut %d: %.2f ms/token, peak RSS %.0f MB (others busy %.1f cores)",
+                     net.name, p, cut, r["per_token_ms"], r["peak_rss_mb"], quiet["busy_cores"] or 0.0)
     rows = [_row(_merge(runs[cut]), dev, cl, net, Setting(cut, "q4", "q4", "f32", codec, seq_len), tokens)
             for cut in cuts]
     return {"network": net.name, "codec": codec, "tokens": tokens, "threads": threads, "passes": passes,
