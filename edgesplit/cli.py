@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from edgesplit import __version__
+from edgesplit.cli_args import int_list, str_list
 from edgesplit.cli_bundle import add_bundle_command
 from edgesplit.cli_daemon import add_daemon_commands
 from edgesplit.cli_keys import add_keys_commands
@@ -29,19 +30,6 @@ from edgesplit.runtime.models import DEFAULT_MODEL, KNOWN_MODELS
 
 log = logging.getLogger("edgesplit.cli")
 
-
-
-def _int_list(text: str) -> list[int]:
-    """'0,12,30' -> [0, 12, 30]."""
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _str_list(text: str) -> tuple[str, ...]:
-    """'q4,q8' -> ('q4', 'q8')."""
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -65,7 +53,7 @@ def _add_engine(p: argparse.ArgumentParser, segments: bool = True) -> None:
                    help="at head accuracy level 4: head input channels kept in fp32 (default 16)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     if segments:
-        p.add_argument("--segments", type=_int_list, default=None, metavar="A,B,...",
+        p.add_argument("--segments", type=int_list, default=None, metavar="A,B,...",
                        help="cut points of consecutive local segments, e.g. 0,12,30 (default: one segment)")
 
 
@@ -88,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", parents=[common], help="convert a GGUF into a model store")
     p.add_argument("model", metavar="MODEL", help="known model name or GGUF path")
     p.add_argument("--out", required=True, metavar="DIR", help="model store directory to write")
-    p.add_argument("--precisions", type=_str_list, default=("q4", "q8", "f16", "f32"),
+    p.add_argument("--precisions", type=str_list, default=("q4", "q8", "f16", "f32"),
                    help="layer precisions to store (default q4,q8,f16,f32)")
     p.set_defaults(func=cmd_convert)
 
@@ -129,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="repetitions (default 5)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
-    p.add_argument("--segment", type=_int_list, default=None, metavar="START,END",
+    p.add_argument("--segment", type=int_list, default=None, metavar="START,END",
                    help="instead of speed: load only layers [START, END), run the prompt, report memory")
     _add_flash_bench(p)
     p.add_argument("--op-profile", action="store_true",
@@ -141,10 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--worker", action="store_true",
                    help="replay recorded cut activations from N concurrent sessions against one worker (JSON)")
     g.add_argument("--cut", type=int, default=15, help="with --worker: the cut (default 15)")
-    g.add_argument("--concurrency", type=_int_list, default=[1, 4, 8, 16, 32], metavar="N[,N...]",
+    g.add_argument("--concurrency", type=int_list, default=[1, 4, 8, 16, 32], metavar="N[,N...]",
                    help="with --worker: concurrent sessions per level (default 1,4,8,16,32)")
     g.add_argument("--duration-s", type=float, default=10.0, help="with --worker: seconds per level (default 10)")
-    g.add_argument("--replicas", type=_int_list, default=[], metavar="R[,R...]",
+    g.add_argument("--replicas", type=int_list, default=[], metavar="R[,R...]",
                    help="with --worker: measure a `cloud pool` of each size instead of one worker (Ray)")
     p.set_defaults(func=cmd_bench)
     add_split_commands(sub, common)
@@ -221,7 +209,7 @@ def _add_flash_bench(p: argparse.ArgumentParser) -> None:
     """`bench --flash` flags (flash windowing, device/flash_bench.py)."""
     g = p.add_argument_group("flash windowing (--flash)")
     g.add_argument("--flash", action="store_true", help="bench the flash mechanisms instead (JSON line per mode)")
-    g.add_argument("--mode", type=_str_list, default=None, metavar="M[,M]",
+    g.add_argument("--mode", type=str_list, default=None, metavar="M[,M]",
                    help="embedding, stream and/or neurons, comma-separated (default all three)")
     g.add_argument("--budget-fraction", type=float, default=0.5,
                    help="memory budget as a fraction of the front's weight bytes (default 0.5)")

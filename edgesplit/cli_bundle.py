@@ -8,15 +8,9 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from edgesplit.cli_args import int_list
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.models import DEFAULT_MODEL
-
-
-def _lengths(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated prompt lengths, got {text!r}") from None
 
 
 def add_bundle_command(sub, common: argparse.ArgumentParser) -> None:
@@ -40,7 +34,7 @@ def add_bundle_command(sub, common: argparse.ArgumentParser) -> None:
                    help="only decode and prefill_T (no decode_k128/k512 or prefill_T_k0 reading fewer cache rows): "
                         "XNNPACK packs the weights once per signature, so fewer signatures hold less memory; "
                         "steps attend over all max_seq_len rows (slower)")
-    p.add_argument("--prefill-lengths", type=_lengths, default=None, metavar="T[,T...]",
+    p.add_argument("--prefill-lengths", type=int_list, default=None, metavar="T[,T...]",
                    help="prompt-length buckets, one prefill_T signature each (default 16,64,256)")
     p.add_argument("--golden", default=None, metavar="FILE",
                    help="also write golden vectors (prompt ids, hidden states at the cut, one session's frames) as JSON")
@@ -74,7 +68,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         raise ConfigError(f"the plan streams its front from flash (front_flash {plan.front_flash!r}); a bundle holds "
                           "the whole front in the LiteRT model: plan with more memory, or without flash")
     board = Path(str(resources.files("edgesplit.firmware_configs") / f"{args.device}.toml"))
-    settings = BundleSettings(args.weights, args.prefill_lengths or DEFAULT_PREFILL_LENGTHS,
+    settings = BundleSettings(args.weights, tuple(args.prefill_lengths or DEFAULT_PREFILL_LENGTHS),
                               DEFAULT_OUTLIER_CHANNELS if args.outlier_channels is None else args.outlier_channels,
                               not args.lean)
     out = write_bundle(store, plan, args.out, settings, daemon_config=board if args.device and board.is_file() else None)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgesplit.runtime.errors import ConfigError
+from edgesplit.cli_args import float_list, int_list
 from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
 from edgesplit.runtime.models import DEFAULT_MODEL
 
@@ -46,7 +46,8 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("plan-table", parents=[common],
                        help="the chosen cut against per-token latency targets, for each device profile")
     p.add_argument("--network", required=True, help="network profile name (lte, ...) or TOML path")
-    p.add_argument("--latency-ms", required=True, metavar="X[,X...]", help="per-token latency targets, ms")
+    p.add_argument("--latency-ms", required=True, type=float_list, metavar="X[,X...]",
+                   help="per-token latency targets, ms")
     p.add_argument("--devices", default="", metavar="D[,D...]", help="device profiles (default: every built-in)")
     p.add_argument("--cloud-profile", default="cpu-server", help="cloud profile name or TOML path (default cpu-server)")
     p.add_argument("--objective", choices=("latency", "fidelity", "memory", "cost"), default="cost")
@@ -57,9 +58,9 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("plan-check", parents=[common],
                        help="measure a cut x codec grid over an emulated link; the planner's choices against it (JSON)")
     p.add_argument("--network", required=True, help="network profile name (lte, 3g-poor, ...) or TOML path")
-    p.add_argument("--cuts", default="1,15,29", help="cuts of the grid (default 1,15,29)")
+    p.add_argument("--cuts", type=int_list, default=[1, 15, 29], help="cuts of the grid (default 1,15,29)")
     p.add_argument("--codecs", default="f32;f16;int8;ecq:step=0.2", help="codecs of the grid, ';'-separated")
-    p.add_argument("--latency-ms", default="", metavar="X[,X...]",
+    p.add_argument("--latency-ms", type=float_list, default=[], metavar="X[,X...]",
                    help="latency targets for the cloud-cost objective's choices (measured against them)")
     p.add_argument("--tokens", type=int, default=24, help="decode tokens per session (default 24)")
     p.add_argument("--passes", type=int, default=2, help="passes over the grid; medians (default 2)")
@@ -129,11 +130,7 @@ def cmd_plan_table(args: argparse.Namespace) -> int:
     from edgesplit.runtime.models import resolve_store
     from edgesplit.runtime.store import ModelStore
 
-    try:
-        lats = tuple(float(x) for x in args.latency_ms.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"--latency-ms {args.latency_ms!r}: expected comma-separated numbers") from None
-    req = CutTableRequest(args.network, lats, tuple(d for d in args.devices.split(",") if d.strip()),
+    req = CutTableRequest(args.network, tuple(args.latency_ms), tuple(d for d in args.devices.split(",") if d.strip()),
                           args.cloud_profile, args.objective)
     rows = cut_table(ModelStore(resolve_store(args.model, precisions=("f32", "q4", "q8"))), req)
     print(json.dumps(rows) if args.json else format_cut_table(rows))
@@ -145,12 +142,8 @@ def cmd_plan_check(args: argparse.Namespace) -> int:
     from edgesplit.runtime.models import resolve_store
     from edgesplit.runtime.store import ModelStore
 
-    try:
-        cuts = tuple(int(c) for c in args.cuts.split(",") if c.strip())
-        lats = tuple(float(x) for x in args.latency_ms.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"--cuts {args.cuts!r} / --latency-ms {args.latency_ms!r}: expected numbers") from None
-    req = PlanCheckRequest(args.network, cuts, tuple(c for c in args.codecs.split(";") if c.strip()), lats,
+    req = PlanCheckRequest(args.network, tuple(args.cuts), tuple(c for c in args.codecs.split(";") if c.strip()),
+                           tuple(args.latency_ms),
                            args.tokens, args.passes)
     print(json.dumps(plan_check(ModelStore(resolve_store(args.model, precisions=("q4", "f32"))), req)))
     return 0
