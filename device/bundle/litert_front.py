@@ -31,7 +31,10 @@ class _Signature:
         self.inputs, self.outputs = dict(runner._inputs), dict(runner._outputs)
         self.wrapper.AllocateTensors(self.sub)
         self.length = int(self.view("tokens").shape[0])
-        self.window = 0  # cache rows it reads (set by LiteRTFront)
+        # cache rows it reads (0: none, a position-0 prefill)
+        self.window = int(self.view("k_cache_0").shape[1]) if "k_cache_0" in self.inputs else 0
+        for name in self.inputs:  # arena memory: rows not yet written must be finite (0 * NaN is NaN)
+            self.view(name).fill(0)
 
     def view(self, name: str) -> np.ndarray:
         return self.wrapper.tensor(self.wrapper, self.inputs[name], self.sub)
@@ -71,14 +74,10 @@ class LiteRTFront:
         if "decode" not in names:
             raise ConfigError(f"{model_path}: no 'decode' signature (it has {names})")
         sigs = {n: _Signature(self.interp, n) for n in names if n.startswith(("decode", "prefill_"))}
-        self.full = sigs["decode"]
-        self.caches = [(self.full.view(f"k_cache_{l}"), self.full.view(f"v_cache_{l}"))
+        full = sigs["decode"]
+        self.caches = [(full.view(f"k_cache_{l}"), full.view(f"v_cache_{l}"))
                        for l in range(cut)]  # (kv_heads, S, hd) each: the loaded session's rows
         self.max_seq_len = int(self.caches[0][0].shape[1])
-        for sig in sigs.values():
-            sig.window = int(sig.view("k_cache_0").shape[1]) if "k_cache_0" in sig.inputs else 0
-            for name in sig.inputs:  # arena memory: rows not yet written must be finite (0 * NaN is NaN)
-                sig.view(name).fill(0)
         # decode signatures by window, smallest first; the windowed ones get every new row (< window)
         self.decodes = sorted((x for n, x in sigs.items() if n.startswith("decode")), key=lambda x: x.window)
         self.prefills = sorted((x for n, x in sigs.items() if n.startswith("prefill_")), key=lambda x: x.length)
