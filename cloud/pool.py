@@ -189,7 +189,6 @@ class Pool:
         store = ModelStore(resolve_store(s.model, progress=True))  # the reference the replicas must match
         self.fingerprint = store_identity(store).fingerprint
         self.live: dict[str, Replica] = {}
-        self.restarts: dict[str, int] = {}
         self._lock = threading.Lock()
         self.directory: DirectoryServer | None = None
         self.actors: dict[str, Any] = {}
@@ -241,8 +240,10 @@ class Pool:
             except ray.exceptions.RayError as exc:
                 log.debug("%s is not answering: %s", name, exc)
                 continue
-            if r.store != self.fingerprint:
-                log.error("%s came back serving another store (%s...): left out of the directory", name, r.store[:16])
+            try:
+                check_replicas([r], self.fingerprint)
+            except PoolError as exc:
+                log.error("%s; left out of the directory", exc)
                 continue
             now[name] = r
         with self._lock:
@@ -250,8 +251,7 @@ class Pool:
                 before, after = self.live.get(name), now.get(name)
                 if before is not None and after is None:
                     changes.append(f"{name} lost (was pid {before.pid} at {before.endpoint})")
-                elif after is not None and (before is None or before.pid != after.pid):
-                    self.restarts[name] = self.restarts.get(name, 0) + 1  # a new process: Ray restarted it
+                elif after is not None and (before is None or before.pid != after.pid):  # Ray restarted it
                     changes.append(f"{name} live: {after.endpoint} pid {after.pid} on {after.node}")
             self.live = now
         return changes
