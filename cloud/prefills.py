@@ -63,26 +63,27 @@ class PrefillQueue:
     def job_for(self, session: Session) -> PrefillJob | None:
         return next((j for j in self.jobs if j.session is session), None)
 
-    def advance(self, sessions: dict[str, Session]) -> tuple[PrefillJob, StepResult | None] | None:
-        """Run the next chunk of the oldest prompt whose session is still held. Returns the job
-        and, once its last chunk has run, the sampled first token; None when nothing waits."""
+    def head(self, sessions: dict[str, Session]) -> PrefillJob | None:
+        """The oldest prompt whose session is still held (those dropped meanwhile are forgotten)."""
         while self.jobs and sessions.get(self.jobs[0].session.session_id) is not self.jobs[0].session:
             self.jobs.popleft()  # its session was dropped (idle, revoked) meanwhile
-        if not self.jobs:
-            return None
-        job = self.jobs[0]
+        return self.jobs[0] if self.jobs else None
+
+    def advance(self, job: PrefillJob) -> StepResult | None:
+        """Run the next chunk of `job` (the head); once its last chunk has run, the sampled first
+        token (the job leaves the queue then, or when a chunk raises)."""
         end = min(job.done + self.chunk, job.hidden.shape[0])
         t0 = time.perf_counter()
         try:
             logits = job.session.run_prompt(job.hidden[job.done:end])
         except Exception:
-            self.jobs.popleft()
+            self.jobs.remove(job)
             raise
         job.compute_ms += (time.perf_counter() - t0) * 1000.0
         job.done, job.chunks = end, job.chunks + 1
         if end < job.hidden.shape[0]:
-            return job, None
-        self.jobs.popleft()
+            return None
+        self.jobs.remove(job)
         result = job.session.sample(logits[0], time.perf_counter())
         result.compute_ms += job.compute_ms
-        return job, result
+        return result

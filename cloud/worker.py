@@ -257,18 +257,17 @@ class CloudWorker:
     def _advance_prefill(self) -> list[tuple[bytes, Frame]]:
         """Run one chunk of the oldest long prompt; once it is in, its token frame and the replies
         to the frames of its session that waited behind it."""
-        job = self.prefills.jobs[0]
+        job = self.prefills.head(self.sessions)
+        if job is None:
+            return []
         try:
-            done = self.prefills.advance(self.sessions)
+            result = self.prefills.advance(job)
         except Exception as exc:  # noqa: BLE001 -- as in _answer: this session ends, the others go on
             log.exception("prompt chunk failed (session %s)", job.session.session_id)
             err = error_frame_for(exc, job.frame.session, job.frame.seq)
             self._drop(job.session.session_id, err.code)
             self.refusals.refused(err)
             return [(job.routing_id, err)]
-        if done is None:
-            return []
-        job, result = done
         if result is None:  # more chunks to come
             return []
         out: list[tuple[bytes, Frame]] = [(job.routing_id, TokenFrame(

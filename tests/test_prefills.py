@@ -92,3 +92,22 @@ def test_decode_steps_are_answered_between_the_chunks_of_a_long_prompt(real_stor
         assert isinstance(b.recv(), P.TokenFrame)
         a.close()
         b.close()
+
+
+def test_the_head_skips_prompts_whose_session_was_dropped():
+    """A failing chunk is blamed on the prompt that ran it, never on one dropped before it."""
+    from types import SimpleNamespace
+
+    from edgesplit.cloud.prefills import PrefillJob
+
+    gone, held = SimpleNamespace(session_id="a" * 32), SimpleNamespace(session_id="b" * 32)
+
+    def job(session):
+        return PrefillJob(b"r", session, None, np.zeros((40, 4), np.float32), 0.0, 0.0)
+
+    q = PrefillQueue(16)
+    first, second = job(gone), job(held)
+    q.add(first)
+    q.add(second)
+    assert q.head({held.session_id: held}) is second and list(q.jobs) == [second]
+    assert q.head({}) is None and not q
