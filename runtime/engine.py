@@ -18,6 +18,7 @@ from .calibration import outlier_channels
 from .graph import KV_TYPES, SegmentSpec, build_segment
 from .hparams import DEFAULT_MAX_SEQ_LEN
 from .kv_cache import KVCache
+from .session_file import open_session
 from .store import EMBEDDING_PRECISIONS, ModelStore
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def build_session(store: ModelStore, s: SegmentSpec, threads: int, spin: bool, o
                   head_outlier_channels: int,
                   profile_prefix: str | None = None) -> tuple[ort.InferenceSession, list[ort.OrtValue]]:
     """The onnxruntime session of segment `s` and the weight values it reads in place (they must
-    live as long as the session)."""
+    live as long as the session; none when it read them from a file, see session_file.py)."""
     layers = {i: store.layer(i, s.precision) for i in range(s.start, s.end)}
     embedding = store.load("token_embd", s.head_precision) if s.has_embedding else None
     head = norm = None
@@ -116,6 +117,9 @@ def build_session(store: ModelStore, s: SegmentSpec, threads: int, spin: bool, o
     model, weights = build_segment(s, layers, embedding, head, norm, kv_scales, outliers)
     del layers, embedding, head
     so = session_options(threads, spin, profile_prefix)
+    session = open_session(model, weights, so, store.path)
+    if session is not None:
+        return session, []
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
     so.add_external_initializers(list(weights), values)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]), values

@@ -78,8 +78,8 @@ class _Graph:
         if arr.nbytes <= SMALL_BYTES:  # shapes and axes stay in the graph for the optimizer
             self.inits.append(numpy_helper.from_array(arr, name))
             return name
-        # Declared external: the proto stays small and the engine passes the array itself
-        # (SessionOptions.add_external_initializers), so the weights are never serialized.
+        # Declared external: the proto stays small; the engine writes the arrays to a data file
+        # (session_file.py) or passes them in memory, never through the serialized proto.
         t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
         t.data_location = onnx.TensorProto.EXTERNAL
         t.external_data.add(key="location", value="edgesplit-in-memory")
