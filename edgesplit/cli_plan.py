@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from edgesplit.cli_args import float_list, int_list
+from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
 from edgesplit.runtime.models import DEFAULT_MODEL
 
@@ -21,6 +22,8 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
     p.add_argument("--quiet-wait-s", type=float, default=20.0,
                    help="before each timing block, wait up to this long for other processes to leave a core free")
+    p.add_argument("--memory-only", action="store_true",
+                   help="measure only the memory figures again, into the profile --out names (timings kept)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("plan", parents=[common], help="choose cut, precisions, codec and length for a device")
@@ -86,7 +89,7 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from edgesplit.device.profiling.timing import ProfileSettings
-    from edgesplit.device.profiling.profiler import profile_machine, write_profile
+    from edgesplit.device.profiling.profiler import profile_machine, remeasure_memory, write_profile
     from edgesplit.profiles.toml_fields import to_toml
     from edgesplit.runtime.models import resolve_store
     from edgesplit.runtime.store import ModelStore
@@ -97,14 +100,33 @@ def cmd_profile(args: argparse.Namespace) -> int:
     settings = ProfileSettings(quiet_timeout_s=args.quiet_wait_s)
     from edgesplit.harness.worker_proc import WorkerProcess
 
+    if args.memory_only and not args.out:
+        raise ConfigError("--memory-only updates an existing profile: name it with --out FILE")
+    base = _read_profile(Path(args.out)) if args.memory_only else None
     with WorkerProcess(str(store.path), store.config.d_model, threads=args.threads) as worker:
-        profile = profile_machine(store, worker.endpoint, model_name=name, precisions=precisions,
-                                  threads=args.threads, settings=settings)
+        if base is not None:
+            profile = remeasure_memory(store, worker.endpoint, base, threads=args.threads, settings=settings)
+        else:
+            profile = profile_machine(store, worker.endpoint, model_name=name, precisions=precisions,
+                                      threads=args.threads, settings=settings)
     if args.out:
         print(write_profile(profile, Path(args.out)))
     else:
         sys.stdout.write(to_toml(profile))
     return 0
+
+
+def _read_profile(path: Path) -> dict:
+    """A measured device profile's TOML as a dict, checked by the strict loader first."""
+    from edgesplit.profiles.device import FOLDER, load_device_profile
+    from edgesplit.profiles.toml_fields import read_profile_toml
+
+    load_device_profile(path)
+    data, origin = read_profile_toml(path, FOLDER, "device")
+    if data.get("kind") != "measured" or "measured" not in data:
+        raise ConfigError(f"{origin}: --memory-only needs a profile written by `edgesplit profile` "
+                          f"(kind 'measured'), this one is kind {data.get('kind')!r}")
+    return data
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

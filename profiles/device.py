@@ -37,7 +37,7 @@ class LayerFigures:
 
     decode_ms: tuple[float, ...]  # ms per decode step, one layer, at MeasuredFigures.context_tokens
     prefill_ms_per_token: float  # ms per prompt token, one layer (prompt of prefill_tokens)
-    resident_mb: float  # MB of RSS one loaded layer adds (our arrays + onnxruntime's prepacked copy)
+    resident_mb: float  # MB of RSS one loaded layer adds (onnxruntime's packed weights: measured RSS)
     shard_bytes: int  # bytes of the layer's shard file (what flash holds / reads)
 
 

@@ -79,3 +79,39 @@ def test_sweep_measures_each_cut_beside_the_prediction(tiny_profile, tiny_store,
         assert row["measured_ms_per_token"] > 0 and row["predicted_ms_per_token"] > 0
         assert row["measured_peak_rss_mb"] > 50 and row["predicted_memory_mb"] > 50
     assert r["summary"]["planner_cut"] in (1, 2) and r["summary"]["planner_vs_best"] >= 1.0
+
+
+def test_memory_only_measures_memory_again_and_keeps_the_timings(tiny_profile, tiny_store, tmp_path):
+    import tomllib
+
+    from edgesplit.device.profiling.profiler import remeasure_memory
+    from edgesplit.harness.worker_proc import WorkerProcess
+
+    base = tomllib.loads(tiny_profile.read_text())
+    stale = {**base, "measured": {**base["measured"], "embedding_mb": 9999.0, "runtime_overhead_mb": 9999.0,
+                                  "layers": {"q4": {**base["measured"]["layers"]["q4"], "resident_mb": 9999.0}}}}
+    with WorkerProcess(str(tiny_store.path), tiny_store.config.d_model, threads=1) as worker:
+        fresh = remeasure_memory(tiny_store, worker.endpoint, stale, threads=1, settings=TINY)
+    m, old = fresh["measured"], stale["measured"]
+    assert m["embedding_mb"] < 9999 and m["runtime_overhead_mb"] < 9999 and m["layers"]["q4"]["resident_mb"] < 9999
+    assert m["layers"]["q4"]["decode_ms"] == old["layers"]["q4"]["decode_ms"]
+    assert {k: m[k] for k in ("head_decode_ms", "codec_ms", "split_overhead_ms")} == \
+        {k: old[k] for k in ("head_decode_ms", "codec_ms", "split_overhead_ms")}
+    assert stale["measured"]["embedding_mb"] == 9999.0  # the input is not changed
+    assert "memory figures measured again" in fresh["source"]
+    load_device_profile(write_profile(fresh, tmp_path / "again.toml"))
+
+
+def test_memory_only_needs_a_measured_profile_to_update(tiny_store, capsys, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import edgesplit.profiles
+
+    assert main(["profile", "--model", str(tiny_store.path), "--memory-only"]) == 2
+    assert "--memory-only updates an existing profile" in capsys.readouterr().err
+    datasheet = Path(shutil.copy(Path(edgesplit.profiles.__file__).parent / "devices" / "rpi4-4gb.toml", tmp_path))
+    before = datasheet.read_text()
+    assert main(["profile", "--model", str(tiny_store.path), "--memory-only", "--out", str(datasheet)]) == 2
+    assert "kind 'datasheet'" in capsys.readouterr().err
+    assert datasheet.read_text() == before

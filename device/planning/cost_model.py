@@ -5,7 +5,7 @@ Pure functions over profiles (no I/O, no model): the planner calls them for ever
 Memory (MB, device process peak RSS):
     runtime overhead + embedding + cut x resident MB per layer at the front precision
     + cut x KV bytes per token per layer x tokens held + workspace MB per prompt token x prompt.
-"Resident per layer" is measured RSS (our shard arrays plus onnxruntime's prepacked copy), not
+"Resident per layer" is measured RSS (onnxruntime's packed weights, wider than the shards), not
 the shard size: that is what the device pays.
 
 Latency (ms per decode token at a context of `context` tokens):

@@ -176,6 +176,26 @@ def profile_machine(store: ModelStore, cloud_endpoint: str, *, model_name: str, 
     return profile
 
 
+
+def remeasure_memory(store: ModelStore, cloud_endpoint: str, profile: dict, *, threads: int,
+                     settings: ProfileSettings | None = None) -> dict:
+    """`profile` (a measured profile's dict) with its memory figures measured again and everything
+    else kept: for a change to how the runtime holds memory, without moving the timings that other
+    results were computed from. The layer precisions are the profile's own."""
+    ps = settings or ProfileSettings()
+    out = {**profile, "measured": {**profile["measured"],
+                                   "layers": {k: dict(v) for k, v in profile["measured"]["layers"].items()}}}
+    measured = out["measured"]
+    mem = memory_figures(store, list(measured["layers"]), threads, ps)
+    for p, figures in measured["layers"].items():
+        figures["resident_mb"] = mem["resident_mb"][p]
+    measured.update(embedding_mb=mem["embedding_mb"], workspace_mb_per_prompt_token=mem["workspace_mb_per_prompt_token"])
+    measured["runtime_overhead_mb"] = calibrated_overhead_mb(measured, split_calibration(store, cloud_endpoint,
+                                                                                         threads, ps), ps)
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out["source"] = f"{profile['source'].split('; memory')[0]}; memory figures measured again on {now} (--memory-only)"
+    return out
+
 COMMENTS = {
     "decode_time_factor": "measured here: the reference itself",
     "usable_memory_mb": "psutil.virtual_memory().available at profiling time, MB",
