@@ -83,7 +83,9 @@ def test_bench_vs_llama_cpp_reports_its_peak_rss_from_its_own_process(real_store
     r = bench(real_store, real_gguf, runs=1, prompt_tokens=16, decode_tokens=8, vs_llama=True)
     assert r["ref_decode_tok_s"] > 0 and r["decode_ratio"] == r["decode_tok_s"] / r["ref_decode_tok_s"]
     assert 100 < r["ref_peak_rss_mb"] < r["peak_rss_mb"] * 2  # a whole process: Python, llama.cpp, the GGUF
-    assert r["memory_ratio"] == r["peak_rss_mb"] / r["ref_peak_rss_mb"]
+    # ours measured the same way: a fresh process with only our engine (this one also holds llama.cpp)
+    assert 100 < r["own_process_peak_rss_mb"] < r["peak_rss_mb"] * 1.2
+    assert r["memory_ratio"] == r["own_process_peak_rss_mb"] / r["ref_peak_rss_mb"]
 
 
 def test_op_profile_sums_the_decode_nodes_by_operator(store):

@@ -70,18 +70,35 @@ def _llama_peak(gguf_path: str, n_ctx: int, ids: list[int], decode_tokens: int, 
     queue.put(peak_rss_mb())
 
 
-def llama_peak_rss_mb(gguf_path: str | os.PathLike, n_ctx: int, ids: list[int], decode_tokens: int, threads: int,
-                      vocab_size: int, timeout_s: float = 300.0) -> float:
-    """llama.cpp's peak RSS (MB) for the same job in its own process (peak RSS is per process)."""
+def _ours_peak(store_path: str, settings: dict, ids: list[int], decode_tokens: int, queue) -> None:
+    """In a fresh process: our engine loads the store with `settings`, runs the bench's job once,
+    reports its peak RSS."""
+    eng = SegmentEngine(ModelStore(store_path), **settings)
+    _time_ours(eng, np.asarray(ids, np.int64), decode_tokens)
+    queue.put(peak_rss_mb())
+
+
+def _peak_in_fresh_process(target, args: tuple, timeout_s: float = 300.0) -> float:
+    """Run `target(*args, queue)` in a spawned process; the peak RSS (MB) it puts on the queue."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_llama_peak, args=(os.fspath(gguf_path), n_ctx, ids, decode_tokens, threads, vocab_size,
-                                                 queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     try:
         return float(queue.get(timeout=timeout_s))
     finally:
         proc.join(timeout=30)
+
+
+def llama_peak_rss_mb(gguf_path: str | os.PathLike, n_ctx: int, ids: list[int], decode_tokens: int, threads: int,
+                      vocab_size: int) -> float:
+    """llama.cpp's peak RSS (MB) for the same job in its own process (peak RSS is per process)."""
+    return _peak_in_fresh_process(_llama_peak, (os.fspath(gguf_path), n_ctx, ids, decode_tokens, threads, vocab_size))
+
+
+def ours_peak_rss_mb(store: ModelStore, settings: dict, ids: list[int], decode_tokens: int) -> float:
+    """Our peak RSS (MB) for the same job in its own process, as llama.cpp's is measured."""
+    return _peak_in_fresh_process(_ours_peak, (str(store.path), settings, ids, decode_tokens))
 
 
 def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: int = 2, runs: int = 5,
@@ -95,7 +112,9 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
     before the call). With vs_llama, llama.cpp runs `gguf_path` in this process, interleaved with
     ours, and ref_prefill_tok_s, ref_decode_tok_s, prefill_ratio and decode_ratio (ours / theirs)
     are added, and ref_peak_rss_mb: llama.cpp's peak RSS for the same job at the same context
-    (n_ctx = prompt + decode tokens) in its own process, with memory_ratio = ours / theirs. `engine_kwargs` go to SegmentEngine (precision, accuracy_level, ...).
+    (n_ctx = prompt + decode tokens) in its own process, own_process_peak_rss_mb: ours measured the
+    same way (a fresh process running only our engine: this one also holds llama.cpp's library and
+    the CLI), and memory_ratio = own_process_peak_rss_mb / ref_peak_rss_mb. `engine_kwargs` go to SegmentEngine (precision, accuracy_level, ...).
     """
     if runs < 1 or prompt_tokens < 1 or decode_tokens < 1:
         raise ConfigError(f"runs ({runs}), prompt_tokens ({prompt_tokens}) and decode_tokens "
@@ -151,7 +170,8 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
         assert gguf_path is not None
         # the same job at the same context (our KV holds `total` positions: n_ctx = total)
         out["ref_peak_rss_mb"] = llama_peak_rss_mb(gguf_path, total, ref_ids, decode_tokens, threads, cfg.vocab_size)
-        out["memory_ratio"] = peak_mb / out["ref_peak_rss_mb"]
+        out["own_process_peak_rss_mb"] = ours_peak_rss_mb(store, settings, ref_ids, decode_tokens)
+        out["memory_ratio"] = out["own_process_peak_rss_mb"] / out["ref_peak_rss_mb"]
     out.update({k: settings[k] for k in ENGINE_SETTINGS})
     out.update(threads=threads, runs=runs, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
                vs="llama.cpp" if vs_llama else None, load_avg_1m=load_avg_1m)
