@@ -9,7 +9,9 @@ file, identical outputs and speed.
 
 The files go to a private folder under `directory` (the model store's folder: the same disk as
 the shards; never a tmpfs, whose pages would be RAM not counted as this process's) and are
-unlinked once the session is open; what onnxruntime still maps stays readable until it unmaps it.
+unlinked once the session is open; what onnxruntime still maps stays readable until it unmaps it
+(on Linux an unlinked file lives while mapped: its disk space, up to the segment's weights, comes
+back when the process exits).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,14 +58,21 @@ def write_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], folder: 
     return path
 
 
+STALE_AFTER_S = 600.0  # a load takes seconds; an older folder of a dead pid is left over
+
+
 def _remove_stale(directory: Path) -> None:
-    """Remove loading folders left by processes that died while opening a session."""
+    """Remove loading folders left by processes that died while opening a session: the pid in the
+    name is not running and the folder is older than STALE_AFTER_S (another pid namespace sharing
+    the store, e.g. a second container, may be loading under a pid this one cannot see)."""
+    now = time.time()
     for old in directory.glob(PREFIX + "*"):
         try:
             pid = int(old.name[len(PREFIX):].split("-")[0])
-        except ValueError:
+            age_s = now - old.stat().st_mtime
+        except (ValueError, OSError):
             continue
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and age_s > STALE_AFTER_S and not _alive(pid):
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -49,15 +50,19 @@ def test_stale_folders_of_dead_processes_are_removed(tiny_store):
                           text=True, check=True)
     stale = tiny_store.path / f"{session_file.PREFIX}{int(dead.stdout)}-x"
     live = tiny_store.path / f"{session_file.PREFIX}{os.getppid()}-y"  # the test runner's parent: alive
-    for d in (stale, live):
+    young = tiny_store.path / f"{session_file.PREFIX}{int(dead.stdout)}-z"  # another namespace's, maybe
+    old_s = time.time() - 2 * session_file.STALE_AFTER_S
+    for d in (stale, live, young):
         d.mkdir()
         (d / session_file.DATA_NAME).write_bytes(b"\0" * 10)
+    for d in (stale, live):
+        os.utime(d, (old_s, old_s))
     try:
         SegmentEngine(tiny_store, 0, 1, max_seq_len=16)
         assert not stale.exists()
-        assert live.exists()
+        assert live.exists() and young.exists()
     finally:
-        for d in (stale, live):
+        for d in (stale, live, young):
             if d.exists():
                 (d / session_file.DATA_NAME).unlink()
                 d.rmdir()
