@@ -38,7 +38,10 @@ DATA_NAME, MODEL_NAME = "weights.bin", "model.onnx"
 
 def write_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], folder: Path) -> Path:
     """Write `model` to `folder`, its external tensors (named in `weights`) into one data file at
-    page-aligned offsets. Returns the model file's path. `model` is changed (its locations)."""
+    page-aligned offsets. Returns the model file's path; `model` itself is not changed (the
+    locations go into a copy: the proto is small, the weights are not in it)."""
+    original, model = model, onnx.ModelProto()
+    model.CopyFrom(original)
     offset = 0
     with open(folder / DATA_NAME, "wb") as f:
         for t in model.graph.initializer:

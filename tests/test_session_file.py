@@ -102,3 +102,19 @@ def test_written_tensors_are_page_aligned(tiny_store, tmp_path):
         offset, length = int(info["offset"]), int(info["length"])
         assert offset % session_file.ALIGN_BYTES == 0
         assert data[offset:offset + length] == expected[t.name].tobytes()
+
+
+def test_a_failed_write_falls_back_to_memory_with_the_same_outputs(tiny_store, monkeypatch, caplog):
+    expected = _logits(SegmentEngine(tiny_store, max_seq_len=32))
+    real_write = session_file.write_model
+
+    def disk_full(model, weights, folder):
+        real_write(model, weights, folder)  # a partial file is left for the cleanup
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(session_file, "write_model", disk_full)
+    engine = SegmentEngine(tiny_store, max_seq_len=32)
+    assert "No space left on device" in caplog.text
+    assert len(engine._weights) > 0  # handed over in memory
+    np.testing.assert_array_equal(_logits(engine), expected)
+    assert not list(tiny_store.path.glob(session_file.PREFIX + "*"))
