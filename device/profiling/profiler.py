@@ -143,8 +143,6 @@ def profile_machine(store: ModelStore, cloud_endpoint: str, *, model_name: str, 
     ends = ends_timings(store, threads, ps)
     codec_ms = codec_timings(store, threads, ps)
     mem = memory_figures(store, list(precisions), threads, ps)
-    for p in precisions:
-        layers[p]["resident_mb"] = mem["resident_mb"][p]
     log.info("profile: memory done (%.0f s)", time.perf_counter() - t0)
     flash = flash_read_figures(flash_dir or store.path.parent, ps.flash_mb)
     vm = psutil.virtual_memory()
@@ -152,8 +150,7 @@ def profile_machine(store: ModelStore, cloud_endpoint: str, *, model_name: str, 
         "model": model_name, "n_layers": cfg.n_layers, "d_model": cfg.d_model, "threads": threads,
         "context_tokens": list(ps.contexts), "prefill_tokens": ps.prefill_tokens,
         "step_overhead_ms": statistics.median(overheads), **ends,
-        "runtime_overhead_mb": mem["runtime_overhead_mb"], "embedding_mb": mem["embedding_mb"],
-        "workspace_mb_per_prompt_token": mem["workspace_mb_per_prompt_token"],
+        **memory_fields(mem, layers),
         "kv_bytes_per_token_per_layer": {k: _kv_bytes(store, k) for k in KV_BYTES},
         "codec_ms": codec_ms, "layers": layers,
     }
@@ -165,7 +162,7 @@ def profile_machine(store: ModelStore, cloud_endpoint: str, *, model_name: str, 
     profile = {
         "name": "host", "description": f"this machine ({platform.machine()}, {os.cpu_count()} logical CPUs), "
                                        "measured by edgesplit profile",
-        "source": f"measured by `edgesplit profile` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "source": f"measured by `edgesplit profile` on {_now()}",
         "kind": "measured", "decode_time_factor": 1.0, "prefill_time_factor": 1.0,
         "total_memory_mb": vm.total / MB, "usable_memory_mb": vm.available / MB, "threads": threads,
         **flash, "measured": measured,
@@ -175,6 +172,17 @@ def profile_machine(store: ModelStore, cloud_endpoint: str, *, model_name: str, 
              [round(c["per_token_ms"], 2) for c in calib], measured["split_overhead_ms"], time.perf_counter() - t0)
     return profile
 
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def memory_fields(mem: dict, layers: dict[str, dict]) -> dict:
+    """memory_figures' results into a profile: each layer's `resident_mb` is set in `layers` (by
+    precision); returns the other fields (runtime overhead of a bare process, embedding, workspace)."""
+    for p, figures in layers.items():
+        figures["resident_mb"] = mem["resident_mb"][p]
+    return {k: mem[k] for k in ("runtime_overhead_mb", "embedding_mb", "workspace_mb_per_prompt_token")}
 
 
 def remeasure_memory(store: ModelStore, cloud_endpoint: str, profile: dict, *, threads: int,
@@ -187,14 +195,12 @@ def remeasure_memory(store: ModelStore, cloud_endpoint: str, profile: dict, *, t
                                    "layers": {k: dict(v) for k, v in profile["measured"]["layers"].items()}}}
     measured = out["measured"]
     mem = memory_figures(store, list(measured["layers"]), threads, ps)
-    for p, figures in measured["layers"].items():
-        figures["resident_mb"] = mem["resident_mb"][p]
-    measured.update(embedding_mb=mem["embedding_mb"], workspace_mb_per_prompt_token=mem["workspace_mb_per_prompt_token"])
+    measured.update(memory_fields(mem, measured["layers"]))
     measured["runtime_overhead_mb"] = calibrated_overhead_mb(measured, split_calibration(store, cloud_endpoint,
                                                                                          threads, ps), ps)
-    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    out["source"] = f"{profile['source'].split('; memory')[0]}; memory figures measured again on {now} (--memory-only)"
+    out["source"] = f"{profile['source'].split('; memory')[0]}; memory figures measured again on {_now()} (--memory-only)"
     return out
+
 
 COMMENTS = {
     "decode_time_factor": "measured here: the reference itself",
