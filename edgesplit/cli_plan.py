@@ -118,11 +118,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def _read_profile(path: Path) -> dict:
     """A measured device profile's TOML as a dict, checked by the strict loader first."""
-    from edgesplit.profiles.device import FOLDER, load_device_profile
+    from edgesplit.profiles.device import FOLDER, device_profile_from_dict
     from edgesplit.profiles.toml_fields import read_profile_toml
 
-    load_device_profile(path)
     data, origin = read_profile_toml(path, FOLDER, "device")
+    device_profile_from_dict(data, origin)
     if data.get("kind") != "measured" or "measured" not in data:
         raise ConfigError(f"{origin}: --memory-only needs a profile written by `edgesplit profile` "
                           f"(kind 'measured'), this one is kind {data.get('kind')!r}")
