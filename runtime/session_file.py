@@ -40,11 +40,11 @@ def write_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], folder: 
     """Write `model` to `folder`, its external tensors (named in `weights`) into one data file at
     page-aligned offsets. Returns the model file's path; `model` itself is not changed (the
     locations go into a copy: the proto is small, the weights are not in it)."""
-    original, model = model, onnx.ModelProto()
-    model.CopyFrom(original)
+    located = onnx.ModelProto()
+    located.CopyFrom(model)
     offset = 0
     with open(folder / DATA_NAME, "wb") as f:
-        for t in model.graph.initializer:
+        for t in located.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             arr = np.ascontiguousarray(weights[t.name])
@@ -57,7 +57,7 @@ def write_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], folder: 
             f.write(arr.data)  # the raw bytes, no copy
             offset += arr.nbytes
     path = folder / MODEL_NAME
-    path.write_bytes(model.SerializeToString())
+    path.write_bytes(located.SerializeToString())
     return path
 
 
