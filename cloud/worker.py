@@ -185,9 +185,9 @@ class CloudWorker:
                 malloc.trim()  # idle: hand the freed KV caches and activations back to the OS
 
     def warm(self, plan: Plan) -> BatchedSegment:
-        """Build the back-segment engine of `plan` now (kept for the worker's life) and run its
-        prompt and batched graphs once on a throwaway slot, so the first session's time to first
-        token does not include loading."""
+        """Build the back-segment engine of `plan` now (kept for the worker's life) and run a prompt
+        and a batched step on a throwaway slot, so the first session's time to first token does not
+        include loading."""
         check_plan(self.store, self.pool, "warm-up", plan)
         engine = self.pool.engine_for(plan, pin=True)
         t0 = time.perf_counter()

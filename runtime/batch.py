@@ -1,13 +1,14 @@
 """Batched decode: one forward pass steps many sessions of one segment, each at its own position.
 
 A `KVPool` holds, per layer, K and V buffers of shape (slots, kv_heads, max_seq_len, head_dim);
-slot s of every buffer is one session's cache. A session's prompt (several tokens) runs on the
-segment's ordinary graph with a KVCache over its slot's views, alone: GroupQueryAttention takes
-multi-token steps only at batch 1. Decode steps of several sessions run together on the batched
-graph (runtime/graph.py `batched`): hidden (B, d), `seqlens_k` (B,) = each row's past length,
-`total_seq_len` = the longest + 1, the pool's first B slots bound as the KV buffers. A row of the
-batch whose slot is not stepping gets a zero input at its next position, which its own next step
-overwrites before anything reads it, so it is left as it was.
+slot s of every buffer is one session's cache. Both kinds of step run on the segment engine's one
+graph and session (runtime/graph.py), so its weights are held once. A session's prompt (several
+tokens) runs with a KVCache over its slot's views, alone: GroupQueryAttention takes multi-token
+steps only at batch 1. Decode steps of several sessions run together: hidden (B, d),
+`seqlens_k` (B,) = each row's past length, `total_seq_len` = the longest + 1, the pool's first B
+slots bound as the KV buffers, and `logits_index` = the stepping rows, so only those meet the
+head. A row of the batch whose slot is not stepping gets a zero input at its next position, which
+its own next step overwrites before anything reads it, so it is left as it was.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from .engine import SegmentEngine, build_session
+from .engine import SegmentEngine
 from .errors import ConfigError
 from .graph import SegmentSpec
 from .kv_cache import KV_NUMPY, KVCache
@@ -78,16 +79,15 @@ class Row:
 class BatchedSegment:
     """A segment that runs prompts alone and decode steps of many sessions at once, on one KV pool.
 
-    `engine`: the segment's ordinary engine (its graph runs prompts, on pool views). The batched
-    graph is built from the same store and settings."""
+    `engine`: the segment's engine; its session runs both the prompts (on pool views) and the
+    batched decode steps."""
 
     def __init__(self, engine: SegmentEngine, slots: int):
         if engine.spec.has_embedding:
             raise ConfigError("batched decode runs segments that take hidden states (a cloud back segment)")
         self.engine = engine
-        self.spec = SegmentSpec(**{**engine.spec.__dict__, "batched": True})
-        self._session, self._weights = build_session(engine.store, self.spec, engine.threads, engine.spin,
-                                                     engine.outlier_channels, engine.head_outlier_channels)
+        self.spec = engine.spec
+        self._session = engine.session
         self.pool = KVPool(engine.spec, slots)
         self._io = self._session.io_binding()
         self._out = "logits" if self.spec.has_head else "hidden_out"
@@ -97,7 +97,7 @@ class BatchedSegment:
     def new_cache(self) -> tuple[int, KVCache]:
         """A free slot and a KVCache over it (for the session's prompt, on the ordinary graph)."""
         slot = self.pool.take()
-        return slot, KVCache(self.engine._session, self.engine.spec, self.pool.views(slot))
+        return slot, KVCache(self._session, self.spec, self.pool.views(slot))
 
     def release(self, slot: int) -> None:
         self.pool.give_back(slot)
@@ -136,7 +136,10 @@ class BatchedSegment:
         self._io.bind_cpu_input("hidden_in", hidden)
         self._io.bind_cpu_input("seqlens_k", past)
         self._io.bind_cpu_input("total_seq_len", np.array(int(past.max()) + 1, np.int32))
+        wanted = np.array([r.slot for r in rows], np.int64)
+        if self.spec.has_head:
+            self._io.bind_cpu_input("logits_index", wanted)  # logits rows come out in the order of `rows`
         self._io.bind_output(self._out)  # unallocated again: the batch's row count changes between steps
         self._session.run_with_iobinding(self._io)
         out = self._io.get_outputs()[0].numpy()
-        return out[[r.slot for r in rows]]
+        return out if self.spec.has_head else out[wanted]

@@ -177,6 +177,11 @@ class SegmentEngine:
                                                self.outlier_channels, self.head_outlier_channels, self.profile_prefix)
         return session
 
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The onnxruntime session: one per engine, shared by every KV cache made on it."""
+        return self._session
+
     def end_profiling(self) -> str:
         """Stop onnxruntime's profiling (made with `profile_prefix`); the JSON trace's path."""
         return self._session.end_profiling()

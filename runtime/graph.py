@@ -1,14 +1,20 @@
 """Build the onnxruntime graph of one segment: layers [start, end) of a llama model.
 
 One graph per segment keeps per-step overhead low: a decode step is one `run` call. Hidden states
-are 2-D `(T, d)` throughout (one session per engine). The KV cache of every layer is a graph
-input `past_key.{i}` aliased by IO binding to the output `present_key.{i}`, so GroupQueryAttention
-appends in place into a buffer preallocated to the maximum sequence length.
+are 2-D `(rows, d)` throughout. The KV cache of every layer is a graph input `past_key.{i}`
+aliased by IO binding to the output `present_key.{i}`, so GroupQueryAttention appends in place
+into a buffer preallocated to the maximum sequence length.
 
-Inputs:  `input_ids` int64 (T,) if start == 0 (and spec.embed_ids), else `hidden_in` f32 (T, d);
-         `seqlens_k` int32 (1,) = past + T - 1; `total_seq_len` int32 () = past + T;
-         `logits_index` int64 (n,) positions whose logits are wanted (only if end == L).
-Outputs: `logits` f32 (n, V) if end == L (and spec.with_head), else `hidden_out` f32 (T, d); present_key/value.{i}.
+The same graph serves two kinds of step (so an engine holds its packed weights once): B = 1
+session appending T tokens (rows = T), or B sessions appending one token each (rows = B, a
+batched decode step over a KV slot pool, runtime/batch.py). B is the length of `seqlens_k`;
+attention sees the rows as (B, rows / B, ...).
+
+Inputs:  `input_ids` int64 (rows,) if start == 0 (and spec.embed_ids), else `hidden_in` f32 (rows, d);
+         `seqlens_k` int32 (B,) = each session's past + T - 1; `total_seq_len` int32 () = the longest past + T;
+         `logits_index` int64 (n,) rows whose logits are wanted (only if end == L).
+Outputs: `logits` f32 (n, V) if end == L (and spec.with_head), else `hidden_out` f32 (rows, d);
+         present_key/value.{i} (B, kv_heads, max_seq_len, head_dim).
 """
 
 from __future__ import annotations
@@ -43,7 +49,6 @@ class SegmentSpec:
     head_accuracy_level: int = 4  # the head's; 8-bit MatMulNBits has no fast fp32 kernel
     embed_ids: bool = True  # False: a segment starting at 0 takes hidden states (T, d), embedded outside
     with_head: bool = True  # False: a segment ending at n_layers returns hidden states, no norm/head
-    batched: bool = False  # True: one decode step of B sessions, hidden (B, d), each at its own position
 
     @property
     def has_embedding(self) -> bool:
@@ -182,8 +187,7 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
     g = _Graph(spec.accuracy_level)
     inputs, outputs = [], []
     kv_type = KV_TYPES[spec.kv_precision]
-    # batched: B sessions of one token each (rows of a KV slot pool); else one session's T tokens
-    cache_shape = ["B" if spec.batched else 1, cfg.n_kv_heads, spec.max_seq_len, hd]
+    cache_shape: list[str | int] = ["B", cfg.n_kv_heads, spec.max_seq_len, hd]  # B sessions (one for a prompt)
 
     if spec.has_embedding:
         assert embedding is not None, "a segment with the embedding needs its table"
@@ -192,14 +196,15 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
     else:
         inputs.append(helper.make_tensor_value_info("hidden_in", TensorProto.FLOAT, ["T", d]))
         h = "hidden_in"
-    inputs.append(helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B" if spec.batched else 1]))
+    inputs.append(helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]))
     inputs.append(helper.make_tensor_value_info("total_seq_len", TensorProto.INT32, []))
     cos, sin = rope_cache(cfg, spec.max_seq_len)
     g.init("rope.cos", cos)
     g.init("rope.sin", sin)
     qkv_width = cfg.n_heads * hd + 2 * cfg.n_kv_heads * hd
-    # (T, qkv) -> (1, T, qkv) for one session; (B, qkv) -> (B, 1, qkv) for B sessions of one token each
-    shape_3d = g.init("shape.3d", np.array([-1, 1, qkv_width] if spec.batched else [1, -1, qkv_width], np.int64))
+    # (rows, qkv) -> (B, rows / B, qkv): (1, T, qkv) for one session, (B, 1, qkv) for B sessions of one token each
+    shape_3d = g.op1("Concat", [g.op1("Shape", ["seqlens_k"]), g.init("shape.rows_qkv", np.array([-1, qkv_width], np.int64))],
+                     axis=0)
     shape_2d = g.init("shape.2d", np.array([-1, d], np.int64))
     eps = float(cfg.norm_eps)
 
@@ -254,11 +259,8 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
     if spec.has_head:
         assert head is not None and output_norm is not None, "a segment with the head needs it and the final norm"
         hn = g.op1("SimplifiedLayerNormalization", [h, g.init("output_norm", output_norm)], epsilon=eps, axis=-1)
-        if spec.batched:  # every row: one per session
-            hsel = hn
-        else:
-            inputs.append(helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n"]))
-            hsel = g.op1("Gather", [hn, "logits_index"], axis=0)
+        inputs.append(helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n"]))
+        hsel = g.op1("Gather", [hn, "logits_index"], axis=0)  # only the rows asked for meet the head
         logits = g.linear(hsel, head, "head", d, acc=spec.head_accuracy_level, outliers=outliers.get("head"))
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
         outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", cfg.vocab_size]))
