@@ -75,3 +75,25 @@ def test_a_slot_given_back_returns_its_pages(tiny_store):
         batched.release(s)
     assert all(not b[s].any() for b in batched.pool.buffers for s in slots[1:-1])
     assert proc.memory_info().rss - before < 0.2 * grown
+
+
+def test_batched_steps_build_no_second_session(tiny_store, monkeypatch):
+    """Prompts and batched steps run on the engine's one onnxruntime session: a worker holds the
+    segment's packed weights once. Counted where sessions are made."""
+    import onnxruntime as ort
+
+    made = []
+    real = ort.InferenceSession
+
+    def counting(*args, **kwargs):
+        made.append(args[0] if args else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", counting)
+    engine = SegmentEngine(tiny_store, 1, 3, max_seq_len=16)
+    assert len(made) == 1
+    batched = BatchedSegment(engine, slots=2)
+    slot, cache = batched.new_cache()
+    engine.prefill(hidden(3, tiny_store.config.d_model), cache=cache)
+    batched.step([Row(slot, 3, hidden(1, tiny_store.config.d_model))], {})
+    assert len(made) == 1
