@@ -150,14 +150,18 @@ def test_timeout_against_silent_router_raises_quickly():
 
 
 def test_timeout_with_nobody_listening():
-    ctx = zmq.Context.instance()
-    probe = ctx.socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close()  # a port with nothing behind it
-    with Channel(f"tcp://127.0.0.1:{port}", timeout_s=0.1) as ch:
-        ch.send(P.CloseFrame(P.new_session_id(), 1))
-        with pytest.raises(TransportError, match="no reply"):
-            ch.recv()
+    import socket
+
+    # A port held by a socket that never answers: no cloud behind it, and (unlike a port bound and
+    # closed again) no server of another test can take it meanwhile.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        with Channel(f"tcp://127.0.0.1:{port}", timeout_s=0.1) as ch:
+            ch.send(P.CloseFrame(P.new_session_id(), 1))
+            with pytest.raises(TransportError, match="no reply"):
+                ch.recv()
 
 
 def test_error_frame_becomes_remote_error(tiny_store):
