@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .errors import ConfigError
 from .calibration import outlier_channels
-from .graph import KV_TYPES, SegmentSpec, build_segment
+from .graph import KV_TYPES, SegmentSpec, WeightSink, build_segment
 from .hparams import DEFAULT_MAX_SEQ_LEN
 from .kv_cache import KVCache
 from .session_file import open_session
@@ -96,30 +97,51 @@ def segment_outliers(manifest: dict, s: SegmentSpec, n_channels: int, head_n_cha
     return {k: v for k, v in out.items() if v is not None}
 
 
+class _Layers(Mapping[int, dict[str, np.ndarray]]):
+    """Layers [start, end) of a store at one precision, each read when the graph builder reaches
+    it (so with the weights going to a file, one layer's shard is in memory at a time)."""
+
+    def __init__(self, store: ModelStore, s: SegmentSpec):
+        self.store, self.precision, self.range = store, s.precision, range(s.start, s.end)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if i not in self.range:
+            raise KeyError(i)
+        return self.store.layer(i, self.precision)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.range)
+
+    def __len__(self) -> int:
+        return len(self.range)
+
+
 def build_session(store: ModelStore, s: SegmentSpec, threads: int, spin: bool, outlier_channels: int,
                   head_outlier_channels: int,
                   profile_prefix: str | None = None) -> tuple[ort.InferenceSession, list[ort.OrtValue]]:
     """The onnxruntime session of segment `s` and the weight values it reads in place (they must
     live as long as the session; none when it read them from a file, see session_file.py)."""
-    layers = {i: store.layer(i, s.precision) for i in range(s.start, s.end)}
-    embedding = store.load("token_embd", s.head_precision) if s.has_embedding else None
-    head = norm = None
-    if s.has_head:
-        same = embedding is not None and store.config.tied_head
-        head = embedding if same else store.load(store.head_name(), s.head_precision)
-        norm = store.load("output_norm", "f32")["weight"]
     kv_scales = None
     if s.kv_precision == "int8":
         from .calibration import kv_scales_for
 
         kv_scales = kv_scales_for(store.manifest, s.start, s.end)
     outliers = segment_outliers(store.manifest, s, outlier_channels, head_outlier_channels)
-    model, weights = build_segment(s, layers, embedding, head, norm, kv_scales, outliers)
-    del layers, embedding, head
+
+    def build(sink: WeightSink | None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        embedding = store.load("token_embd", s.head_precision) if s.has_embedding else None
+        head = norm = None
+        if s.has_head:
+            same = embedding is not None and store.config.tied_head
+            head = embedding if same else store.load(store.head_name(), s.head_precision)
+            norm = store.load("output_norm", "f32")["weight"]
+        return build_segment(s, _Layers(store, s), embedding, head, norm, kv_scales, outliers, sink)
+
     so = session_options(threads, spin, profile_prefix)
-    session = open_session(model, weights, so, store.path)
+    session = open_session(lambda sink: build(sink)[0], so, store.path)
     if session is not None:
         return session, []
+    model, weights = build(None)
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
     so.add_external_initializers(list(weights), values)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]), values

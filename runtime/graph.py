@@ -20,7 +20,7 @@ Outputs: `logits` f32 (n, V) if end == L (and spec.with_head), else `hidden_out`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import onnx
@@ -59,13 +59,34 @@ class SegmentSpec:
         return self.end == self.config.n_layers and self.with_head
 
 
-class _Graph:
-    """Accumulates nodes and initializers with unique names."""
+class WeightSink(Protocol):
+    """Where the graph builder puts each large constant as it makes it: `put` stores `arr` and
+    records in `t.external_data` where onnxruntime finds it."""
 
-    def __init__(self, accuracy_level: int):
+    def put(self, t: onnx.TensorProto, arr: np.ndarray) -> None: ...
+
+
+class InMemoryWeights:
+    """The default sink: the arrays stay ours (`arrays`), handed to onnxruntime in memory
+    (SessionOptions.add_external_initializers); session_file.WeightFile writes them to disk instead."""
+
+    LOCATION = "edgesplit-in-memory"
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def put(self, t: onnx.TensorProto, arr: np.ndarray) -> None:
+        t.external_data.add(key="location", value=self.LOCATION)
+        self.arrays[t.name] = arr
+
+
+class _Graph:
+    """Accumulates nodes and initializers with unique names; large constants go to `sink`."""
+
+    def __init__(self, accuracy_level: int, sink: WeightSink | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
-        self.external: dict[str, np.ndarray] = {}  # weights handed to onnxruntime without a copy
+        self.sink = InMemoryWeights() if sink is None else sink
         self._names: set[str] = set()
         self.acc = accuracy_level
         self._n = 0
@@ -83,13 +104,12 @@ class _Graph:
         if arr.nbytes <= SMALL_BYTES:  # shapes and axes stay in the graph for the optimizer
             self.inits.append(numpy_helper.from_array(arr, name))
             return name
-        # Declared external: the proto stays small; the engine writes the arrays to a data file
-        # (session_file.py) or passes them in memory, never through the serialized proto.
+        # Declared external: the proto stays small; the sink writes the array to a data file
+        # (session_file.py) or keeps it to pass in memory, never through the serialized proto.
         t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
         t.data_location = onnx.TensorProto.EXTERNAL
-        t.external_data.add(key="location", value="edgesplit-in-memory")
+        self.sink.put(t, arr)
         self.inits.append(t)
-        self.external[name] = arr
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
@@ -172,19 +192,22 @@ def rope_cache(cfg: ModelConfig, max_seq_len: int) -> tuple[np.ndarray, np.ndarr
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | None,
+def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]], embedding: dict | None,
                   head: dict | None, output_norm: np.ndarray | None, kv_scales: dict | None = None,
-                  outliers: dict | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+                  outliers: dict | None = None,
+                  sink: WeightSink | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The ONNX model of a segment and its external weights, from its shard tensors.
 
-    See the module docstring for inputs and outputs.
+    See the module docstring for inputs and outputs. `layers[i]` is read once per layer, in order
+    (a lazy mapping keeps one layer's shard in memory at a time).
     `outliers` maps (layer, projection input) or "head" to input channels kept out of int8
     activation quantization; used only where the accuracy level is 4.
+    `sink`: where the weights go as they are made; by default they are kept and returned.
     """
     outliers = outliers or {}
     cfg = spec.config
     d, hd = cfg.d_model, cfg.head_dim
-    g = _Graph(spec.accuracy_level)
+    g = _Graph(spec.accuracy_level, sink)
     inputs, outputs = [], []
     kv_type = KV_TYPES[spec.kv_precision]
     cache_shape: list[str | int] = ["B", cfg.n_kv_heads, spec.max_seq_len, hd]  # B sessions (one for a prompt)
@@ -261,14 +284,22 @@ def build_segment(spec: SegmentSpec, layers: dict[int, dict], embedding: dict | 
         hn = g.op1("SimplifiedLayerNormalization", [h, g.init("output_norm", output_norm)], epsilon=eps, axis=-1)
         inputs.append(helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n"]))
         hsel = g.op1("Gather", [hn, "logits_index"], axis=0)  # only the rows asked for meet the head
+        n_before = len(g.nodes)
         logits = g.linear(hsel, head, "head", d, acc=spec.head_accuracy_level, outliers=outliers.get("head"))
+        # The head's weight is the largest (49152 x 576). onnxruntime repacks weights in node-list
+        # order, each original resident until its packed copy is made: listed first, the head
+        # is packed while little else is held, so the load peaks at its final size (measured on
+        # SmolLM2, whole model: 277 -> 256 MB). onnxruntime sorts the nodes itself to run them.
+        head_nodes = [n for n in g.nodes[n_before:] if n.op_type == "MatMulNBits"]
+        g.nodes = head_nodes + [n for n in g.nodes if n not in head_nodes]
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
         outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", cfg.vocab_size]))
     else:
         g.nodes.append(helper.make_node("Identity", [h], ["hidden_out"], name="hidden_out"))
         outputs.insert(0, helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT, ["T", d]))
     graph = helper.make_graph(g.nodes, f"segment_{spec.start}_{spec.end}", inputs, outputs, g.inits)
-    return helper.make_model(graph, opset_imports=OPSETS, ir_version=10), g.external
+    arrays = g.sink.arrays if isinstance(g.sink, InMemoryWeights) else {}
+    return helper.make_model(graph, opset_imports=OPSETS, ir_version=10), arrays
 
 
 def _embed(g: _Graph, emb: dict[str, np.ndarray], ids: str) -> str:

@@ -1,4 +1,4 @@
-"""Give freed memory back to the operating system (glibc), for long-running processes.
+"""Give memory back to the operating system: freed heap (glibc) and clean file-mapped pages.
 
 glibc serves an allocation above its mmap threshold with its own mapping, returned at free; but
 after such a block is freed it raises the threshold to that size, so the next KV caches of that
@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import re
 
 log = logging.getLogger(__name__)
 
@@ -43,3 +44,46 @@ def keep_large_allocations_mapped() -> bool:
 def trim() -> bool:
     """Return the heap's free memory to the OS (glibc malloc_trim); True when some was released."""
     return bool(_LIBC.malloc_trim(0)) if _LIBC is not None else False
+
+
+MADV_DONTNEED = 4  # Linux madvise advice: drop the pages (a clean file page reads back from the file)
+_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s*(.*)$")
+
+
+def _clean_mappings(path: str, smaps: str) -> list[tuple[int, int]]:
+    """(start, end) of the mappings of file `path` in `smaps` (/proc/<pid>/smaps text) holding no
+    anonymous pages: nothing in them was written (copy-on-write), so each page equals the file's."""
+    found, current = [], None
+    for line in smaps.splitlines():
+        m = _MAPPING.match(line)
+        if m:
+            name = m.group(3).removesuffix(" (deleted)")
+            current = (int(m.group(1), 16), int(m.group(2), 16)) if name == path else None
+        elif current is not None and line.startswith("Anonymous:"):
+            if int(line.split()[1]) == 0:
+                found.append(current)
+            current = None
+    return found
+
+
+def drop_clean_file_pages(path: str) -> int:
+    """Drop this process's resident pages of file `path` where its mappings were never written
+    (Linux; elsewhere a no-op). A page read again faults back in from the file (still readable
+    while mapped, even unlinked), so nothing changes but what stays resident. Returns the number of
+    mappings dropped. Call it while nothing else uses those mappings (e.g. right after a session
+    that mapped them is opened, before it runs)."""
+    if _LIBC is None or not hasattr(_LIBC, "madvise"):
+        return 0
+    try:
+        with open("/proc/self/smaps") as f:
+            smaps = f.read()
+    except OSError:
+        return 0
+    madvise = _LIBC.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    dropped = 0
+    for start, end in _clean_mappings(path, smaps):
+        if madvise(start, end - start, MADV_DONTNEED) == 0:
+            dropped += 1
+    log.debug("dropped the resident pages of %d clean mapping(s) of %s", dropped, path)
+    return dropped

@@ -7,6 +7,13 @@ they are onnxruntime's (mapped from the file), and it drops each one its kernels
 Measured on SmolLM2-135M (whole model, q4): peak RSS 494 MB handed in memory, 301 MB through a
 file, identical outputs and speed.
 
+The weights are written as the graph builder makes them (WeightFile), one layer's at a time, so
+our own copy never exists whole (the whole model's build peaked at 261 MB with every array kept
+for the write, ~130 MB written as made). Once the session is open, the pages it mapped from the
+file and did not modify are dropped from this process (malloc.drop_clean_file_pages): those
+onnxruntime repacked but keeps mapped (the scales) are not read again, and the rest (the
+embedding table's rows) come back from the file when read.
+
 The files go to a private folder under `directory` (the model store's folder: the same disk as
 the shards; never a tmpfs, whose pages would be RAM not counted as this process's) and are
 unlinked once the session is open; what onnxruntime still maps stays readable until it unmaps it
@@ -22,12 +29,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import malloc
+from . import graph, malloc
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +44,33 @@ PREFIX = ".loading-"  # folder name: PREFIX + pid + "-" + random
 DATA_NAME, MODEL_NAME = "weights.bin", "model.onnx"
 
 
-def write_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], folder: Path) -> Path:
-    """Write `model` to `folder`, its external tensors (named in `weights`) into one data file at
-    page-aligned offsets. Returns the model file's path; `model` itself is not changed (the
-    locations go into a copy: the proto is small, the weights are not in it)."""
-    located = onnx.ModelProto()
-    located.CopyFrom(model)
-    offset = 0
-    with open(folder / DATA_NAME, "wb") as f:
-        for t in located.graph.initializer:
-            if t.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            arr = np.ascontiguousarray(weights[t.name])
-            pad = -offset % ALIGN_BYTES
-            f.write(b"\0" * pad)
-            offset += pad
-            del t.external_data[:]
-            for key, value in (("location", DATA_NAME), ("offset", str(offset)), ("length", str(arr.nbytes))):
-                t.external_data.add(key=key, value=value)
-            f.write(arr.data)  # the raw bytes, no copy
-            offset += arr.nbytes
+class WeightFile:
+    """A graph builder's sink (graph.WeightSink) that writes each weight to one data file at a
+    page-aligned offset as it is made, so a segment's weights never sit in memory all at once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "wb")
+        self.offset = 0
+
+    def put(self, t: onnx.TensorProto, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr)
+        pad = -self.offset % ALIGN_BYTES
+        self._f.write(b"\0" * pad)
+        self.offset += pad
+        for key, value in (("location", DATA_NAME), ("offset", str(self.offset)), ("length", str(arr.nbytes))):
+            t.external_data.add(key=key, value=value)
+        self._f.write(arr.data)  # the raw bytes, no copy
+        self.offset += arr.nbytes
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def write_model(model: onnx.ModelProto, folder: Path) -> Path:
+    """Write the graph of `model` (its weights already in `folder`'s data file) to `folder`."""
     path = folder / MODEL_NAME
-    path.write_bytes(located.SerializeToString())
+    path.write_bytes(model.SerializeToString())
     return path
 
 
@@ -89,13 +102,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def open_session(model: onnx.ModelProto, weights: dict[str, np.ndarray], so: ort.SessionOptions,
-                 directory: Path) -> ort.InferenceSession | None:
-    """The session of `model` read through files under `directory`; None when `directory` cannot
-    be written (a read-only store), so the caller hands the weights over in memory instead.
+Build = Callable[[graph.WeightSink], onnx.ModelProto]
 
-    Once they are written, `weights` is emptied and the heap trimmed, so that our copy is gone
-    before onnxruntime reads its own (the caller must hold no other reference to the arrays)."""
+
+def open_session(build: Build, so: ort.SessionOptions, directory: Path) -> ort.InferenceSession | None:
+    """The session of the model `build(sink)` makes, its weights written by the sink into files
+    under `directory` as they are made. None when `directory` or the files cannot be written (a
+    read-only store, a full disk): the caller builds again with the weights in memory."""
     try:
         _remove_stale(directory)
         folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=directory))
@@ -105,13 +118,19 @@ def open_session(model: onnx.ModelProto, weights: dict[str, np.ndarray], so: ort
         return None
     try:
         try:
-            path = write_model(model, weights, folder)
+            sink = WeightFile(folder / DATA_NAME)
+            try:
+                model = build(sink)
+            finally:
+                sink.close()
+            path = write_model(model, folder)
         except OSError as exc:  # e.g. the disk is full
             log.warning("cannot write the graph to %s (%s): the weights go to onnxruntime in memory",
                         folder, exc)
             return None
-        weights.clear()
         malloc.trim()
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        malloc.drop_clean_file_pages(str(folder / DATA_NAME))
+        return session
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -73,7 +73,8 @@ def _linear_error(w, x, outliers):
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], n])], g.inits)
     so = ort.SessionOptions()
-    so.add_external_initializers(list(g.external), [ort.OrtValue.ortvalue_from_numpy(a) for a in g.external.values()])
+    arrays = g.sink.arrays
+    so.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
     model = helper.make_model(graph, opset_imports=OPSETS, ir_version=10).SerializeToString()
     got = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     want = x @ dense.T

@@ -73,26 +73,28 @@ def test_an_unwritable_directory_falls_back_to_memory(tiny_store, tmp_path, capl
     not_a_dir.write_text("x")
     from edgesplit.runtime.engine import session_options
 
-    engine = SegmentEngine(tiny_store, 0, 1, max_seq_len=16)
-    model, weights = _segment_graph(tiny_store, engine)
-    assert session_file.open_session(model, weights, session_options(1), not_a_dir) is None
+    built = []
+    assert session_file.open_session(built.append, session_options(1), not_a_dir) is None
     assert "cannot write" in caplog.text and str(not_a_dir) in caplog.text
-    assert weights  # untouched: the caller hands them over in memory
+    assert built == []  # nothing was built: the caller builds with the weights in memory
 
 
-def _segment_graph(store, engine):
+def _segment_graph(store, engine, sink=None):
     layers = {i: store.layer(i, engine.spec.precision) for i in range(engine.start, engine.end)}
     embedding = store.load("token_embd", engine.spec.head_precision)
-    return engine_mod.build_segment(engine.spec, layers, embedding, None, None, None, {})
+    return engine_mod.build_segment(engine.spec, layers, embedding, None, None, None, {}, sink)
 
 
-def test_written_tensors_are_page_aligned(tiny_store, tmp_path):
+def test_weights_are_written_as_made_at_page_aligned_offsets(tiny_store, tmp_path):
     import onnx
 
     engine = SegmentEngine(tiny_store, 0, 1, max_seq_len=16)
-    model, weights = _segment_graph(tiny_store, engine)
-    expected = {k: v.copy() for k, v in weights.items()}
-    path = session_file.write_model(model, weights, tmp_path)
+    _, expected = _segment_graph(tiny_store, engine)  # in memory
+    sink = session_file.WeightFile(tmp_path / session_file.DATA_NAME)
+    model, kept = _segment_graph(tiny_store, engine, sink)
+    sink.close()
+    assert kept == {}  # nothing of ours is held
+    path = session_file.write_model(model, tmp_path)
     data = (tmp_path / session_file.DATA_NAME).read_bytes()
     external = [t for t in onnx.load(str(path), load_external_data=False).graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL]
@@ -104,17 +106,105 @@ def test_written_tensors_are_page_aligned(tiny_store, tmp_path):
         assert data[offset:offset + length] == expected[t.name].tobytes()
 
 
-def test_a_failed_write_falls_back_to_memory_with_the_same_outputs(tiny_store, monkeypatch, caplog):
+@pytest.mark.parametrize("where", ["weights", "graph"])
+def test_a_failed_write_falls_back_to_memory_with_the_same_outputs(tiny_store, monkeypatch, caplog, where):
+    """A disk that fills while the weights or the graph are written: the engine builds again in
+    memory, with the same outputs, and the partial files are removed."""
     expected = _logits(SegmentEngine(tiny_store, max_seq_len=32))
-    real_write = session_file.write_model
+    full = OSError(28, "No space left on device")
+    if where == "weights":
+        real_put, calls = session_file.WeightFile.put, []
 
-    def disk_full(model, weights, folder):
-        real_write(model, weights, folder)  # a partial file is left for the cleanup
-        raise OSError(28, "No space left on device")
+        def put(self, t, arr):
+            calls.append(t.name)
+            if len(calls) == 5:
+                raise full
+            real_put(self, t, arr)
 
-    monkeypatch.setattr(session_file, "write_model", disk_full)
+        monkeypatch.setattr(session_file.WeightFile, "put", put)
+    else:
+        real_write = session_file.write_model
+
+        def disk_full(model, folder):
+            real_write(model, folder)  # a partial file is left for the cleanup
+            raise full
+
+        monkeypatch.setattr(session_file, "write_model", disk_full)
     engine = SegmentEngine(tiny_store, max_seq_len=32)
     assert "No space left on device" in caplog.text
     assert len(engine._weights) > 0  # handed over in memory
     np.testing.assert_array_equal(_logits(engine), expected)
     assert not list(tiny_store.path.glob(session_file.PREFIX + "*"))
+
+
+def _resident_kb(marker: str) -> int:
+    """Resident kB of this process's mappings whose line contains `marker` (Linux smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[:1] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                inside = marker in line
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+
+
+@linux_only
+def test_an_opened_session_keeps_no_clean_page_of_its_file(tiny_store, monkeypatch):
+    """Right after opening, the data file's pages onnxruntime maps are not resident; running reads
+    back what it needs (the embedding rows)."""
+    paths, real_init = [], session_file.WeightFile.__init__
+
+    def init(self, path):
+        paths.append(str(path))
+        real_init(self, path)
+
+    monkeypatch.setattr(session_file.WeightFile, "__init__", init)
+    engine = SegmentEngine(tiny_store, max_seq_len=32)
+    assert len(paths) == 1 and _resident_kb(paths[0]) == 0
+    assert np.isfinite(_logits(engine)).all()
+    assert _resident_kb(paths[0]) > 0  # the mapping is live: what runs reads it back
+
+
+@linux_only
+def test_drop_clean_file_pages_keeps_written_pages(tmp_path):
+    import mmap
+
+    from edgesplit.runtime import malloc
+
+    page = mmap.PAGESIZE
+    clean_path, dirty_path = tmp_path / "clean.bin", tmp_path / "dirty.bin"
+    for p in (clean_path, dirty_path):
+        p.write_bytes(bytes(range(256)) * (4 * page // 256))
+    with open(clean_path, "rb") as fc, open(dirty_path, "rb") as fd:
+        clean = mmap.mmap(fc.fileno(), 0, access=mmap.ACCESS_COPY)  # private, like onnxruntime's
+        dirty = mmap.mmap(fd.fileno(), 0, access=mmap.ACCESS_COPY)
+        assert clean[: 4 * page] == dirty[: 4 * page]  # both resident
+        dirty[5] = 0  # a copy-on-write page: only in memory
+        assert malloc.drop_clean_file_pages(str(clean_path)) == 1
+        assert malloc.drop_clean_file_pages(str(dirty_path)) == 0
+        assert _resident_kb(str(clean_path)) == 0
+        assert clean[: 4 * page] == clean_path.read_bytes()  # read back from the file
+        assert dirty[5] == 0 and dirty[6] == 6
+        clean.close()
+        dirty.close()
+
+
+def test_clean_mappings_are_read_from_smaps():
+    from edgesplit.runtime import malloc
+
+    smaps = """7f0000000000-7f0000002000 rw-p 00000000 fe:00 11 /s/.loading-1-a/weights.bin (deleted)
+Rss:                   8 kB
+Anonymous:             0 kB
+7f0000002000-7f0000003000 rw-p 00002000 fe:00 11 /s/.loading-1-a/weights.bin (deleted)
+Rss:                   4 kB
+Anonymous:             4 kB
+7f0000003000-7f0000004000 r--p 00000000 fe:00 12 /s/other.bin
+Anonymous:             0 kB
+7f0000005000-7f0000006000 rw-p 00000000 00:00 0
+Anonymous:             4 kB
+"""
+    assert malloc._clean_mappings("/s/.loading-1-a/weights.bin", smaps) == [(0x7F0000000000, 0x7F0000002000)]
