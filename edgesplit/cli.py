@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="repetitions (default 5)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context (KV capacity) of both engines, llama.cpp's n_ctx (default: prompt + decode tokens)")
     p.add_argument("--segment", type=int_list, default=None, metavar="START,END",
                    help="instead of speed: load only layers [START, END), run the prompt, report memory")
     _add_flash_bench(p)
@@ -268,7 +270,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     segment = None if args.segment is None else tuple(args.segment)
     req = bench.BenchRequest(args.model, args.vs, args.runs, args.prompt_tokens, args.decode_tokens, segment,
-                             engine_settings_of(args))
+                             engine_settings_of(args), args.max_seq_len)
     print(json.dumps(bench.run_bench(req)))
     return 0
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import resource
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .engine import SegmentEngine
-from .store import ModelStore
+if TYPE_CHECKING:  # the engine is imported where a segment is measured: peak_rss_mb alone stays light
+    from .store import ModelStore
 
 
 # One meaning per word: every `_mb` figure in edgesplit (memory, files, KV, budgets, profiles) is in
@@ -59,6 +60,8 @@ def segment_memory(store: ModelStore, start: int, end: int, *, prompt_tokens: in
     Keys: `segment`, `bytes_read` (shard bytes read from the store), `weights_mb` (the shards'
     size), `kv_cache_mb` (preallocated), `peak_rss_mb` (whole process, after the prompt).
     """
+    from .engine import SegmentEngine
+
     before = store.bytes_read
     engine = SegmentEngine(store, start, end, **engine_kwargs)
     if start == 0:

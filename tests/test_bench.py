@@ -88,6 +88,35 @@ def test_bench_vs_llama_cpp_reports_its_peak_rss_from_its_own_process(real_store
     assert r["memory_ratio"] == r["own_process_peak_rss_mb"] / r["ref_peak_rss_mb"]
 
 
+def test_the_peak_rss_child_imports_only_its_engine():
+    """llama.cpp's memory is measured in a process without our onnxruntime (peak RSS counts every
+    library a process imported)."""
+    import subprocess
+    import sys
+
+    code = "import sys, edgesplit.harness.peak_child; print(sorted({'onnxruntime', 'onnx', 'gguf'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_bench_context_must_hold_the_job():
+    from edgesplit.harness.bench import BenchRequest
+
+    with pytest.raises(ConfigError, match=r"max_seq_len must be an integer >= prompt \+ decode tokens \(24\), got 20"):
+        BenchRequest(prompt_tokens=16, decode_tokens=8, max_seq_len=20)
+
+
+@pytest.mark.model
+def test_bench_vs_llama_cpp_at_a_larger_context(real_store, real_gguf):
+    """--max-seq-len sets both engines' context: llama.cpp's f16 KV for 1024 positions (30 layers,
+    2 x 192 values each) is resident from the start, ~23.6 MB more than for 24."""
+    pytest.importorskip("llama_cpp", reason="the optional [bench] extra (llama-cpp-python) is not installed")
+    small = bench(real_store, real_gguf, runs=1, prompt_tokens=16, decode_tokens=8, vs_llama=True)
+    large = bench(real_store, real_gguf, runs=1, prompt_tokens=16, decode_tokens=8, vs_llama=True, max_seq_len=1024)
+    assert (small["max_seq_len"], large["max_seq_len"]) == (24, 1024)
+    assert large["ref_peak_rss_mb"] - small["ref_peak_rss_mb"] > 15
+
+
 def test_op_profile_sums_the_decode_nodes_by_operator(store):
     from edgesplit.harness.op_profile import op_profile
 
