@@ -129,11 +129,15 @@ def build_session(store: ModelStore, s: SegmentSpec, threads: int, spin: bool, o
     outliers = segment_outliers(store.manifest, s, outlier_channels, head_outlier_channels)
 
     def build(sink: WeightSink | None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-        embedding = store.load("token_embd", s.head_precision) if s.has_embedding else None
+        # The embedding table (28 MB in q8) goes to a file from its mapped shard, copied out and
+        # never held whole; weights handed over in memory must be ours, read as they are. A layer's
+        # shard (~2 MB) is simply read, and freed with the layer.
+        mapped = sink is not None
+        embedding = store.load("token_embd", s.head_precision, mapped) if s.has_embedding else None
         head = norm = None
         if s.has_head:
             same = embedding is not None and store.config.tied_head
-            head = embedding if same else store.load(store.head_name(), s.head_precision)
+            head = embedding if same else store.load(store.head_name(), s.head_precision, mapped)
             norm = store.load("output_norm", "f32")["weight"]
         return build_segment(s, _Layers(store, s), embedding, head, norm, kv_scales, outliers, sink)
 

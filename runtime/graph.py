@@ -100,7 +100,8 @@ class _Graph:
         if name in self._names:
             return name
         self._names.add(name)
-        arr = np.ascontiguousarray(arr)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)  # (a contiguous one is passed as it is: a store file's view stays one)
         if arr.nbytes <= SMALL_BYTES:  # shapes and axes stay in the graph for the optimizer
             self.inits.append(numpy_helper.from_array(arr, name))
             return name

@@ -269,21 +269,28 @@ class ModelStore:
             )
         return entry
 
-    def load(self, name: str, precision: str) -> dict[str, np.ndarray]:
-        """Read one shard (one contiguous read), check it, and return its tensors as arrays."""
+    def load(self, name: str, precision: str, mapped: bool = False) -> dict[str, np.ndarray]:
+        """Read one shard (one contiguous read), check it, and return its tensors as arrays.
+
+        `mapped`: the tensors are read-only views (np.memmap) of the file, checked by a chunked
+        read first, so a caller that only copies them out (the engine writing its data file,
+        session_file.WeightFile) need not hold the whole shard in its own memory at once."""
         entry = self.shard_entry(name, precision)
         fpath = self.path / entry.file
         try:
-            data = fpath.read_bytes()
+            if mapped:
+                size, digest = fpath.stat().st_size, sha256_file(fpath)
+            else:
+                data = fpath.read_bytes()
+                size, digest = len(data), hashlib.sha256(data).hexdigest()
         except OSError as exc:
             raise ModelFormatError(f"{fpath}: cannot read shard ({exc})") from exc
-        self.bytes_read += len(data)
-        if len(data) != entry.nbytes:
-            raise ChecksumError(f"{fpath}: {len(data)} bytes, manifest says {entry.nbytes}")
-        digest = hashlib.sha256(data).hexdigest()
+        self.bytes_read += size
+        if size != entry.nbytes:
+            raise ChecksumError(f"{fpath}: {size} bytes, manifest says {entry.nbytes}")
         if digest != entry.sha256:
             raise ChecksumError(f"{fpath}: sha256 {digest[:16]}... does not match manifest {entry.sha256[:16]}...")
-        buf = np.frombuffer(data, np.uint8)
+        buf = np.memmap(fpath, np.uint8, mode="r") if mapped else np.frombuffer(data, np.uint8)
         return {
             t.name: buf[t.offset : t.offset + t.nbytes].view(np.dtype(t.dtype)).reshape(t.shape)
             for t in entry.tensors

@@ -193,6 +193,26 @@ def test_drop_clean_file_pages_keeps_written_pages(tmp_path):
         dirty.close()
 
 
+@linux_only
+def test_a_large_mapped_tensor_is_copied_without_staying_resident(tmp_path):
+    """The q8 embedding table comes from its mapped store shard: WeightFile copies it in pieces and
+    lets each piece go, so a front's build never holds the table whole."""
+    import onnx
+
+    src = tmp_path / "table.bin"
+    values = np.arange(3 * session_file.COPY_CHUNK_BYTES // 4, dtype=np.uint32)  # 3 chunks
+    values.tofile(src)
+    table = np.memmap(src, np.uint32, mode="r").reshape(-1, 64)
+    sink = session_file.WeightFile(tmp_path / session_file.DATA_NAME)
+    t = onnx.TensorProto(name="table")
+    sink.put(t, table)
+    sink.close()
+    assert _resident_kb(str(src)) == 0
+    info = {e.key: e.value for e in t.external_data}
+    data = (tmp_path / session_file.DATA_NAME).read_bytes()
+    assert data[int(info["offset"]):int(info["offset"]) + int(info["length"])] == values.tobytes()
+
+
 def test_clean_mappings_are_read_from_smaps():
     from edgesplit.runtime import malloc
 

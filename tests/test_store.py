@@ -101,6 +101,26 @@ def test_tampered_shard_is_refused_with_its_file_named(tiny_gguf, tmp_path):
         store.layer(1, "q4")
 
 
+@pytest.mark.parametrize("mapped", [False, True])
+def test_tampered_shard_is_refused_read_or_mapped(tiny_gguf, tmp_path, mapped):
+    store = ModelStore(convert(tiny_gguf, tmp_path / "s", progress=False))
+    shard = store.path / store.shard_entry("token_embd", "q8").file
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=r"token_embd\.q8\.bin.*sha256"):
+        store.load("token_embd", "q8", mapped)
+
+
+def test_a_mapped_shard_has_the_same_tensors_read_only(tiny_gguf, tmp_path):
+    store = ModelStore(convert(tiny_gguf, tmp_path / "s", progress=False))
+    read, mapped = store.load("token_embd", "q8"), store.load("token_embd", "q8", mapped=True)
+    assert read.keys() == mapped.keys()
+    for k in read:
+        np.testing.assert_array_equal(read[k], mapped[k])
+        assert isinstance(mapped[k], np.memmap) and not mapped[k].flags.writeable
+
+
 def test_unknown_format_version_is_refused(tiny_gguf, tmp_path):
     out = convert(tiny_gguf, tmp_path / "s", progress=False)
     m = json.loads((out / "manifest.json").read_text())
