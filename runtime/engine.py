@@ -7,6 +7,7 @@ The same call interface serves a whole model, a device front (ids in, hidden out
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterator, Mapping
 
@@ -16,6 +17,7 @@ import onnxruntime as ort
 
 from .errors import ConfigError
 from .calibration import outlier_channels
+from .embedding import EmbeddingRows
 from .graph import KV_TYPES, SegmentSpec, WeightSink, build_segment
 from .hparams import DEFAULT_MAX_SEQ_LEN
 from .kv_cache import KVCache
@@ -129,9 +131,10 @@ def build_session(store: ModelStore, s: SegmentSpec, threads: int, spin: bool, o
     outliers = segment_outliers(store.manifest, s, outlier_channels, head_outlier_channels)
 
     def build(sink: WeightSink | None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-        # The embedding table (28 MB in q8) goes to a file from its mapped shard, copied out and
-        # never held whole; weights handed over in memory must be ours, read as they are. A layer's
-        # shard (~2 MB) is simply read, and freed with the layer.
+        # The head's table (28 MB in q8; a SegmentEngine's fronts read their embedding rows
+        # outside the graph) goes to a file from its mapped shard, copied out and never held
+        # whole; weights handed over in memory must be ours, read as they are. A layer's shard
+        # (~2 MB) is simply read, and freed with the layer.
         mapped = sink is not None
         embedding = store.load("token_embd", s.head_precision, mapped) if s.has_embedding else None
         head = norm = None
@@ -185,6 +188,10 @@ class SegmentEngine:
             raise ConfigError(f"threads must be an integer >= 1 (onnxruntime intra-op threads), got {threads!r}")
         self.spec = SegmentSpec(cfg, start, end, precision, head_precision, kv_precision, max_seq_len,
                                 accuracy_level, head_accuracy_level, embed_ids, with_head)
+        # A front's graph takes hidden states: its ids become rows read from the store
+        # (embedding.py), so the table is never mapped into this process.
+        self._rows = EmbeddingRows(store, head_precision) if self.spec.has_embedding else None
+        self._graph_spec = dataclasses.replace(self.spec, embed_ids=False) if self._rows else self.spec
         self.store = store
         self.outlier_channels = outlier_channels
         self.head_outlier_channels = head_outlier_channels
@@ -199,7 +206,7 @@ class SegmentEngine:
         return self.spec.max_seq_len
 
     def _build(self) -> ort.InferenceSession:
-        session, self._weights = build_session(self.store, self.spec, self.threads, self.spin,
+        session, self._weights = build_session(self.store, self._graph_spec, self.threads, self.spin,
                                                self.outlier_channels, self.head_outlier_channels, self.profile_prefix)
         return session
 
@@ -222,7 +229,7 @@ class SegmentEngine:
 
     def new_cache(self) -> KVCache:
         """A fresh, empty KV cache for another session on the same weights."""
-        return KVCache(self._session, self.spec)
+        return KVCache(self._session, self._graph_spec)
 
     @property
     def pos(self) -> int:
@@ -240,7 +247,7 @@ class SegmentEngine:
         last position, or (T, V) for every position when `all_logits` (teacher forcing, eval).
         `cache`: the session to extend (default: the engine's own).
         """
-        x = np.asarray(x)
+        x = self._rows.rows(x) if self._rows is not None else np.asarray(x)
         return (cache or self.cache).run(x, np.arange(x.shape[0]) if all_logits else None)
 
     def decode(self, x: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
@@ -250,7 +257,7 @@ class SegmentEngine:
             x = x.reshape(1)
         if x.shape[0] != 1:
             raise ConfigError(f"decode takes one token, got {x.shape[0]}")
-        return (cache or self.cache).step(x)
+        return (cache or self.cache).step(self._rows.rows(x) if self._rows is not None else x)
 
     def kv_bytes(self) -> int:
         """Bytes held by the default session's preallocated KV cache."""

@@ -9,12 +9,11 @@ file, identical outputs and speed.
 
 The weights are written as the graph builder makes them (WeightFile), one layer's at a time, so
 our own copy never exists whole (the whole model's build peaked at 261 MB with every array kept
-for the write, ~130 MB written as made); the embedding table comes from its mapped store shard
-and is copied in pieces that leave this process as they are written (a 1-layer front's load
-peaked at 114 MB with the table read whole, now 93 MB). Once the session is open, the pages it mapped from the
-file and did not modify are dropped from this process (malloc.drop_clean_file_pages): those
-onnxruntime repacked but keeps mapped (the scales) are not read again, and the rest (the
-embedding table's rows) come back from the file when read.
+for the write, ~130 MB written as made); a large table (the tied head's q8 table) comes from its
+mapped store shard and is copied in pieces that leave this process as they are written. Once the
+session is open, the pages it mapped from the file and did not modify are dropped from this
+process (malloc.drop_clean_file_pages): those onnxruntime repacked but keeps mapped (the scales)
+are not read again, and anything else comes back from the file when read.
 
 The files go to a private folder under `directory` (the model store's folder: the same disk as
 the shards; never a tmpfs, whose pages would be RAM not counted as this process's) and are

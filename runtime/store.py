@@ -241,6 +241,7 @@ class ModelStore:
         except (KeyError, TypeError) as exc:
             raise ModelFormatError(f"{mpath}: malformed manifest ({exc!r})") from exc
         self.bytes_read = 0  # every shard byte this process read from the store
+        self._verified: set[tuple[str, str]] = set()  # shards checked by verified_shard
 
     def verified_file(self, name: str) -> Path:
         """The path of a store file other than a shard (e.g. tokenizer.json), after checking its size
@@ -275,26 +276,46 @@ class ModelStore:
         `mapped`: the tensors are read-only views (np.memmap) of the file, checked by a chunked
         read first, so a caller that only copies them out (the engine writing its data file,
         session_file.WeightFile) need not hold the whole shard in its own memory at once."""
+        buf: np.ndarray
+        if mapped:
+            fpath, entry = self.verified_shard(name, precision)
+            buf = np.memmap(fpath, np.uint8, mode="r")
+        else:
+            entry = self.shard_entry(name, precision)
+            fpath = self.path / entry.file
+            try:
+                data = fpath.read_bytes()
+            except OSError as exc:
+                raise ModelFormatError(f"{fpath}: cannot read shard ({exc})") from exc
+            self._check(fpath, entry, len(data), hashlib.sha256(data).hexdigest())
+            buf = np.frombuffer(data, np.uint8)
+        return {
+            t.name: buf[t.offset : t.offset + t.nbytes].view(np.dtype(t.dtype)).reshape(t.shape)
+            for t in entry.tensors
+        }
+
+    def verified_shard(self, name: str, precision: str) -> tuple[Path, ShardEntry]:
+        """The path and entry of one shard after checking its size and sha256 by a chunked read
+        (for callers that then read only parts of it, or map it); once per shard and store object
+        (a whole model's front rows and tied head read the same table)."""
         entry = self.shard_entry(name, precision)
         fpath = self.path / entry.file
+        if (name, precision) in self._verified:
+            return fpath, entry
         try:
-            if mapped:
-                size, digest = fpath.stat().st_size, sha256_file(fpath)
-            else:
-                data = fpath.read_bytes()
-                size, digest = len(data), hashlib.sha256(data).hexdigest()
+            size, digest = fpath.stat().st_size, sha256_file(fpath)
         except OSError as exc:
             raise ModelFormatError(f"{fpath}: cannot read shard ({exc})") from exc
+        self._check(fpath, entry, size, digest)
+        self._verified.add((name, precision))
+        return fpath, entry
+
+    def _check(self, fpath: Path, entry: ShardEntry, size: int, digest: str) -> None:
         self.bytes_read += size
         if size != entry.nbytes:
             raise ChecksumError(f"{fpath}: {size} bytes, manifest says {entry.nbytes}")
         if digest != entry.sha256:
             raise ChecksumError(f"{fpath}: sha256 {digest[:16]}... does not match manifest {entry.sha256[:16]}...")
-        buf = np.memmap(fpath, np.uint8, mode="r") if mapped else np.frombuffer(data, np.uint8)
-        return {
-            t.name: buf[t.offset : t.offset + t.nbytes].view(np.dtype(t.dtype)).reshape(t.shape)
-            for t in entry.tensors
-        }
 
     def layer(self, i: int, precision: str) -> dict[str, np.ndarray]:
         if not 0 <= i < self.config.n_layers:

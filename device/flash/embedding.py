@@ -1,9 +1,10 @@
 """Embedding rows on flash: each input token's Q8_0 row read with one pread, a small LRU in DRAM.
 
 A device whose head runs in the cloud needs one row of the (tied) embedding table per token, not
-the table. `FlashEmbedding.rows(ids)` returns the same float32 rows as onnxruntime's
-GatherBlockQuantized on the resident table: value = f16 scale * (u - 128), and that product of an
-11-bit mantissa and an 8-bit integer is exact in float32, so the order of operations cannot matter.
+the table. `FlashEmbedding.rows(ids)` returns the same float32 rows as the resident front's
+(runtime/embedding.py, both through quant.q8_dense): value = f16 scale * (u - 128), and that
+product of an 11-bit mantissa and an 8-bit integer is exact in float32, so the order of
+operations cannot matter.
 `FlashFront` puts it in front of a segment engine that takes hidden states.
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.quant import q8_dense
 from edgesplit.runtime.store import ModelStore
 
 from edgesplit.device.flash.store import FlashStore
@@ -63,10 +65,8 @@ class FlashEmbedding:
         out = np.empty((ids.size, self.d), np.float32)
         nb = self.n_blocks
         for t, tid in enumerate(ids.tolist()):
-            raw = self._raw(tid)
-            scales = raw[:2 * nb].view(np.float16).astype(np.float32)  # (nb,)
-            q = raw[2 * nb:].astype(np.float32) - np.float32(128)  # (d,)
-            out[t] = (q.reshape(nb, BLOCK) * scales[:, None]).reshape(-1)
+            raw = self._raw(tid)  # f16 scales (nb,), then u = q + 128 (d,)
+            out[t] = q8_dense(raw[2 * nb:].reshape(1, nb, BLOCK), raw[:2 * nb].view(np.float16).reshape(1, nb))[0]
         return out
 
 
