@@ -48,8 +48,12 @@ class EmbeddingRows:
         return np.frombuffer(raw, dtype).reshape(shape)
 
     def rows(self, ids) -> np.ndarray:
-        """Float32 rows (T, d) for token ids (T,); a ConfigError names an id outside the vocabulary."""
-        ids = np.asarray(ids, np.int64).reshape(-1)
+        """Float32 rows (T, d) for token ids (T,); a ConfigError names an id outside the vocabulary
+        (or input that is not ids, e.g. hidden states given to a front)."""
+        ids = np.asarray(ids)
+        if ids.ndim > 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ConfigError(f"a front takes token ids (T,) of an integer type, got {ids.dtype} {ids.shape}")
+        ids = ids.astype(np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
             raise ConfigError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")

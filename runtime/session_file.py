@@ -56,8 +56,8 @@ class WeightFile:
         self.offset = 0
 
     def put(self, t: onnx.TensorProto, arr: np.ndarray) -> None:
-        # a large view of a mapped store file (np.memmap): the q8 embedding table would otherwise
-        # sit whole in RSS while a front is built (a layer's tensors are small and unmapped with it)
+        # a large view of a mapped store file (np.memmap): the tied head's q8 table would otherwise
+        # sit whole in RSS during the build (a layer's tensors are small and unmapped with it)
         source = getattr(arr, "filename", None) if arr.nbytes >= COPY_CHUNK_BYTES else None
         flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
         pad = -self.offset % ALIGN_BYTES

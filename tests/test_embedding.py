@@ -45,3 +45,9 @@ def test_an_id_outside_the_vocabulary_is_named(tiny_store):
         EmbeddingRows(tiny_store, "q8").rows([1, v])
     with pytest.raises(ConfigError, match=r"token id -1 is outside"):
         EmbeddingRows(tiny_store, "q8").rows([-1])
+
+
+def test_hidden_states_given_to_a_front_are_refused(tiny_store):
+    rows = EmbeddingRows(tiny_store, "q8")
+    with pytest.raises(ConfigError, match=r"a front takes token ids \(T,\) of an integer type, got float32 \(2, 64\)"):
+        rows.rows(np.zeros((2, 64), np.float32))
