@@ -7,7 +7,6 @@ The same call interface serves a whole model, a device front (ids in, hidden out
 from __future__ import annotations
 
 import logging
-import dataclasses
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterator, Mapping
 
@@ -131,18 +130,14 @@ def build_session(store: ModelStore, s: SegmentSpec, threads: int, spin: bool, o
     outliers = segment_outliers(store.manifest, s, outlier_channels, head_outlier_channels)
 
     def build(sink: WeightSink | None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-        # The head's table (28 MB in q8; a SegmentEngine's fronts read their embedding rows
-        # outside the graph) goes to a file from its mapped shard, copied out and never held
-        # whole; weights handed over in memory must be ours, read as they are. A layer's shard
-        # (~2 MB) is simply read, and freed with the layer.
-        mapped = sink is not None
-        embedding = store.load("token_embd", s.head_precision, mapped) if s.has_embedding else None
+        # The head's table (28 MB in q8) goes to a file from its mapped shard, copied out and
+        # never held whole; weights handed over in memory must be ours, read as they are. A
+        # layer's shard (~2 MB) is simply read, and freed with the layer.
         head = norm = None
         if s.has_head:
-            same = embedding is not None and store.config.tied_head
-            head = embedding if same else store.load(store.head_name(), s.head_precision, mapped)
+            head = store.load(store.head_name(), s.head_precision, mapped=sink is not None)
             norm = store.load("output_norm", "f32")["weight"]
-        return build_segment(s, _Layers(store, s), embedding, head, norm, kv_scales, outliers, sink)
+        return build_segment(s, _Layers(store, s), head, norm, kv_scales, outliers, sink)
 
     so = session_options(threads, spin, profile_prefix)
     session = open_session(lambda sink: build(sink)[0], so, store.path)
@@ -188,10 +183,9 @@ class SegmentEngine:
             raise ConfigError(f"threads must be an integer >= 1 (onnxruntime intra-op threads), got {threads!r}")
         self.spec = SegmentSpec(cfg, start, end, precision, head_precision, kv_precision, max_seq_len,
                                 accuracy_level, head_accuracy_level, embed_ids, with_head)
-        # A front's graph takes hidden states: its ids become rows read from the store
+        # The graph takes hidden states: a front's ids become rows read from the store
         # (embedding.py), so the table is never mapped into this process.
         self._rows = EmbeddingRows(store, head_precision) if self.spec.has_embedding else None
-        self._graph_spec = dataclasses.replace(self.spec, embed_ids=False) if self._rows else self.spec
         self.store = store
         self.outlier_channels = outlier_channels
         self.head_outlier_channels = head_outlier_channels
@@ -206,7 +200,7 @@ class SegmentEngine:
         return self.spec.max_seq_len
 
     def _build(self) -> ort.InferenceSession:
-        session, self._weights = build_session(self.store, self._graph_spec, self.threads, self.spin,
+        session, self._weights = build_session(self.store, self.spec, self.threads, self.spin,
                                                self.outlier_channels, self.head_outlier_channels, self.profile_prefix)
         return session
 
@@ -229,7 +223,7 @@ class SegmentEngine:
 
     def new_cache(self) -> KVCache:
         """A fresh, empty KV cache for another session on the same weights."""
-        return KVCache(self._session, self._graph_spec)
+        return KVCache(self._session, self.spec)
 
     @property
     def pos(self) -> int:

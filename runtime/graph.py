@@ -10,7 +10,7 @@ session appending T tokens (rows = T), or B sessions appending one token each (r
 batched decode step over a KV slot pool, runtime/batch.py). B is the length of `seqlens_k`;
 attention sees the rows as (B, rows / B, ...).
 
-Inputs:  `input_ids` int64 (rows,) if start == 0 (and spec.embed_ids), else `hidden_in` f32 (rows, d);
+Inputs:  `hidden_in` f32 (rows, d) (a front's token ids become rows outside the graph: embedding.py);
          `seqlens_k` int32 (B,) = each session's past + T - 1; `total_seq_len` int32 () = the longest past + T;
          `logits_index` int64 (n,) rows whose logits are wanted (only if end == L).
 Outputs: `logits` f32 (n, V) if end == L (and spec.with_head), else `hidden_out` f32 (rows, d);
@@ -47,7 +47,7 @@ class SegmentSpec:
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     accuracy_level: int = 0  # layers' MatMulNBits: 0 = fp32 compute (exact), 4 = int8 activations
     head_accuracy_level: int = 4  # the head's; 8-bit MatMulNBits has no fast fp32 kernel
-    embed_ids: bool = True  # False: a segment starting at 0 takes hidden states (T, d), embedded outside
+    embed_ids: bool = True  # at start 0: the engine takes token ids (rows from the store, embedding.py); False: hidden states
     with_head: bool = True  # False: a segment ending at n_layers returns hidden states, no norm/head
 
     @property
@@ -193,7 +193,7 @@ def rope_cache(cfg: ModelConfig, max_seq_len: int) -> tuple[np.ndarray, np.ndarr
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]], embedding: dict | None,
+def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]],
                   head: dict | None, output_norm: np.ndarray | None, kv_scales: dict | None = None,
                   outliers: dict | None = None,
                   sink: WeightSink | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -213,13 +213,8 @@ def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]]
     kv_type = KV_TYPES[spec.kv_precision]
     cache_shape: list[str | int] = ["B", cfg.n_kv_heads, spec.max_seq_len, hd]  # B sessions (one for a prompt)
 
-    if spec.has_embedding:
-        assert embedding is not None, "a segment with the embedding needs its table"
-        inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["T"]))
-        h = _embed(g, embedding, "input_ids")
-    else:
-        inputs.append(helper.make_tensor_value_info("hidden_in", TensorProto.FLOAT, ["T", d]))
-        h = "hidden_in"
+    inputs.append(helper.make_tensor_value_info("hidden_in", TensorProto.FLOAT, ["T", d]))
+    h = "hidden_in"
     inputs.append(helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]))
     inputs.append(helper.make_tensor_value_info("total_seq_len", TensorProto.INT32, []))
     cos, sin = rope_cache(cfg, spec.max_seq_len)
@@ -302,15 +297,3 @@ def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]]
     arrays = g.sink.arrays if isinstance(g.sink, InMemoryWeights) else {}
     return helper.make_model(graph, opset_imports=OPSETS, ir_version=10), arrays
 
-
-def _embed(g: _Graph, emb: dict[str, np.ndarray], ids: str) -> str:
-    if "weight" in emb:
-        return g.op1("Gather", [g.init("embd.table", emb["weight"].astype(np.float32)), ids], axis=0)
-    qw = emb["qweight"]  # q8 (V, nb, 32) uint8 with zero point 128
-    v, nb = qw.shape[0], qw.shape[1]
-    return g.op1("GatherBlockQuantized", [
-        g.init("embd.qweight", qw.reshape(v, nb * 32)),
-        ids,
-        g.init("embd.scales", emb["scales"].astype(np.float32)),
-        g.init("embd.zp", np.full((v, nb), 128, np.uint8)),
-    ], domain="com.microsoft", bits=8, block_size=32, gather_axis=0, quantize_axis=1)

@@ -34,7 +34,7 @@ class KVCache:
         self.spec = spec
         self._session = session
         self._io = session.io_binding()
-        self._in = "input_ids" if spec.has_embedding else "hidden_in"
+        self._in = "hidden_in"  # a front's ids are rows by now (SegmentEngine, embedding.py)
         self._out = "logits" if spec.has_head else "hidden_out"
         self._io.bind_output(self._out)  # first, so it is get_outputs()[0]
         self._kv: list[ort.OrtValue] = []
@@ -50,7 +50,7 @@ class KVCache:
                 self._io.bind_ortvalue_input(f"past_{kind}.{i}", val)
                 self._io.bind_ortvalue_output(f"present_{kind}.{i}", val)
         self._step = {
-            self._in: np.zeros(1, np.int64) if spec.has_embedding else np.zeros((1, cfg.d_model), np.float32),
+            self._in: np.zeros((1, cfg.d_model), np.float32),
             "seqlens_k": np.zeros(1, np.int32),
             "total_seq_len": np.zeros((), np.int32),
             self._out: np.zeros((1, cfg.vocab_size if spec.has_head else cfg.d_model), np.float32),
@@ -78,14 +78,11 @@ class KVCache:
             raise KVCacheOverflowError(f"{self.pos} cached + {t} new tokens exceeds max_seq_len {self.spec.max_seq_len}")
 
     def run(self, x: np.ndarray, logits_index: np.ndarray | None) -> np.ndarray:
-        """Append T positions: ids (T,) or hidden (T, d); returns hidden (T, d) or the logits rows."""
+        """Append T positions: hidden (T, d); returns hidden (T, d) or the logits rows."""
         t = x.shape[0]
         self._room(t)
         io = self._io
-        if self.spec.has_embedding:
-            io.bind_cpu_input(self._in, np.ascontiguousarray(x, np.int64))
-        else:
-            io.bind_cpu_input(self._in, np.ascontiguousarray(x, np.float32))
+        io.bind_cpu_input(self._in, np.ascontiguousarray(x, np.float32))
         io.bind_cpu_input("seqlens_k", np.array([self.pos + t - 1], np.int32))
         io.bind_cpu_input("total_seq_len", np.array(self.pos + t, np.int32))
         if self.spec.has_head:

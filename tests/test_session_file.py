@@ -81,8 +81,7 @@ def test_an_unwritable_directory_falls_back_to_memory(tiny_store, tmp_path, capl
 
 def _segment_graph(store, engine, sink=None):
     layers = {i: store.layer(i, engine.spec.precision) for i in range(engine.start, engine.end)}
-    embedding = store.load("token_embd", engine.spec.head_precision)
-    return engine_mod.build_segment(engine.spec, layers, embedding, None, None, None, {}, sink)
+    return engine_mod.build_segment(engine.spec, layers, None, None, None, {}, sink)
 
 
 def test_weights_are_written_as_made_at_page_aligned_offsets(tiny_store, tmp_path):

@@ -36,7 +36,7 @@ def layer_graph(store: ModelStore, i: int, settings: dict, max_seq_len: int):
 
         kv_scales = kv_scales_for(store.manifest, i, i + 1)
     outliers = segment_outliers(store.manifest, spec, settings["outlier_channels"], 16)
-    model, weights = build_segment(spec, {i: store.layer(i, settings["precision"])}, None, None, None,
+    model, weights = build_segment(spec, {i: store.layer(i, settings["precision"])}, None, None,
                                    kv_scales, outliers)
     return model, weights, spec
 
