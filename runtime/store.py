@@ -210,6 +210,14 @@ def replace_dir(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_against_manifest(path: Path, size: int, digest: str, nbytes: int, sha256: str) -> None:
+    """ChecksumError naming `path` when its size or sha256 is not the manifest's."""
+    if size != nbytes:
+        raise ChecksumError(f"{path}: {size} bytes, manifest says {nbytes}")
+    if digest != sha256:
+        raise ChecksumError(f"{path}: sha256 {digest[:16]}... does not match manifest {sha256[:16]}...")
+
+
 class ModelStore:
     """An opened model store. Loads shards on demand and verifies each one's size and sha256."""
 
@@ -252,12 +260,7 @@ class ModelStore:
             raise ModelFormatError(f"{path}: not listed in the manifest's files; convert again")
         if not path.is_file():
             raise ModelFormatError(f"{path}: missing from the store")
-        size = path.stat().st_size
-        if size != entry["nbytes"]:
-            raise ChecksumError(f"{path}: {size} bytes, manifest says {entry['nbytes']}")
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise ChecksumError(f"{path}: sha256 {digest[:16]}... does not match manifest {entry['sha256'][:16]}...")
+        _check_against_manifest(path, path.stat().st_size, sha256_file(path), entry["nbytes"], entry["sha256"])
         return path
 
     def shard_entry(self, name: str, precision: str) -> ShardEntry:
@@ -312,10 +315,7 @@ class ModelStore:
 
     def _check(self, fpath: Path, entry: ShardEntry, size: int, digest: str) -> None:
         self.bytes_read += size
-        if size != entry.nbytes:
-            raise ChecksumError(f"{fpath}: {size} bytes, manifest says {entry.nbytes}")
-        if digest != entry.sha256:
-            raise ChecksumError(f"{fpath}: sha256 {digest[:16]}... does not match manifest {entry.sha256[:16]}...")
+        _check_against_manifest(fpath, size, digest, entry.nbytes, entry.sha256)
 
     def layer(self, i: int, precision: str) -> dict[str, np.ndarray]:
         if not 0 <= i < self.config.n_layers:
