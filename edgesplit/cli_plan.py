@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgesplit.cli_args import float_list, int_list
+from edgesplit.cli_args import float_list, int_list, str_list
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
 from edgesplit.runtime.models import DEFAULT_MODEL
@@ -18,7 +18,8 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("profile", parents=[common], help="measure this machine into a device profile (TOML)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
     p.add_argument("--out", default=None, metavar="FILE", help="TOML to write (default: print it)")
-    p.add_argument("--precisions", default="q4,q8,f32", help="layer precisions to time (default q4,q8,f32)")
+    p.add_argument("--precisions", type=str_list, default=("q4", "q8", "f32"),
+                   help="layer precisions to time (default q4,q8,f32)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
     p.add_argument("--quiet-wait-s", type=float, default=20.0,
                    help="before each timing block, wait up to this long for other processes to leave a core free")
@@ -51,7 +52,7 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--network", required=True, help="network profile name (lte, ...) or TOML path")
     p.add_argument("--latency-ms", required=True, type=float_list, metavar="X[,X...]",
                    help="per-token latency targets, ms")
-    p.add_argument("--devices", default="", metavar="D[,D...]", help="device profiles (default: every built-in)")
+    p.add_argument("--devices", type=str_list, default=(), metavar="D[,D...]", help="device profiles (default: every built-in)")
     p.add_argument("--cloud-profile", default="cpu-server", help="cloud profile name or TOML path (default cpu-server)")
     p.add_argument("--objective", choices=("latency", "fidelity", "memory", "cost"), default="cost")
     p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
@@ -76,7 +77,7 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="known model name, GGUF or store path")
     p.add_argument("--device", default="host", help="measured device profile for the predictions (default host)")
     p.add_argument("--cloud-profile", default="host", help="cloud profile for the predictions (default host)")
-    p.add_argument("--cuts", default=None, help="comma-separated cuts (default: every cut)")
+    p.add_argument("--cuts", type=int_list, default=None, help="comma-separated cuts (default: every cut)")
     p.add_argument("--codec", default="f32")
     p.add_argument("--tokens", type=int, default=32, help="decode tokens per cut (default 32)")
     p.add_argument("--threads", type=int, default=None, help="threads on each side (default: the profile's)")
@@ -94,7 +95,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from edgesplit.runtime.models import resolve_store
     from edgesplit.runtime.store import ModelStore
 
-    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+    precisions = args.precisions
     store = ModelStore(resolve_store(args.model, precisions=precisions))
     name = str(store.manifest.get("model_name") or args.model)
     settings = ProfileSettings(quiet_timeout_s=args.quiet_wait_s)
@@ -152,7 +153,7 @@ def cmd_plan_table(args: argparse.Namespace) -> int:
     from edgesplit.runtime.models import resolve_store
     from edgesplit.runtime.store import ModelStore
 
-    req = CutTableRequest(args.network, tuple(args.latency_ms), tuple(d for d in args.devices.split(",") if d.strip()),
+    req = CutTableRequest(args.network, tuple(args.latency_ms), args.devices,
                           args.cloud_profile, args.objective)
     rows = cut_table(ModelStore(resolve_store(args.model, precisions=("f32", "q4", "q8"))), req)
     print(json.dumps(rows) if args.json else format_cut_table(rows))
@@ -174,8 +175,7 @@ def cmd_plan_check(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from edgesplit.harness.sweep import format_table, sweep
 
-    cuts = [int(c) for c in args.cuts.split(",")] if args.cuts else None
-    result = sweep(args.model, args.network, cuts=cuts, codec=args.codec, tokens=args.tokens, device=args.device,
+    result = sweep(args.model, args.network, cuts=args.cuts or None, codec=args.codec, tokens=args.tokens, device=args.device,
                    cloud=args.cloud_profile, threads=args.threads, passes=args.passes, quiet_wait_s=args.quiet_wait_s)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

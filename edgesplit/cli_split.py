@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from edgesplit.cli_args import int_list, str_list
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.generate import GenerationRequest
 from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
@@ -85,7 +86,7 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
     p = dsub.add_parser("run", parents=[common], help="generate with the back segment on a cloud worker")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--cloud", metavar="A[,B...]",
+    where.add_argument("--cloud", type=str_list, metavar="A[,B...]",
                        help="the worker's ZeroMQ endpoint, e.g. tcp://10.0.0.2:5555; more, comma-separated, for failover")
     where.add_argument("--directory", metavar="ENDPOINT",
                        help="a worker pool's directory (edgesplit cloud pool): the session goes to its hashed worker")
@@ -125,9 +126,10 @@ def add_split_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", default="f32")
     p.add_argument("--runs", type=int, default=20, help="kills per case (default 20)")
     p.add_argument("--tokens", type=int, default=200, help="tokens per generation (default 200)")
-    p.add_argument("--contexts", default="64,1024", help="prompt lengths, tokens (default 64,1024)")
-    p.add_argument("--modes", default="restart,second", help="restart (same endpoint) and/or second (failover)")
-    p.add_argument("--samplings", default="greedy,seeded", help="greedy and/or seeded")
+    p.add_argument("--contexts", type=int_list, default=[64, 1024], help="prompt lengths, tokens (default 64,1024)")
+    p.add_argument("--modes", type=str_list, default=("restart", "second"),
+                   help="restart (same endpoint) and/or second (failover)")
+    p.add_argument("--samplings", type=str_list, default=("greedy", "seeded"), help="greedy and/or seeded")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill points")
     p.set_defaults(func=cmd_faulttest)
 
@@ -228,7 +230,7 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     budget = plan.check_memory(available_memory_mb())
     link = EmulatedLink(load_network_profile(args.network)) if args.network != "loopback" else None
     last = None
-    endpoints = None if args.cloud is None else [e.strip() for e in args.cloud.split(",") if e.strip()]
+    endpoints = None if args.cloud is None else list(args.cloud)
     recoveries: list = []
     try:
         for last in run_split(store, endpoints, plan, request.prompt_ids(tok), request.params, request.max_tokens,
@@ -322,11 +324,7 @@ def cmd_faulttest(args: argparse.Namespace) -> int:
     from edgesplit.harness.faulttest import FaultRequest, faulttest
     from edgesplit.runtime.plan import PlanSettings, resolve_split
 
-    def items(text: str) -> tuple[str, ...]:
-        return tuple(x.strip() for x in text.split(",") if x.strip())
-
-    req = FaultRequest(args.runs, args.tokens, tuple(int(c) for c in items(args.contexts)), items(args.modes),
-                       items(args.samplings), args.seed)
+    req = FaultRequest(args.runs, args.tokens, tuple(args.contexts), args.modes, args.samplings, args.seed)
     max_seq_len = -(-(max(req.contexts) + req.tokens) // 256) * 256  # rounded up to 256
     store, plan = resolve_split(args.model, PlanSettings(args.cut, args.codec, max_seq_len=max_seq_len))
     print(json.dumps(faulttest(store, plan, req)))
