@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import fields
-from typing import Generator, Iterable, Iterator, Sequence
+from typing import Generator, Iterable, Sequence
 
 import numpy as np
 

@@ -18,7 +18,6 @@ import numpy as np
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.quant import q4_dense
 
-from edgesplit.device.flash.layout import Q4_ROW_PARTS, bundle_bytes, neuron_bundles
 from edgesplit.device.flash.store import FlashFile
 
 def q4_rows_dense(raw: np.ndarray, d: int) -> np.ndarray:

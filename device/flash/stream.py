@@ -25,14 +25,13 @@ import numpy as np
 import onnxruntime as ort
 from onnx import helper
 
-from edgesplit.runtime.engine import SegmentEngine, segment_outliers, session_options
+from edgesplit.runtime.engine import SegmentEngine, session_options
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
-from edgesplit.runtime.graph import SegmentSpec, build_segment
 from edgesplit.runtime.kv_cache import KVCache
 from edgesplit.runtime.store import ModelStore
 
-from edgesplit.device.flash.layout import flash_settings, layer_graph, layer_weights
+from edgesplit.device.flash.layout import layer_graph, layer_weights
 from edgesplit.device.flash.store import PAGE_BYTES, FlashStore
 
 log = logging.getLogger(__name__)

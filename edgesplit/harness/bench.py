@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
-
-import numpy as np
 
 from edgesplit.runtime.engine import ENGINE_SETTINGS, EngineSettings, SegmentEngine
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
@@ -61,7 +58,7 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
                           f"({decode_tokens}) must be at least 1")
     if vs_llama:
         try:
-            import llama_cpp
+            import llama_cpp  # noqa: F401 -- only whether it is installed; the peak_child processes use it
         except ImportError as exc:
             raise EdgesplitError("bench --vs llama.cpp needs llama-cpp-python: "
                                  "pip install -e '.[bench]' (extra 'bench')") from exc

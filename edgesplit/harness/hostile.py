@@ -10,9 +10,7 @@ tokens must equal a run without the barrage, and the worker's memory and log mus
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
 import tempfile
 import threading
 import time
