@@ -57,13 +57,11 @@ class EmbeddingRows:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
             raise ConfigError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if self.q8:
-            q = np.stack([self._read(self._parts[0], t) for t in ids.tolist()])  # (T, nb, 32) uint8
-            scales = np.stack([self._read(self._parts[1], t) for t in ids.tolist()])  # (T, nb) f16
-            return q8_dense(q, scales) if ids.size else np.zeros((0, self.d), np.float32)
         if not ids.size:
             return np.zeros((0, self.d), np.float32)
-        return np.stack([self._read(self._parts[0], t) for t in ids.tolist()]).astype(np.float32)
+        parts = [np.stack([self._read(part, t) for t in ids.tolist()]) for part in self._parts]
+        # q8: q (T, nb, 32) uint8 and scales (T, nb) f16; f16/f32: the rows (T, d)
+        return q8_dense(*parts) if self.q8 else parts[0].astype(np.float32)
 
     def close(self) -> None:
         self._file.close()
