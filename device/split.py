@@ -130,7 +130,7 @@ def load_front(store: ModelStore, plan: Plan, *, threads: int = 2):
     from .flash.stream import StreamedFront
 
     # every front layer streamed: the plan chose streaming for the least resident memory
-    return FlashFront(FlashEmbedding(flash), StreamedFront(store, flash, set(), settings=flash.settings, end=plan.cut,
+    return FlashFront(FlashEmbedding(flash), StreamedFront(store, set(), settings=flash.settings, end=plan.cut,
                                                            max_seq_len=plan.max_seq_len, threads=threads))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import re
 
@@ -23,7 +24,7 @@ MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's default, held fixed (no dynamic rai
 def _libc():
     name = ctypes.util.find_library("c")
     try:
-        lib = ctypes.CDLL(name) if name else None
+        lib = ctypes.CDLL(name, use_errno=True) if name else None
     except OSError:
         return None
     return lib if lib is not None and hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
@@ -46,8 +47,39 @@ def trim() -> bool:
     return bool(_LIBC.malloc_trim(0)) if _LIBC is not None else False
 
 
-MADV_DONTNEED = 4  # Linux madvise advice: drop the pages (a clean file page reads back from the file)
-_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s*(.*)$")
+# Linux madvise advice values (asm-generic/mman-common.h)
+MADV_WILLNEED = 3  # start reading the pages in (asynchronous readahead)
+MADV_DONTNEED = 4  # drop the pages (a clean file page reads back from the file)
+MADV_POPULATE_READ = 22  # fault the pages in now (Linux >= 5.14); an I/O error is EFAULT, not SIGBUS
+_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) \S+ \S+\s*(.*)$")
+
+
+def _mapped_name(m: re.Match) -> str:
+    return m.group(4).removesuffix(" (deleted)")  # an unlinked file stays mapped under its old name
+
+
+def file_mappings(path: str) -> list[tuple[int, int, int]]:
+    """(start, end, file offset) of this process's mappings of file `path` (Linux; else none)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        m = _MAPPING.match(line)
+        if m and _mapped_name(m) == path:
+            found.append((int(m.group(1), 16), int(m.group(2), 16), int(m.group(3), 16)))
+    return found
+
+
+def madvise(start: int, length: int, advice: int) -> int:
+    """madvise(2) on [start, start + length); 0, or the errno of the failure (ENOSYS off glibc)."""
+    if _LIBC is None or not hasattr(_LIBC, "madvise"):
+        return errno.ENOSYS
+    fn = _LIBC.madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return 0 if fn(start, length, advice) == 0 else ctypes.get_errno()
 
 
 def _clean_mappings(path: str, smaps: str) -> list[tuple[int, int]]:
@@ -57,8 +89,7 @@ def _clean_mappings(path: str, smaps: str) -> list[tuple[int, int]]:
     for line in smaps.splitlines():
         m = _MAPPING.match(line)
         if m:
-            name = m.group(3).removesuffix(" (deleted)")
-            current = (int(m.group(1), 16), int(m.group(2), 16)) if name == path else None
+            current = (int(m.group(1), 16), int(m.group(2), 16)) if _mapped_name(m) == path else None
         elif current is not None and line.startswith("Anonymous:"):
             if int(line.split()[1]) == 0:
                 found.append(current)
@@ -72,18 +103,31 @@ def drop_clean_file_pages(path: str) -> int:
     while mapped, even unlinked), so nothing changes but what stays resident. Returns the number of
     mappings dropped. Call it while nothing else uses those mappings (e.g. right after a session
     that mapped them is opened, before it runs)."""
-    if _LIBC is None or not hasattr(_LIBC, "madvise"):
-        return 0
     try:
         with open("/proc/self/smaps") as f:
             smaps = f.read()
     except OSError:
         return 0
-    madvise = _LIBC.madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     dropped = 0
     for start, end in _clean_mappings(path, smaps):
         if madvise(start, end - start, MADV_DONTNEED) == 0:
             dropped += 1
     log.debug("dropped the resident pages of %d clean mapping(s) of %s", dropped, path)
     return dropped
+
+
+def mapped_resident_bytes(path: str) -> int:
+    """Bytes of file `path` resident in this process through its mappings (Linux smaps Rss)."""
+    try:
+        with open("/proc/self/smaps") as f:
+            smaps = f.read()
+    except OSError:
+        return 0
+    total, inside = 0, False
+    for line in smaps.splitlines():
+        m = _MAPPING.match(line)
+        if m:
+            inside = _mapped_name(m) == path
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total

@@ -37,6 +37,7 @@ import onnx
 import onnxruntime as ort
 
 from . import graph, malloc
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -140,5 +141,59 @@ def open_session(build: Build, so: ort.SessionOptions, directory: Path) -> ort.I
         session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         malloc.drop_clean_file_pages(str(folder / DATA_NAME))
         return session
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+PACKED_MODEL_NAME, PACKED_DATA_NAME = "packed.onnx", "packed.bin"
+# onnxruntime keeps initializers below this size inside the graph (shape constants must stay there:
+# its shape inference cannot read external ones)
+PACKED_MIN_EXTERNAL_BYTES = 1024
+
+
+class PackedSession:
+    """A session whose kernels' repacked weights are mapped from a file onnxruntime wrote for it
+    (unlinked: it lives while mapped and `fd` is open). Nothing is repacked on the heap, so every
+    weight page is a clean file page that can be dropped and read back (layer streaming)."""
+
+    def __init__(self, session: ort.InferenceSession, path: str, fd: int):
+        self.session, self.path, self.fd = session, path, fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_packed_session(build: Build, options: Callable[[], ort.SessionOptions], directory: Path) -> PackedSession:
+    """`build`'s model opened twice: once to have onnxruntime repack its weights and save them with
+    the graph (session.save_external_prepacked_constant_initializers), once from that file, which
+    maps them. The packed layout is onnxruntime's and this CPU's, so it is made at every load and
+    never kept. Raises ConfigError when `directory` cannot be written."""
+    _remove_stale(directory)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=directory))
+    except OSError as exc:
+        raise ConfigError(f"layer streaming writes each streamed layer's packed weights under {directory}, "
+                          f"which cannot be written ({exc})") from exc
+    try:
+        sink = WeightFile(folder / DATA_NAME)
+        try:
+            model = build(sink)
+        finally:
+            sink.close()
+        so = options()
+        so.optimized_model_filepath = str(folder / PACKED_MODEL_NAME)
+        for key, value in (("session.save_external_prepacked_constant_initializers", "1"),
+                           ("session.optimized_model_external_initializers_file_name", PACKED_DATA_NAME),
+                           ("session.optimized_model_external_initializers_min_size_in_bytes",
+                            str(PACKED_MIN_EXTERNAL_BYTES))):
+            so.add_session_config_entry(key, value)
+        ort.InferenceSession(str(write_model(model, folder)), so, providers=["CPUExecutionProvider"])  # saves
+        session = ort.InferenceSession(str(folder / PACKED_MODEL_NAME), options(), providers=["CPUExecutionProvider"])
+        data = str(folder / PACKED_DATA_NAME)
+        return PackedSession(session, data, os.open(data, os.O_RDONLY))
+    except OSError as exc:
+        raise ConfigError(f"cannot write a streamed layer's packed weights under {folder} ({exc})") from exc
     finally:
         shutil.rmtree(folder, ignore_errors=True)

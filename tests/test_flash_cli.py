@@ -7,6 +7,8 @@ import json
 import pytest
 
 from edgesplit.cli import main
+from edgesplit.device.flash.layout import flash_settings
+from edgesplit.device.flash.stream import StreamedLayer
 
 WORDS = "the cat sat on the mat and the dog ran to the cat while a bird sang " * 12
 
@@ -34,8 +36,12 @@ def test_embedding_and_stream(tiny_store, text, capsys):
                         "--budget-fraction", "1.0")
     assert code == 0 and KEYS <= set(rows[0])
     assert rows[0]["top1_agreement"] == 1.0 and rows[0]["max_abs_dhidden"] == 0.0
+    # room for the row cache, the two streamed layers in DRAM and one resident layer
+    layer = StreamedLayer(tiny_store, 0, flash_settings(accuracy_level=0), 32, 1)
+    budget_mb = (256 * 68 + 3.5 * layer.nbytes) / 1e6
+    layer.close()
     code, rows, _ = run(capsys, "--model", tiny_store.path, "--text", text, "--mode", "stream",
-                        "--budget-fraction", "0.85", "--profile", "rpi5-8gb")
+                        "--budget-mb", budget_mb, "--profile", "rpi5-8gb")
     assert code == 0 and rows[0]["mode"] == "stream" and rows[0]["streamed_layers"] >= 1
     assert rows[0]["top1_agreement"] == 1.0 and rows[0]["tok_s_modelled"] > 0
 

@@ -8,8 +8,8 @@ import pytest
 
 from edgesplit.device.planning.cost_model import (FLASH_OPTIONS, Setting, costs, device_memory_mb, layer_decode_ms, link_ms,
                                          retransmit_ms)
-from edgesplit.device.planning.flash_model import (EMBEDDING_CACHE_ROWS, EMBEDDING_MISS_RATE, STREAMED_LAYER_COMPUTE_FACTOR,
-                                          FlashModel, q8_row_bytes)
+from edgesplit.device.planning.flash_model import (EMBEDDING_CACHE_ROWS, EMBEDDING_MISS_RATE, PACKED_BYTES_PER_SHARD_BYTE,
+                                                   STREAMED_LAYER_COMPUTE_FACTOR, FlashModel, q8_row_bytes)
 from edgesplit.device.planning.fidelity import FidelityTable
 from edgesplit.device.planning.fidelity_data import CodecRow, EngineRow
 from edgesplit.device.planning.planner import InfeasibleError, Request, choose, enumerate_candidates, pareto_front
@@ -170,12 +170,13 @@ def test_embedding_on_flash_swaps_the_table_for_a_row_cache_and_adds_row_reads()
 def test_stream_keeps_what_fits_the_budget_resident_and_overlaps_reads():
     s = Setting(3, "q4", "q4", "f32", "f32", 256, "stream")
     other = 100.0 + 3 * 1024 * 256 / 1e6  # runtime + KV (no prompt workspace)
-    fixed = other + EMBEDDING_CACHE_ROWS * 68 / 1e6 + 2 * 1200 / 1e6  # row cache + 2 buffers of 1.2 x shard
+    region = int(1000 * PACKED_BYTES_PER_SHARD_BYTE)  # packed bytes of a 1000 B shard
+    fixed = other + EMBEDDING_CACHE_ROWS * 68 / 1e6 + 2 * region / 1e6  # row cache + 2 layers in DRAM
     c = flash_costs(s, budget_mb=fixed + 15.0)  # room for one 10 MB layer
     assert c.flash.streamed_layers == 2
     assert c.device_memory_mb == pytest.approx(fixed + 10.0)
     compute = 0.5 + 0.1 + (1 + 2 * STREAMED_LAYER_COMPUTE_FACTOR) * 1.0  # decode factor 1, 1 ms per layer at 64
-    reads = FlashModel.from_profile(device()).read_ms(2 * 1200, 2)
+    reads = FlashModel.from_profile(device()).read_ms(2 * region, 2)
     assert c.flash.decode_ms == pytest.approx(max(compute, reads) + c.flash.io_ms_per_token - reads)
     assert flash_costs(s, budget_mb=10_000.0) is None  # every layer fits: that is 'embedding', not offered
     assert flash_costs(Setting(3, "f32", "q4", "f32", "f32", 256, "stream")) is None  # flash holds q4 layers

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgesplit.runtime.engine import segment_outliers
-from edgesplit.runtime.graph import SegmentSpec, build_segment
+from edgesplit.runtime.graph import SegmentSpec, WeightSink, build_segment
 from edgesplit.runtime.quant import q4_dense
 from edgesplit.runtime.store import ModelStore
 
@@ -27,8 +27,9 @@ def _layer_spec(store: ModelStore, i: int, settings: dict, max_seq_len: int) -> 
                        max_seq_len, settings["accuracy_level"], 4, embed_ids=False, with_head=False)
 
 
-def layer_graph(store: ModelStore, i: int, settings: dict, max_seq_len: int):
-    """(ONNX model, its external weights, spec) of layer i taking hidden states."""
+def layer_graph(store: ModelStore, i: int, settings: dict, max_seq_len: int, sink: WeightSink | None = None):
+    """(ONNX model, its external weights, spec) of layer i taking hidden states; with `sink`, the
+    weights go to it as they are made (graph.build_segment)."""
     spec = _layer_spec(store, i, settings, max_seq_len)
     kv_scales = None
     if settings["kv_precision"] == "int8":
@@ -37,7 +38,7 @@ def layer_graph(store: ModelStore, i: int, settings: dict, max_seq_len: int):
         kv_scales = kv_scales_for(store.manifest, i, i + 1)
     outliers = segment_outliers(store.manifest, spec, settings["outlier_channels"], 16)
     model, weights = build_segment(spec, {i: store.layer(i, settings["precision"])}, None, None,
-                                   kv_scales, outliers)
+                                   kv_scales, outliers, sink)
     return model, weights, spec
 
 

@@ -24,8 +24,8 @@ Time to first token: the same with prefill figures for a prompt of `prompt_token
 Front flash option (`Setting.flash`, see `front_flash`): 'resident' (everything in DRAM),
 'embedding' (embedding rows read from flash: the table's MB become an LRU row cache, each decode
 token pays the miss rate x one row read) or 'stream' (embedding on flash too, plus as many q4
-layers resident as fit the memory limit, the others read each token into two buffers; token time
-= max(modelled reads, compute) with streamed layers at the unpacked-path compute factor). Flash
+layers resident as fit the memory limit, the others read each token, two at a time in DRAM; token
+time = max(modelled reads, compute) with streamed layers at their measured compute factor). Flash
 reads are modelled from the profile's flash figures (`FlashModel.from_profile`).
 """
 
@@ -42,7 +42,7 @@ from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.plan import FRONT_FLASH
 from edgesplit.transport.link import rto_ms, serialization_ms
 
-from edgesplit.device.planning.flash_model import (EMBEDDING_CACHE_ROWS, EMBEDDING_MISS_RATE, REGION_BYTES_PER_SHARD_BYTE, STREAM_BUFFERS,
+from edgesplit.device.planning.flash_model import (EMBEDDING_CACHE_ROWS, EMBEDDING_MISS_RATE, PACKED_BYTES_PER_SHARD_BYTE, STREAM_WINDOW_LAYERS,
                           STREAM_PRECISIONS, STREAMED_LAYER_COMPUTE_FACTOR, FlashModel, embedding_figures,
                           q8_row_bytes, stream_figures, stream_plan)
 
@@ -160,8 +160,8 @@ def _stream(dev: DeviceProfile, s: Setting, per_layer: float, base: float, flash
     lf = dev.figures.layer(s.front_precision)
     if s.front_precision not in STREAM_PRECISIONS:
         return None
-    region = int(lf.shard_bytes * REGION_BYTES_PER_SHARD_BYTE)  # bytes one streamed layer reads
-    fixed_mb = emb["resident_bytes"] / MB + STREAM_BUFFERS * region / MB
+    region = int(lf.shard_bytes * PACKED_BYTES_PER_SHARD_BYTE)  # bytes one streamed layer reads
+    fixed_mb = emb["resident_bytes"] / MB + STREAM_WINDOW_LAYERS * region / MB
     try:  # resident layers chosen by their DRAM (RSS) size
         resident = stream_plan([int(lf.resident_mb * MB)] * s.cut, int((other_mb + fixed_mb) * MB),
                                int(budget_mb * MB))

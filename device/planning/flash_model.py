@@ -83,7 +83,7 @@ def stream_plan(layer_bytes: list[int], fixed_bytes: int, budget_bytes: int) -> 
     n = len(layer_bytes)
     room = budget_bytes - fixed_bytes
     if room < 0:
-        raise ConfigError(f"layer streaming: fixed DRAM {fixed_bytes / MB:.2f} MB (two read buffers, caches) "
+        raise ConfigError(f"layer streaming: fixed DRAM {fixed_bytes / MB:.2f} MB (two streamed layers, caches) "
                           f"exceeds the budget {budget_bytes / MB:.2f} MB")
     k = 0
     while k < n and sum(sorted(layer_bytes)[:k + 1]) <= room:
@@ -119,10 +119,10 @@ def neuron_figures(bundle_bytes: int, new_neurons_per_token: float, window_neuro
 
 
 def simulate_pipeline(compute_ms: list[tuple[bool, float]], read_ms: float | list[float]) -> float:
-    """Token time (ms) of the read-ahead pipeline with two buffers, at steady state.
+    """Token time (ms) of the read-ahead pipeline with two streamed layers in DRAM, at steady state.
 
     `compute_ms`: stages in order, (streamed?, ms); `read_ms`: per streamed layer read time.
-    A read may start when the reader is free and its buffer was released (the compute two streamed
+    A read may start when the reader is free and its room was released (the compute two streamed
     layers earlier finished); a streamed stage starts when its read is done. Runs three tokens and
     returns the last one's time.
     """
@@ -153,12 +153,15 @@ def simulate_pipeline(compute_ms: list[tuple[bool, float]], read_ms: float | lis
 # README's flash section (SmolLM2-135M, WikiText-2 test, 4096 tokens):
 EMBEDDING_CACHE_ROWS = 256  # LRU rows of FlashEmbedding (its default)
 EMBEDDING_MISS_RATE = 0.27  # LRU miss rate over text, `edgesplit bench --flash --mode embedding`
-REGION_BYTES_PER_SHARD_BYTE = 1.20  # graph-ready layer region (2.54 MB) / Q4_1 shard (2.11 MB)
-STREAM_BUFFERS = 2  # preallocated layer buffers of the read-ahead
-# A streamed layer's weights are graph inputs, so onnxruntime takes its unpacked matmul path:
-# streamed 216 ms / 12 layers vs resident 22 ms / 18 layers per token in the same stream run.
-STREAMED_LAYER_COMPUTE_FACTOR = 14.7
-STREAM_PRECISIONS = ("q4",)  # flash stores hold q4 layer regions
+# A streamed layer reads onnxruntime's packed weights of the layer (accuracy level 4, int8
+# activations, context 512): 3.87 MB mapped per layer / 2.22 MB Q4_1 shard.
+PACKED_BYTES_PER_SHARD_BYTE = 1.745
+STREAM_WINDOW_LAYERS = 2  # streamed layers in DRAM at once: the one computing and the next read
+# A streamed layer runs the resident kernels on its packed weights, slower by its pages' cache and
+# TLB misses and the reader thread sharing the cores: streamed 32.6 ms / 18 layers vs resident
+# 6.8 ms / 12 layers per token in the same stream run (`bench --flash --mode stream`, 2 cores).
+STREAMED_LAYER_COMPUTE_FACTOR = 3.2
+STREAM_PRECISIONS = ("q4",)  # layer streaming runs q4 layers
 
 
 def q8_row_bytes(d_model: int) -> int:

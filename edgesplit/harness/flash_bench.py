@@ -35,7 +35,7 @@ from edgesplit.device.flash.embedding import FlashEmbedding, FlashFront
 from edgesplit.device.planning.flash_model import Budget, FlashModel, check_budget, simulate_pipeline, stream_plan
 from edgesplit.device.flash.store import FlashStore, ensure_flash_store
 from edgesplit.device.flash.layout import flash_settings
-from edgesplit.device.flash.stream import StreamedFront
+from edgesplit.device.flash.stream import StreamedFront, StreamedLayer
 
 log = logging.getLogger(__name__)
 
@@ -195,36 +195,40 @@ def _row_read_s(flash: FlashStore, n: int) -> float:
 
 
 def run_stream(req: FlashBenchRequest, store, flash, tokens, head, model: FlashModel | None, factor: float = 1.0) -> dict:
-    table, layers = segment_bytes(flash)
+    table, regions = segment_bytes(flash)
     budget = budget_bytes(req, flash)
     settings = flash.settings
-    buffers = 2 * max(layers)
-    resident = stream_plan(layers, buffers + CACHE_ROWS * flash.row_bytes, budget)
+    # a layer costs its packed weights (what a streamed layer reads, what a resident one holds);
+    # every layer has the same shapes, so one layer's figure is every layer's
+    probe = StreamedLayer(store, 0, settings, req.window, req.threads)
+    layers = [probe.nbytes] * len(regions)
+    probe.close()
+    window = 2 * max(layers)
+    resident = stream_plan(layers, window + CACHE_ROWS * flash.row_bytes, budget)
     if len(resident) == len(layers):
         raise ConfigError(f"budget {budget / MB:.1f} MB holds every layer: nothing to stream")
     kw = dict(settings=settings, max_seq_len=req.window, threads=req.threads)
-    front = StreamedFront(store, flash, resident, drop_cache=True, **kw)
+    front = StreamedFront(store, resident, drop_cache=True, **kw)
     chain = FlashFront(FlashEmbedding(flash, CACHE_ROWS), front)
     ref = SegmentEngine(store, 0, store.config.n_layers, with_head=False, accuracy_level=req.accuracy_level,
                         threads=req.threads, max_seq_len=req.window)
     fid = fidelity(chain, ref, head, tokens[:req.stream_tokens], req.window)
-    f = flash.file("layers.bin")
-    b0, r0 = f.bytes_read, front.read_s
+    b0, r0 = front.bytes_read, front.read_s
     steps = time_decode(chain, flash, req.decode_tokens)
     stages = front.last_stage_times
-    bytes_per_token = (f.bytes_read - b0) / req.decode_tokens
+    bytes_per_token = (front.bytes_read - b0) / req.decode_tokens
     io_s = (front.read_s - r0) / req.decode_tokens
     resident_tok = 1 / statistics.median(time_decode(ref, flash, req.decode_tokens))
     front.set_overlap(False)
     naive = time_decode(chain, flash, max(4, req.decode_tokens // 4), lambda: read_table(flash))
     front.close()
     streamed_bytes = sum(b for i, b in enumerate(layers) if i not in resident)
-    resident_bytes = sum(layers[i] for i in resident) + buffers + CACHE_ROWS * flash.row_bytes
+    resident_bytes = sum(layers[i] for i in resident) + window + CACHE_ROWS * flash.row_bytes
     out = _common("stream", budget, resident_bytes, bytes_per_token, streamed_bytes + table,
                   1 / statistics.median(steps), 1 / statistics.median(naive), 1 / io_s, fid)
     compute_s = sum(c for _, c, _ in stages)
     out.update(resident_layers=sorted(resident), streamed_layers=len(layers) - len(resident),
-               buffer_mb=buffers / MB, compute_ms_per_token=compute_s * 1e3,
+               layer_mb=layers[0] / MB, window_mb=window / MB, compute_ms_per_token=compute_s * 1e3,
                streamed_compute_ms_per_token=sum(c for s, c, _ in stages if s) * 1e3,
                read_wait_ms_per_token=sum(w for _, _, w in stages) * 1e3, io_ms_per_token=io_s * 1e3,
                fidelity_tokens=int(min(len(tokens), req.stream_tokens)), resident_tok_s=resident_tok)
