@@ -120,17 +120,18 @@ def load_front(store: ModelStore, plan: Plan, *, threads: int = 2):
     if plan.front_flash == "resident":
         return SegmentEngine(store, 0, plan.cut, **kw)
     from .flash.embedding import FlashEmbedding, FlashFront, flash_front
-    from .flash.layout import flash_settings
     from .flash.store import ensure_flash_store
 
-    flash = ensure_flash_store(store, flash_settings(precision=plan.front_precision, kv_precision=plan.kv_precision,
-                                                     accuracy_level=plan.accuracy_level))
+    flash = ensure_flash_store(store)
     if plan.front_flash == "embedding":
         return flash_front(store, flash, plan.cut, **kw)
+    from .flash.layout import flash_settings
     from .flash.stream import StreamedFront
 
     # every front layer streamed: the plan chose streaming for the least resident memory
-    return FlashFront(FlashEmbedding(flash), StreamedFront(store, set(), settings=flash.settings, end=plan.cut,
+    settings = flash_settings(precision=plan.front_precision, kv_precision=plan.kv_precision,
+                              accuracy_level=plan.accuracy_level)
+    return FlashFront(FlashEmbedding(flash), StreamedFront(store, set(), settings=settings, end=plan.cut,
                                                            max_seq_len=plan.max_seq_len, threads=threads))
 
 

@@ -48,6 +48,8 @@ def trim() -> bool:
 
 
 # Linux madvise advice values (asm-generic/mman-common.h)
+MADV_NORMAL = 0  # default readahead
+MADV_RANDOM = 1  # no readahead: a fault reads its page only
 MADV_WILLNEED = 3  # start reading the pages in (asynchronous readahead)
 MADV_DONTNEED = 4  # drop the pages (a clean file page reads back from the file)
 MADV_POPULATE_READ = 22  # fault the pages in now (Linux >= 5.14); an I/O error is EFAULT, not SIGBUS
@@ -116,18 +118,20 @@ def drop_clean_file_pages(path: str) -> int:
     return dropped
 
 
-def mapped_resident_bytes(path: str) -> int:
-    """Bytes of file `path` resident in this process through its mappings (Linux smaps Rss)."""
+def mapped_resident_bytes(path: str) -> dict[int, int]:
+    """Per mapping of file `path` (by start address), its bytes resident in this process (Linux
+    smaps Rss; elsewhere none)."""
     try:
         with open("/proc/self/smaps") as f:
             smaps = f.read()
     except OSError:
-        return 0
-    total, inside = 0, False
+        return {}
+    found: dict[int, int] = {}
+    start = None
     for line in smaps.splitlines():
         m = _MAPPING.match(line)
         if m:
-            inside = _mapped_name(m) == path
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1]) * 1024
-    return total
+            start = int(m.group(1), 16) if _mapped_name(m) == path else None
+        elif start is not None and line.startswith("Rss:"):
+            found[start] = int(line.split()[1]) * 1024
+    return found

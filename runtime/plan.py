@@ -114,8 +114,8 @@ class Plan:
         if self.front_flash not in FRONT_FLASH:
             raise ConfigError(f"front_flash {self.front_flash!r} is not one of {', '.join(FRONT_FLASH)}")
         if self.front_flash != "resident" and self.front_precision != "q4":
-            raise ConfigError(f"front_flash {self.front_flash!r} needs front_precision 'q4' (flash stores hold q4 "
-                              f"layers), got {self.front_precision!r}")
+            raise ConfigError(f"front_flash {self.front_flash!r} needs front_precision 'q4' (flash fronts are "
+                              f"measured and tested with q4 layers only), got {self.front_precision!r}")
         if not (_is_int(self.max_seq_len) and self.max_seq_len > 0):
             raise ConfigError(f"max_seq_len must be an int > 0, got {self.max_seq_len!r}")
         if not (_is_int(self.accuracy_level) and self.accuracy_level in ACCURACY_LEVELS):

@@ -76,6 +76,17 @@ class WeightFile:
         self._f.close()
 
 
+def _write_graph(build: "Build", folder: Path) -> Path:
+    """The model `build(sink)` makes, written to `folder`: weights by the sink as they are made,
+    then the graph; returns the graph's path."""
+    sink = WeightFile(folder / DATA_NAME)
+    try:
+        model = build(sink)
+    finally:
+        sink.close()
+    return write_model(model, folder)
+
+
 def write_model(model: onnx.ModelProto, folder: Path) -> Path:
     """Write the graph of `model` (its weights already in `folder`'s data file) to `folder`."""
     path = folder / MODEL_NAME
@@ -127,12 +138,7 @@ def open_session(build: Build, so: ort.SessionOptions, directory: Path) -> ort.I
         return None
     try:
         try:
-            sink = WeightFile(folder / DATA_NAME)
-            try:
-                model = build(sink)
-            finally:
-                sink.close()
-            path = write_model(model, folder)
+            path = _write_graph(build, folder)
         except OSError as exc:  # e.g. the disk is full
             log.warning("cannot write the graph to %s (%s): the weights go to onnxruntime in memory",
                         folder, exc)
@@ -177,11 +183,7 @@ def open_packed_session(build: Build, options: Callable[[], ort.SessionOptions],
         raise ConfigError(f"layer streaming writes each streamed layer's packed weights under {directory}, "
                           f"which cannot be written ({exc})") from exc
     try:
-        sink = WeightFile(folder / DATA_NAME)
-        try:
-            model = build(sink)
-        finally:
-            sink.close()
+        path = _write_graph(build, folder)
         so = options()
         so.optimized_model_filepath = str(folder / PACKED_MODEL_NAME)
         for key, value in (("session.save_external_prepacked_constant_initializers", "1"),
@@ -189,7 +191,7 @@ def open_packed_session(build: Build, options: Callable[[], ort.SessionOptions],
                            ("session.optimized_model_external_initializers_min_size_in_bytes",
                             str(PACKED_MIN_EXTERNAL_BYTES))):
             so.add_session_config_entry(key, value)
-        ort.InferenceSession(str(write_model(model, folder)), so, providers=["CPUExecutionProvider"])  # saves
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # only its saved file is kept
         session = ort.InferenceSession(str(folder / PACKED_MODEL_NAME), options(), providers=["CPUExecutionProvider"])
         data = str(folder / PACKED_DATA_NAME)
         return PackedSession(session, data, os.open(data, os.O_RDONLY))

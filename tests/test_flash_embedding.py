@@ -7,7 +7,6 @@ import pytest
 
 from edgesplit.device.flash.embedding import FlashEmbedding, flash_front
 from edgesplit.device.flash.store import ensure_flash_store
-from edgesplit.device.flash.layout import flash_settings
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
 
@@ -16,7 +15,7 @@ IDS = np.array([1, 5, 200, 5, 17, 269, 0, 5], np.int64)
 
 @pytest.fixture(scope="module")
 def flash(tiny_store):
-    return ensure_flash_store(tiny_store, flash_settings(accuracy_level=0))
+    return ensure_flash_store(tiny_store)
 
 
 @pytest.mark.parametrize("acc", [0, 4])

@@ -10,14 +10,13 @@ import pytest
 from edgesplit.device.flash.neurons import NeuronWindow, _runs, q4_rows_dense
 from edgesplit.harness.flash_sparsity import _topk_mask, window_stats
 from edgesplit.device.flash.store import ensure_flash_store
-from edgesplit.device.flash.layout import flash_settings
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.quant import q4_dense
 
 
 @pytest.fixture(scope="module")
 def flash(tiny_store):
-    return ensure_flash_store(tiny_store, flash_settings(accuracy_level=0))
+    return ensure_flash_store(tiny_store)
 
 
 def window(flash, layer=1, capacity=None, with_gate=True, pool=None):

@@ -10,15 +10,11 @@ import pytest
 
 from edgesplit.device.planning.flash_model import Budget, FlashModel, check_budget, simulate_pipeline, stream_plan
 from edgesplit.device.flash.store import FlashReadError, FlashStore, ensure_flash_store
-from edgesplit.device.flash.layout import flash_settings
 from edgesplit.runtime.errors import ChecksumError, ConfigError, StoreVersionError
-
-SETTINGS = flash_settings(accuracy_level=0)
-
 
 @pytest.fixture(scope="module")
 def flash(tiny_store):
-    return ensure_flash_store(tiny_store, SETTINGS)
+    return ensure_flash_store(tiny_store)
 
 
 @pytest.fixture()
@@ -31,19 +27,19 @@ def copy(flash, tmp_path):
 def test_layout(flash, tiny_store):
     cfg = tiny_store.config
     assert flash.row_bytes == cfg.d_model // 32 * 34  # Q8_0: 32 int8 + f16 scale per block
-    assert len(flash.layers) == cfg.n_layers
-    assert all(r.offset % 4096 == 0 for r in flash.layers)
-    ends = [r.offset + r.nbytes for r in flash.layers]
-    assert all(e <= r.offset for e, r in zip(ends, flash.layers[1:]))  # regions do not overlap
+    assert (flash.vocab_size, flash.d_model, flash.d_ffn) == (cfg.vocab_size, cfg.d_model, cfg.d_ffn)
+    assert len(flash.neuron_offsets) == cfg.n_layers
+    starts = [o for pair in flash.neuron_offsets for o in pair]
+    assert all(o % 4096 == 0 for o in starts) and starts == sorted(starts)  # page-aligned, in order
     assert FlashStore(flash.path).manifest == flash.manifest  # reopens, same manifest
 
 
 def test_refuses_checksum_mismatch_naming_file(copy):
-    path = copy / "layers.bin"
+    path = copy / "neurons.bin"
     data = bytearray(path.read_bytes())
     data[100] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ChecksumError, match="layers.bin"):
+    with pytest.raises(ChecksumError, match="neurons.bin"):
         FlashStore(copy)
 
 
@@ -64,12 +60,12 @@ def test_refuses_layout_version(copy):
 
 def test_short_read_names_file_and_offset(copy):
     fs = FlashStore(copy)
-    region = fs.layers[-1]
-    with open(copy / "layers.bin", "r+b") as f:
-        f.truncate(region.offset + 10)
-    buf = np.empty(region.nbytes, np.uint8)
-    with pytest.raises(FlashReadError, match=f"layers.bin.*offset {region.offset + 10}"):
-        fs.file("layers.bin").read_into(buf, region.offset)
+    start = fs.neuron_offsets[-1][0]  # the last layer's neuron bundles
+    with open(copy / "neurons.bin", "r+b") as f:
+        f.truncate(start + 10)
+    buf = np.empty(fs.neuron_bytes[0] * 4, np.uint8)
+    with pytest.raises(FlashReadError, match=f"neurons.bin.*offset {start + 10}"):
+        fs.file("neurons.bin").read_into(buf, start)
 
 
 def test_reads_counted_exactly(flash):

@@ -85,7 +85,7 @@ def test_generation_stops_with_an_error_on_a_read_error(tiny_store):
     from edgesplit.device.flash.embedding import FlashEmbedding, FlashFront
     from edgesplit.runtime.generate import generate_step
 
-    flash = ensure_flash_store(tiny_store, SETTINGS)
+    flash = ensure_flash_store(tiny_store)
     stream = StreamedFront(tiny_store, {1}, settings=SETTINGS, end=2, max_seq_len=32)
     front = FlashFront(FlashEmbedding(flash), stream)
     expected = [t for t, _ in generate_step([SegmentEngine(tiny_store, max_seq_len=32)], [1, 5, 9], max_tokens=6)]

@@ -48,11 +48,11 @@ def chain(kind: str, store) -> Iterator[tuple[list, RemoteSegment | None, object
     elif kind == "chained":
         yield [SegmentEngine(store, 0, CUT, **kw), SegmentEngine(store, CUT, n, **kw)], None, None
     elif kind == "flash_embedding":
-        front = flash_front(store, ensure_flash_store(store, flash_settings()), CUT, **kw)
+        front = flash_front(store, ensure_flash_store(store), CUT, **kw)
         yield [front, SegmentEngine(store, CUT, n, **kw)], None, front
     elif kind == "flash_stream":
-        flash = ensure_flash_store(store, flash_settings())
-        stream = StreamedFront(store, set(), settings=flash.settings, end=CUT, max_seq_len=MAX_SEQ)
+        flash = ensure_flash_store(store)
+        stream = StreamedFront(store, set(), settings=flash_settings(), end=CUT, max_seq_len=MAX_SEQ)
         front = FlashFront(FlashEmbedding(flash), stream)
         yield [front, SegmentEngine(store, CUT, n, **kw)], None, front
         stream.close()

@@ -79,6 +79,30 @@ def test_an_unwritable_directory_falls_back_to_memory(tiny_store, tmp_path, capl
     assert built == []  # nothing was built: the caller builds with the weights in memory
 
 
+def test_a_packed_session_needs_a_writable_directory(tmp_path):
+    """Layer streaming has no in-memory fallback (its point is weights that leave memory): an
+    unwritable directory is a ConfigError naming it, and nothing is built."""
+    from edgesplit.runtime.engine import session_options
+    from edgesplit.runtime.errors import ConfigError
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    built = []
+    with pytest.raises(ConfigError, match=f"under {not_a_dir}, which cannot be written"):
+        session_file.open_packed_session(built.append, lambda: session_options(1), not_a_dir)
+    assert built == []
+
+
+def test_a_packed_session_leaves_no_folder_and_keeps_its_file_open(tiny_store):
+    from edgesplit.device.flash.layout import flash_settings
+    from edgesplit.device.flash.stream import StreamedLayer
+
+    layer = StreamedLayer(tiny_store, 1, flash_settings(), 16, 1)
+    assert not list(tiny_store.path.glob(session_file.PREFIX + "*"))  # unlinked once open
+    assert os.fstat(layer.packed.fd).st_nlink == 0 and layer.nbytes > 0  # alive while mapped and open
+    layer.close()
+
+
 def _segment_graph(store, engine, sink=None):
     layers = {i: store.layer(i, engine.spec.precision) for i in range(engine.start, engine.end)}
     return engine_mod.build_segment(engine.spec, layers, None, None, None, {}, sink)

@@ -1,7 +1,8 @@
-"""What a flash store holds, computed from the model store: graph-ready layer weights and neuron bundles.
+"""What flash windowing reads, computed from the model store: a streamed layer's graph and the
+neuron bundles.
 
 Pure functions of the model store and the engine settings; the store writer (store.py) and the
-readers (stream.py, neurons.py) both use them, so neither imports the other.
+readers (stream.py, neurons.py) use them, so none imports another.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ FLASH_SETTINGS = ("precision", "kv_precision", "accuracy_level", "outlier_channe
 
 
 def flash_settings(**engine_kwargs) -> dict:
-    """The engine settings a flash store's layer regions depend on (defaults as SegmentEngine's)."""
+    """The engine settings a streamed layer's graph depends on (defaults as SegmentEngine's)."""
     defaults = {"precision": "q4", "kv_precision": "f32", "accuracy_level": 4, "outlier_channels": 8}
     return {k: engine_kwargs.get(k, defaults[k]) for k in FLASH_SETTINGS}
 
@@ -40,12 +41,6 @@ def layer_graph(store: ModelStore, i: int, settings: dict, max_seq_len: int, sin
     model, weights = build_segment(spec, {i: store.layer(i, settings["precision"])}, None, None,
                                    kv_scales, outliers, sink)
     return model, weights, spec
-
-
-def layer_weights(store: ModelStore, i: int, settings: dict) -> dict[str, np.ndarray]:
-    """Graph-ready weights of layer i (the external initializers named `{i}.*`), for the flash store."""
-    _, weights, _ = layer_graph(store, i, settings, 16)
-    return {k: v for k, v in weights.items() if k.startswith(f"{i}.")}
 
 
 Q4_ROW_PARTS = ("qweight", "scales", "mins")

@@ -2,19 +2,18 @@
 
 A directory derived from a model store (`ensure_flash_store`), self-describing:
 
-    manifest.json   layout_version, model, settings, one entry per file (bytes, sha256) and the
-                    tables below
+    manifest.json   layout_version, model, one entry per file (bytes, sha256) and the tables
+                    below
     embedding.bin   the Q8_0 embedding table row by row: row r at r * 612 bytes =
                     18 f16 block scales (36 B) + 576 uint8 values (int8 + 128) (d = 576)
-    layers.bin      per layer, one 4 KB-aligned region holding every weight its onnxruntime
-                    graph takes (graph-ready: fused QKV, f32 scales, mins term, outlier rows),
-                    so one read brings a layer
     neurons.bin     per layer, the FFN neuron by neuron in two page-aligned sections: neuron j's
                     up row (Q4_1, 360 B) + down column (f16, 2 * d B) at j * 1512, then the gate
                     rows (Q4_1, 360 B each), so a run of consecutive neurons is one read
 
 Opening verifies every file's size and sha256 and the layout version and refuses a mismatch naming
-the file. Reads go through `FlashFile.read_into` (os.preadv, counted exactly); a failed or short
+the file. (Streamed layers are not here: they read onnxruntime's packed weights, which depend on
+its version and this CPU, from a file written at load: stream.py. Layout 1 also held graph-ready
+layer regions, read by the streaming that took its weights as graph inputs.) Reads go through `FlashFile.read_into` (os.preadv, counted exactly); a failed or short
 read raises FlashReadError naming the file and offset.
 """
 
@@ -23,48 +22,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgesplit.runtime.errors import ChecksumError, ConfigError, ModelFormatError, StoreVersionError
-from edgesplit.runtime.store import ModelStore, TensorEntry, sha256_file, staged_dir
+from edgesplit.runtime.store import ModelStore, sha256_file, staged_dir
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 1
-PAGE_BYTES = 4096  # layer regions start on flash page boundaries
-_ALIGN = 64  # tensors inside a region (onnxruntime/numpy alignment)
-FILES = ("embedding.bin", "layers.bin", "neurons.bin")
+LAYOUT_VERSION = 2
+PAGE_BYTES = 4096  # each layer's neuron sections start on flash page boundaries
+FILES = ("embedding.bin", "neurons.bin")
 
 
 class FlashReadError(ModelFormatError):
     """A read from the flash store failed or came back short (names file and offset)."""
-
-
-@dataclass(frozen=True)
-class Region:
-    """One contiguous byte range of a flash file and the arrays it holds (offsets relative to it)."""
-
-    file: str
-    offset: int
-    nbytes: int
-    tensors: tuple[TensorEntry, ...]
-
-    def views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
-        """The region's arrays as views into `buf` (uint8, at least nbytes), no copy."""
-        return {t.name: buf[t.offset:t.offset + t.nbytes].view(np.dtype(t.dtype)).reshape(t.shape)
-                for t in self.tensors}
-
-    def to_dict(self) -> dict:
-        return {"file": self.file, "offset": self.offset, "nbytes": self.nbytes,
-                "tensors": [dict(t.__dict__, shape=list(t.shape)) for t in self.tensors]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Region":
-        ts = tuple(TensorEntry(**dict(t, shape=tuple(t["shape"]))) for t in d["tensors"])
-        return cls(d["file"], d["offset"], d["nbytes"], ts)
 
 
 class FlashFile:
@@ -119,8 +92,6 @@ class FlashStore:
                                     f"(this runtime reads {LAYOUT_VERSION})")
         try:
             self.manifest = m
-            self.settings = m["settings"]
-            self.layers = [Region.from_dict(r) for r in m["layers"]]
             self.neuron_bytes = (int(m["neurons"]["up_down_bytes"]), int(m["neurons"]["gate_bytes"]))
             self.neuron_offsets = [(int(a), int(b)) for a, b in m["neurons"]["layer_offsets"]]
             self.row_bytes = int(m["embedding"]["row_bytes"])
@@ -172,23 +143,8 @@ def _pad(f, align: int) -> int:
     return f.tell()
 
 
-def _write_region(f, name: str, arrays: dict[str, np.ndarray]) -> Region:
-    start = _pad(f, PAGE_BYTES)
-    entries = []
-    for key, arr in arrays.items():
-        off = _pad(f, _ALIGN) - start
-        arr = np.ascontiguousarray(arr)
-        entries.append(TensorEntry(key, arr.dtype.name, tuple(arr.shape), off, arr.nbytes))
-        f.write(arr.tobytes())
-    return Region(name, start, f.tell() - start, tuple(entries))
-
-
-def build_flash_store(store: ModelStore, out: str | os.PathLike, settings: dict, layer_arrays) -> Path:
-    """Write the flash store of `store` into `out` atomically (temp dir, then rename).
-
-    `settings`: the engine settings the layer regions were made for (recorded, checked by users);
-    `layer_arrays(i)`: graph-ready weights of layer i (see flash_stream.layer_weights).
-    """
+def build_flash_store(store: ModelStore, out: str | os.PathLike) -> Path:
+    """Write the flash store of `store` into `out` atomically (temp dir, then rename)."""
     from edgesplit.device.flash.layout import neuron_bundles  # neuron layout lives with its reader
 
     out = Path(out)
@@ -197,8 +153,6 @@ def build_flash_store(store: ModelStore, out: str | os.PathLike, settings: dict,
         emb = store.load("token_embd", "q8")
         rows = np.concatenate([emb["scales"].view(np.uint8), emb["qweight"].reshape(cfg.vocab_size, -1)], axis=1)
         (tmp / "embedding.bin").write_bytes(np.ascontiguousarray(rows).tobytes())
-        with open(tmp / "layers.bin", "wb") as f:
-            layers = [_write_region(f, "layers.bin", layer_arrays(i)) for i in range(cfg.n_layers)]
         offsets, sizes = [], (0, 0)
         with open(tmp / "neurons.bin", "wb") as f:
             for i in range(cfg.n_layers):
@@ -210,9 +164,8 @@ def build_flash_store(store: ModelStore, out: str | os.PathLike, settings: dict,
                 sizes = (up_down.shape[1], gate.shape[1])
         manifest = {
             "layout_version": LAYOUT_VERSION, "model": store.manifest.get("model_name"),
-            "d_model": cfg.d_model, "d_ffn": cfg.d_ffn, "settings": settings,
+            "d_model": cfg.d_model, "d_ffn": cfg.d_ffn,
             "embedding": {"rows": cfg.vocab_size, "row_bytes": int(rows.shape[1])},
-            "layers": [r.to_dict() for r in layers],
             "neurons": {"up_down_bytes": int(sizes[0]), "gate_bytes": int(sizes[1]), "layer_offsets": offsets},
             "files": [{"name": n, "nbytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in FILES],
         }
@@ -220,21 +173,16 @@ def build_flash_store(store: ModelStore, out: str | os.PathLike, settings: dict,
     return out
 
 
-def flash_dir(store: ModelStore, settings: dict) -> Path:
-    """Where the flash store of `store` for these engine settings lives (a subfolder of the store)."""
-    key = "-".join(f"{k}{settings[k]}" for k in sorted(settings))
-    return store.path / f"flash-{key}"
+def flash_dir(store: ModelStore) -> Path:
+    """Where the flash store of `store` lives (a subfolder of the store)."""
+    return store.path / f"flash-v{LAYOUT_VERSION}"
 
 
-def ensure_flash_store(store: ModelStore, settings: dict, verify: bool = True) -> FlashStore:
-    """Open the flash store for `settings`, building it from `store` first if absent or stale."""
-    from edgesplit.device.flash.layout import layer_weights
-
-    if settings.get("precision", "q4") != "q4":
-        raise ConfigError(f"flash stores hold q4 layers, not {settings.get('precision')!r}")
-    path = flash_dir(store, settings)
+def ensure_flash_store(store: ModelStore, verify: bool = True) -> FlashStore:
+    """Open the flash store of `store`, building it first if absent."""
+    path = flash_dir(store)
     if path.is_dir():  # a damaged store is refused, never silently rebuilt: delete it to rebuild
         return FlashStore(path, verify)
     log.info("building flash store %s", path)
-    build_flash_store(store, path, settings, lambda i: layer_weights(store, i, settings))
+    build_flash_store(store, path)
     return FlashStore(path, verify)

@@ -154,13 +154,13 @@ def simulate_pipeline(compute_ms: list[tuple[bool, float]], read_ms: float | lis
 EMBEDDING_CACHE_ROWS = 256  # LRU rows of FlashEmbedding (its default)
 EMBEDDING_MISS_RATE = 0.27  # LRU miss rate over text, `edgesplit bench --flash --mode embedding`
 # A streamed layer reads onnxruntime's packed weights of the layer (accuracy level 4, int8
-# activations, context 512): 3.87 MB mapped per layer / 2.22 MB Q4_1 shard.
-PACKED_BYTES_PER_SHARD_BYTE = 1.745
+# activations, context 512): 3.41 MB read per layer / 2.22 MB Q4_1 shard.
+PACKED_BYTES_PER_SHARD_BYTE = 1.538
 STREAM_WINDOW_LAYERS = 2  # streamed layers in DRAM at once: the one computing and the next read
 # A streamed layer runs the resident kernels on its packed weights, slower by its pages' cache and
-# TLB misses and the reader thread sharing the cores: streamed 32.6 ms / 18 layers vs resident
-# 6.8 ms / 12 layers per token in the same stream run (`bench --flash --mode stream`, 2 cores).
-STREAMED_LAYER_COMPUTE_FACTOR = 3.2
+# TLB misses and the reader thread sharing the cores: per layer, streamed 1.31-2.09 ms vs resident
+# 0.31-0.66 ms in the same runs (`bench --flash --mode stream`, 2 cores; median ratio of 3 runs).
+STREAMED_LAYER_COMPUTE_FACTOR = 4.1
 STREAM_PRECISIONS = ("q4",)  # layer streaming runs q4 layers
 
 

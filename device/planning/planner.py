@@ -114,7 +114,7 @@ def enumerate_candidates(dev: DeviceProfile, cloud: CloudProfile, net: NetworkPr
             continue
         for n, flash in itertools.product(seq_len_candidates(req.max_seq_len, context_length), req.flash_options):
             if flash != "resident" and front != "q4":
-                continue  # flash stores hold q4 layers: the runtime cannot run this front (runtime/plan.py)
+                continue  # flash fronts are measured with q4 layers only (runtime/plan.py refuses the rest)
             s = Setting(cut, front, back, kv, codec, n, flash)
             c = costs(dev, cloud, net, s, up_bytes=traffic[0], prompt_bytes_per_token=traffic[1],
                       context=req.context_tokens or n, prompt_tokens=req.prompt_tokens, budget_mb=budget)

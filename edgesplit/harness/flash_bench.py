@@ -1,7 +1,8 @@
 """`edgesplit bench --flash`: one JSON object per flash mechanism (embedding, stream, neurons).
 
 The device front is all L layers without the head (the head is the cloud's): its memory budget is
-a fraction of the embedding table + the layers' flash regions. Fidelity: teacher-forced windows
+a fraction of what the whole front's weights take: the embedding table + every layer as held in
+DRAM (onnxruntime's packed weights). Fidelity: teacher-forced windows
 of the text, the front's hidden states through a float32 numpy head (the same for every mode),
 compared with the all-resident front. Timing: decode steps with the page cache dropped after every
 read (so each token's reads hit the device), medians over steps; `naive` reads every non-resident
@@ -93,15 +94,32 @@ class CloudHead:
         return rms_norm(h, self.norm, self.eps) @ self.w.T
 
 
-def segment_bytes(flash: FlashStore) -> tuple[int, list[int]]:
-    """(embedding table bytes, per-layer region bytes) of the front [0, L)."""
-    return flash.row_bytes * flash.vocab_size, [r.nbytes for r in flash.layers]
+def packed_layer_bytes(req: FlashBenchRequest, store: ModelStore) -> int:
+    """What a layer costs in DRAM: onnxruntime's packed weights of one layer at the request's
+    settings (what a streamed layer reads, what a resident one holds; every layer has the same
+    shapes, so one layer's figure is every layer's)."""
+    probe = StreamedLayer(store, 0, stream_settings(req), req.window, req.threads)
+    try:
+        return probe.nbytes
+    finally:
+        probe.close()
 
 
-def budget_bytes(req: FlashBenchRequest, flash: FlashStore, floor: int = 0) -> int:
-    """The memory budget: --budget-mb as given, else --budget-fraction of the whole front, raised
-    to `floor` (what the mode must keep resident), so the default works for every mode."""
-    table, layers = segment_bytes(flash)
+def stream_settings(req: FlashBenchRequest) -> dict:
+    return flash_settings(accuracy_level=req.accuracy_level, outlier_channels=req.outlier_channels,
+                          kv_precision=req.kv_precision)
+
+
+def segment_bytes(req: FlashBenchRequest, store: ModelStore, flash: FlashStore) -> tuple[int, list[int]]:
+    """(embedding table bytes on flash, per-layer bytes in DRAM) of the front [0, L)."""
+    return flash.row_bytes * flash.vocab_size, [packed_layer_bytes(req, store)] * store.config.n_layers
+
+
+def budget_bytes(req: FlashBenchRequest, sizes: tuple[int, list[int]], floor: int = 0) -> int:
+    """The memory budget: --budget-mb as given, else --budget-fraction of the whole front's weights
+    (`sizes` = segment_bytes: the table + every layer as held in DRAM), raised to `floor` (what
+    the mode must keep resident), so the default works for every mode."""
+    table, layers = sizes
     if req.budget_mb is not None:
         return int(req.budget_mb * MB)
     return max(int(req.budget_fraction * (table + sum(layers))), floor)
@@ -148,10 +166,10 @@ def read_table(flash: FlashStore) -> None:
 
 
 def run_embedding(req: FlashBenchRequest, store, flash, tokens, head, model: FlashModel | None, factor: float = 1.0) -> dict:
-    table, layers = segment_bytes(flash)
+    table, layers = sizes = segment_bytes(req, store, flash)
     emb = FlashEmbedding(flash, CACHE_ROWS)
     # the layers stay resident in this mode: the default budget is at least them and the row cache
-    budget = budget_bytes(req, flash, floor=sum(layers) + emb.cache_bytes)
+    budget = budget_bytes(req, sizes, floor=sum(layers) + emb.cache_bytes)
     check_budget("embedding rows on flash", Budget(sum(layers), emb.cache_bytes, 0), budget)
     f = flash.file("embedding.bin")
     before = f.bytes_read
@@ -195,29 +213,26 @@ def _row_read_s(flash: FlashStore, n: int) -> float:
 
 
 def run_stream(req: FlashBenchRequest, store, flash, tokens, head, model: FlashModel | None, factor: float = 1.0) -> dict:
-    table, regions = segment_bytes(flash)
-    budget = budget_bytes(req, flash)
-    settings = flash.settings
-    # a layer costs its packed weights (what a streamed layer reads, what a resident one holds);
-    # every layer has the same shapes, so one layer's figure is every layer's
-    probe = StreamedLayer(store, 0, settings, req.window, req.threads)
-    layers = [probe.nbytes] * len(regions)
-    probe.close()
+    table, layers = sizes = segment_bytes(req, store, flash)
+    budget = budget_bytes(req, sizes)
+    settings = stream_settings(req)
     window = 2 * max(layers)
     resident = stream_plan(layers, window + CACHE_ROWS * flash.row_bytes, budget)
     if len(resident) == len(layers):
         raise ConfigError(f"budget {budget / MB:.1f} MB holds every layer: nothing to stream")
-    kw = dict(settings=settings, max_seq_len=req.window, threads=req.threads)
-    front = StreamedFront(store, resident, drop_cache=True, **kw)
+    front = StreamedFront(store, resident, settings=settings, max_seq_len=req.window, threads=req.threads,
+                          drop_cache=True)
     chain = FlashFront(FlashEmbedding(flash, CACHE_ROWS), front)
     ref = SegmentEngine(store, 0, store.config.n_layers, with_head=False, accuracy_level=req.accuracy_level,
                         threads=req.threads, max_seq_len=req.window)
     fid = fidelity(chain, ref, head, tokens[:req.stream_tokens], req.window)
-    b0, r0 = front.bytes_read, front.read_s
-    steps = time_decode(chain, flash, req.decode_tokens)
+    marks: list[tuple[int, float]] = []  # (bytes read, read seconds) at the start of each step
+    steps = time_decode(chain, flash, req.decode_tokens, lambda: marks.append((front.bytes_read, front.read_s)))
     stages = front.last_stage_times
-    bytes_per_token = (front.bytes_read - b0) / req.decode_tokens
-    io_s = (front.read_s - r0) / req.decode_tokens
+    # per step (from one step's start to the next): the reader's bytes and seconds, medians like
+    # the step times (the read-ahead crosses step boundaries; in steady state it reads a token's layers)
+    bytes_per_token = statistics.median(b1 - b0 for (b0, _), (b1, _) in zip(marks, marks[1:]))
+    io_s = statistics.median(r1 - r0 for (_, r0), (_, r1) in zip(marks, marks[1:]))
     resident_tok = 1 / statistics.median(time_decode(ref, flash, req.decode_tokens))
     front.set_overlap(False)
     naive = time_decode(chain, flash, max(4, req.decode_tokens // 4), lambda: read_table(flash))
@@ -271,9 +286,7 @@ def run_flash_bench(req: FlashBenchRequest) -> list[dict]:
     if not text.is_file():
         raise ConfigError(f"{text}: text file not found (--text)")
     store = ModelStore(resolve_store(req.model, precisions=("q4", "q8")))
-    flash = ensure_flash_store(store, flash_settings(accuracy_level=req.accuracy_level,
-                                                    outlier_channels=req.outlier_channels,
-                                                    kv_precision=req.kv_precision))
+    flash = ensure_flash_store(store)
     model, factor = flash_model_of(req)
     tokens = text_tokens(text, load_tokenizer(store), req.tokens)
     head = CloudHead(store)
@@ -282,7 +295,8 @@ def run_flash_bench(req: FlashBenchRequest) -> list[dict]:
         if mode == "neurons":
             from edgesplit.harness.flash_neurons_bench import run_neurons
 
-            res = run_neurons(store, flash, tokens, model, budget_bytes(req, flash), text=req.text,
+            budget = budget_bytes(req, segment_bytes(req, store, flash))
+            res = run_neurons(store, flash, tokens, model, budget, text=req.text,
                               window=req.window, plot_path=req.plot)
         else:
             res = (run_embedding if mode == "embedding" else run_stream)(req, store, flash, tokens, head, model,
