@@ -12,11 +12,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .errors import ConfigError
-from .gguf_model import LAYER_MATRICES, LAYER_NORMS, GGUFModel
+from .hparams import LAYER_MATRICES, LAYER_NORMS
 from .reference import LayerWeights, ReferenceModel, dequantize, rms_norm, rope_tables
+
+if TYPE_CHECKING:
+    from .gguf_model import GGUFModel
 
 # Ordinary English prose; what matters is typical activation ranges, not the content.
 CALIBRATION_TEXT = (

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 
 from .errors import ModelFormatError
-from .hparams import ModelConfig
+from .hparams import LAYER_MATRICES, LAYER_NORMS, ModelConfig
 
 SUPPORTED_TYPES = {
     gguf.GGMLQuantizationType.F32: "F32",
@@ -20,8 +20,6 @@ SUPPORTED_TYPES = {
     gguf.GGMLQuantizationType.Q4_0: "Q4_0",
     gguf.GGMLQuantizationType.Q4_1: "Q4_1",
 }
-LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-LAYER_NORMS = ("attn_norm", "ffn_norm")
 
 
 @dataclass(frozen=True)

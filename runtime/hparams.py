@@ -6,6 +6,10 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import ModelFormatError
 
+# a llama layer's weights by their GGUF names (blk.{i}.<name>.weight)
+LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+LAYER_NORMS = ("attn_norm", "ffn_norm")
+
 DEFAULT_MAX_SEQ_LEN = 2048  # KV capacity in tokens when none is given (capped at the model's context)
 
 

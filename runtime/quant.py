@@ -12,22 +12,26 @@ dequantize and requantize with llama.cpp's own rounding (gguf.quants).
 
 from __future__ import annotations
 
-import gguf
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .errors import ConfigError
-from .gguf_model import GGUFTensor
+
+if TYPE_CHECKING:  # conversion reads GGUF tensors; a serving process never loads the GGUF reader
+    from .gguf_model import GGUFTensor
 
 BLOCK = 32
 PRECISIONS = ("q4", "q8", "f16", "f32")
-_QT = gguf.GGMLQuantizationType
 
 
 def dequantize(t: GGUFTensor) -> np.ndarray:
     """The tensor as float32 in numpy shape (exact for every supported type)."""
-    qtype = getattr(_QT, t.qtype)
+    import gguf
+
     if t.qtype == "F32":
         return t.raw.view(np.float32).reshape(t.shape).copy()
+    qtype = getattr(gguf.GGMLQuantizationType, t.qtype)
     return gguf.quants.dequantize(t.raw.reshape(t.shape[0], -1), qtype).astype(np.float32).reshape(t.shape)
 
 
@@ -41,8 +45,12 @@ def _f16_field(blocks: np.ndarray, start: int) -> np.ndarray:
 
 
 def _requantize(t: GGUFTensor, qtype: str) -> GGUFTensor:
+    import gguf
+
+    from .gguf_model import GGUFTensor
+
     dense = dequantize(t)
-    raw = gguf.quants.quantize(dense, getattr(_QT, qtype)).view(np.uint8).reshape(-1)
+    raw = gguf.quants.quantize(dense, getattr(gguf.GGMLQuantizationType, qtype)).view(np.uint8).reshape(-1)
     return GGUFTensor(name=t.name, qtype=qtype, shape=t.shape, raw=raw)
 
 

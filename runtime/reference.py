@@ -8,19 +8,22 @@ NumPy 2 promotes float32 to float64 when mixed with float64 scalars, so scalars 
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import gguf
 import numpy as np
 
 from .errors import ConfigError
-from .gguf_model import LAYER_MATRICES, LAYER_NORMS, GGUFModel, GGUFTensor
-from .hparams import ModelConfig
+from .hparams import LAYER_MATRICES, LAYER_NORMS, ModelConfig
+
+if TYPE_CHECKING:  # the GGUF reader is imported where a GGUF is read: a serving process never loads it
+    from .gguf_model import GGUFModel, GGUFTensor
 
 
 def dequantize(t: GGUFTensor) -> np.ndarray:
     """Dequantize a GGUF tensor to float32 in numpy order: (rows, cols), or (cols,) for vectors."""
+    import gguf
+
     qtype = gguf.GGMLQuantizationType[t.qtype]
     rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
     data = gguf.quants.dequantize(t.raw.reshape(rows, -1), qtype)  # (rows, cols)
@@ -91,6 +94,8 @@ class ReferenceModel:
     @classmethod
     def from_gguf(cls, model: GGUFModel | str | os.PathLike) -> "ReferenceModel":
         """Dequantize every weight of `model` (a GGUFModel, or a path to one) to float32."""
+        from .gguf_model import GGUFModel
+
         if not isinstance(model, GGUFModel):
             model = GGUFModel(model)
         cfg = model.config

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import hashlib
 import json
@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from . import quant
 from .errors import ChecksumError, ConfigError, ModelFormatError, StoreVersionError
-from .gguf_model import LAYER_MATRICES, LAYER_NORMS, GGUFModel
-from .hparams import ModelConfig
+from .hparams import LAYER_MATRICES, LAYER_NORMS, ModelConfig
 from .calibration import CALIBRATION_KEYS, CALIBRATION_TEXT, calibrate
+
+if TYPE_CHECKING:  # the GGUF reader is imported by convert(): a serving process never loads it
+    from .gguf_model import GGUFModel
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,10 @@ def convert(
     out = Path(out_dir)
     if out.exists() and not (out / "manifest.json").is_file():
         raise ConfigError(f"{out}: exists and is not a model store; refusing to overwrite it")
+    from tqdm import tqdm  # conversion only: a serving process never loads the GGUF reader or tqdm
+
+    from .gguf_model import GGUFModel
+
     model = GGUFModel(gguf_path)
     from .tokenizer import build_tokenizer  # heavy; only convert needs it
 

@@ -99,6 +99,19 @@ def test_the_peak_rss_child_imports_only_its_engine():
     assert out.stdout.strip() == "[]"
 
 
+def test_a_serving_process_does_not_load_the_gguf_reader():
+    """Running a store (engine, tokenizer, generation, the device front) needs neither the GGUF
+    reader nor tqdm: they are conversion's, and every library imported is resident memory."""
+    import subprocess
+    import sys
+
+    code = ("import sys, edgesplit.runtime.engine, edgesplit.runtime.generate, edgesplit.runtime.models, "
+            "edgesplit.runtime.tokenizer, edgesplit.device.split; "
+            "print(sorted({'gguf', 'tqdm', 'yaml'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_bench_context_must_hold_the_job():
     from edgesplit.harness.bench import BenchRequest
 
