@@ -24,10 +24,14 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
 
 from edgesplit.runtime import malloc
 from edgesplit.runtime.engine import SegmentEngine, session_options
 from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.graph import rope_cache
 from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
 from edgesplit.runtime.kv_cache import KVCache
 from edgesplit.runtime.session_file import open_packed_session
@@ -39,22 +43,48 @@ from edgesplit.device.flash.store import FlashReadError
 log = logging.getLogger(__name__)
 
 
+ROPE_TABLES = ("rope.cos", "rope.sin")  # (max_seq_len, head_dim / 2) float32 each
+
+
+def rope_values(store: ModelStore, max_seq_len: int) -> dict[str, ort.OrtValue]:
+    """The rope tables every streamed layer takes as inputs: held once, never read from flash."""
+    cos, sin = rope_cache(store.config, max_seq_len)
+    return {"rope.cos": ort.OrtValue.ortvalue_from_numpy(cos), "rope.sin": ort.OrtValue.ortvalue_from_numpy(sin)}
+
+
+def _rope_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The layer graph with its rope tables as graph inputs instead of weights (each layer's own
+    copy would be read from flash every token: 2 x max_seq_len x 128 B, 14% of a layer at 2048)."""
+    g = model.graph
+    tables = [t for t in g.initializer if t.name in ROPE_TABLES]
+    keep = [t for t in g.initializer if t.name not in ROPE_TABLES]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in tables)
+    return model
+
+
 class StreamedLayer:
     """Layer i as a session over its packed weights mapped from a file; `read` brings them in,
-    `release` drops them. `nbytes`: the bytes a read brings (whole mapped pages)."""
+    `release` drops them. `nbytes`: the bytes a read brings (whole mapped pages). `rope`: the
+    shared rope tables (rope_values), bound as inputs."""
 
-    def __init__(self, store: ModelStore, i: int, settings: dict, max_seq_len: int, threads: int):
+    def __init__(self, store: ModelStore, i: int, settings: dict, max_seq_len: int, threads: int,
+                 rope: dict[str, ort.OrtValue] | None = None):
         specs = []
 
         def build(sink):
             model, _, spec = layer_graph(store, i, settings, max_seq_len, sink)
             specs.append(spec)
-            return model
+            return _rope_as_inputs(model)
 
         # many sessions: idle pools must not busy-wait
         self.packed = open_packed_session(build, lambda: session_options(threads, spin=False), store.path)
         self.spec, self.session = specs[0], self.packed.session
         self.cache = KVCache(self.session, self.spec)
+        self.rope = rope if rope is not None else rope_values(store, max_seq_len)
+        for name, value in self.rope.items():
+            self.cache.bind_input(name, value)
         self.ranges = [(start, end - start, offset) for start, end, offset in malloc.file_mappings(self.packed.path)]
         self.reads = self._used_ranges()
         self.nbytes = sum(length for _, length, _ in self.reads)
@@ -136,7 +166,8 @@ class StreamedFront:
                   accuracy_level=settings["accuracy_level"], outlier_channels=settings["outlier_channels"],
                   max_seq_len=max_seq_len, threads=threads, embed_ids=False, with_head=False, spin=False)
         self.stages = _stages(store, self.streamed, n, kw)
-        self.layers = {i: StreamedLayer(store, i, settings, max_seq_len, threads) for i in self.streamed}
+        rope = rope_values(store, max_seq_len)
+        self.layers = {i: StreamedLayer(store, i, settings, max_seq_len, threads, rope) for i in self.streamed}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flash-read") if self.streamed else None
         self._queue: deque[tuple[int, Future]] = deque()  # (position in streamed, its read)
         self._next_k = 0  # position in self.streamed of the next layer to submit
@@ -213,7 +244,8 @@ class StreamedFront:
             self._acquire(stage)
             t1 = time.perf_counter()
             x = layer.cache.run(x, None) if step == "prefill" else layer.cache.step(x)
-        finally:  # computed or failed, its pages leave DRAM
+        finally:  # computed or failed, its pages leave DRAM (here, not in the reader: when reads
+            # are the bound the reader has no time to spare, and dropping ~3 MB of pages takes ~1 ms)
             layer.release(self.drop_cache)
         times.append((True, time.perf_counter() - t1, t1 - t0))
         if self.overlap:

@@ -154,8 +154,9 @@ def simulate_pipeline(compute_ms: list[tuple[bool, float]], read_ms: float | lis
 EMBEDDING_CACHE_ROWS = 256  # LRU rows of FlashEmbedding (its default)
 EMBEDDING_MISS_RATE = 0.27  # LRU miss rate over text, `edgesplit bench --flash --mode embedding`
 # A streamed layer reads onnxruntime's packed weights of the layer (accuracy level 4, int8
-# activations, context 512): 3.41 MB read per layer / 2.22 MB Q4_1 shard.
-PACKED_BYTES_PER_SHARD_BYTE = 1.538
+# activations): 3.28 MB read per layer / 2.22 MB Q4_1 shard, at any context (the rope tables are
+# held once in DRAM).
+PACKED_BYTES_PER_SHARD_BYTE = 1.478
 STREAM_WINDOW_LAYERS = 2  # streamed layers in DRAM at once: the one computing and the next read
 # A streamed layer runs the resident kernels on its packed weights, slower by its pages' cache and
 # TLB misses and the reader thread sharing the cores: per layer, streamed 1.31-2.09 ms vs resident
