@@ -48,8 +48,8 @@ ROPE_TABLES = ("rope.cos", "rope.sin")  # (max_seq_len, head_dim / 2) float32 ea
 
 def rope_values(store: ModelStore, max_seq_len: int) -> dict[str, ort.OrtValue]:
     """The rope tables every streamed layer takes as inputs: held once, never read from flash."""
-    cos, sin = rope_cache(store.config, max_seq_len)
-    return {"rope.cos": ort.OrtValue.ortvalue_from_numpy(cos), "rope.sin": ort.OrtValue.ortvalue_from_numpy(sin)}
+    tables = rope_cache(store.config, max_seq_len)  # (cos, sin)
+    return {name: ort.OrtValue.ortvalue_from_numpy(t) for name, t in zip(ROPE_TABLES, tables)}
 
 
 def _rope_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
