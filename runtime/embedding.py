@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from .errors import ConfigError
+from .hparams import token_ids
 from .quant import q8_dense
 from .store import ModelStore
 
@@ -50,13 +51,7 @@ class EmbeddingRows:
     def rows(self, ids) -> np.ndarray:
         """Float32 rows (T, d) for token ids (T,); a ConfigError names an id outside the vocabulary
         (or input that is not ids, e.g. hidden states given to a front)."""
-        ids = np.asarray(ids)
-        if ids.ndim > 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ConfigError(f"a front takes token ids (T,) of an integer type, got {ids.dtype} {ids.shape}")
-        ids = ids.astype(np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
-            raise ConfigError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        ids = token_ids(ids, self.vocab_size)
         if not ids.size:
             return np.zeros((0, self.d), np.float32)
         parts = [np.stack([self._read(part, t) for t in ids.tolist()]) for part in self._parts]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .errors import ModelFormatError
+import numpy as np
+
+from .errors import ConfigError, ModelFormatError
 
 # a llama layer's weights by their GGUF names (blk.{i}.<name>.weight)
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -42,3 +44,16 @@ class ModelConfig:
                 f"{source}: config fields unknown {sorted(unknown)} / missing {sorted(missing)}"
             )
         return cls(**data)
+
+
+def token_ids(ids, vocab_size: int) -> np.ndarray:
+    """`ids` as int64 (T,), checked: a ConfigError names input that is not token ids (e.g. hidden
+    states given to a front) or the first id outside the vocabulary [0, vocab_size)."""
+    ids = np.asarray(ids)
+    if ids.ndim > 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+        raise ConfigError(f"token ids must be (T,) of an integer type, got {ids.dtype} {ids.shape}")
+    ids = ids.astype(np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
+        raise ConfigError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return ids

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import ConfigError
-from .hparams import LAYER_MATRICES, LAYER_NORMS, ModelConfig
+from .hparams import LAYER_MATRICES, LAYER_NORMS, ModelConfig, token_ids
 
 if TYPE_CHECKING:  # the GGUF reader is imported where a GGUF is read: a serving process never loads it
     from .gguf_model import GGUFModel, GGUFTensor
@@ -110,10 +110,7 @@ class ReferenceModel:
 
     def embed(self, tokens) -> np.ndarray:
         """Embedding rows for `tokens`: (T, d) float32."""
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise ConfigError(f"token id out of range [0, {self.config.vocab_size}): {ids.tolist()}")
-        return self.embd[ids]
+        return self.embd[token_ids(tokens, self.config.vocab_size)]
 
     def layer(self, i: int, h: np.ndarray, cos: np.ndarray, sin: np.ndarray,
               taps: dict | None = None) -> np.ndarray:

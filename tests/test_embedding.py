@@ -52,5 +52,5 @@ def test_an_id_outside_the_vocabulary_is_named(tiny_store):
 
 def test_hidden_states_given_to_a_front_are_refused(tiny_store):
     rows = EmbeddingRows(tiny_store, "q8")
-    with pytest.raises(ConfigError, match=r"a front takes token ids \(T,\) of an integer type, got float32 \(2, 64\)"):
+    with pytest.raises(ConfigError, match=r"token ids must be \(T,\) of an integer type, got float32 \(2, 64\)"):
         rows.rows(np.zeros((2, 64), np.float32))

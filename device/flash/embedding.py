@@ -16,6 +16,7 @@ import numpy as np
 
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.hparams import token_ids
 from edgesplit.runtime.quant import q8_dense
 from edgesplit.runtime.store import ModelStore
 
@@ -59,9 +60,7 @@ class FlashEmbedding:
 
     def rows(self, ids) -> np.ndarray:
         """Float32 rows (T, d) for token ids (T,)."""
-        ids = np.asarray(ids, np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ConfigError(f"token id out of range [0, {self.vocab_size}): {ids.tolist()}")
+        ids = token_ids(ids, self.vocab_size)
         out = np.empty((ids.size, self.d), np.float32)
         nb = self.n_blocks
         for t, tid in enumerate(ids.tolist()):
