@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from edgesplit.device.planning.fidelity import FidelityTable
 from edgesplit.device.planning.planner import InfeasibleError, Request, choose
-from edgesplit.harness.sweep import MAX_SEQ_LEN, alternating, probe_split
+from edgesplit.harness.sweep import MAX_SEQ_LEN, alternating, pass_seed, probe_split
 from edgesplit.harness.worker_proc import WorkerProcess
 from edgesplit.profiles.cloud import load_cloud_profile
 from edgesplit.profiles.device import load_device_profile
@@ -63,7 +63,7 @@ def plan_check(store: ModelStore, req: PlanCheckRequest) -> dict:
         def measure(configs: list[tuple[int, str]]) -> None:
             for p, (cut, codec) in alternating(configs, req.passes):
                 r, _ = probe_split(worker, str(store.path), req.network, cut, codec, req.tokens, MAX_SEQ_LEN, threads,
-                                   1000 * p + cut, req.quiet_wait_s)
+                                   pass_seed(0, p), req.quiet_wait_s)
                 measured.setdefault((cut, codec), []).append(r["per_token_ms"])
                 log.info("plan-check %s cut %d %s: %.1f ms/token", req.network, cut, codec, r["per_token_ms"])
 

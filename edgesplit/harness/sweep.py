@@ -52,6 +52,13 @@ def _row(r: dict, dev, cloud, net, setting: Setting, tokens: int) -> dict:
             "prompt_tokens": r["prompt_tokens"]}
 
 
+def pass_seed(link_seed: int, p: int) -> int:
+    """The emulated link's seed for every session of pass `p`. Every configuration of a pass sees
+    the same draws (jitter, losses: they do not depend on frame sizes), so the differences between
+    configurations are theirs, not the link's luck (common random numbers); passes differ."""
+    return link_seed + 1000 * p
+
+
 def alternating(items: list, passes: int) -> Iterator[tuple[int, Any]]:
     """(pass, item) over `passes` passes, every other pass in reverse order, so a slow minute on a
     shared machine hits different items in each pass."""
@@ -113,7 +120,7 @@ def sweep(model: str, network: str, *, cuts=None, codec: str = "f32", tokens: in
     with WorkerProcess(str(store.path), store.config.d_model, threads=threads) as worker:
         for p, cut in alternating(cuts, passes):
             r, quiet = probe_split(worker, str(store.path), network, cut, codec, tokens, seq_len, threads,
-                                   link_seed + 1000 * p + cut, quiet_wait_s)
+                                   pass_seed(link_seed, p), quiet_wait_s)
             runs[cut].append(dict(r, busy_cores_before=quiet["busy_cores"]))
             log.info("sweep %s pass %d cut %d: %.2f ms/token, peak RSS %.0f MB (others busy %.1f cores)",
                      net.name, p, cut, r["per_token_ms"], r["peak_rss_mb"], quiet["busy_cores"] or 0.0)
