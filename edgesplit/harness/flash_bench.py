@@ -33,7 +33,8 @@ from edgesplit.runtime.reference import rms_norm
 from edgesplit.runtime.store import ModelStore
 
 from edgesplit.device.flash.embedding import FlashEmbedding, FlashFront
-from edgesplit.device.planning.flash_model import Budget, FlashModel, check_budget, simulate_pipeline, stream_plan
+from edgesplit.device.planning.flash_model import (STREAM_WINDOW_LAYERS, Budget, FlashModel, check_budget,
+                                                  simulate_pipeline, stream_plan)
 from edgesplit.device.flash.store import FlashStore, ensure_flash_store
 from edgesplit.device.flash.layout import flash_settings
 from edgesplit.device.flash.stream import StreamedFront, StreamedLayer
@@ -165,8 +166,9 @@ def read_table(flash: FlashStore) -> None:
     f.read_into(buf, 0)
 
 
-def run_embedding(req: FlashBenchRequest, store, flash, tokens, head, model: FlashModel | None, factor: float = 1.0) -> dict:
-    table, layers = sizes = segment_bytes(req, store, flash)
+def run_embedding(req: FlashBenchRequest, store, flash, sizes: tuple[int, list[int]], tokens, head,
+                  model: FlashModel | None, factor: float = 1.0) -> dict:
+    table, layers = sizes
     emb = FlashEmbedding(flash, CACHE_ROWS)
     # the layers stay resident in this mode: the default budget is at least them and the row cache
     budget = budget_bytes(req, sizes, floor=sum(layers) + emb.cache_bytes)
@@ -212,11 +214,12 @@ def _row_read_s(flash: FlashStore, n: int) -> float:
     return statistics.median(ts)
 
 
-def run_stream(req: FlashBenchRequest, store, flash, tokens, head, model: FlashModel | None, factor: float = 1.0) -> dict:
-    table, layers = sizes = segment_bytes(req, store, flash)
+def run_stream(req: FlashBenchRequest, store, flash, sizes: tuple[int, list[int]], tokens, head,
+               model: FlashModel | None, factor: float = 1.0) -> dict:
+    table, layers = sizes
     budget = budget_bytes(req, sizes)
     settings = stream_settings(req)
-    window = 2 * max(layers)
+    window = STREAM_WINDOW_LAYERS * max(layers)
     resident = stream_plan(layers, window + CACHE_ROWS * flash.row_bytes, budget)
     if len(resident) == len(layers):
         raise ConfigError(f"budget {budget / MB:.1f} MB holds every layer: nothing to stream")
@@ -290,17 +293,18 @@ def run_flash_bench(req: FlashBenchRequest) -> list[dict]:
     model, factor = flash_model_of(req)
     tokens = text_tokens(text, load_tokenizer(store), req.tokens)
     head = CloudHead(store)
+    sizes = segment_bytes(req, store, flash)  # one probe layer measures every layer's DRAM bytes
     out = []
     for mode in modes:
         if mode == "neurons":
             from edgesplit.harness.flash_neurons_bench import run_neurons
 
-            budget = budget_bytes(req, segment_bytes(req, store, flash))
+            budget = budget_bytes(req, sizes)
             res = run_neurons(store, flash, tokens, model, budget, text=req.text,
                               window=req.window, plot_path=req.plot)
         else:
-            res = (run_embedding if mode == "embedding" else run_stream)(req, store, flash, tokens, head, model,
-                                                                         factor)
+            res = (run_embedding if mode == "embedding" else run_stream)(req, store, flash, sizes, tokens, head,
+                                                                         model, factor)
         res.update(threads=req.threads, accuracy_level=req.accuracy_level, load_avg_1m=os.getloadavg()[0],
                    flash_model=None if model is None else model.__dict__, compute_time_factor=factor)
         out.append(res)
