@@ -84,19 +84,33 @@ def madvise(start: int, length: int, advice: int) -> int:
     return 0 if fn(start, length, advice) == 0 else ctypes.get_errno()
 
 
-def _clean_mappings(path: str, smaps: str) -> list[tuple[int, int]]:
-    """(start, end) of the mappings of file `path` in `smaps` (/proc/<pid>/smaps text) holding no
-    anonymous pages: nothing in them was written (copy-on-write), so each page equals the file's."""
+def _smaps() -> str:
+    """This process's /proc/self/smaps text ('' where there is none: not Linux)."""
+    try:
+        with open("/proc/self/smaps") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _mapping_field(path: str, smaps: str, field: str) -> list[tuple[int, int, int]]:
+    """(start, end, value in kB) of `field` (e.g. 'Rss:') for each mapping of file `path` in
+    `smaps` (/proc/<pid>/smaps text)."""
     found, current = [], None
     for line in smaps.splitlines():
         m = _MAPPING.match(line)
         if m:
             current = (int(m.group(1), 16), int(m.group(2), 16)) if _mapped_name(m) == path else None
-        elif current is not None and line.startswith("Anonymous:"):
-            if int(line.split()[1]) == 0:
-                found.append(current)
+        elif current is not None and line.startswith(field):
+            found.append((*current, int(line.split()[1])))
             current = None
     return found
+
+
+def _clean_mappings(path: str, smaps: str) -> list[tuple[int, int]]:
+    """(start, end) of the mappings of file `path` in `smaps` (/proc/<pid>/smaps text) holding no
+    anonymous pages: nothing in them was written (copy-on-write), so each page equals the file's."""
+    return [(start, end) for start, end, kb in _mapping_field(path, smaps, "Anonymous:") if kb == 0]
 
 
 def drop_clean_file_pages(path: str) -> int:
@@ -105,13 +119,8 @@ def drop_clean_file_pages(path: str) -> int:
     while mapped, even unlinked), so nothing changes but what stays resident. Returns the number of
     mappings dropped. Call it while nothing else uses those mappings (e.g. right after a session
     that mapped them is opened, before it runs)."""
-    try:
-        with open("/proc/self/smaps") as f:
-            smaps = f.read()
-    except OSError:
-        return 0
     dropped = 0
-    for start, end in _clean_mappings(path, smaps):
+    for start, end in _clean_mappings(path, _smaps()):
         if madvise(start, end - start, MADV_DONTNEED) == 0:
             dropped += 1
     log.debug("dropped the resident pages of %d clean mapping(s) of %s", dropped, path)
@@ -121,17 +130,4 @@ def drop_clean_file_pages(path: str) -> int:
 def mapped_resident_bytes(path: str) -> dict[int, int]:
     """Per mapping of file `path` (by start address), its bytes resident in this process (Linux
     smaps Rss; elsewhere none)."""
-    try:
-        with open("/proc/self/smaps") as f:
-            smaps = f.read()
-    except OSError:
-        return {}
-    found: dict[int, int] = {}
-    start = None
-    for line in smaps.splitlines():
-        m = _MAPPING.match(line)
-        if m:
-            start = int(m.group(1), 16) if _mapped_name(m) == path else None
-        elif start is not None and line.startswith("Rss:"):
-            found[start] = int(line.split()[1]) * 1024
-    return found
+    return {start: kb * 1024 for start, _, kb in _mapping_field(path, _smaps(), "Rss:")}
