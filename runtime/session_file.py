@@ -122,6 +122,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _new_folder(directory: Path) -> Path:
+    """A private folder under `directory` for one load (PREFIX + pid + "-" + random), after
+    removing the folders dead loads left there."""
+    _remove_stale(directory)
+    return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=directory))
+
+
 Build = Callable[[graph.WeightSink], onnx.ModelProto]
 
 
@@ -130,8 +137,7 @@ def open_session(build: Build, so: ort.SessionOptions, directory: Path) -> ort.I
     under `directory` as they are made. None when `directory` or the files cannot be written (a
     read-only store, a full disk): the caller builds again with the weights in memory."""
     try:
-        _remove_stale(directory)
-        folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=directory))
+        folder = _new_folder(directory)
     except OSError as exc:
         log.warning("cannot write to %s (%s): the weights go to onnxruntime in memory, which "
                     "keeps a second copy of the repacked ones", directory, exc)
@@ -176,9 +182,8 @@ def open_packed_session(build: Build, options: Callable[[], ort.SessionOptions],
     the graph (session.save_external_prepacked_constant_initializers), once from that file, which
     maps them. The packed layout is onnxruntime's and this CPU's, so it is made at every load and
     never kept. Raises ConfigError when `directory` cannot be written."""
-    _remove_stale(directory)
     try:
-        folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=directory))
+        folder = _new_folder(directory)
     except OSError as exc:
         raise ConfigError(f"layer streaming writes each streamed layer's packed weights under {directory}, "
                           f"which cannot be written ({exc})") from exc
