@@ -44,7 +44,7 @@ def _add_engine(p: argparse.ArgumentParser, segments: bool = True) -> None:
     p.add_argument("--head-precision", default="q8", help="embedding/head precision: q8, f16, f32 (default q8)")
     p.add_argument("--kv-precision", default="f32", help="KV cache precision (default f32)")
     p.add_argument("--accuracy-level", type=int, default=4,
-                   help="MatMulNBits accuracy level of the layers: 0 = fp32 compute (exact), "
+                   help="accuracy level of the layers: 0 = fp32 compute (exact), "
                         "4 = int8 activations (default, faster)")
     p.add_argument("--outlier-channels", type=int, default=8,
                    help="at accuracy level 4: calibrated input channels per attention/FFN input kept in fp32 (default 8)")
@@ -52,6 +52,9 @@ def _add_engine(p: argparse.ArgumentParser, segments: bool = True) -> None:
     p.add_argument("--head-outlier-channels", type=int, default=16,
                    help="at head accuracy level 4: head input channels kept in fp32 (default 16)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    p.add_argument("--kernel", default="auto", choices=("auto", "q4linear", "matmulnbits"),
+                   help="q4 layers: edgesplit's Q4Linear operator (built here on first use) or onnxruntime's "
+                        "MatMulNBits; auto (default): Q4Linear where it builds")
     if segments:
         p.add_argument("--segments", type=int_list, default=None, metavar="A,B,...",
                        help="cut points of consecutive local segments, e.g. 0,12,30 (default: one segment)")

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import kernels
 from .errors import ConfigError
 from .calibration import outlier_channels
 from .embedding import EmbeddingRows
@@ -27,11 +28,15 @@ log = logging.getLogger(__name__)
 
 
 
-def session_options(threads: int, spin: bool = True, profile_prefix: str | None = None) -> ort.SessionOptions:
+def session_options(threads: int, spin: bool = True, profile_prefix: str | None = None,
+                    q4_kernel: str = "matmulnbits") -> ort.SessionOptions:
     """CPU session options tuned for small-batch latency. `spin` False: idle intra-op threads
     sleep instead of busy-waiting (for processes that wait on a network between runs).
-    `profile_prefix`: onnxruntime's per-node profiling into `<prefix>_<time>.json` (benchmarks)."""
+    `profile_prefix`: onnxruntime's per-node profiling into `<prefix>_<time>.json` (benchmarks).
+    `q4_kernel` "q4linear": the graph has edgesplit's operator, whose library is registered."""
     so = ort.SessionOptions()
+    if q4_kernel == "q4linear":
+        so.register_custom_ops_library(str(kernels.require()))
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -62,10 +67,11 @@ class EngineSettings:
     head_accuracy_level: int = 4
     head_outlier_channels: int = 16
     threads: int = 2
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         for name, allowed in (("precision", LAYER_PRECISIONS), ("head_precision", EMBEDDING_PRECISIONS),
-                              ("kv_precision", tuple(KV_TYPES))):
+                              ("kv_precision", tuple(KV_TYPES)), ("kernel", kernels.KERNELS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name, low, high in (("accuracy_level", 0, 4), ("head_accuracy_level", 0, 4), ("outlier_channels", 0, None),
@@ -139,7 +145,7 @@ def build_session(store: ModelStore, s: SegmentSpec, threads: int, spin: bool, o
             norm = store.load("output_norm", "f32")["weight"]
         return build_segment(s, _Layers(store, s), head, norm, kv_scales, outliers, sink)
 
-    so = session_options(threads, spin, profile_prefix)
+    so = session_options(threads, spin, profile_prefix, s.q4_kernel)
     session = open_session(lambda sink: build(sink)[0], so, store.path)
     if session is not None:
         return session, []
@@ -154,9 +160,12 @@ class SegmentEngine:
 
     precision: layer weights q4 (the GGUF's Q4_1 blocks), q8, f16 or f32; head_precision: the
     embedding table and head (q8 = the GGUF's Q8_0, f16, f32); kv_precision: f32, f16 or int8.
-    accuracy_level: MatMulNBits compute, 0 = fp32 (bit-faithful to the GGUF), 4 = int8
+    kernel: what runs q4 layers. "q4linear" is edgesplit's operator (kernels.py): exact fp32
+    compute straight from the Q4_1 blocks, one node a projection, no repacked copy. "matmulnbits"
+    is onnxruntime's, with accuracy_level: 0 = fp32 (bit-faithful to the GGUF), 4 = int8
     activations (faster), with `outlier_channels` calibrated input channels per attention/FFN
-    input kept in fp32; the head likewise (`head_accuracy_level`, `head_outlier_channels`).
+    input kept in fp32. "auto" (default): q4linear where its library builds, else matmulnbits.
+    The head is MatMulNBits (`head_accuracy_level`, `head_outlier_channels`).
     """
 
     def __init__(self, store: ModelStore, start: int = 0, end: int | None = None, *,
@@ -164,7 +173,7 @@ class SegmentEngine:
                  max_seq_len: int | None = None, threads: int = 2, accuracy_level: int = 4,
                  outlier_channels: int = 8, head_accuracy_level: int = 4, head_outlier_channels: int = 16,
                  embed_ids: bool = True, with_head: bool = True, spin: bool = True,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, kernel: str = "auto"):
         cfg = store.config
         end = cfg.n_layers if end is None else end
         max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.context_length) if max_seq_len is None else max_seq_len
@@ -181,8 +190,9 @@ class SegmentEngine:
                 raise ConfigError(f"{name} {acc} is not in 0..4")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"threads must be an integer >= 1 (onnxruntime intra-op threads), got {threads!r}")
+        q4_kernel = kernels.resolve(kernel) if precision == "q4" else "matmulnbits"
         self.spec = SegmentSpec(cfg, start, end, precision, head_precision, kv_precision, max_seq_len,
-                                accuracy_level, head_accuracy_level, embed_ids, with_head)
+                                accuracy_level, q4_kernel, head_accuracy_level, embed_ids, with_head)
         # The graph takes hidden states: a front's ids become rows read from the store
         # (embedding.py), so the table is never mapped into this process.
         self._rows = EmbeddingRows(store, head_precision) if self.spec.has_embedding else None

@@ -27,6 +27,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .hparams import DEFAULT_MAX_SEQ_LEN, ModelConfig
+from .errors import ConfigError
+from .kernels import DOMAIN as Q4_DOMAIN, MAX_OUTLIERS as Q4_MAX_OUTLIERS
 from .quant import dense_columns
 
 SMALL_BYTES = 256
@@ -46,6 +48,7 @@ class SegmentSpec:
     kv_precision: str = "f32"
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     accuracy_level: int = 0  # layers' MatMulNBits: 0 = fp32 compute (exact), 4 = int8 activations
+    q4_kernel: str = "matmulnbits"  # q4 layers: "q4linear" (edgesplit's exact fp32 operator, kernels.py) or "matmulnbits"
     head_accuracy_level: int = 4  # the head's; 8-bit MatMulNBits has no fast fp32 kernel
     embed_ids: bool = True  # at start 0: the engine takes token ids (rows from the store, embedding.py); False: hidden states
     with_head: bool = True  # False: a segment ending at n_layers returns hidden states, no norm/head
@@ -83,8 +86,9 @@ class InMemoryWeights:
 class _Graph:
     """Accumulates nodes and initializers with unique names; large constants go to `sink`."""
 
-    def __init__(self, accuracy_level: int, sink: WeightSink | None = None):
+    def __init__(self, accuracy_level: int, sink: WeightSink | None = None, q4_kernel: str = "matmulnbits"):
         self.nodes: list[onnx.NodeProto] = []
+        self.q4_kernel = q4_kernel
         self.inits: list[onnx.TensorProto] = []
         self.sink = InMemoryWeights() if sink is None else sink
         self._names: set[str] = set()
@@ -143,6 +147,8 @@ class _Graph:
         n, nb = qw.shape[0], qw.shape[1]
         bits = 4 if qw.shape[2] == 16 else 8
         acc = self.acc if acc is None else acc
+        if bits == 4 and self.q4_kernel == "q4linear":
+            return self.q4linear(x, w, prefix, acc, outliers)
         x_in = x
         if outliers is not None and acc == 4:
             mask = np.ones(k, np.float32)
@@ -168,6 +174,20 @@ class _Graph:
             return y
         a = a_parts[0] if len(a_parts) == 1 else self.op1("Concat", a_parts, axis=1)
         return self.op1("Gemm", [a, self.init(f"{prefix}.B", np.concatenate(b_rows, axis=0)), y])
+
+    def q4linear(self, x: str, w: dict[str, np.ndarray], prefix: str, acc: int, outliers: np.ndarray | None) -> str:
+        """One Q4Linear node (kernels.py): the minimums inside. At accuracy level 4 the outlier
+        channels go in as indices with their weights' scale * q (N, n_out); the kernel keeps them
+        out of its int8 rounding and adds them exactly (their minimums meet the block sums)."""
+        inputs = [x, self.init(f"{prefix}.qweight", w["qweight"]), self.init(f"{prefix}.scales", w["scales"]),
+                  self.init(f"{prefix}.mins", w["mins"])]
+        if outliers is not None and acc == 4:
+            if len(outliers) > Q4_MAX_OUTLIERS:
+                raise ConfigError(f"{prefix}: {len(outliers)} outlier channels; Q4Linear keeps at most {Q4_MAX_OUTLIERS}")
+            exact = dense_columns(w, outliers) - w["mins"].astype(np.float32)[:, outliers // 32]  # (N, n_out)
+            inputs += [self.init(f"{prefix}.outliers", outliers.astype(np.int64)),
+                       self.init(f"{prefix}.outlier_w", exact.astype(np.float32))]
+        return self.op1("Q4Linear", inputs, domain=Q4_DOMAIN, accuracy_level=4 if acc == 4 else 0)
 
     def blocksum(self, x: str, nb: int) -> str:
         """Sums of each block of 32 inputs: (T, K) -> (T, nb). Reshape + ReduceSum measured 2.5x
@@ -208,7 +228,7 @@ def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]]
     outliers = outliers or {}
     cfg = spec.config
     d, hd = cfg.d_model, cfg.head_dim
-    g = _Graph(spec.accuracy_level, sink)
+    g = _Graph(spec.accuracy_level, sink, spec.q4_kernel)
     inputs, outputs = [], []
     kv_type = KV_TYPES[spec.kv_precision]
     cache_shape: list[str | int] = ["B", cfg.n_kv_heads, spec.max_seq_len, hd]  # B sessions (one for a prompt)
@@ -295,5 +315,6 @@ def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]]
         outputs.insert(0, helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT, ["T", d]))
     graph = helper.make_graph(g.nodes, f"segment_{spec.start}_{spec.end}", inputs, outputs, g.inits)
     arrays = g.sink.arrays if isinstance(g.sink, InMemoryWeights) else {}
-    return helper.make_model(graph, opset_imports=OPSETS, ir_version=10), arrays
+    opsets = OPSETS + ([helper.make_opsetid(Q4_DOMAIN, 1)] if spec.q4_kernel == "q4linear" else [])
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10), arrays
 

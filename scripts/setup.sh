@@ -8,3 +8,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,cluster,litert]"
+# onnxruntime's C API header, so edgesplit can build its Q4Linear operator on first use
+# (runtime/kernels.py); without it the engine falls back to MatMulNBits.
+bash scripts/ort_headers.sh

@@ -9,23 +9,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgesplit.runtime import kernels
 from edgesplit.runtime.engine import segment_outliers
 from edgesplit.runtime.graph import SegmentSpec, WeightSink, build_segment
 from edgesplit.runtime.quant import q4_dense
 from edgesplit.runtime.store import ModelStore
 
-FLASH_SETTINGS = ("precision", "kv_precision", "accuracy_level", "outlier_channels")
+FLASH_SETTINGS = ("precision", "kv_precision", "accuracy_level", "outlier_channels", "kernel")
 
 
 def flash_settings(**engine_kwargs) -> dict:
     """The engine settings a streamed layer's graph depends on (defaults as SegmentEngine's)."""
-    defaults = {"precision": "q4", "kv_precision": "f32", "accuracy_level": 4, "outlier_channels": 8}
+    defaults = {"precision": "q4", "kv_precision": "f32", "accuracy_level": 4, "outlier_channels": 8, "kernel": "auto"}
     return {k: engine_kwargs.get(k, defaults[k]) for k in FLASH_SETTINGS}
+
+
+def q4_kernel(settings: dict) -> str:
+    """The operator a streamed layer's q4 projections run on (kernels.resolve)."""
+    return kernels.resolve(settings["kernel"]) if settings["precision"] == "q4" else "matmulnbits"
 
 
 def _layer_spec(store: ModelStore, i: int, settings: dict, max_seq_len: int) -> SegmentSpec:
     return SegmentSpec(store.config, i, i + 1, settings["precision"], "q8", settings["kv_precision"],
-                       max_seq_len, settings["accuracy_level"], 4, embed_ids=False, with_head=False)
+                       max_seq_len, settings["accuracy_level"], q4_kernel(settings), 4,
+                       embed_ids=False, with_head=False)
 
 
 def layer_graph(store: ModelStore, i: int, settings: dict, max_seq_len: int, sink: WeightSink | None = None):

@@ -37,7 +37,7 @@ from edgesplit.runtime.kv_cache import KVCache
 from edgesplit.runtime.session_file import open_packed_session
 from edgesplit.runtime.store import ModelStore
 
-from edgesplit.device.flash.layout import layer_graph
+from edgesplit.device.flash.layout import layer_graph, q4_kernel
 from edgesplit.device.flash.store import FlashReadError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ class StreamedLayer:
             return _rope_as_inputs(model)
 
         # many sessions: idle pools must not busy-wait
-        self.packed = open_packed_session(build, lambda: session_options(threads, spin=False), store.path)
+        kernel = q4_kernel(settings)
+        self.packed = open_packed_session(build, lambda: session_options(threads, spin=False, q4_kernel=kernel), store.path)
         self.spec, self.session = specs[0], self.packed.session
         self.cache = KVCache(self.session, self.spec)
         self.rope = rope if rope is not None else rope_values(store, max_seq_len)

@@ -1,0 +1,473 @@
+/* An onnxruntime custom operator, edgesplit.Q4Linear: Y (T, N) = X (T, K) @ W^T for a weight in
+ * the shard q4 layout (runtime/quant.py), computed in fp32 from the Q4_1 values as they are:
+ *
+ *   inputs  X f32 (T, K); QW uint8 (N, K/32, 16), element 2j of a block in the low nibble of byte j;
+ *           SCALES f16 (N, K/32); MINS f16 (N, K/32)
+ *   output  Y f32 (T, N), Y[t, n] = sum_k X[t, k] * (SCALES[n, k/32] * q[n, k] + MINS[n, k/32])
+ *
+ * Why: onnxruntime's MatMulNBits has no Q4_1 form that is both exact and fast (its float zero
+ * point path is 12-33x slower), so the engine ran MatMulNBits on d*(q-8) and added the minimums
+ * with ~7 further nodes per projection. Here one node reads each weight byte once, straight from
+ * the store's layout (no repacked copy: the weights stay the mapped file).
+ *
+ * Loop shape: X is de-interleaved once per call (per block its 16 even, then its 16 odd elements:
+ * the order the nibbles come in). Parallel tasks own ranges of outputs; a tile of NT outputs x RT
+ * rows dequantizes each weight block once and meets every row of the tile with it. AVX-512 where
+ * the build machine has it, else portable C loops the compiler vectorizes (-O3 -march=native).
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "onnxruntime_c_api.h"
+
+#define BLOCK 32
+#define HALF 16         /* a block's even (low-nibble) or odd (high-nibble) elements */
+#define NT 4            /* outputs per tile: they share each row's x loads */
+#define RT 3            /* rows of X per tile: 2 * NT * RT independent accumulators */
+#define N_PER_TASK 32   /* outputs per parallel task */
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 16
+#endif
+
+static const OrtApi *g_api;
+
+typedef struct {
+    const float *xp;      /* (T, K) X de-interleaved per block: its 16 even, then its 16 odd elements */
+    const int8_t *qx;     /* int8 path: (T, ng, 128) per 4 blocks their even, then their odd elements, int8 */
+    const float *dxe;     /* int8 path: (T, ng, 16) the 4 blocks' steps dx, 4 lanes each */
+    const float *xsum;    /* int8 path: (T, 4 * ng) each block's exact fp32 sum S */
+    const float *resid;   /* int8 path: (T, 4 * ng) each block's 8 (S - dx sum qx) */
+    size_t ng;            /* groups of 4 blocks: ceil(nb / 4); sf, mf rows are 4 * ng long */
+    const int64_t *oidx;  /* int8 path: outlier input channels, kept out of the int8 rounding (or NULL) */
+    size_t n_out;         /* how many (at most HALF) */
+    const float *ow;      /* (N, n_out) their weights' SCALES * q (the minimums meet the exact block sums) */
+    float *xo;            /* (T, HALF) their x values, zero-padded */
+    int int8;             /* run the int8 path */
+    const uint8_t *qw;    /* (N, nb, 16) */
+    const _Float16 *s;    /* (N, nb) */
+    const _Float16 *m;    /* (N, nb) */
+    float *y;             /* (T, N) */
+    size_t T, K, N, nb;
+} Job;
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* Y[t0 .. t0+R, n0 .. n0+nt]: each block's 32 weights of an output are dequantized into two
+ * vectors (its even and its odd elements) and meet the matching halves of each row of xp. The
+ * rows' x loads are shared by the tile's outputs, and the accumulators are independent chains
+ * (one chain per output was latency-bound). Inlined with constant nt and R, so they stay in
+ * registers. sf, mf: the tile's scales and minimums in fp32, (nt, nb). */
+static inline __attribute__((always_inline)) void tile(const Job *j, size_t n0, size_t t0, const float *sf,
+                                                        const float *mf, const int nt, const int R) {
+    __m512 lo[NT][RT], hi[NT][RT];
+    for (int i = 0; i < nt; i++)
+        for (int r = 0; r < R; r++) lo[i][r] = hi[i][r] = _mm512_setzero_ps();
+    const __m512i mask = _mm512_set1_epi32(0x0F);
+    const size_t row_bytes = j->nb * HALF;
+    const uint8_t *q = j->qw + n0 * row_bytes;
+    for (size_t b = 0; b < j->nb; b++) {
+        const float *x = j->xp + t0 * j->K + b * BLOCK;
+        for (int i = 0; i < nt; i++) {
+            if (b % 4 == 0)  /* a tile ahead, a cache line (4 blocks) at a time: see tile_int8 */
+                _mm_prefetch((const char *)(q + (i + PREFETCH_ROWS) * row_bytes + b * HALF), _MM_HINT_T0);
+            __m512i qi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i * row_bytes + b * HALF)));
+            __m512 vs = _mm512_set1_ps(sf[i * 4 * j->ng + b]), vm = _mm512_set1_ps(mf[i * 4 * j->ng + b]);
+            __m512 we = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(qi, mask)), vs, vm);
+            __m512 wo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(qi, 4)), vs, vm);
+            for (int r = 0; r < R; r++) {
+                lo[i][r] = _mm512_fmadd_ps(we, _mm512_loadu_ps(x + r * j->K), lo[i][r]);
+                hi[i][r] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(x + r * j->K + HALF), hi[i][r]);
+            }
+        }
+    }
+    for (int i = 0; i < nt; i++)
+        for (int r = 0; r < R; r++)
+            j->y[(t0 + r) * j->N + n0 + i] = _mm512_reduce_add_ps(_mm512_add_ps(lo[i][r], hi[i][r]));
+}
+
+/* every row of X against outputs n .. n+nt */
+static void outputs(const Job *j, size_t n, int nt, const float *sf, const float *mf) {
+    size_t t = 0;
+    if (nt == NT) {
+        for (; t + RT <= j->T; t += RT) tile(j, n, t, sf, mf, NT, RT);
+        for (; t < j->T; t++) tile(j, n, t, sf, mf, NT, 1);
+    } else {
+        for (; t < j->T; t++) tile(j, n, t, sf, mf, 1, 1);
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_INT8 1
+/* The int8 path (accuracy level 4, as MatMulNBits'): X quantized to int8 per block with one fp32
+ * step dx per block. Four weight blocks are 64 bytes of nibbles: their low nibbles are the
+ * blocks' even elements and their high nibbles the odd ones, and each meets the 64 matching int8
+ * x values in one VNNI dot product (vpdpbusd; int32 lanes 4b..4b+3 hold block b's sum).
+ *
+ * Per block, sum_l (d q_l + m) x_l = d dx sum_l q_l qx_l + (m + 8d) S - 8 d dx sum_l qx_l,
+ * S the block's exact fp32 sum: the dot product runs on the unsigned nibbles, but its x rounding
+ * error meets q - 8 (centred, as MatMulNBits' symmetric form; q itself doubled the error), and
+ * the rest is two fp32 terms per block: m S + d E with E = 8 (S - dx sum qx), kept per row. */
+static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t n0, size_t t0, const float *sf,
+                                                             const float *mf, const int nt, const int R) {
+    __m512 acc[NT][RT];
+    for (int i = 0; i < nt; i++)
+        for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    const __m512i quads = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const size_t row_bytes = j->nb * HALF, kq = j->ng * 4 * BLOCK, stride = 4 * j->ng;
+    for (size_t g = 0; g < j->ng; g++) {
+        const size_t left = j->nb - 4 * g;  /* the last group may hold fewer than 4 blocks */
+        const __mmask64 load = left >= 4 ? ~0ULL : (1ULL << (left * HALF)) - 1;
+        for (int i = 0; i < nt; i++) {
+            /* the next tile's rows, a tile ahead: four row streams at once outrun the hardware prefetcher */
+            _mm_prefetch((const char *)(j->qw + (n0 + i + PREFETCH_ROWS) * row_bytes + g * 4 * HALF), _MM_HINT_T0);
+            __m512i w = _mm512_maskz_loadu_epi8(load, j->qw + (n0 + i) * row_bytes + g * 4 * HALF);
+            __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
+            __m512 dw = _mm512_permutexvar_ps(quads, _mm512_castps128_ps512(_mm_loadu_ps(sf + i * stride + 4 * g)));
+            for (int r = 0; r < R; r++) {
+                const size_t t = t0 + r;
+                const int8_t *x = j->qx + t * kq + g * 4 * BLOCK;
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x));
+                dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(x + 2 * BLOCK));
+                __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(j->dxe + (t * j->ng + g) * HALF));
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][r]);
+            }
+        }
+    }
+    for (int i = 0; i < nt; i++)
+        for (int r = 0; r < R; r++) {
+            const size_t t = t0 + r;
+            for (size_t c = 0; c < stride; c += HALF) {  /* sum_b MINS S_b + SCALES E_b */
+                const __mmask16 m = stride - c >= HALF ? 0xFFFF : (__mmask16)((1u << (stride - c)) - 1);
+                acc[i][r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, mf + i * stride + c),
+                                            _mm512_maskz_loadu_ps(m, j->xsum + t * stride + c), acc[i][r]);
+                acc[i][r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, sf + i * stride + c),
+                                            _mm512_maskz_loadu_ps(m, j->resid + t * stride + c), acc[i][r]);
+            }
+            if (j->n_out) {  /* the outlier channels, exactly */
+                const __mmask16 m = (__mmask16)((1u << j->n_out) - 1);
+                acc[i][r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, j->ow + (n0 + i) * j->n_out),
+                                            _mm512_loadu_ps(j->xo + t * HALF), acc[i][r]);
+            }
+            j->y[t * j->N + n0 + i] = _mm512_reduce_add_ps(acc[i][r]);
+        }
+}
+
+static void outputs_int8(const Job *j, size_t n, int nt, const float *sf, const float *mf) {
+    size_t t = 0;
+    if (nt == NT) {
+        for (; t + RT <= j->T; t += RT) tile_int8(j, n, t, sf, mf, NT, RT);
+        for (; t < j->T; t++) tile_int8(j, n, t, sf, mf, NT, 1);
+    } else {
+        for (; t < j->T; t++) tile_int8(j, n, t, sf, mf, 1, 1);
+    }
+}
+#endif
+#else
+/* Portable C with the same tiling over 16-lane arrays, for the compiler to vectorize (NEON on
+ * a Raspberry Pi). w: the tile's dequantized rows, (nt, K), in xp's order. */
+static void outputs(const Job *j, size_t n, int nt, const float *sf, const float *mf) {
+    float w[NT][j->K];
+    for (int i = 0; i < nt; i++) {
+        const uint8_t *q = j->qw + (n + i) * j->nb * HALF;
+        for (size_t b = 0; b < j->nb; b++)
+            for (int l = 0; l < HALF; l++) {
+                w[i][b * BLOCK + l] = sf[i * 4 * j->ng + b] * (float)(q[b * HALF + l] & 0x0F) + mf[i * 4 * j->ng + b];
+                w[i][b * BLOCK + HALF + l] = sf[i * 4 * j->ng + b] * (float)(q[b * HALF + l] >> 4) + mf[i * 4 * j->ng + b];
+            }
+    }
+    for (size_t t = 0; t < j->T; t++) {
+        const float *x = j->xp + t * j->K;
+        for (int i = 0; i < nt; i++) {
+            float acc[HALF] = {0};
+            for (size_t k = 0; k < j->K; k += HALF)
+                for (int l = 0; l < HALF; l++) acc[l] += w[i][k + l] * x[k + l];
+            float sum = 0.0f;
+            for (int l = 0; l < HALF; l++) sum += acc[l];
+            j->y[t * j->N + n + i] = sum;
+        }
+    }
+}
+#endif
+
+/* dst[0 .. padded) = src[0 .. n) as fp32, then zeros */
+static inline void to_f32(const _Float16 *src, size_t n, float *dst, size_t padded) {
+    size_t b = 0;
+#if defined(__AVX512F__)
+    for (; b + HALF <= n; b += HALF) _mm512_storeu_ps(dst + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + b))));
+#endif
+    for (; b < n; b++) dst[b] = (float)src[b];
+    for (; b < padded; b++) dst[b] = 0.0f;
+}
+
+/* one parallel task: outputs [task * N_PER_TASK, ...), NT at a time, the last N % NT one by one */
+static void run_task(void *user, size_t task) {
+    const Job *j = (const Job *)user;
+    size_t n0 = task * N_PER_TASK, n1 = n0 + N_PER_TASK < j->N ? n0 + N_PER_TASK : j->N;
+    const size_t stride = 4 * j->ng;
+    float sf[NT * stride], mf[NT * stride];  /* the tile's scales and minimums in fp32, zero-padded */
+    for (size_t n = n0; n < n1;) {
+        const int nt = n1 - n >= NT ? NT : 1;
+#if defined(__AVX512F__)
+        if (n + PREFETCH_ROWS + nt <= j->N)  /* the scales and minimums of the tile a tile ahead */
+            for (size_t b = 0; b < (size_t)nt * j->nb * 2; b += 64) {
+                _mm_prefetch((const char *)(j->s + (n + PREFETCH_ROWS) * j->nb) + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)(j->m + (n + PREFETCH_ROWS) * j->nb) + b, _MM_HINT_T0);
+            }
+#endif
+        for (int i = 0; i < nt; i++) {
+            to_f32(j->s + (n + i) * j->nb, j->nb, sf + i * stride, stride);
+            to_f32(j->m + (n + i) * j->nb, j->nb, mf + i * stride, stride);
+        }
+#ifdef HAVE_INT8
+        if (j->int8) {
+            outputs_int8(j, n, nt, sf, mf);
+            n += (size_t)nt;
+            continue;
+        }
+#endif
+        outputs(j, n, nt, sf, mf);
+        n += (size_t)nt;
+    }
+}
+
+#ifdef HAVE_INT8
+/* X's rows prepared for the int8 path (see tile_int8), in one buffer. xp: X de-interleaved. */
+static void *quantize_rows(Job *j, float *xp) {
+    const size_t kq = j->ng * 4 * BLOCK, stride = 4 * j->ng;
+    const size_t q_bytes = j->T * kq, dxe_floats = j->T * j->ng * HALF, sum_floats = j->T * stride;
+    const size_t floats = dxe_floats + 2 * sum_floats + j->T * HALF;
+    char *buf = (char *)aligned_alloc(64, (q_bytes + 4 * floats + 63) / 64 * 64);
+    if (buf == NULL) return NULL;
+    int8_t *qx = (int8_t *)buf;
+    float *dxe = (float *)(buf + q_bytes), *xsum = dxe + dxe_floats, *resid = xsum + sum_floats;
+    j->xo = resid + sum_floats;
+    memset(buf, 0, 4 * floats + q_bytes);
+    for (size_t t = 0; t < j->T; t++)
+        for (size_t b = 0; b < j->nb; b++)  /* the minimums meet the whole block's sum, outliers included */
+            xsum[t * stride + b] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(xp + t * j->K + b * BLOCK),
+                                                                      _mm512_loadu_ps(xp + t * j->K + b * BLOCK + HALF)));
+    for (size_t t = 0; t < j->T; t++)
+        for (size_t o = 0; o < j->n_out; o++) {  /* outliers leave the int8 path (xp is this call's copy) */
+            const size_t c = (size_t)j->oidx[o], at = t * j->K + (c / BLOCK) * BLOCK + (c % 2) * HALF + (c % BLOCK) / 2;
+            j->xo[t * HALF + o] = xp[at];
+            xp[at] = 0.0f;
+        }
+    for (size_t t = 0; t < j->T; t++)
+        for (size_t b = 0; b < j->nb; b++) {
+            const float *x = xp + t * j->K + b * BLOCK;
+            int8_t *q = qx + t * kq + (b / 4) * 4 * BLOCK + (b % 4) * HALF;  /* evens; the odds 64 bytes on */
+            const __m512 ev = _mm512_loadu_ps(x), od = _mm512_loadu_ps(x + HALF);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(ev), _mm512_abs_ps(od)));
+            const float sum = _mm512_reduce_add_ps(_mm512_add_ps(ev, od));
+            const float dx = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+            /* round to nearest even (the default rounding mode), as MatMulNBits' quantizer */
+            const __m512i qe = _mm512_cvtps_epi32(_mm512_mul_ps(ev, _mm512_set1_ps(inv)));
+            const __m512i qo = _mm512_cvtps_epi32(_mm512_mul_ps(od, _mm512_set1_ps(inv)));
+            _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(qe));
+            _mm_storeu_si128((__m128i *)(q + 2 * BLOCK), _mm512_cvtsepi32_epi8(qo));
+            const int qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(qe, qo));
+            for (int l = 0; l < 4; l++) dxe[(t * j->ng + b / 4) * HALF + (b % 4) * 4 + l] = dx;
+            resid[t * stride + b] = 8.0f * (sum - dx * (float)qsum);  /* sum: without the outliers */
+        }
+    j->qx = qx;
+    j->dxe = dxe;
+    j->xsum = xsum;
+    j->resid = resid;
+    return buf;
+}
+#endif
+
+#define CHECK(expr) do { OrtStatus *st_ = (expr); if (st_) return st_; } while (0)
+
+static OrtStatus *fail(const char *msg) { return g_api->CreateStatus(ORT_INVALID_ARGUMENT, msg); }
+
+/* the dims of input i into dims (at most 4), their count into nd */
+static OrtStatus *input_dims(OrtKernelContext *ctx, size_t i, const OrtValue **v, int64_t *dims, size_t *nd) {
+    OrtTensorTypeAndShapeInfo *info;
+    CHECK(g_api->KernelContext_GetInput(ctx, i, v));
+    CHECK(g_api->GetTensorTypeAndShape(*v, &info));
+    OrtStatus *st = g_api->GetDimensionsCount(info, nd);
+    if (!st && *nd <= 4) st = g_api->GetDimensions(info, dims, *nd);
+    g_api->ReleaseTensorTypeAndShapeInfo(info);
+    if (!st && *nd > 4) return fail("Q4Linear: an input has more than 4 dimensions");
+    return st;
+}
+
+/* The optional outlier inputs (4: channel indices, 5: (N, n) weights), used on the int8 path
+ * only: the fp32 path is exact without them. */
+static OrtStatus *outlier_inputs(OrtKernelContext *ctx, Job *j) {
+    size_t count;
+    CHECK(g_api->KernelContext_GetInputCount(ctx, &count));
+    if (count < 6 || !j->int8) return NULL;
+    const OrtValue *vi, *vw;
+    CHECK(g_api->KernelContext_GetInput(ctx, 4, &vi));
+    CHECK(g_api->KernelContext_GetInput(ctx, 5, &vw));
+    if (vi == NULL || vw == NULL) return NULL;
+    int64_t di[4], dw[4];
+    size_t ni, nw;
+    CHECK(input_dims(ctx, 4, &vi, di, &ni));
+    CHECK(input_dims(ctx, 5, &vw, dw, &nw));
+    char msg[200];
+    if (ni != 1 || di[0] < 1 || di[0] > HALF || nw != 2 || dw[0] != (int64_t)j->N || dw[1] != di[0]) {
+        snprintf(msg, sizeof msg, "Q4Linear: outliers (%lld) and their weights (%lld, %lld) must be (n,) and (N=%zu, n), "
+                 "1 <= n <= %d", (long long)di[0], (long long)dw[0], (long long)(nw > 1 ? dw[1] : -1), j->N, HALF);
+        return fail(msg);
+    }
+    CHECK(g_api->GetTensorMutableData((OrtValue *)vi, (void **)&j->oidx));
+    CHECK(g_api->GetTensorMutableData((OrtValue *)vw, (void **)&j->ow));
+    for (int64_t o = 0; o < di[0]; o++)
+        if (j->oidx[o] < 0 || j->oidx[o] >= (int64_t)j->K) {
+            snprintf(msg, sizeof msg, "Q4Linear: outlier channel %lld is outside [0, K=%zu)", (long long)j->oidx[o], j->K);
+            return fail(msg);
+        }
+    j->n_out = (size_t)di[0];
+    return NULL;
+}
+
+typedef struct {
+    int64_t accuracy_level;  /* attribute: 0 fp32 compute (exact), 4 int8 activations (AVX-512 VNNI builds) */
+} Kernel;
+
+static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
+    const OrtValue *vx, *vq, *vs, *vm;
+    int64_t dx[4], dq[4], ds[4], dm[4];
+    size_t nx, nq, ns, nm;
+    CHECK(input_dims(ctx, 0, &vx, dx, &nx));
+    CHECK(input_dims(ctx, 1, &vq, dq, &nq));
+    CHECK(input_dims(ctx, 2, &vs, ds, &ns));
+    CHECK(input_dims(ctx, 3, &vm, dm, &nm));
+    char msg[256];
+    if (nx != 2 || nq != 3 || ns != 2 || nm != 2 || dq[2] != BLOCK / 2 || dx[1] != dq[1] * BLOCK
+        || ds[0] != dq[0] || ds[1] != dq[1] || dm[0] != dq[0] || dm[1] != dq[1]) {
+        snprintf(msg, sizeof msg, "Q4Linear: shapes X (%lld, %lld), QW (%lld, %lld, %lld) do not match "
+                 "X (T, K), QW (N, K/32, 16), SCALES and MINS (N, K/32)",
+                 (long long)dx[0], (long long)(nx > 1 ? dx[1] : -1), (long long)dq[0],
+                 (long long)(nq > 1 ? dq[1] : -1), (long long)(nq > 2 ? dq[2] : -1));
+        return fail(msg);
+    }
+    Job j = {.T = (size_t)dx[0], .K = (size_t)dx[1], .N = (size_t)dq[0], .nb = (size_t)dq[1]};
+    j.ng = (j.nb + 3) / 4;
+#ifdef HAVE_INT8
+    j.int8 = ((const Kernel *)kernel)->accuracy_level == 4;
+#else
+    (void)kernel;
+#endif
+    CHECK(outlier_inputs(ctx, &j));
+    const float *x;
+    CHECK(g_api->GetTensorMutableData((OrtValue *)vx, (void **)&x));
+    CHECK(g_api->GetTensorMutableData((OrtValue *)vq, (void **)&j.qw));
+    CHECK(g_api->GetTensorMutableData((OrtValue *)vs, (void **)&j.s));
+    CHECK(g_api->GetTensorMutableData((OrtValue *)vm, (void **)&j.m));
+    int64_t dy[2] = {dx[0], dq[0]};
+    OrtValue *vy;
+    CHECK(g_api->KernelContext_GetOutput(ctx, 0, dy, 2, &vy));
+    CHECK(g_api->GetTensorMutableData(vy, (void **)&j.y));
+    if (j.T == 0 || j.N == 0) return NULL;
+    float *xp = (float *)aligned_alloc(64, (j.T * j.K * sizeof(float) + 63) / 64 * 64);
+    if (xp == NULL) return g_api->CreateStatus(ORT_FAIL, "Q4Linear: out of memory");
+    for (size_t t = 0; t < j.T; t++)  /* de-interleave: per block the even elements, then the odd */
+        for (size_t b = 0; b < j.nb; b++)
+            for (int l = 0; l < HALF; l++) {
+                xp[t * j.K + b * BLOCK + l] = x[t * j.K + b * BLOCK + 2 * l];
+                xp[t * j.K + b * BLOCK + HALF + l] = x[t * j.K + b * BLOCK + 2 * l + 1];
+            }
+    j.xp = xp;
+    void *qbuf = NULL;
+#ifdef HAVE_INT8
+    if (j.int8 && (qbuf = quantize_rows(&j, xp)) == NULL) {
+        free(xp);
+        return g_api->CreateStatus(ORT_FAIL, "Q4Linear: out of memory");
+    }
+#endif
+    size_t tasks = (j.N + N_PER_TASK - 1) / N_PER_TASK;
+    OrtStatus *st = g_api->KernelContext_ParallelFor(ctx, run_task, tasks, 0, &j);
+    free(qbuf);
+    free(xp);
+    return st;
+}
+
+static OrtStatus *ORT_API_CALL create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
+    (void)op; (void)api;
+    Kernel *k = (Kernel *)calloc(1, sizeof(Kernel));
+    if (k == NULL) return g_api->CreateStatus(ORT_FAIL, "Q4Linear: out of memory");
+    OrtStatus *st = g_api->KernelInfoGetAttribute_int64(info, "accuracy_level", &k->accuracy_level);
+    if (st != NULL) {  /* absent: 0 */
+        g_api->ReleaseStatus(st);
+        k->accuracy_level = 0;
+    }
+    if (k->accuracy_level != 0 && k->accuracy_level != 4) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "Q4Linear: accuracy_level %lld is not 0 or 4", (long long)k->accuracy_level);
+        free(k);
+        return fail(msg);
+    }
+    *kernel = k;
+    return NULL;
+}
+
+static void ORT_API_CALL destroy_kernel(void *kernel) { free(kernel); }
+static const char *ORT_API_CALL op_name(const OrtCustomOp *op) { (void)op; return "Q4Linear"; }
+static const char *ORT_API_CALL op_ep(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, size_t i) {
+    (void)op;
+    static const ONNXTensorElementDataType types[6] = {
+        ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+        ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+        ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    return types[i];
+}
+static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return 6; }
+static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return 1; }
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return INPUT_OUTPUT_REQUIRED; }
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL optional_outliers(const OrtCustomOp *op, size_t i) {
+    (void)op;
+    return i < 4 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+static OrtMemType ORT_API_CALL mem_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return OrtMemTypeDefault; }
+static int ORT_API_CALL one(const OrtCustomOp *op) { (void)op; return 1; }
+static int ORT_API_CALL zero(const OrtCustomOp *op) { (void)op; return 0; }
+static int ORT_API_CALL max_version(const OrtCustomOp *op) { (void)op; return 0x7fffffff; }
+static size_t ORT_API_CALL no_pairs(int **in, int **out) { *in = NULL; *out = NULL; return 0; }
+static void ORT_API_CALL release_pairs(int *in, int *out) { (void)in; (void)out; }
+
+static OrtCustomOp g_op;
+static OrtCustomOpDomain *g_domain;  /* lives as long as the process: sessions refer to it */
+
+OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+    g_api = base->GetApi(ORT_API_VERSION);
+    if (g_api == NULL) return NULL;  /* an onnxruntime older than these headers: it reports the op as unknown */
+    if (g_domain == NULL) {
+        memset(&g_op, 0, sizeof g_op);
+        g_op.version = ORT_API_VERSION;
+        g_op.GetName = op_name;
+        g_op.GetExecutionProviderType = op_ep;
+        g_op.GetInputType = input_type;
+        g_op.GetInputTypeCount = input_count;
+        g_op.GetOutputType = output_type;
+        g_op.GetOutputTypeCount = output_count;
+        g_op.KernelDestroy = destroy_kernel;
+        g_op.GetInputCharacteristic = optional_outliers;
+        g_op.GetOutputCharacteristic = required;
+        g_op.GetInputMemoryType = mem_type;
+        g_op.GetVariadicInputMinArity = one;
+        g_op.GetVariadicInputHomogeneity = zero;
+        g_op.GetVariadicOutputMinArity = one;
+        g_op.GetVariadicOutputHomogeneity = zero;
+        g_op.CreateKernelV2 = create_kernel;
+        g_op.KernelComputeV2 = compute;
+        g_op.GetStartVersion = one;
+        g_op.GetEndVersion = max_version;
+        g_op.GetMayInplace = no_pairs;
+        g_op.ReleaseMayInplace = release_pairs;
+        g_op.GetAliasMap = no_pairs;
+        g_op.ReleaseAliasMap = release_pairs;
+        CHECK(g_api->CreateCustomOpDomain("edgesplit", &g_domain));
+        CHECK(g_api->CustomOpDomain_Add(g_domain, &g_op));
+    }
+    return g_api->AddCustomOpDomain(options, g_domain);
+}

@@ -1,0 +1,135 @@
+"""edgesplit's own onnxruntime operator (csrc/q4_linear.c), built on the machine that runs it.
+
+`Q4Linear` (domain "edgesplit") computes a Q4_1 projection exactly, in fp32, in one node read
+straight from the store's q4 layout. onnxruntime offers no such kernel: MatMulNBits has no fast
+form with Q4_1's per-block minimums, so without this operator the graph adds ~7 nodes a
+projection around it (graph.py).
+
+The library is compiled once per machine (`cc -O3 -march=native`: its vector width is the CPU's)
+into the cache and loaded by onnxruntime (SessionOptions.register_custom_ops_library). Building
+needs a C compiler and onnxruntime's C API header, which the onnxruntime wheel does not ship:
+scripts/ort_headers.sh puts it in the cache (or set EDGESPLIT_ORT_INCLUDE to a folder holding
+onnxruntime_c_api.h). Where either is missing, `library()` says why and the engine falls back to
+MatMulNBits (kernel "auto").
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .errors import ConfigError
+from .models import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "q4_linear.c"
+DOMAIN = "edgesplit"
+MAX_OUTLIERS = 16  # outlier channels a Q4Linear node takes (csrc/q4_linear.c: HALF)
+HEADER = "onnxruntime_c_api.h"
+HEADERS_VERSION = "1.21.0"  # the C API the library is built against; onnxruntime >= 1.21 loads it
+CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Werror")
+KERNELS = ("auto", "q4linear", "matmulnbits")
+
+
+def headers_dir() -> Path:
+    """Where onnxruntime's C API header is looked for: $EDGESPLIT_ORT_INCLUDE, else the cache
+    folder scripts/ort_headers.sh fills."""
+    env = os.environ.get("EDGESPLIT_ORT_INCLUDE")
+    return Path(env) if env else cache_dir() / "onnxruntime-headers" / HEADERS_VERSION
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the machine and, on Linux, the CPU's feature flags (a cache
+    shared between machines must not hand one CPU's build to another)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _build(include: Path, compiler: str, out: Path) -> None:
+    """Compile SOURCE into `out`, atomically (a temporary file renamed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *CFLAGS, f"-I{include}", str(SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ConfigError(f"building {SOURCE.name} failed ({' '.join(cmd)}): {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> tuple[Path | None, str]:
+    include = headers_dir()
+    if not (include / HEADER).is_file():
+        return None, (f"onnxruntime's C API header {include / HEADER} is missing "
+                      "(scripts/ort_headers.sh fetches it; or set EDGESPLIT_ORT_INCLUDE)")
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        return None, f"no C compiler {compiler!r} on PATH (set CC)"
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), (include / HEADER).read_bytes(), " ".join(CFLAGS).encode(),
+                 compiler.encode(), _cpu_key().encode()):
+        key.update(part)
+    out = cache_dir() / "kernels" / f"q4_linear-{key.hexdigest()[:16]}.so"
+    if not out.is_file():
+        log.info("building %s into %s", SOURCE.name, out)
+        try:
+            _build(include, compiler, out)
+        except (ConfigError, OSError) as e:
+            return None, str(e)
+    return out, ""
+
+
+def library() -> Path | None:
+    """The Q4Linear library for this machine (built on first use), or None where it cannot be
+    built; `unavailable_reason()` then says why."""
+    return _library()[0]
+
+
+def unavailable_reason() -> str:
+    """Why `library()` is None ('' when it is not)."""
+    return _library()[1]
+
+
+def require() -> Path:
+    """The library's path; a ConfigError with the reason where it cannot be built."""
+    path = library()
+    if path is None:
+        raise ConfigError(f"kernel 'q4linear' is not available here: {unavailable_reason()}")
+    return path
+
+
+def resolve(kernel: str) -> str:
+    """The q4 kernel an engine runs: "auto" is q4linear where the library builds, else
+    matmulnbits (logged); "q4linear" where it cannot build is a ConfigError with the reason."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    if kernel == "matmulnbits":
+        return kernel
+    if library() is not None:
+        return "q4linear"
+    if kernel == "q4linear":
+        require()
+    _warn_fallback()
+    return "matmulnbits"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback() -> None:
+    log.warning("Q4_1 layers run on MatMulNBits (slower, more memory): %s", unavailable_reason())

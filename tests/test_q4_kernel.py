@@ -1,0 +1,147 @@
+"""edgesplit's Q4Linear operator (runtime/kernels.py, csrc/q4_linear.c), built here for real."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from edgesplit.runtime import kernels
+from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.graph import OPSETS, _Graph, _matrix
+from edgesplit.runtime.quant import q4_dense
+
+
+def _session(w: dict, k: int, acc: int, outliers: np.ndarray | None = None, kernel: str = "q4linear",
+             threads: int = 2) -> ort.InferenceSession:
+    """One projection of weight `w` as a model of its own: x (T, k) -> y (T, N)."""
+    g = _Graph(accuracy_level=acc, q4_kernel=kernel)
+    g.nodes.append(helper.make_node("Identity", [g.linear("x", w, "w", k, outliers=outliers)], ["y"]))
+    n = w["qweight"].shape[0]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "K"])  # K symbolic: the kernel checks it
+    graph = helper.make_graph(g.nodes, "t", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", n])], g.inits)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    if kernel == "q4linear":
+        so.register_custom_ops_library(str(kernels.require()))
+    arrays = g.sink.arrays
+    so.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
+    opsets = OPSETS + [helper.make_opsetid(kernels.DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def _random_q4(n: int, k: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    nb = k // 32
+    return {"qweight": rng.integers(0, 256, (n, nb, 16), dtype=np.uint8),
+            "scales": (rng.random((n, nb)) * 0.02 + 0.001).astype(np.float16),
+            "mins": (-rng.random((n, nb)) * 0.1).astype(np.float16)}
+
+
+def _rel_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    if kernels.library() is None:  # scripts/test.sh fetches the header; a missing one is a failure there
+        pytest.fail(f"Q4Linear did not build: {kernels.unavailable_reason()}")
+
+
+# shapes: a tile's 4 outputs and the leftovers (N % 4), whole and partial groups of 4 blocks
+@pytest.mark.parametrize("n,k", [(8, 128), (7, 96), (13, 32), (64, 576)])
+@pytest.mark.parametrize("rows", [1, 2, 4, 7])
+def test_exact_level_matches_the_q4_values(built, n, k, rows):
+    """Accuracy level 0: fp32 compute on the Q4_1 values as they are (scale * q + min)."""
+    w = _random_q4(n, k)
+    x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
+    want = x.astype(np.float64) @ q4_dense(w["qweight"], w["scales"], w["mins"]).T.astype(np.float64)
+    assert _rel_error(_session(w, k, 0).run(None, {"x": x})[0], want) < 1e-5
+
+
+@pytest.mark.parametrize("n,k", [(8, 128), (7, 96), (13, 32), (64, 576)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_level_rounds_as_matmulnbits_does(built, n, k, rows):
+    """Accuracy level 4: the same per-block int8 rounding of x as MatMulNBits' level 4, so the
+    same error (to float rounding), and far from zero: the rounding really happens."""
+    w = _random_q4(n, k, seed=2)
+    x = np.random.default_rng(3).standard_normal((rows, k)).astype(np.float32)
+    want = x.astype(np.float64) @ q4_dense(w["qweight"], w["scales"], w["mins"]).T.astype(np.float64)
+    ours = _session(w, k, 4).run(None, {"x": x})[0]
+    theirs = _session(w, k, 4, kernel="matmulnbits").run(None, {"x": x})[0]
+    assert 1e-4 < _rel_error(ours, want) < 0.03
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_outlier_channels_leave_the_int8_rounding(built):
+    """A large channel coarsens its block's int8 grid; kept out, it is added exactly."""
+    w = _random_q4(16, 128, seed=4)
+    x = np.random.default_rng(5).standard_normal((3, 128)).astype(np.float32)
+    x[:, [7, 40, 41]] *= 50
+    want = x.astype(np.float64) @ q4_dense(w["qweight"], w["scales"], w["mins"]).T.astype(np.float64)
+    plain = _rel_error(_session(w, 128, 4).run(None, {"x": x})[0], want)
+    kept = _rel_error(_session(w, 128, 4, outliers=np.array([41, 7, 40])).run(None, {"x": x})[0], want)
+    assert kept < 0.3 * plain
+
+
+def test_real_layer_matches_the_exact_projection(built, real_store):
+    """The model's own gate/up weights (3072 x 576), one thread and two."""
+    from edgesplit.runtime.graph import _fuse
+
+    layer = real_store.layer(5, "q4")
+    w = _fuse([_matrix(layer, "ffn_gate"), _matrix(layer, "ffn_up")])
+    x = np.random.default_rng(6).standard_normal((3, 576)).astype(np.float32)
+    want = x.astype(np.float64) @ q4_dense(w["qweight"], w["scales"], w["mins"]).T.astype(np.float64)
+    for threads in (1, 2):
+        assert _rel_error(_session(w, 576, 0, threads=threads).run(None, {"x": x})[0], want) < 1e-5
+
+
+def test_bad_shapes_are_an_error_naming_them(built):
+    w = _random_q4(8, 128)
+    with pytest.raises(Exception, match=r"Q4Linear: shapes X \(2, 96\)"):
+        _session(w, 128, 0).run(None, {"x": np.zeros((2, 96), np.float32)})
+
+
+def test_too_many_outliers_are_refused(built):
+    w = _random_q4(8, 1024)
+    with pytest.raises(ConfigError, match="17 outlier channels; Q4Linear keeps at most 16"):
+        _session(w, 1024, 4, outliers=np.arange(17))
+
+
+def test_engine_kernels_agree(built, tiny_store):
+    """The whole tiny model: Q4Linear and MatMulNBits, both exact at level 0, give the same logits."""
+    ids = np.arange(1, 9)
+    a = SegmentEngine(tiny_store, max_seq_len=32, kernel="q4linear", accuracy_level=0).prefill(ids, all_logits=True)
+    b = SegmentEngine(tiny_store, max_seq_len=32, kernel="matmulnbits", accuracy_level=0).prefill(ids, all_logits=True)
+    assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
+
+
+@pytest.fixture
+def no_header(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESPLIT_ORT_INCLUDE", str(tmp_path))  # an empty folder
+    kernels._library.cache_clear()
+    kernels._warn_fallback.cache_clear()
+    yield tmp_path
+    kernels._library.cache_clear()
+
+
+def test_auto_falls_back_to_matmulnbits_and_says_why(no_header, caplog):
+    with caplog.at_level(logging.WARNING, logger="edgesplit.runtime.kernels"):
+        assert kernels.resolve("auto") == "matmulnbits"
+    assert "onnxruntime_c_api.h is missing" in caplog.text
+
+
+def test_asking_for_q4linear_where_it_cannot_build_is_an_error(no_header):
+    with pytest.raises(ConfigError, match=f"kernel 'q4linear' is not available here: .*{no_header.name}"):
+        kernels.resolve("q4linear")
+
+
+def test_unknown_kernel_is_named():
+    with pytest.raises(ConfigError, match="kernel 'fast' is not one of auto, q4linear, matmulnbits"):
+        kernels.resolve("fast")
