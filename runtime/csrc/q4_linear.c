@@ -24,8 +24,12 @@
 
 #define BLOCK 32
 #define HALF 16         /* a block's even (low-nibble) or odd (high-nibble) elements */
-#define NT 4            /* outputs per tile: they share each row's x loads */
-#define RT 3            /* rows of X per tile: 2 * NT * RT independent accumulators */
+#ifndef NT
+#define NT 4            /* outputs per tile (a multiple of 4): they share each row's x loads */
+#endif
+#ifndef RT
+#define RT 3            /* rows of X per tile */
+#endif
 #define N_PER_TASK 32   /* outputs per parallel task */
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 16
@@ -95,8 +99,10 @@ static inline __attribute__((always_inline)) void tile(const Job *j, size_t n0, 
     }
     for (int r = 0; r < R; r++) {
         if (nt == NT)
-            _mm_storeu_ps(j->y + (t0 + r) * j->N + n0, sum4(_mm512_add_ps(lo[0][r], hi[0][r]), _mm512_add_ps(lo[1][r], hi[1][r]),
-                                                          _mm512_add_ps(lo[2][r], hi[2][r]), _mm512_add_ps(lo[3][r], hi[3][r])));
+            for (int i = 0; i < NT; i += 4)
+                _mm_storeu_ps(j->y + (t0 + r) * j->N + n0 + i,
+                              sum4(_mm512_add_ps(lo[i][r], hi[i][r]), _mm512_add_ps(lo[i + 1][r], hi[i + 1][r]),
+                                   _mm512_add_ps(lo[i + 2][r], hi[i + 2][r]), _mm512_add_ps(lo[i + 3][r], hi[i + 3][r])));
         else
             for (int i = 0; i < nt; i++) j->y[(t0 + r) * j->N + n0 + i] = _mm512_reduce_add_ps(_mm512_add_ps(lo[i][r], hi[i][r]));
     }
@@ -124,8 +130,7 @@ static void outputs(const Job *j, size_t n, int nt, const float *sf, const float
  * S the block's exact fp32 sum: the dot product runs on the unsigned nibbles, but its x rounding
  * error meets q - 8 (centred, as MatMulNBits' symmetric form; q itself doubled the error), and
  * the rest is two fp32 terms per block: m S + d E with E = 8 (S - dx sum qx), kept per row. */
-static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t n0, size_t t0, const float *sf,
-                                                             const float *mf, const int nt, const int R) {
+static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t n0, size_t t0, const int nt, const int R) {
     __m512 acc[NT][RT];
     for (int i = 0; i < nt; i++)
         for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
@@ -135,12 +140,14 @@ static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t
     for (size_t g = 0; g < j->ng; g++) {
         const size_t left = j->nb - 4 * g;  /* the last group may hold fewer than 4 blocks */
         const __mmask64 load = left >= 4 ? ~0ULL : (1ULL << (left * HALF)) - 1;
+        const __mmask8 scales4 = left >= 4 ? 0x0F : (__mmask8)((1u << left) - 1);
         for (int i = 0; i < nt; i++) {
             /* the next tile's rows, a tile ahead: four row streams at once outrun the hardware prefetcher */
             _mm_prefetch((const char *)(j->qw + (n0 + i + PREFETCH_ROWS) * row_bytes + g * 4 * HALF), _MM_HINT_T0);
             __m512i w = _mm512_maskz_loadu_epi8(load, j->qw + (n0 + i) * row_bytes + g * 4 * HALF);
             __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
-            __m512 dw = _mm512_permutexvar_ps(quads, _mm512_castps128_ps512(_mm_loadu_ps(sf + i * stride + 4 * g)));
+            const __m128 d4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(scales4, j->s + (n0 + i) * j->nb + 4 * g));
+            __m512 dw = _mm512_permutexvar_ps(quads, _mm512_castps128_ps512(d4));
             for (int r = 0; r < R; r++) {
                 const size_t t = t0 + r;
                 const int8_t *x = j->qx + t * kq + g * 4 * BLOCK;
@@ -157,9 +164,11 @@ static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t
             const __mmask16 m = stride - c >= HALF ? 0xFFFF : (__mmask16)((1u << (stride - c)) - 1);
             const __m512 xs = _mm512_maskz_loadu_ps(m, j->xsum + t * stride + c);
             const __m512 re = _mm512_maskz_loadu_ps(m, j->resid + t * stride + c);
+            const __mmask16 mn = j->nb - c >= HALF ? 0xFFFF : (__mmask16)((1u << (j->nb - c)) - 1);
             for (int i = 0; i < nt; i++) {
-                acc[i][r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, mf + i * stride + c), xs, acc[i][r]);
-                acc[i][r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, sf + i * stride + c), re, acc[i][r]);
+                const size_t row = (n0 + i) * j->nb + c;
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mn, j->m + row)), xs, acc[i][r]);
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mn, j->s + row)), re, acc[i][r]);
             }
         }
         if (j->n_out) {  /* the outlier channels, exactly */
@@ -169,19 +178,20 @@ static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t
                 acc[i][r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, j->ow + (n0 + i) * j->n_out), xo, acc[i][r]);
         }
         if (nt == NT)
-            _mm_storeu_ps(j->y + t * j->N + n0, sum4(acc[0][r], acc[1][r], acc[2][r], acc[3][r]));
+            for (int i = 0; i < NT; i += 4)
+                _mm_storeu_ps(j->y + t * j->N + n0 + i, sum4(acc[i][r], acc[i + 1][r], acc[i + 2][r], acc[i + 3][r]));
         else
             for (int i = 0; i < nt; i++) j->y[t * j->N + n0 + i] = _mm512_reduce_add_ps(acc[i][r]);
     }
 }
 
-static void outputs_int8(const Job *j, size_t n, int nt, const float *sf, const float *mf) {
+static void outputs_int8(const Job *j, size_t n, int nt) {
     size_t t = 0;
     if (nt == NT) {
-        for (; t + RT <= j->T; t += RT) tile_int8(j, n, t, sf, mf, NT, RT);
-        for (; t < j->T; t++) tile_int8(j, n, t, sf, mf, NT, 1);
+        for (; t + RT <= j->T; t += RT) tile_int8(j, n, t, NT, RT);
+        for (; t < j->T; t++) tile_int8(j, n, t, NT, 1);
     } else {
-        for (; t < j->T; t++) tile_int8(j, n, t, sf, mf, 1, 1);
+        for (; t < j->T; t++) tile_int8(j, n, t, 1, 1);
     }
 }
 #endif
@@ -237,17 +247,17 @@ static void run_task(void *user, size_t task) {
                 _mm_prefetch((const char *)(j->m + (n + PREFETCH_ROWS) * j->nb) + b, _MM_HINT_T0);
             }
 #endif
-        for (int i = 0; i < nt; i++) {
-            to_f32(j->s + (n + i) * j->nb, j->nb, sf + i * stride, stride);
-            to_f32(j->m + (n + i) * j->nb, j->nb, mf + i * stride, stride);
-        }
 #ifdef HAVE_INT8
-        if (j->int8) {
-            outputs_int8(j, n, nt, sf, mf);
+        if (j->int8) {  /* reads the f16 scales and minimums itself */
+            outputs_int8(j, n, nt);
             n += (size_t)nt;
             continue;
         }
 #endif
+        for (int i = 0; i < nt; i++) {
+            to_f32(j->s + (n + i) * j->nb, j->nb, sf + i * stride, stride);
+            to_f32(j->m + (n + i) * j->nb, j->nb, mf + i * stride, stride);
+        }
         outputs(j, n, nt, sf, mf);
         n += (size_t)nt;
     }
