@@ -153,15 +153,17 @@ def simulate_pipeline(compute_ms: list[tuple[bool, float]], read_ms: float | lis
 # README's flash section (SmolLM2-135M, WikiText-2 test, 4096 tokens):
 EMBEDDING_CACHE_ROWS = 256  # LRU rows of FlashEmbedding (its default)
 EMBEDDING_MISS_RATE = 0.27  # LRU miss rate over text, `edgesplit bench --flash --mode embedding`
-# A streamed layer reads onnxruntime's packed weights of the layer (accuracy level 4, int8
-# activations): 3.28 MB read per layer / 2.22 MB Q4_1 shard, at any context (the rope tables are
-# held once in DRAM).
-PACKED_BYTES_PER_SHARD_BYTE = 1.478
+# A streamed layer reads its weights as the session holds them: with Q4Linear (the default kernel)
+# the store's q4 blocks plus the outlier channels' fp32 weights, 2.40 MB per layer / 2.22 MB Q4_1
+# shard (MatMulNBits' packed layout read 3.28 MB: 1.478), at any context (the rope tables are held
+# once in DRAM).
+PACKED_BYTES_PER_SHARD_BYTE = 1.085
 STREAM_WINDOW_LAYERS = 2  # streamed layers in DRAM at once: the one computing and the next read
-# A streamed layer runs the resident kernels on its packed weights, slower by its pages' cache and
-# TLB misses and the reader thread sharing the cores: per layer, streamed 1.31-2.09 ms vs resident
-# 0.31-0.66 ms in the same runs (`bench --flash --mode stream`, 2 cores; median ratio of 3 runs).
-STREAMED_LAYER_COMPUTE_FACTOR = 4.1
+# A streamed layer runs the resident kernels on its mapped weights, slower by its pages' cache and
+# TLB misses and the reader thread sharing the cores: per layer, streamed 0.91-1.23 ms vs resident
+# 0.26-0.38 ms in the same runs (`bench --flash --mode stream`, 2 cores, Q4Linear; median ratio of
+# 5 runs; MatMulNBits: 4.1).
+STREAMED_LAYER_COMPUTE_FACTOR = 3.2
 STREAM_PRECISIONS = ("q4",)  # layer streaming runs q4 layers
 
 
