@@ -47,8 +47,8 @@ class SegmentSpec:
     head_precision: str = "q8"  # embedding table and head
     kv_precision: str = "f32"
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
-    accuracy_level: int = 0  # layers' MatMulNBits: 0 = fp32 compute (exact), 4 = int8 activations
-    q4_kernel: str = "matmulnbits"  # q4 layers: "q4linear" (edgesplit's exact fp32 operator, kernels.py) or "matmulnbits"
+    accuracy_level: int = 0  # layers: 0 = fp32 compute (exact), 4 = int8 activations
+    q4_kernel: str = "matmulnbits"  # q4 layers: "q4linear" (edgesplit's operator, kernels.py) or "matmulnbits"
     head_accuracy_level: int = 4  # the head's; 8-bit MatMulNBits has no fast fp32 kernel
     embed_ids: bool = True  # at start 0: the engine takes token ids (rows from the store, embedding.py); False: hidden states
     with_head: bool = True  # False: a segment ending at n_layers returns hidden states, no norm/head

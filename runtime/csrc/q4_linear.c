@@ -1,9 +1,13 @@
 /* An onnxruntime custom operator, edgesplit.Q4Linear: Y (T, N) = X (T, K) @ W^T for a weight in
- * the shard q4 layout (runtime/quant.py), computed in fp32 from the Q4_1 values as they are:
+ * the shard q4 layout (runtime/quant.py), the Q4_1 values as they are:
  *
  *   inputs  X f32 (T, K); QW uint8 (N, K/32, 16), element 2j of a block in the low nibble of byte j;
- *           SCALES f16 (N, K/32); MINS f16 (N, K/32)
+ *           SCALES f16 (N, K/32); MINS f16 (N, K/32); optional (level 4): OUTLIERS int64 (n,),
+ *           input channels kept out of the int8 rounding, n <= 16, and OUTLIER_W f32 (N, n), their
+ *           weights' SCALES * q
  *   output  Y f32 (T, N), Y[t, n] = sum_k X[t, k] * (SCALES[n, k/32] * q[n, k] + MINS[n, k/32])
+ *   attribute accuracy_level: 0 = fp32 compute (exact), 4 = X rounded to int8 per block of 32, as
+ *           MatMulNBits' level 4 rounds it (AVX-512 VNNI builds; elsewhere level 4 computes as 0)
  *
  * Why: onnxruntime's MatMulNBits has no Q4_1 form that is both exact and fast (its float zero
  * point path is 12-33x slower), so the engine ran MatMulNBits on d*(q-8) and added the minimums
@@ -43,7 +47,7 @@ typedef struct {
     const float *dxe;     /* int8 path: (T, ng, 16) the 4 blocks' steps dx, 4 lanes each */
     const float *xsum;    /* int8 path: (T, 4 * ng) each block's exact fp32 sum S */
     const float *resid;   /* int8 path: (T, 4 * ng) each block's 8 (S - dx sum qx) */
-    size_t ng;            /* groups of 4 blocks: ceil(nb / 4); sf, mf rows are 4 * ng long */
+    size_t ng;            /* groups of 4 blocks: ceil(nb / 4) (the fp32 path's sf, mf rows are 4 * ng long) */
     const int64_t *oidx;  /* int8 path: outlier input channels, kept out of the int8 rounding (or NULL) */
     size_t n_out;         /* how many (at most HALF) */
     const float *ow;      /* (N, n_out) their weights' SCALES * q (the minimums meet the exact block sums) */
