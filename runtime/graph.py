@@ -125,8 +125,12 @@ class _Graph:
     def op1(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
         return self.op(op_type, inputs, 1, domain, **attrs)[0]
 
+    def fuses_swiglu(self, w: dict[str, np.ndarray]) -> bool:
+        """Whether `linear(..., swiglu=True)` can take this (gate rows, then up rows) weight."""
+        return self.q4_kernel == "q4linear" and "qweight" in w and w["qweight"].shape[2] == 16
+
     def linear(self, x: str, w: dict[str, np.ndarray], prefix: str, k: int, acc: int | None = None,
-               outliers: np.ndarray | None = None) -> str:
+               outliers: np.ndarray | None = None, swiglu: bool = False) -> str:
         """y = x @ W^T for one (possibly fused) weight in shard layout; x is (T, K).
 
         Quantized weights run on MatMulNBits without a zero-point input (its fast path; an
@@ -148,7 +152,8 @@ class _Graph:
         bits = 4 if qw.shape[2] == 16 else 8
         acc = self.acc if acc is None else acc
         if bits == 4 and self.q4_kernel == "q4linear":
-            return self.q4linear(x, w, prefix, acc, outliers)
+            return self.q4linear(x, w, prefix, acc, outliers, swiglu)
+        assert not swiglu, "only Q4Linear fuses the SwiGLU activation (see fuses_swiglu)"
         x_in = x
         if outliers is not None and acc == 4:
             mask = np.ones(k, np.float32)
@@ -175,10 +180,12 @@ class _Graph:
         a = a_parts[0] if len(a_parts) == 1 else self.op1("Concat", a_parts, axis=1)
         return self.op1("Gemm", [a, self.init(f"{prefix}.B", np.concatenate(b_rows, axis=0)), y])
 
-    def q4linear(self, x: str, w: dict[str, np.ndarray], prefix: str, acc: int, outliers: np.ndarray | None) -> str:
+    def q4linear(self, x: str, w: dict[str, np.ndarray], prefix: str, acc: int, outliers: np.ndarray | None,
+                 swiglu: bool = False) -> str:
         """One Q4Linear node (kernels.py): the minimums inside. At accuracy level 4 the outlier
         channels go in as indices with their weights' scale * q (N, n_out); the kernel keeps them
-        out of its int8 rounding and adds them exactly (their minimums meet the block sums)."""
+        out of its int8 rounding and adds them exactly (their minimums meet the block sums).
+        `swiglu`: w is gate rows then up rows and the node returns silu(gate) * up, (T, N / 2)."""
         inputs = [x, self.init(f"{prefix}.qweight", w["qweight"]), self.init(f"{prefix}.scales", w["scales"]),
                   self.init(f"{prefix}.mins", w["mins"])]
         if outliers is not None and acc == 4:
@@ -187,7 +194,7 @@ class _Graph:
             exact = dense_columns(w, outliers) - w["mins"].astype(np.float32)[:, outliers // 32]  # (N, n_out)
             inputs += [self.init(f"{prefix}.outliers", outliers.astype(np.int64)),
                        self.init(f"{prefix}.outlier_w", exact.astype(np.float32))]
-        return self.op1("Q4Linear", inputs, domain=Q4_DOMAIN, accuracy_level=4 if acc == 4 else 0)
+        return self.op1("Q4Linear", inputs, domain=Q4_DOMAIN, accuracy_level=4 if acc == 4 else 0, swiglu=int(swiglu))
 
     def blocksum(self, x: str, nb: int) -> str:
         """Sums of each block of 32 inputs: (T, K) -> (T, nb). Reshape + ReduceSum measured 2.5x
@@ -287,10 +294,13 @@ def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]]
         o = g.linear(a2, _matrix(w, "attn_output"), f"{i}.o", d, outliers=outliers.get((i, "o_in")))
         xn, _, _, h = g.op("SkipSimplifiedLayerNormalization", [h, o, g.init(f"{i}.ffn_norm", w["ffn_norm"])],
                            n_out=4, domain="com.microsoft", epsilon=eps)
-        gu = g.linear(xn, _fuse([_matrix(w, "ffn_gate"), _matrix(w, "ffn_up")]), f"{i}.gate_up", d,
-                      outliers=outliers.get((i, "ffn_in")))
-        gate, up = g.op("Split", [gu, g.init(g.name("split"), np.array([cfg.d_ffn, cfg.d_ffn], np.int64))], n_out=2, axis=1)
-        act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])  # SwiGLU
+        gate_up = _fuse([_matrix(w, "ffn_gate"), _matrix(w, "ffn_up")])
+        if g.fuses_swiglu(gate_up):  # one node: three fewer a layer, no (T, 2F) tensor between them
+            act = g.linear(xn, gate_up, f"{i}.gate_up", d, outliers=outliers.get((i, "ffn_in")), swiglu=True)
+        else:
+            gu = g.linear(xn, gate_up, f"{i}.gate_up", d, outliers=outliers.get((i, "ffn_in")))
+            gate, up = g.op("Split", [gu, g.init(g.name("split"), np.array([cfg.d_ffn, cfg.d_ffn], np.int64))], n_out=2, axis=1)
+            act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])  # SwiGLU
         pending = g.linear(act, _matrix(w, "ffn_down"), f"{i}.down", cfg.d_ffn, outliers=outliers.get((i, "down_in")))
 
     if pending is not None:

@@ -64,7 +64,7 @@ def _build(include: Path, compiler: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *CFLAGS, f"-I{include}", str(SOURCE), "-o", tmp]
+        cmd = [compiler, *CFLAGS, f"-I{include}", str(SOURCE), "-o", tmp, "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise ConfigError(f"building {SOURCE.name} failed ({' '.join(cmd)}): {done.stderr.strip()[-2000:]}")

@@ -17,11 +17,12 @@ from edgesplit.runtime.quant import q4_dense
 
 
 def _session(w: dict, k: int, acc: int, outliers: np.ndarray | None = None, kernel: str = "q4linear",
-             threads: int = 2) -> ort.InferenceSession:
-    """One projection of weight `w` as a model of its own: x (T, k) -> y (T, N)."""
+             threads: int = 2, swiglu: bool = False) -> ort.InferenceSession:
+    """One projection of weight `w` as a model of its own: x (T, k) -> y (T, N), or (T, N / 2)
+    with `swiglu`."""
     g = _Graph(accuracy_level=acc, q4_kernel=kernel)
-    g.nodes.append(helper.make_node("Identity", [g.linear("x", w, "w", k, outliers=outliers)], ["y"]))
-    n = w["qweight"].shape[0]
+    g.nodes.append(helper.make_node("Identity", [g.linear("x", w, "w", k, outliers=outliers, swiglu=swiglu)], ["y"]))
+    n = w["qweight"].shape[0] // (2 if swiglu else 1)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "K"])  # K symbolic: the kernel checks it
     graph = helper.make_graph(g.nodes, "t", [x],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", n])], g.inits)
@@ -100,6 +101,29 @@ def test_real_layer_matches_the_exact_projection(built, real_store):
     want = x.astype(np.float64) @ q4_dense(w["qweight"], w["scales"], w["mins"]).T.astype(np.float64)
     for threads in (1, 2):
         assert _rel_error(_session(w, 576, 0, threads=threads).run(None, {"x": x})[0], want) < 1e-5
+
+
+@pytest.mark.parametrize("f", [16, 24, 40])  # whole 16-lane chunks and a remainder
+@pytest.mark.parametrize("acc", [0, 4])
+def test_swiglu_inside_the_gate_up_node(built, f, acc):
+    """swiglu: the weight is gate rows then up rows, the node returns silu(gate) * up; the gate
+    values span where exp under- and overflows."""
+    w = _random_q4(2 * f, 64, seed=7)
+    x = np.random.default_rng(8).standard_normal((5, 64)).astype(np.float32)
+    x[3] *= 200  # gates of several hundred either way
+    y = _session(w, 64, acc).run(None, {"x": x})[0].astype(np.float64)  # the plain projection, (5, 2f)
+    gate, up = y[:, :f], y[:, f:]
+    want = gate / (1 + np.exp(-gate)) * up
+    got = _session(w, 64, acc, swiglu=True).run(None, {"x": x})[0]
+    assert got.shape == (5, f)
+    assert np.abs(gate[3]).max() > 90
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_swiglu_needs_an_even_n(built):
+    w = _random_q4(7, 32)
+    with pytest.raises(Exception, match="swiglu needs gate and up rows, an even N; got N=7"):
+        _session(w, 32, 0, swiglu=True).run(None, {"x": np.zeros((1, 32), np.float32)})
 
 
 def test_bad_shapes_are_an_error_naming_them(built):

@@ -19,6 +19,7 @@
  * rows dequantizes each weight block once and meets every row of the tile with it. AVX-512 where
  * the build machine has it, else portable C loops the compiler vectorizes (-O3 -march=native).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -363,7 +364,50 @@ static OrtStatus *outlier_inputs(OrtKernelContext *ctx, Job *j) {
 
 typedef struct {
     int64_t accuracy_level;  /* attribute: 0 fp32 compute (exact), 4 int8 activations (AVX-512 VNNI builds) */
+    int64_t swiglu;          /* attribute: 1 = the weight is gate rows then up rows; Y = silu(gate) * up, (T, N/2) */
 } Kernel;
+
+/* SwiGLU of one row: out[i] = silu(y[i]) * y[F + i], silu(g) = g / (1 + exp(-g)) */
+typedef struct {
+    const float *y;  /* (T, 2F) */
+    float *out;      /* (T, F) */
+    size_t F;
+} Glu;
+
+#if defined(__AVX512F__)
+/* exp(x), Cephes' single-precision form: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in
+ * r, then scaled by 2^n (vscalefps); inputs clamped to +-88.38, where float's exp ends. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  /* ln2 in two parts: exact n * hi */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+static void glu_row(void *user, size_t t) {
+    const Glu *g = (const Glu *)user;
+    const float *gate = g->y + t * 2 * g->F, *up = gate + g->F;
+    float *out = g->out + t * g->F;
+    size_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + HALF <= g->F; i += HALF) {
+        const __m512 x = _mm512_loadu_ps(gate + i);
+        const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < g->F; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
 
 static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const OrtValue *vx, *vq, *vs, *vm;
@@ -395,13 +439,24 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(g_api->GetTensorMutableData((OrtValue *)vq, (void **)&j.qw));
     CHECK(g_api->GetTensorMutableData((OrtValue *)vs, (void **)&j.s));
     CHECK(g_api->GetTensorMutableData((OrtValue *)vm, (void **)&j.m));
-    int64_t dy[2] = {dx[0], dq[0]};
+    const int glu = ((const Kernel *)kernel)->swiglu != 0;
+    if (glu && j.N % 2 != 0) {
+        snprintf(msg, sizeof msg, "Q4Linear: swiglu needs gate and up rows, an even N; got N=%zu", j.N);
+        return fail(msg);
+    }
+    int64_t dy[2] = {dx[0], glu ? dq[0] / 2 : dq[0]};
     OrtValue *vy;
+    float *out;
     CHECK(g_api->KernelContext_GetOutput(ctx, 0, dy, 2, &vy));
-    CHECK(g_api->GetTensorMutableData(vy, (void **)&j.y));
+    CHECK(g_api->GetTensorMutableData(vy, (void **)&out));
     if (j.T == 0 || j.N == 0) return NULL;
+    j.y = glu ? (float *)malloc(j.T * j.N * sizeof(float)) : out;  /* swiglu: gate and up first, here */
+    if (j.y == NULL) return g_api->CreateStatus(ORT_FAIL, "Q4Linear: out of memory");
     float *xp = (float *)aligned_alloc(64, (j.T * j.K * sizeof(float) + 63) / 64 * 64);
-    if (xp == NULL) return g_api->CreateStatus(ORT_FAIL, "Q4Linear: out of memory");
+    if (xp == NULL) {
+        if (glu) free(j.y);
+        return g_api->CreateStatus(ORT_FAIL, "Q4Linear: out of memory");
+    }
     for (size_t t = 0; t < j.T; t++)  /* de-interleave: per block the even elements, then the odd */
         for (size_t b = 0; b < j.nb; b++)
             for (int l = 0; l < HALF; l++) {
@@ -413,6 +468,7 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
 #ifdef HAVE_INT8
     if (j.int8 && (qbuf = quantize_rows(&j, xp)) == NULL) {
         free(xp);
+        if (glu) free(j.y);
         return g_api->CreateStatus(ORT_FAIL, "Q4Linear: out of memory");
     }
 #endif
@@ -420,6 +476,11 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
     OrtStatus *st = g_api->KernelContext_ParallelFor(ctx, run_task, tasks, 0, &j);
     free(qbuf);
     free(xp);
+    if (glu) {
+        Glu g = {.y = j.y, .out = out, .F = j.N / 2};
+        if (st == NULL) st = g_api->KernelContext_ParallelFor(ctx, glu_row, j.T, 0, &g);
+        free(j.y);
+    }
     return st;
 }
 
@@ -431,6 +492,11 @@ static OrtStatus *ORT_API_CALL create_kernel(const OrtCustomOp *op, const OrtApi
     if (st != NULL) {  /* absent: 0 */
         g_api->ReleaseStatus(st);
         k->accuracy_level = 0;
+    }
+    st = g_api->KernelInfoGetAttribute_int64(info, "swiglu", &k->swiglu);
+    if (st != NULL) {  /* absent: 0 */
+        g_api->ReleaseStatus(st);
+        k->swiglu = 0;
     }
     if (k->accuracy_level != 0 && k->accuracy_level != 4) {
         char msg[128];
