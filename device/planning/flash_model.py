@@ -160,10 +160,10 @@ EMBEDDING_MISS_RATE = 0.27  # LRU miss rate over text, `edgesplit bench --flash 
 PACKED_BYTES_PER_SHARD_BYTE = 1.085
 STREAM_WINDOW_LAYERS = 2  # streamed layers in DRAM at once: the one computing and the next read
 # A streamed layer runs the resident kernels on its mapped weights, slower by its pages' cache and
-# TLB misses and the reader thread sharing the cores: per layer, streamed 0.91-1.23 ms vs resident
-# 0.26-0.38 ms in the same runs (`bench --flash --mode stream`, 2 cores, Q4Linear; median ratio of
-# 5 runs; MatMulNBits: 4.1).
-STREAMED_LAYER_COMPUTE_FACTOR = 3.2
+# TLB misses and the reader thread sharing the cores: per layer, streamed 0.91-1.48 ms vs resident
+# 0.26-0.39 ms in the same runs (`bench --flash --mode stream`, 2 cores, Q4Linear; median ratio of
+# 10 runs; MatMulNBits: 4.1).
+STREAMED_LAYER_COMPUTE_FACTOR = 3.3
 STREAM_PRECISIONS = ("q4",)  # layer streaming runs q4 layers
 
 
