@@ -35,6 +35,7 @@ DOMAIN = "edgesplit"
 MAX_OUTLIERS = 16  # outlier channels a Q4Linear node takes (csrc/q4_linear.c: HALF)
 HEADER = "onnxruntime_c_api.h"
 HEADERS_VERSION = "1.21.0"  # the C API the library is built against; onnxruntime >= 1.21 loads it
+MIN_ORT = (1, 21)
 CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Werror")
 KERNELS = ("auto", "q4linear", "matmulnbits")
 
@@ -73,8 +74,16 @@ def _build(include: Path, compiler: str, out: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _ort_version() -> tuple[int, ...]:
+    import onnxruntime
+
+    return tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> tuple[Path | None, str]:
+    if _ort_version() < MIN_ORT:  # an older runtime has no API version 21 to hand the library
+        return None, f"onnxruntime {'.'.join(map(str, _ort_version()))} is older than {HEADERS_VERSION}, the C API the library is built against"
     include = headers_dir()
     if not (include / HEADER).is_file():
         return None, (f"onnxruntime's C API header {include / HEADER} is missing "

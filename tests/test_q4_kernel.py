@@ -169,3 +169,15 @@ def test_asking_for_q4linear_where_it_cannot_build_is_an_error(no_header):
 def test_unknown_kernel_is_named():
     with pytest.raises(ConfigError, match="kernel 'fast' is not one of auto, q4linear, matmulnbits"):
         kernels.resolve("fast")
+
+
+def test_an_older_onnxruntime_falls_back_and_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_ort_version", lambda: (1, 20))
+    kernels._library.cache_clear()
+    kernels._warn_fallback.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="edgesplit.runtime.kernels"):
+            assert kernels.resolve("auto") == "matmulnbits"
+        assert "onnxruntime 1.20 is older than 1.21.0" in caplog.text
+    finally:
+        kernels._library.cache_clear()
