@@ -1,4 +1,5 @@
-"""edgesplit's own onnxruntime operator (csrc/q4_linear.c), built on the machine that runs it.
+"""edgesplit's own onnxruntime operator (csrc/q4_linear.c, its arithmetic in csrc/q4_math.h), built
+on the machine that runs it.
 
 `Q4Linear` (domain "edgesplit") computes a Q4_1 projection exactly, in fp32, in one node read
 straight from the store's q4 layout. onnxruntime offers no such kernel: MatMulNBits has no fast
@@ -92,8 +93,9 @@ def _library() -> tuple[Path | None, str]:
     if shutil.which(compiler) is None:
         return None, f"no C compiler {compiler!r} on PATH (set CC)"
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), (include / HEADER).read_bytes(), " ".join(CFLAGS).encode(),
-                 compiler.encode(), _cpu_key().encode()):
+    sources = [f.read_bytes() for f in sorted(SOURCE.parent.glob("*.[ch]"))]  # q4_linear.c and what it includes
+    for part in (*sources, (include / HEADER).read_bytes(), " ".join(CFLAGS).encode(), compiler.encode(),
+                 _cpu_key().encode()):
         key.update(part)
     out = cache_dir() / "kernels" / f"q4_linear-{key.hexdigest()[:16]}.so"
     if not out.is_file():
