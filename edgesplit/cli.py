@@ -26,6 +26,7 @@ from edgesplit.cli_split import add_split_commands
 from edgesplit.runtime.engine import ENGINE_SETTINGS, EngineSettings
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
 from edgesplit.runtime.hparams import DEFAULT_MAX_SEQ_LEN
+from edgesplit.runtime.kernels import KERNELS
 from edgesplit.runtime.models import DEFAULT_MODEL, KNOWN_MODELS
 
 log = logging.getLogger("edgesplit.cli")
@@ -52,7 +53,7 @@ def _add_engine(p: argparse.ArgumentParser, segments: bool = True) -> None:
     p.add_argument("--head-outlier-channels", type=int, default=16,
                    help="at head accuracy level 4: head input channels kept in fp32 (default 16)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
-    p.add_argument("--kernel", default="auto", choices=("auto", "q4linear", "matmulnbits"),
+    p.add_argument("--kernel", default="auto", choices=KERNELS,
                    help="q4 layers: edgesplit's Q4Linear operator (built here on first use) or onnxruntime's "
                         "MatMulNBits; auto (default): Q4Linear where it builds")
     if segments:

@@ -160,11 +160,11 @@ class SegmentEngine:
 
     precision: layer weights q4 (the GGUF's Q4_1 blocks), q8, f16 or f32; head_precision: the
     embedding table and head (q8 = the GGUF's Q8_0, f16, f32); kv_precision: f32, f16 or int8.
-    kernel: what runs q4 layers. "q4linear" is edgesplit's operator (kernels.py): exact fp32
-    compute straight from the Q4_1 blocks, one node a projection, no repacked copy. "matmulnbits"
-    is onnxruntime's, with accuracy_level: 0 = fp32 (bit-faithful to the GGUF), 4 = int8
-    activations (faster), with `outlier_channels` calibrated input channels per attention/FFN
-    input kept in fp32. "auto" (default): q4linear where its library builds, else matmulnbits.
+    kernel: what runs q4 layers. "q4linear" is edgesplit's operator (kernels.py): one node a
+    projection straight from the Q4_1 blocks, no repacked copy. "matmulnbits" is onnxruntime's.
+    "auto" (default): q4linear where its library builds, else matmulnbits. For both,
+    accuracy_level: 0 = fp32 compute (bit-faithful to the GGUF), 4 = int8 activations (faster),
+    with `outlier_channels` calibrated input channels per attention/FFN input kept in fp32.
     The head is MatMulNBits (`head_accuracy_level`, `head_outlier_channels`).
     """
 
@@ -190,9 +190,9 @@ class SegmentEngine:
                 raise ConfigError(f"{name} {acc} is not in 0..4")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"threads must be an integer >= 1 (onnxruntime intra-op threads), got {threads!r}")
-        q4_kernel = kernels.resolve(kernel) if precision == "q4" else "matmulnbits"
         self.spec = SegmentSpec(cfg, start, end, precision, head_precision, kv_precision, max_seq_len,
-                                accuracy_level, q4_kernel, head_accuracy_level, embed_ids, with_head)
+                                accuracy_level, kernels.for_layers(kernel, precision), head_accuracy_level,
+                                embed_ids, with_head)
         # The graph takes hidden states: a front's ids become rows read from the store
         # (embedding.py), so the table is never mapped into this process.
         self._rows = EmbeddingRows(store, head_precision) if self.spec.has_embedding else None

@@ -126,6 +126,16 @@ def require() -> Path:
     return path
 
 
+def for_layers(kernel: str, precision: str) -> str:
+    """The operator a segment's layers run on: `resolve(kernel)` for q4 layers; other precisions
+    have no Q4_1 blocks and run on onnxruntime's own operators ("matmulnbits")."""
+    if precision != "q4":
+        if kernel not in KERNELS:
+            raise ConfigError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+        return "matmulnbits"
+    return resolve(kernel)
+
+
 def resolve(kernel: str) -> str:
     """The q4 kernel an engine runs: "auto" is q4linear where the library builds, else
     matmulnbits (logged); "q4linear" where it cannot build is a ConfigError with the reason."""

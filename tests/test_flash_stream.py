@@ -29,14 +29,16 @@ def truncate(stream: StreamedFront, layer: int, nbytes: int = 8) -> None:
         os.close(fd)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "matmulnbits"])
 @pytest.mark.parametrize("accuracy_level", [0, 4])
 @pytest.mark.parametrize("resident", [set(), {1}, {0, 2}])
-def test_streamed_equals_resident_engine(tiny_store, resident, accuracy_level):
-    """Bit-identical to the all-resident engine, prefill and decode steps, over two sessions."""
-    settings = flash_settings(accuracy_level=accuracy_level)
+def test_streamed_equals_resident_engine(tiny_store, resident, accuracy_level, kernel):
+    """Bit-identical to the all-resident engine, prefill and decode steps, over two sessions; the
+    resident stages and the streamed layers run the kernel asked for."""
+    settings = flash_settings(accuracy_level=accuracy_level, kernel=kernel)
     stream = StreamedFront(tiny_store, resident, settings=settings, max_seq_len=32, drop_cache=True)
     ref = SegmentEngine(tiny_store, 0, 3, embed_ids=False, with_head=False, accuracy_level=accuracy_level,
-                        max_seq_len=32)
+                        max_seq_len=32, kernel=kernel)
     for _ in range(2):
         stream.reset()
         ref.reset()

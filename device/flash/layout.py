@@ -25,8 +25,8 @@ def flash_settings(**engine_kwargs) -> dict:
 
 
 def q4_kernel(settings: dict) -> str:
-    """The operator a streamed layer's q4 projections run on (kernels.resolve)."""
-    return kernels.resolve(settings["kernel"]) if settings["precision"] == "q4" else "matmulnbits"
+    """The operator a streamed layer's projections run on (kernels.for_layers, as an engine's)."""
+    return kernels.for_layers(settings["kernel"], settings["precision"])
 
 
 def _layer_spec(store: ModelStore, i: int, settings: dict, max_seq_len: int) -> SegmentSpec:

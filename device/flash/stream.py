@@ -163,9 +163,8 @@ class StreamedFront:
         self.max_seq_len = max_seq_len  # KV capacity in positions
         self.streamed = [i for i in range(n) if i not in resident]
         self.drop_cache = drop_cache
-        kw = dict(precision=settings["precision"], kv_precision=settings["kv_precision"],
-                  accuracy_level=settings["accuracy_level"], outlier_channels=settings["outlier_channels"],
-                  max_seq_len=max_seq_len, threads=threads, embed_ids=False, with_head=False, spin=False)
+        # the resident stages run exactly as the streamed layers do (kernel included)
+        kw = dict(settings, max_seq_len=max_seq_len, threads=threads, embed_ids=False, with_head=False, spin=False)
         self.stages = _stages(store, self.streamed, n, kw)
         rope = rope_values(store, max_seq_len)
         self.layers = {i: StreamedLayer(store, i, settings, max_seq_len, threads, rope) for i in self.streamed}
