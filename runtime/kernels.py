@@ -38,6 +38,7 @@ HEADER = "onnxruntime_c_api.h"
 HEADERS_VERSION = "1.21.0"  # the C API the library is built against; onnxruntime >= 1.21 loads it
 MIN_ORT = (1, 21)
 CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Werror")
+LIBS = ("-lm",)  # expf in the portable SwiGLU
 KERNELS = ("auto", "q4linear", "matmulnbits")
 
 
@@ -66,7 +67,7 @@ def _build(include: Path, compiler: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *CFLAGS, f"-I{include}", str(SOURCE), "-o", tmp, "-lm"]
+        cmd = [compiler, *CFLAGS, f"-I{include}", str(SOURCE), "-o", tmp, *LIBS]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise ConfigError(f"building {SOURCE.name} failed ({' '.join(cmd)}): {done.stderr.strip()[-2000:]}")
@@ -94,7 +95,7 @@ def _library() -> tuple[Path | None, str]:
         return None, f"no C compiler {compiler!r} on PATH (set CC)"
     key = hashlib.sha256()
     sources = [f.read_bytes() for f in sorted(SOURCE.parent.glob("*.[ch]"))]  # q4_linear.c and what it includes
-    for part in (*sources, (include / HEADER).read_bytes(), " ".join(CFLAGS).encode(), compiler.encode(),
+    for part in (*sources, (include / HEADER).read_bytes(), " ".join(CFLAGS + LIBS).encode(), compiler.encode(),
                  _cpu_key().encode()):
         key.update(part)
     out = cache_dir() / "kernels" / f"q4_linear-{key.hexdigest()[:16]}.so"

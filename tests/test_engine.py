@@ -9,6 +9,8 @@ from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError, KVCacheOverflowError
 from edgesplit.runtime.reference import ReferenceModel
 
+from linear_session import linear_session
+
 IDS = np.array([1, 40, 7, 263, 259, 90, 100, 2, 5, 33, 61, 120, 200, 3, 4, 9, 11, 260, 261, 8])
 
 
@@ -59,24 +61,11 @@ def test_int8_activations_stay_close(tiny_store, tiny_ref, outliers):
 
 
 def _linear_error(w, x, outliers):
-    """Relative max error of graph.linear at accuracy level 4 against x @ W^T in fp32."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    from edgesplit.runtime.graph import OPSETS, _Graph
+    """Relative max error of graph.linear (MatMulNBits) at accuracy level 4 against x @ W^T in fp32."""
     from edgesplit.runtime.quant import dense_columns
 
     dense = dense_columns(w, np.arange(x.shape[1]))  # (N, K)
-    n, k = dense.shape
-    g = _Graph(accuracy_level=4)
-    g.nodes.append(helper.make_node("Identity", [g.linear("x", w, "w", k, outliers=outliers)], ["y"]))
-    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], n])], g.inits)
-    so = ort.SessionOptions()
-    arrays = g.sink.arrays
-    so.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
-    model = helper.make_model(graph, opset_imports=OPSETS, ir_version=10).SerializeToString()
-    got = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = linear_session(w, dense.shape[1], 4, outliers).run(None, {"x": x})[0]
     want = x @ dense.T
     return np.abs(got - want).max() / np.abs(want).max()
 

@@ -7,34 +7,20 @@ import logging
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 
 from edgesplit.runtime import kernels
 from edgesplit.runtime.engine import SegmentEngine
 from edgesplit.runtime.errors import ConfigError
-from edgesplit.runtime.graph import OPSETS, _Graph, _matrix
+from edgesplit.runtime.graph import _matrix
 from edgesplit.runtime.quant import q4_dense
+
+from linear_session import linear_session
 
 
 def _session(w: dict, k: int, acc: int, outliers: np.ndarray | None = None, kernel: str = "q4linear",
              threads: int = 2, swiglu: bool = False) -> ort.InferenceSession:
-    """One projection of weight `w` as a model of its own: x (T, k) -> y (T, N), or (T, N / 2)
-    with `swiglu`."""
-    g = _Graph(accuracy_level=acc, q4_kernel=kernel)
-    g.nodes.append(helper.make_node("Identity", [g.linear("x", w, "w", k, outliers=outliers, swiglu=swiglu)], ["y"]))
-    n = w["qweight"].shape[0] // (2 if swiglu else 1)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "K"])  # K symbolic: the kernel checks it
-    graph = helper.make_graph(g.nodes, "t", [x],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", n])], g.inits)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    if kernel == "q4linear":
-        so.register_custom_ops_library(str(kernels.require()))
-    arrays = g.sink.arrays
-    so.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
-    opsets = OPSETS + [helper.make_opsetid(kernels.DOMAIN, 1)]
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    """One projection on Q4Linear unless `kernel` says otherwise."""
+    return linear_session(w, k, acc, outliers, kernel, threads, swiglu)
 
 
 def _random_q4(n: int, k: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -82,6 +82,44 @@ typedef struct {
     int64_t swiglu;          /* attribute: 1 = the weight is gate rows then up rows; Y = silu(gate) * up, (T, N/2) */
 } Kernel;
 
+/* X de-interleaved (per block its 16 even, then its 16 odd elements: the nibbles' order), the
+ * outputs in parallel tasks and, with `glu`, the SwiGLU of gate and up into `out`; one exit frees
+ * this call's buffers. */
+static OrtStatus *run_job(OrtKernelContext *ctx, Job *j, const float *x, float *out, int glu) {
+    float *xp = (float *)aligned_alloc(64, (j->T * j->K * sizeof(float) + 63) / 64 * 64);
+    float *full = glu ? (float *)malloc(j->T * j->N * sizeof(float)) : NULL;  /* gate and up, (T, N) */
+    void *qbuf = NULL;
+    OrtStatus *st = NULL;
+    if (xp == NULL || (glu && full == NULL)) {
+        st = g_api->CreateStatus(ORT_FAIL, "Q4Linear: out of memory");
+        goto done;
+    }
+    for (size_t t = 0; t < j->T; t++)
+        for (size_t b = 0; b < j->nb; b++)
+            for (int l = 0; l < HALF; l++) {
+                xp[t * j->K + b * BLOCK + l] = x[t * j->K + b * BLOCK + 2 * l];
+                xp[t * j->K + b * BLOCK + HALF + l] = x[t * j->K + b * BLOCK + 2 * l + 1];
+            }
+    j->xp = xp;
+    j->y = glu ? full : out;
+#ifdef HAVE_INT8
+    if (j->int8 && (qbuf = quantize_rows(j, xp)) == NULL) {
+        st = g_api->CreateStatus(ORT_FAIL, "Q4Linear: out of memory");
+        goto done;
+    }
+#endif
+    st = g_api->KernelContext_ParallelFor(ctx, run_task, (j->N + N_PER_TASK - 1) / N_PER_TASK, 0, j);
+    if (st == NULL && glu) {
+        Glu g = {.y = full, .out = out, .F = j->N / 2};
+        st = g_api->KernelContext_ParallelFor(ctx, glu_row, j->T, 0, &g);
+    }
+done:
+    free(qbuf);
+    free(full);
+    free(xp);
+    return st;
+}
+
 static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const OrtValue *vx, *vq, *vs, *vm;
     int64_t dx[4], dq[4], ds[4], dm[4];
@@ -123,38 +161,7 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(g_api->KernelContext_GetOutput(ctx, 0, dy, 2, &vy));
     CHECK(g_api->GetTensorMutableData(vy, (void **)&out));
     if (j.T == 0 || j.N == 0) return NULL;
-    j.y = glu ? (float *)malloc(j.T * j.N * sizeof(float)) : out;  /* swiglu: gate and up first, here */
-    if (j.y == NULL) return g_api->CreateStatus(ORT_FAIL, "Q4Linear: out of memory");
-    float *xp = (float *)aligned_alloc(64, (j.T * j.K * sizeof(float) + 63) / 64 * 64);
-    if (xp == NULL) {
-        if (glu) free(j.y);
-        return g_api->CreateStatus(ORT_FAIL, "Q4Linear: out of memory");
-    }
-    for (size_t t = 0; t < j.T; t++)  /* de-interleave: per block the even elements, then the odd */
-        for (size_t b = 0; b < j.nb; b++)
-            for (int l = 0; l < HALF; l++) {
-                xp[t * j.K + b * BLOCK + l] = x[t * j.K + b * BLOCK + 2 * l];
-                xp[t * j.K + b * BLOCK + HALF + l] = x[t * j.K + b * BLOCK + 2 * l + 1];
-            }
-    j.xp = xp;
-    void *qbuf = NULL;
-#ifdef HAVE_INT8
-    if (j.int8 && (qbuf = quantize_rows(&j, xp)) == NULL) {
-        free(xp);
-        if (glu) free(j.y);
-        return g_api->CreateStatus(ORT_FAIL, "Q4Linear: out of memory");
-    }
-#endif
-    size_t tasks = (j.N + N_PER_TASK - 1) / N_PER_TASK;
-    OrtStatus *st = g_api->KernelContext_ParallelFor(ctx, run_task, tasks, 0, &j);
-    free(qbuf);
-    free(xp);
-    if (glu) {
-        Glu g = {.y = j.y, .out = out, .F = j.N / 2};
-        if (st == NULL) st = g_api->KernelContext_ParallelFor(ctx, glu_row, j.T, 0, &g);
-        free(j.y);
-    }
-    return st;
+    return run_job(ctx, &j, x, out, glu);
 }
 
 static OrtStatus *ORT_API_CALL create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
