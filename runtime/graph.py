@@ -48,8 +48,8 @@ class SegmentSpec:
     kv_precision: str = "f32"
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     accuracy_level: int = 0  # layers: 0 = fp32 compute (exact), 4 = int8 activations
-    q4_kernel: str = "matmulnbits"  # q4 layers: "q4linear" (edgesplit's operator, kernels.py) or "matmulnbits"
-    head_accuracy_level: int = 4  # the head's; 8-bit MatMulNBits has no fast fp32 kernel
+    q4_kernel: str = "matmulnbits"  # "q4linear": edgesplit's operators (kernels.py) run the q4 layers and a q8 head
+    head_accuracy_level: int = 4  # the head's (fp32 compute of a 49152-row head is ~4x slower)
     embed_ids: bool = True  # at start 0: the engine takes token ids (rows from the store, embedding.py); False: hidden states
     with_head: bool = True  # False: a segment ending at n_layers returns hidden states, no norm/head
 
@@ -151,7 +151,7 @@ class _Graph:
         n, nb = qw.shape[0], qw.shape[1]
         bits = 4 if qw.shape[2] == 16 else 8
         acc = self.acc if acc is None else acc
-        if bits == 4 and self.q4_kernel == "q4linear":
+        if self.q4_kernel == "q4linear":  # edgesplit's operators: Q4Linear, Q8Linear
             return self.q4linear(x, w, prefix, acc, outliers, swiglu)
         assert not swiglu, "only Q4Linear fuses the SwiGLU activation (see fuses_swiglu)"
         x_in = x
@@ -182,19 +182,27 @@ class _Graph:
 
     def q4linear(self, x: str, w: dict[str, np.ndarray], prefix: str, acc: int, outliers: np.ndarray | None,
                  swiglu: bool = False) -> str:
-        """One Q4Linear node (kernels.py): the minimums inside. At accuracy level 4 the outlier
-        channels go in as indices with their weights' scale * q (N, n_out); the kernel keeps them
-        out of its int8 rounding and adds them exactly (their minimums meet the block sums).
-        `swiglu`: w is gate rows then up rows and the node returns silu(gate) * up, (T, N / 2)."""
-        inputs = [x, self.init(f"{prefix}.qweight", w["qweight"]), self.init(f"{prefix}.scales", w["scales"]),
-                  self.init(f"{prefix}.mins", w["mins"])]
+        """One edgesplit operator node (kernels.py): Q4Linear for a q4 weight (the minimums inside),
+        Q8Linear for a q8 one, both read from the store's layout as it is. At accuracy level 4 the
+        outlier channels go in as indices with their weights' exact values less a q4 block's
+        minimum (N, n_out); the kernel keeps them out of its int8 rounding and adds them exactly
+        (a q4 block's minimums meet the block sums). `swiglu` (Q4Linear): w is gate rows then up
+        rows and the node returns silu(gate) * up, (T, N / 2)."""
+        q4 = w["qweight"].shape[2] == 16
+        op = "Q4Linear" if q4 else "Q8Linear"
+        inputs = [x, self.init(f"{prefix}.qweight", w["qweight"]), self.init(f"{prefix}.scales", w["scales"])]
+        if q4:
+            inputs.append(self.init(f"{prefix}.mins", w["mins"]))
         if outliers is not None and acc == 4:
             if len(outliers) > Q4_MAX_OUTLIERS:
-                raise ConfigError(f"{prefix}: {len(outliers)} outlier channels; Q4Linear keeps at most {Q4_MAX_OUTLIERS}")
-            exact = dense_columns(w, outliers) - w["mins"].astype(np.float32)[:, outliers // 32]  # (N, n_out)
+                raise ConfigError(f"{prefix}: {len(outliers)} outlier channels; {op} keeps at most {Q4_MAX_OUTLIERS}")
+            exact = dense_columns(w, outliers)  # (N, n_out)
+            if q4:
+                exact = exact - w["mins"].astype(np.float32)[:, outliers // 32]
             inputs += [self.init(f"{prefix}.outliers", outliers.astype(np.int64)),
                        self.init(f"{prefix}.outlier_w", exact.astype(np.float32))]
-        return self.op1("Q4Linear", inputs, domain=Q4_DOMAIN, accuracy_level=4 if acc == 4 else 0, swiglu=int(swiglu))
+        attrs = {"swiglu": int(swiglu)} if q4 else {}
+        return self.op1(op, inputs, domain=Q4_DOMAIN, accuracy_level=4 if acc == 4 else 0, **attrs)
 
     def blocksum(self, x: str, nb: int) -> str:
         """Sums of each block of 32 inputs: (T, K) -> (T, nb). Reshape + ReduceSum measured 2.5x

@@ -1,10 +1,11 @@
-"""edgesplit's own onnxruntime operator (csrc/q4_linear.c, its arithmetic in csrc/q4_math.h), built
-on the machine that runs it.
+"""edgesplit's own onnxruntime operators (csrc/linear_ops.c, their arithmetic in csrc/q4_math.h and
+csrc/q8_math.h), built on the machine that runs them.
 
-`Q4Linear` (domain "edgesplit") computes a Q4_1 projection exactly, in fp32, in one node read
-straight from the store's q4 layout. onnxruntime offers no such kernel: MatMulNBits has no fast
-form with Q4_1's per-block minimums, so without this operator the graph adds ~7 nodes a
-projection around it (graph.py).
+`Q4Linear` (domain "edgesplit") computes a Q4_1 projection in one node read straight from the
+store's q4 layout. onnxruntime offers no such kernel: MatMulNBits has no fast form with Q4_1's
+per-block minimums, so without this operator the graph adds ~7 nodes a projection around it
+(graph.py). `Q8Linear` does the same for Q8_0 weights (the q8 head): MatMulNBits would hold a
+repacked copy of its own beside them (35 MB for the head's 30 MB table).
 
 The library is compiled once per machine (`cc -O3 -march=native`: its vector width is the CPU's)
 into the cache and loaded by onnxruntime (SessionOptions.register_custom_ops_library). Building
@@ -31,9 +32,9 @@ from .models import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "q4_linear.c"
+SOURCE = Path(__file__).with_name("csrc") / "linear_ops.c"
 DOMAIN = "edgesplit"
-MAX_OUTLIERS = 16  # outlier channels a Q4Linear node takes (csrc/q4_linear.c: HALF)
+MAX_OUTLIERS = 16  # outlier channels a Q4Linear or Q8Linear node takes (csrc/q4_math.h: HALF)
 HEADER = "onnxruntime_c_api.h"
 HEADERS_VERSION = "1.21.0"  # the C API the library is built against; onnxruntime >= 1.21 loads it
 MIN_ORT = (1, 21)
@@ -94,11 +95,11 @@ def _library() -> tuple[Path | None, str]:
     if shutil.which(compiler) is None:
         return None, f"no C compiler {compiler!r} on PATH (set CC)"
     key = hashlib.sha256()
-    sources = [f.read_bytes() for f in sorted(SOURCE.parent.glob("*.[ch]"))]  # q4_linear.c and what it includes
+    sources = [f.read_bytes() for f in sorted(SOURCE.parent.glob("*.[ch]"))]  # linear_ops.c and what it includes
     for part in (*sources, (include / HEADER).read_bytes(), " ".join(CFLAGS + LIBS).encode(), compiler.encode(),
                  _cpu_key().encode()):
         key.update(part)
-    out = cache_dir() / "kernels" / f"q4_linear-{key.hexdigest()[:16]}.so"
+    out = cache_dir() / "kernels" / f"linear_ops-{key.hexdigest()[:16]}.so"
     if not out.is_file():
         log.info("building %s into %s", SOURCE.name, out)
         try:

@@ -1,4 +1,4 @@
-"""edgesplit's Q4Linear operator (runtime/kernels.py, csrc/q4_linear.c), built here for real."""
+"""edgesplit's Q4Linear operator (runtime/kernels.py, csrc/linear_ops.c and csrc/q4_math.h), built here for real."""
 
 from __future__ import annotations
 

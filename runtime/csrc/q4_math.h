@@ -249,13 +249,17 @@ static void run_task(void *user, size_t task) {
 }
 
 #ifdef HAVE_INT8
-/* X's rows prepared for the int8 path (see tile_int8), in one buffer. xp: X de-interleaved. */
-static void *quantize_rows(Job *j, float *xp) {
+/* bytes of quantize_rows' buffer */
+static size_t quantized_bytes(const Job *j) {
+    return j->T * (j->ng * 4 * BLOCK + 4 * (j->ng * HALF + 2 * 4 * j->ng + HALF));
+}
+
+/* X's rows prepared for the int8 path (see tile_int8) in `buf` (quantized_bytes, 64-byte
+ * aligned). xp: X de-interleaved. */
+static void quantize_rows(Job *j, float *xp, char *buf) {
     const size_t kq = j->ng * 4 * BLOCK, stride = 4 * j->ng;
     const size_t q_bytes = j->T * kq, dxe_floats = j->T * j->ng * HALF, sum_floats = j->T * stride;
     const size_t floats = dxe_floats + 2 * sum_floats + j->T * HALF;
-    char *buf = (char *)aligned_alloc(64, (q_bytes + 4 * floats + 63) / 64 * 64);
-    if (buf == NULL) return NULL;
     int8_t *qx = (int8_t *)buf;
     float *dxe = (float *)(buf + q_bytes), *xsum = dxe + dxe_floats, *resid = xsum + sum_floats;
     j->xo = resid + sum_floats;
@@ -291,7 +295,6 @@ static void *quantize_rows(Job *j, float *xp) {
     j->dxe = dxe;
     j->xsum = xsum;
     j->resid = resid;
-    return buf;
 }
 #endif
 
