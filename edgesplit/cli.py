@@ -54,8 +54,8 @@ def _add_engine(p: argparse.ArgumentParser, segments: bool = True) -> None:
                    help="at head accuracy level 4: head input channels kept in fp32 (default 16)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     p.add_argument("--kernel", default="auto", choices=KERNELS,
-                   help="q4 layers: edgesplit's Q4Linear operator (built here on first use) or onnxruntime's "
-                        "MatMulNBits; auto (default): Q4Linear where it builds")
+                   help="q4 layers and the q8 head: edgesplit's Q4Linear and Q8Linear operators (built here "
+                        "on first use) or onnxruntime's MatMulNBits; auto (default): edgesplit's where they build")
     if segments:
         p.add_argument("--segments", type=int_list, default=None, metavar="A,B,...",
                        help="cut points of consecutive local segments, e.g. 0,12,30 (default: one segment)")

@@ -33,7 +33,7 @@ def session_options(threads: int, spin: bool = True, profile_prefix: str | None 
     """CPU session options tuned for small-batch latency. `spin` False: idle intra-op threads
     sleep instead of busy-waiting (for processes that wait on a network between runs).
     `profile_prefix`: onnxruntime's per-node profiling into `<prefix>_<time>.json` (benchmarks).
-    `q4_kernel` "q4linear": the graph has edgesplit's operator, whose library is registered."""
+    `q4_kernel` "q4linear": the graph has edgesplit's operators, whose library is registered."""
     so = ort.SessionOptions()
     if q4_kernel == "q4linear":
         so.register_custom_ops_library(str(kernels.require()))
@@ -160,12 +160,13 @@ class SegmentEngine:
 
     precision: layer weights q4 (the GGUF's Q4_1 blocks), q8, f16 or f32; head_precision: the
     embedding table and head (q8 = the GGUF's Q8_0, f16, f32); kv_precision: f32, f16 or int8.
-    kernel: what runs q4 layers. "q4linear" is edgesplit's operator (kernels.py): one node a
-    projection straight from the Q4_1 blocks, no repacked copy. "matmulnbits" is onnxruntime's.
-    "auto" (default): q4linear where its library builds, else matmulnbits. For both,
-    accuracy_level: 0 = fp32 compute (bit-faithful to the GGUF), 4 = int8 activations (faster),
-    with `outlier_channels` calibrated input channels per attention/FFN input kept in fp32.
-    The head is MatMulNBits (`head_accuracy_level`, `head_outlier_channels`).
+    kernel: what runs q4 layers and the q8 head. "q4linear" is edgesplit's operators
+    (kernels.py): one node a projection straight from the Q4_1 (Q4Linear) or Q8_0 (Q8Linear)
+    blocks, no repacked copy. "matmulnbits" is onnxruntime's. "auto" (default): q4linear where
+    its library builds, else matmulnbits. For both, accuracy_level: 0 = fp32 compute
+    (bit-faithful to the GGUF), 4 = int8 activations (faster), with `outlier_channels`
+    calibrated input channels per attention/FFN input kept in fp32; the head's are
+    `head_accuracy_level` and `head_outlier_channels`.
     """
 
     def __init__(self, store: ModelStore, start: int = 0, end: int | None = None, *,
