@@ -256,11 +256,17 @@ def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]]
     g.init("rope.cos", cos)
     g.init("rope.sin", sin)
     qkv_width = cfg.n_heads * hd + 2 * cfg.n_kv_heads * hd
-    # (rows, qkv) -> (B, rows / B, qkv): (1, T, qkv) for one session, (B, 1, qkv) for B sessions of one token each
-    shape_3d = g.op1("Concat", [g.op1("Shape", ["seqlens_k"]), g.init("shape.rows_qkv", np.array([-1, qkv_width], np.int64))],
-                     axis=0)
     shape_2d = g.init("shape.2d", np.array([-1, d], np.int64))
     eps = float(cfg.norm_eps)
+    # GroupQueryAttention takes and returns (B, rows / B, width): (1, T, .) for one session, (B, 1, .)
+    # for B sessions of one token each. On edgesplit's operators (which take (B, S, K) too) the
+    # residual stream is that shape from the input on: two Reshapes a segment, not two a layer.
+    three_d = spec.q4_kernel == "q4linear"
+    width = d if three_d else qkv_width
+    shape_3d = g.op1("Concat", [g.op1("Shape", ["seqlens_k"]), g.init(f"shape.rows_{width}", np.array([-1, width], np.int64))],
+                     axis=0)
+    if three_d:
+        h = g.op1("Reshape", [h, shape_3d])
 
     pending = None  # residual branch not yet added to h (fused into the next norm)
     if spec.start > 0:
@@ -280,7 +286,7 @@ def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]]
                                n_out=4, domain="com.microsoft", epsilon=eps)
         qkv = g.linear(xn, _fuse([_matrix(w, "attn_q"), _matrix(w, "attn_k"), _matrix(w, "attn_v")]), f"{i}.qkv", d,
                        outliers=outliers.get((i, "attn_in")))
-        qkv3 = g.op1("Reshape", [qkv, shape_3d])
+        qkv3 = qkv if three_d else g.op1("Reshape", [qkv, shape_3d])
         pk, pv = f"past_key.{i}", f"past_value.{i}"
         for name in (pk, pv):
             inputs.append(helper.make_tensor_value_info(name, kv_type, cache_shape))
@@ -298,7 +304,7 @@ def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]]
             do_rotary=1, rotary_interleaved=1, **attrs))
         for name in (f"present_key.{i}", f"present_value.{i}"):
             outputs.append(helper.make_tensor_value_info(name, kv_type, cache_shape))
-        a2 = g.op1("Reshape", [attn, shape_2d])
+        a2 = attn if three_d else g.op1("Reshape", [attn, shape_2d])
         o = g.linear(a2, _matrix(w, "attn_output"), f"{i}.o", d, outliers=outliers.get((i, "o_in")))
         xn, _, _, h = g.op("SkipSimplifiedLayerNormalization", [h, o, g.init(f"{i}.ffn_norm", w["ffn_norm"])],
                            n_out=4, domain="com.microsoft", epsilon=eps)
@@ -313,6 +319,8 @@ def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]]
 
     if pending is not None:
         h = g.op1("Add", [h, pending])
+    if three_d:
+        h = g.op1("Reshape", [h, shape_2d])
     if spec.has_head:
         assert head is not None and output_norm is not None, "a segment with the head needs it and the final norm"
         hn = g.op1("SimplifiedLayerNormalization", [h, g.init("output_norm", output_norm)], epsilon=eps, axis=-1)

@@ -11,15 +11,17 @@ from edgesplit.runtime.graph import OPSETS, _Graph
 
 
 def linear_session(w: dict[str, np.ndarray], k: int, acc: int, outliers: np.ndarray | None = None,
-                   kernel: str = "matmulnbits", threads: int = 2, swiglu: bool = False) -> ort.InferenceSession:
+                   kernel: str = "matmulnbits", threads: int = 2, swiglu: bool = False,
+                   x_dims: tuple[str, ...] = ("T", "K")) -> ort.InferenceSession:
     """x (T, K) -> y (T, N) (or (T, N / 2) with `swiglu`) for weight `w` in shard layout; K is
-    symbolic in the model, so a kernel's own shape check is what meets a wrong one."""
+    symbolic in the model, so a kernel's own shape check is what meets a wrong one. `x_dims`:
+    x's symbolic dims, e.g. ("B", "S", "K") for the graph's 3-D residual stream."""
     g = _Graph(accuracy_level=acc, q4_kernel=kernel)
     g.nodes.append(helper.make_node("Identity", [g.linear("x", w, "w", k, outliers=outliers, swiglu=swiglu)], ["y"]))
     n = w["qweight"].shape[0] // (2 if swiglu else 1) if "qweight" in w else w["weight"].shape[0]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "K"])
-    graph = helper.make_graph(g.nodes, "t", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", n])],
-                              g.inits)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_dims))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [*x_dims[:-1], n])
+    graph = helper.make_graph(g.nodes, "t", [x], [y], g.inits)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     opsets = OPSETS

@@ -93,6 +93,24 @@ def test_real_head_rows_match_the_exact_projection(built, real_store):
         assert _rel_error(got, _want(x, w)) < 1e-5
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("acc", [0, 4])
+def test_3d_input_keeps_its_leading_dims(built, bits, acc):
+    """(B, S, K) in, (B, S, N) out, each row as in the 2-D form (the graph's residual stream is
+    3-D on these operators); Q4Linear's SwiGLU form too."""
+    from test_q4_kernel import _random_q4
+
+    w = _random_q4(16, 96, seed=9) if bits == 4 else _random_q8(16, 96, seed=9)
+    x = np.random.default_rng(10).standard_normal((2, 3, 96)).astype(np.float32)
+    flat = linear_session(w, 96, acc, kernel="q4linear").run(None, {"x": x.reshape(6, 96)})[0]
+    got = linear_session(w, 96, acc, kernel="q4linear", x_dims=("B", "S", "K")).run(None, {"x": x})[0]
+    assert got.shape == (2, 3, 16)
+    np.testing.assert_array_equal(got.reshape(6, 16), flat)
+    if bits == 4:
+        glu = linear_session(w, 96, acc, kernel="q4linear", swiglu=True, x_dims=("B", "S", "K")).run(None, {"x": x})[0]
+        assert glu.shape == (2, 3, 8)
+
+
 def test_bad_shapes_are_an_error_naming_them(built):
     w = _random_q8(8, 128)
     with pytest.raises(Exception, match=r"Q8Linear: shapes X \(2, 96\), QW \(8, 4, 32\)"):

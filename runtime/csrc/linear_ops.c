@@ -2,14 +2,14 @@
  * weight in the store's layout as it is (runtime/quant.py):
  *
  * Q4Linear, the Q4_1 values (arithmetic in q4_math.h):
- *   inputs  X f32 (T, K); QW uint8 (N, K/32, 16), element 2j of a block in the low nibble of byte j;
+ *   inputs  X f32 (T, K) or (B, S, K); QW uint8 (N, K/32, 16), element 2j of a block in the low nibble of byte j;
  *           SCALES f16 (N, K/32); MINS f16 (N, K/32); optional (level 4): OUTLIERS int64 (n,),
  *           input channels kept out of the int8 rounding, n <= 16, and OUTLIER_W f32 (N, n), their
  *           weights' SCALES * q
- *   output  Y f32 (T, N), Y[t, n] = sum_k X[t, k] * (SCALES[n, k/32] * q[n, k] + MINS[n, k/32])
+ *   output  Y f32 (T, N) (or (B, S, N)), Y[t, n] = sum_k X[t, k] * (SCALES[n, k/32] * q[n, k] + MINS[n, k/32])
  *   attribute swiglu: 1 = the weight is gate rows then up rows; Y = silu(gate) * up, (T, N/2)
  * Q8Linear, the Q8_0 values (arithmetic in q8_math.h):
- *   inputs  X f32 (T, K); QW uint8 (N, K/32, 32), u = q + 128; SCALES f16 (N, K/32); optional
+ *   inputs  X f32 (T, K) or (B, S, K); QW uint8 (N, K/32, 32), u = q + 128; SCALES f16 (N, K/32); optional
  *           (level 4): OUTLIERS int64 (n,), n <= 16, and OUTLIER_W f32 (N, n), SCALES * q there
  *   output  Y f32 (T, N), Y[t, n] = sum_k X[t, k] * SCALES[n, k/32] * (u[n, k] - 128)
  * Both: attribute accuracy_level: 0 = fp32 compute (exact), 4 = X rounded to int8 per block of
@@ -156,27 +156,38 @@ done:
     return st;
 }
 
-/* X (T, K), QW (N, nb, 16 or 32), SCALES (N, nb) and, for Q4Linear, MINS (N, nb): checked, into j */
-static OrtStatus *weight_inputs(OrtKernelContext *ctx, const OpKind *op, Job *j, const float **x) {
+/* "(d0, d1, ...)" of n dims into out */
+static void dims_text(const int64_t *d, size_t n, char *out, size_t size) {
+    int at = snprintf(out, size, "(");
+    for (size_t i = 0; i < n && at > 0 && (size_t)at < size; i++)
+        at += snprintf(out + at, size - (size_t)at, i ? ", %lld" : "%lld", (long long)d[i]);
+    if (at > 0 && (size_t)at < size) snprintf(out + at, size - (size_t)at, ")");
+}
+
+/* X (T, K) or (B, S, K) (rows T = B S: the graph's residual stream is 3-D, as GroupQueryAttention
+ * takes it), QW (N, nb, 16 or 32), SCALES (N, nb) and, for Q4Linear, MINS (N, nb): checked, into
+ * j; X's dims into dx (the output keeps its leading ones), their count into nx. */
+static OrtStatus *weight_inputs(OrtKernelContext *ctx, const OpKind *op, Job *j, const float **x, int64_t *dx, size_t *nx) {
     const OrtValue *vx, *vq, *vs, *vm = NULL;
-    int64_t dx[4], dq[4], ds[4], dm[4] = {0};
-    size_t nx, nq, ns, nm = 2;
-    CHECK(input_dims(ctx, op, 0, &vx, dx, &nx));
+    int64_t dq[4], ds[4], dm[4] = {0};
+    size_t nq, ns, nm = 2;
+    CHECK(input_dims(ctx, op, 0, &vx, dx, nx));
     CHECK(input_dims(ctx, op, 1, &vq, dq, &nq));
     CHECK(input_dims(ctx, op, 2, &vs, ds, &ns));
     const int64_t row = op->bits == 8 ? BLOCK : BLOCK / 2;  /* bytes per block */
     if (op->bits == 4) CHECK(input_dims(ctx, op, 3, &vm, dm, &nm));
-    if (nx != 2 || nq != 3 || ns != 2 || nm != 2 || dq[2] != row || dx[1] != dq[1] * BLOCK || ds[0] != dq[0]
-        || ds[1] != dq[1] || (op->bits == 4 && (dm[0] != dq[0] || dm[1] != dq[1]))) {
-        char msg[256];
-        snprintf(msg, sizeof msg, "%s: shapes X (%lld, %lld), QW (%lld, %lld, %lld) do not match "
-                 "X (T, K), QW (N, K/32, %lld), SCALES%s (N, K/32)", op->name,
-                 (long long)dx[0], (long long)(nx > 1 ? dx[1] : -1), (long long)dq[0],
-                 (long long)(nq > 1 ? dq[1] : -1), (long long)(nq > 2 ? dq[2] : -1), (long long)row,
-                 op->bits == 4 ? " and MINS" : "");
+    const size_t n = *nx;
+    if (n < 2 || n > 3 || nq != 3 || ns != 2 || nm != 2 || dq[2] != row || dx[n - 1] != dq[1] * BLOCK
+        || ds[0] != dq[0] || ds[1] != dq[1] || (op->bits == 4 && (dm[0] != dq[0] || dm[1] != dq[1]))) {
+        char msg[300], xs[80], qs[80];
+        dims_text(dx, n, xs, sizeof xs);
+        dims_text(dq, nq, qs, sizeof qs);
+        snprintf(msg, sizeof msg, "%s: shapes X %s, QW %s do not match X (T, K) or (B, S, K), QW (N, K/32, %lld), "
+                 "SCALES%s (N, K/32)", op->name, xs, qs, (long long)row, op->bits == 4 ? " and MINS" : "");
         return fail(msg);
     }
-    j->T = (size_t)dx[0], j->K = (size_t)dx[1], j->N = (size_t)dq[0], j->nb = (size_t)dq[1];
+    j->T = (size_t)dx[0] * (n == 3 ? (size_t)dx[1] : 1);
+    j->K = (size_t)dx[n - 1], j->N = (size_t)dq[0], j->nb = (size_t)dq[1];
     j->ng = op->bits == 8 ? (j->nb + 1) / 2 : (j->nb + 3) / 4;  /* blocks per 64-byte load: 2 or 4 */
     CHECK(g_api->GetTensorMutableData((OrtValue *)vx, (void **)x));
     CHECK(g_api->GetTensorMutableData((OrtValue *)vq, (void **)&j->qw));
@@ -190,7 +201,9 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const OpKind *op = k->kind;
     Job j = {0};
     const float *x;
-    CHECK(weight_inputs(ctx, op, &j, &x));
+    int64_t dy[4];  /* X's dims; the last becomes the output's width */
+    size_t ny;
+    CHECK(weight_inputs(ctx, op, &j, &x, dy, &ny));
 #ifdef HAVE_INT8
     j.int8 = k->accuracy_level == 4;
 #endif
@@ -201,10 +214,10 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
         snprintf(msg, sizeof msg, "%s: swiglu needs gate and up rows, an even N; got N=%zu", op->name, j.N);
         return fail(msg);
     }
-    int64_t dy[2] = {(int64_t)j.T, (int64_t)(glu ? j.N / 2 : j.N)};
+    dy[ny - 1] = (int64_t)(glu ? j.N / 2 : j.N);
     OrtValue *vy;
     float *out;
-    CHECK(g_api->KernelContext_GetOutput(ctx, 0, dy, 2, &vy));
+    CHECK(g_api->KernelContext_GetOutput(ctx, 0, dy, ny, &vy));
     CHECK(g_api->GetTensorMutableData(vy, (void **)&out));
     if (j.T == 0 || j.N == 0) return NULL;
     return run_job(ctx, op, &j, x, out, glu);
