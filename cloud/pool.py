@@ -28,7 +28,6 @@ import ray.exceptions
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from edgesplit.runtime import malloc
 from edgesplit.runtime.errors import ConfigError, EdgesplitError
 from edgesplit.runtime.models import resolve_store
 from edgesplit.runtime.plan import ModelIdentity, Plan
@@ -107,7 +106,6 @@ class ReplicaWorker:
     def __init__(self, name: str, model: str, bind: str, keys: str | None, insecure: bool, threads: int,
                  limits: WorkerLimits, warm_plans: tuple[Plan, ...]):
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(name)s %(levelname)s %(message)s")
-        malloc.keep_large_allocations_mapped()
         store = ModelStore(resolve_store(model, progress=False))
         self.worker = CloudWorker(store, bind=bind, threads=threads, keys=None if keys is None else ServerKeys.load(keys),
                                   insecure=insecure, warm_plans=warm_plans, **asdict(limits))

@@ -7,7 +7,6 @@ import signal
 import threading
 from typing import Any
 
-from edgesplit.runtime import malloc
 from edgesplit.runtime.models import resolve_store
 from edgesplit.runtime.store import ModelStore
 
@@ -25,7 +24,6 @@ def serve(model: str, bind: str, *, stop_event: threading.Event | None = None,
     if not logging.getLogger().handlers and not logging.getLogger("edgesplit").handlers:  # a bare launch still logs
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_bind(bind, opts.get("keys") is not None, bool(opts.get("insecure")))  # before the store loads
-    malloc.keep_large_allocations_mapped()  # KV caches freed at session close go back to the OS
     kwargs = {} if precisions is None else {"precisions": tuple(precisions)}
     store = ModelStore(resolve_store(model, progress=False, **kwargs))
     stop_event = stop_event or threading.Event()

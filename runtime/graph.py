@@ -147,13 +147,13 @@ class _Graph:
         """
         if "weight" in w:  # f16/f32: dense fp32 compute
             return self.op1("MatMul", [x, self.init(f"{prefix}.wT", w["weight"].astype(np.float32).T)])
-        qw = w["qweight"]
-        n, nb = qw.shape[0], qw.shape[1]
-        bits = 4 if qw.shape[2] == 16 else 8
         acc = self.acc if acc is None else acc
         if self.q4_kernel == "q4linear":  # edgesplit's operators: Q4Linear, Q8Linear
             return self.q4linear(x, w, prefix, acc, outliers, swiglu)
         assert not swiglu, "only Q4Linear fuses the SwiGLU activation (see fuses_swiglu)"
+        qw = w["qweight"]
+        n, nb = qw.shape[0], qw.shape[1]
+        bits = 4 if qw.shape[2] == 16 else 8
         x_in = x
         if outliers is not None and acc == 4:
             mask = np.ones(k, np.float32)

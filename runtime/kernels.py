@@ -110,7 +110,7 @@ def _library() -> tuple[Path | None, str]:
 
 
 def library() -> Path | None:
-    """The Q4Linear library for this machine (built on first use), or None where it cannot be
+    """The library of edgesplit's operators for this machine (built on first use), or None where it cannot be
     built; `unavailable_reason()` then says why."""
     return _library()[0]
 
@@ -128,12 +128,16 @@ def require() -> Path:
     return path
 
 
+def _known(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ConfigError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+
+
 def for_layers(kernel: str, precision: str) -> str:
     """The operator a segment's layers run on: `resolve(kernel)` for q4 layers; other precisions
     have no Q4_1 blocks and run on onnxruntime's own operators ("matmulnbits")."""
     if precision != "q4":
-        if kernel not in KERNELS:
-            raise ConfigError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+        _known(kernel)
         return "matmulnbits"
     return resolve(kernel)
 
@@ -141,8 +145,7 @@ def for_layers(kernel: str, precision: str) -> str:
 def resolve(kernel: str) -> str:
     """The q4 kernel an engine runs: "auto" is q4linear where the library builds, else
     matmulnbits (logged); "q4linear" where it cannot build is a ConfigError with the reason."""
-    if kernel not in KERNELS:
-        raise ConfigError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    _known(kernel)
     if kernel == "matmulnbits":
         return kernel
     if library() is not None:
@@ -155,4 +158,4 @@ def resolve(kernel: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _warn_fallback() -> None:
-    log.warning("Q4_1 layers run on MatMulNBits (slower, more memory): %s", unavailable_reason())
+    log.warning("Q4_1 layers and the q8 head run on MatMulNBits (slower, more memory): %s", unavailable_reason())
