@@ -43,7 +43,9 @@ def _add_engine(p: argparse.ArgumentParser, segments: bool = True) -> None:
     """Precision, accuracy, thread (and segment) flags shared by generate, eval and bench."""
     p.add_argument("--precision", default="q4", help="layer weight precision: q4, q8, f16, f32 (default q4)")
     p.add_argument("--head-precision", default="q8", help="embedding/head precision: q8, f16, f32 (default q8)")
-    p.add_argument("--kv-precision", default="f32", help="KV cache precision (default f32)")
+    p.add_argument("--kv-precision", default="f32",
+                   help="KV cache precision: f32 (default), f16 (half the memory; faster on edgesplit's "
+                        "CachedAttention), int8")
     p.add_argument("--accuracy-level", type=int, default=4,
                    help="accuracy level of the layers: 0 = fp32 compute (exact), "
                         "4 = int8 activations (default, faster)")
@@ -54,8 +56,9 @@ def _add_engine(p: argparse.ArgumentParser, segments: bool = True) -> None:
                    help="at head accuracy level 4: head input channels kept in fp32 (default 16)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     p.add_argument("--kernel", default="auto", choices=KERNELS,
-                   help="q4 layers and the q8 head: edgesplit's Q4Linear and Q8Linear operators (built here "
-                        "on first use) or onnxruntime's MatMulNBits; auto (default): edgesplit's where they build")
+                   help="q4 layers, the q8 head and attention: edgesplit's Q4Linear, Q8Linear and CachedAttention "
+                        "operators (built here on first use) or onnxruntime's MatMulNBits and GroupQueryAttention; "
+                        "auto (default): edgesplit's where they build")
     if segments:
         p.add_argument("--segments", type=int_list, default=None, metavar="A,B,...",
                        help="cut points of consecutive local segments, e.g. 0,12,30 (default: one segment)")

@@ -3,8 +3,8 @@
 A `KVPool` holds, per layer, K and V buffers of shape (slots, kv_heads, max_seq_len, head_dim);
 slot s of every buffer is one session's cache. Both kinds of step run on the segment engine's one
 graph and session (runtime/graph.py), so its weights are held once. A session's prompt (several
-tokens) runs with a KVCache over its slot's views, alone: GroupQueryAttention takes multi-token
-steps only at batch 1. Decode steps of several sessions run together: hidden (B, d),
+tokens) runs with a KVCache over its slot's views, alone: onnxruntime's GroupQueryAttention (the
+attention where edgesplit's CachedAttention is not used) takes multi-token steps only at batch 1. Decode steps of several sessions run together: hidden (B, d),
 `seqlens_k` (B,) = each row's past length, `total_seq_len` = the longest + 1, the pool's first B
 slots bound as the KV buffers, and `logits_index` = the stepping rows, so only those meet the
 head. A row of the batch whose slot is not stepping gets a zero input at its next position, which

@@ -162,7 +162,8 @@ class SegmentEngine:
     embedding table and head (q8 = the GGUF's Q8_0, f16, f32); kv_precision: f32, f16 or int8.
     kernel: what runs q4 layers and the q8 head. "q4linear" is edgesplit's operators
     (kernels.py): one node a projection straight from the Q4_1 (Q4Linear) or Q8_0 (Q8Linear)
-    blocks, no repacked copy. "matmulnbits" is onnxruntime's. "auto" (default): q4linear where
+    blocks, no repacked copy, and, with an f32 or f16 cache, CachedAttention for attention.
+    "matmulnbits" is onnxruntime's (MatMulNBits, GroupQueryAttention). "auto" (default): q4linear where
     its library builds, else matmulnbits. For both, accuracy_level: 0 = fp32 compute
     (bit-faithful to the GGUF), 4 = int8 activations (faster), with `outlier_channels`
     calibrated input channels per attention/FFN input kept in fp32; the head's are

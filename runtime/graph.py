@@ -2,8 +2,9 @@
 
 One graph per segment keeps per-step overhead low: a decode step is one `run` call. Hidden states
 are 2-D `(rows, d)` throughout. The KV cache of every layer is a graph input `past_key.{i}`
-aliased by IO binding to the output `present_key.{i}`, so GroupQueryAttention appends in place
-into a buffer preallocated to the maximum sequence length.
+aliased by IO binding to the output `present_key.{i}`, so attention (edgesplit's CachedAttention
+or onnxruntime's GroupQueryAttention, `_attention`) appends in place into a buffer preallocated
+to the maximum sequence length. The buffer's layout is the attention operator's own.
 
 The same graph serves two kinds of step (so an engine holds its packed weights once): B = 1
 session appending T tokens (rows = T), or B sessions appending one token each (rows = B, a
@@ -228,6 +229,29 @@ def rope_cache(cfg: ModelConfig, max_seq_len: int) -> tuple[np.ndarray, np.ndarr
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
+def _attention(spec: SegmentSpec, i: int, qkv: str, out: str, g: _Graph, kv_scales: dict | None) -> onnx.NodeProto:
+    """Layer i's attention node: edgesplit's CachedAttention on its operators with an f32 or f16
+    cache (csrc/attention_op.c: about half of GroupQueryAttention's time for a one-token step,
+    and an f16 cache read without converting all of it), else onnxruntime's GroupQueryAttention
+    (int8 caches too). Both append to the cache in place and rotate pairs of adjacent channels."""
+    cfg = spec.config
+    outs = [out, f"present_key.{i}", f"present_value.{i}"]
+    heads = dict(num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads)
+    past = [f"past_key.{i}", f"past_value.{i}"]
+    if spec.q4_kernel == "q4linear" and spec.kv_precision in ("f32", "f16"):
+        return helper.make_node("CachedAttention", [qkv, *past, "seqlens_k", "total_seq_len", "rope.cos", "rope.sin"],
+                                outs, name=f"attention.{i}", domain=Q4_DOMAIN, **heads)
+    inputs = [qkv, "", "", *past, "seqlens_k", "total_seq_len", "rope.cos", "rope.sin"]
+    attrs: dict[str, Any] = {}
+    if spec.kv_precision == "int8":
+        assert kv_scales is not None, "an int8 KV cache needs its calibrated scales"
+        ks, vs = kv_scales[i]
+        inputs += ["", "", "", g.init(f"{i}.k_scale", ks), g.init(f"{i}.v_scale", vs)]
+        attrs = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+    return helper.make_node("GroupQueryAttention", inputs, outs, name=f"gqa.{i}", domain="com.microsoft",
+                            do_rotary=1, rotary_interleaved=1, **heads, **attrs)
+
+
 def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]],
                   head: dict | None, output_norm: np.ndarray | None, kv_scales: dict | None = None,
                   outliers: dict | None = None,
@@ -290,18 +314,8 @@ def build_segment(spec: SegmentSpec, layers: Mapping[int, dict[str, np.ndarray]]
         pk, pv = f"past_key.{i}", f"past_value.{i}"
         for name in (pk, pv):
             inputs.append(helper.make_tensor_value_info(name, kv_type, cache_shape))
-        gqa_in = [qkv3, "", "", pk, pv, "seqlens_k", "total_seq_len", "rope.cos", "rope.sin"]
-        attrs: dict[str, Any] = {}
-        if spec.kv_precision == "int8":
-            assert kv_scales is not None, "an int8 KV cache needs its calibrated scales"
-            ks, vs = kv_scales[i]
-            gqa_in += ["", "", "", g.init(f"{i}.k_scale", ks), g.init(f"{i}.v_scale", vs)]
-            attrs = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
         attn = f"attn.{i}"
-        g.nodes.append(helper.make_node(
-            "GroupQueryAttention", gqa_in, [attn, f"present_key.{i}", f"present_value.{i}"],
-            name=f"gqa.{i}", domain="com.microsoft", num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads,
-            do_rotary=1, rotary_interleaved=1, **attrs))
+        g.nodes.append(_attention(spec, i, qkv3, attn, g, kv_scales))
         for name in (f"present_key.{i}", f"present_value.{i}"):
             outputs.append(helper.make_tensor_value_info(name, kv_type, cache_shape))
         a2 = attn if three_d else g.op1("Reshape", [attn, shape_2d])

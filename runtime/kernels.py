@@ -1,18 +1,19 @@
 """edgesplit's own onnxruntime operators (csrc/linear_ops.c, their arithmetic in csrc/q4_math.h and
-csrc/q8_math.h), built on the machine that runs them.
+csrc/q8_math.h; csrc/attention_op.c), built on the machine that runs them.
 
 `Q4Linear` (domain "edgesplit") computes a Q4_1 projection in one node read straight from the
 store's q4 layout. onnxruntime offers no such kernel: MatMulNBits has no fast form with Q4_1's
 per-block minimums, so without this operator the graph adds ~7 nodes a projection around it
 (graph.py). `Q8Linear` does the same for Q8_0 weights (the q8 head): MatMulNBits would hold a
-repacked copy of its own beside them (35 MB for the head's 30 MB table).
+repacked copy of its own beside them (35 MB for the head's 30 MB table). `CachedAttention`
+replaces GroupQueryAttention for f32 and f16 caches (graph.py `_attention`).
 
 The library is compiled once per machine (`cc -O3 -march=native`: its vector width is the CPU's)
 into the cache and loaded by onnxruntime (SessionOptions.register_custom_ops_library). Building
 needs a C compiler and onnxruntime's C API header, which the onnxruntime wheel does not ship:
 scripts/ort_headers.sh puts it in the cache (or set EDGESPLIT_ORT_INCLUDE to a folder holding
 onnxruntime_c_api.h). Where either is missing, `library()` says why and the engine falls back to
-MatMulNBits (kernel "auto").
+MatMulNBits and GroupQueryAttention (kernel "auto").
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ from .models import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "linear_ops.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "linear_ops.c", CSRC / "attention_op.c")  # linear_ops.c registers every operator
 DOMAIN = "edgesplit"
 MAX_OUTLIERS = 16  # outlier channels a Q4Linear or Q8Linear node takes (csrc/q4_math.h: HALF)
 HEADER = "onnxruntime_c_api.h"
 HEADERS_VERSION = "1.21.0"  # the C API the library is built against; onnxruntime >= 1.21 loads it
 MIN_ORT = (1, 21)
-CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Werror")
+# -fopenmp-simd: the `omp simd` loops vectorize (no OpenMP runtime is linked)
+CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Werror")
 LIBS = ("-lm",)  # expf in the portable SwiGLU
 KERNELS = ("auto", "q4linear", "matmulnbits")
 
@@ -63,15 +66,15 @@ def _cpu_key() -> str:
 
 
 def _build(include: Path, compiler: str, out: Path) -> None:
-    """Compile SOURCE into `out`, atomically (a temporary file renamed)."""
+    """Compile SOURCES into `out`, atomically (a temporary file renamed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *CFLAGS, f"-I{include}", str(SOURCE), "-o", tmp, *LIBS]
+        cmd = [compiler, *CFLAGS, f"-I{include}", *map(str, SOURCES), "-o", tmp, *LIBS]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise ConfigError(f"building {SOURCE.name} failed ({' '.join(cmd)}): {done.stderr.strip()[-2000:]}")
+            raise ConfigError(f"building {', '.join(f.name for f in SOURCES)} failed ({' '.join(cmd)}): {done.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -95,13 +98,13 @@ def _library() -> tuple[Path | None, str]:
     if shutil.which(compiler) is None:
         return None, f"no C compiler {compiler!r} on PATH (set CC)"
     key = hashlib.sha256()
-    sources = [f.read_bytes() for f in sorted(SOURCE.parent.glob("*.[ch]"))]  # linear_ops.c and what it includes
+    sources = [f.read_bytes() for f in sorted(CSRC.glob("*.[ch]"))]  # SOURCES and what they include
     for part in (*sources, (include / HEADER).read_bytes(), " ".join(CFLAGS + LIBS).encode(), compiler.encode(),
                  _cpu_key().encode()):
         key.update(part)
     out = cache_dir() / "kernels" / f"linear_ops-{key.hexdigest()[:16]}.so"
     if not out.is_file():
-        log.info("building %s into %s", SOURCE.name, out)
+        log.info("building %s into %s", CSRC, out)
         try:
             _build(include, compiler, out)
         except (ConfigError, OSError) as e:

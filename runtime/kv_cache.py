@@ -2,8 +2,9 @@
 
 An engine's weights (one onnxruntime session) serve any number of these, so a cloud worker holds
 one back segment and one KVCache per device session. Each cache owns an IO binding in which every
-layer's preallocated KV buffer is bound as both `past_*` and `present_*`: GroupQueryAttention
-appends in place and nothing is copied per step.
+layer's preallocated KV buffer is bound as both `past_*` and `present_*`: attention appends in
+place and nothing is copied per step. What the buffers hold, and in which layout, is the
+attention operator's business (CachedAttention stores each head's K transposed).
 """
 
 from __future__ import annotations

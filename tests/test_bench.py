@@ -135,9 +135,10 @@ def test_op_profile_sums_the_decode_nodes_by_operator(store):
 
     r = op_profile(store, prompt_tokens=8, decode_tokens=4, threads=1)
     ops = r["ops"]
-    assert "Q8Linear" in ops and "GroupQueryAttention" in ops  # the head, the attention
+    assert "Q8Linear" in ops and "CachedAttention" in ops  # the head, the attention
+    assert "GroupQueryAttention" not in ops
     assert ops["Q8Linear"]["nodes_per_token"] == 1
-    assert ops["GroupQueryAttention"]["nodes_per_token"] == store.config.n_layers  # one per layer per token
+    assert ops["CachedAttention"]["nodes_per_token"] == store.config.n_layers  # one per layer per token
     assert sum(v["ms_per_token"] for v in ops.values()) == pytest.approx(r["nodes_ms_per_token"])
     assert sum(v["share"] for v in ops.values()) == pytest.approx(1.0)
     assert 0 < r["nodes_ms_per_token"] <= r["wall_ms_per_token"]

@@ -2,7 +2,7 @@
 
 onnxruntime profiles every node of every run of the whole model's engine (the bench's settings);
 the prompt's run is left out and the nodes of the `decode_tokens` decode runs are summed by
-operator type (MatMulNBits, Gemm, GroupQueryAttention, ...): ms per decode token and share of the
+operator type (Q4Linear, Q8Linear, CachedAttention, ...): ms per decode token and share of the
 nodes' total, beside the wall-clock ms per token of the same runs (the rest is onnxruntime's own
 scheduling between nodes and Python).
 """

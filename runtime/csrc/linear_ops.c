@@ -32,15 +32,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "onnxruntime_c_api.h"
+#include "ort_ops.h"
 #include "q4_math.h"
 #include "q8_math.h"
 
-static const OrtApi *g_api;
+const OrtApi *g_api;
+OrtMemoryInfo *g_cpu;
 
-#define CHECK(expr) do { OrtStatus *st_ = (expr); if (st_) return st_; } while (0)
-
-static OrtStatus *fail(const char *msg) { return g_api->CreateStatus(ORT_INVALID_ARGUMENT, msg); }
+OrtStatus *op_fail(const char *msg) { return g_api->CreateStatus(ORT_INVALID_ARGUMENT, msg); }
 
 typedef struct {
     const char *name;  /* "Q4Linear" or "Q8Linear" */
@@ -55,8 +54,7 @@ typedef struct {
     int64_t swiglu;          /* attribute (Q4Linear): 1 = the weight is gate rows then up rows; Y = silu(gate) * up, (T, N/2) */
 } Kernel;
 
-/* the dims of input i into dims (at most 4), their count into nd */
-static OrtStatus *input_dims(OrtKernelContext *ctx, const OpKind *op, size_t i, const OrtValue **v, int64_t *dims, size_t *nd) {
+OrtStatus *op_input_dims(OrtKernelContext *ctx, const char *op, size_t i, const OrtValue **v, int64_t *dims, size_t *nd) {
     OrtTensorTypeAndShapeInfo *info;
     CHECK(g_api->KernelContext_GetInput(ctx, i, v));
     CHECK(g_api->GetTensorTypeAndShape(*v, &info));
@@ -65,8 +63,8 @@ static OrtStatus *input_dims(OrtKernelContext *ctx, const OpKind *op, size_t i, 
     g_api->ReleaseTensorTypeAndShapeInfo(info);
     if (!st && *nd > 4) {
         char msg[96];
-        snprintf(msg, sizeof msg, "%s: input %zu has more than 4 dimensions", op->name, i);
-        return fail(msg);
+        snprintf(msg, sizeof msg, "%s: input %zu has more than 4 dimensions", op, i);
+        return op_fail(msg);
     }
     return st;
 }
@@ -83,29 +81,26 @@ static OrtStatus *outlier_inputs(OrtKernelContext *ctx, const OpKind *op, size_t
     if (vi == NULL || vw == NULL) return NULL;
     int64_t di[4], dw[4];
     size_t ni, nw;
-    CHECK(input_dims(ctx, op, first, &vi, di, &ni));
-    CHECK(input_dims(ctx, op, first + 1, &vw, dw, &nw));
+    CHECK(op_input_dims(ctx, op->name, first, &vi, di, &ni));
+    CHECK(op_input_dims(ctx, op->name, first + 1, &vw, dw, &nw));
     char msg[200];
     if (ni != 1 || di[0] < 1 || di[0] > HALF || nw != 2 || dw[0] != (int64_t)j->N || dw[1] != di[0]) {
         snprintf(msg, sizeof msg, "%s: outliers (%lld) and their weights (%lld, %lld) must be (n,) and (N=%zu, n), "
                  "1 <= n <= %d", op->name, (long long)di[0], (long long)dw[0], (long long)(nw > 1 ? dw[1] : -1), j->N, HALF);
-        return fail(msg);
+        return op_fail(msg);
     }
     CHECK(g_api->GetTensorMutableData((OrtValue *)vi, (void **)&j->oidx));
     CHECK(g_api->GetTensorMutableData((OrtValue *)vw, (void **)&j->ow));
     for (int64_t o = 0; o < di[0]; o++)
         if (j->oidx[o] < 0 || j->oidx[o] >= (int64_t)j->K) {
             snprintf(msg, sizeof msg, "%s: outlier channel %lld is outside [0, K=%zu)", op->name, (long long)j->oidx[o], j->K);
-            return fail(msg);
+            return op_fail(msg);
         }
     j->n_out = (size_t)di[0];
     return NULL;
 }
 
-static OrtMemoryInfo *g_cpu;  /* onnxruntime's CPU arena: scratch buffers come from it, reused across calls */
-
-/* `bytes` of onnxruntime's arena into *p (64-byte aligned, as its CPU allocator aligns) */
-static OrtStatus *scratch(OrtAllocator *a, size_t bytes, void **p) {
+OrtStatus *op_scratch(OrtAllocator *a, size_t bytes, void **p) {
     *p = a->Alloc(a, bytes ? bytes : 1);
     return *p ? NULL : g_api->CreateStatus(ORT_FAIL, "edgesplit linear operator: out of memory");
 }
@@ -119,10 +114,10 @@ static OrtStatus *run_job(OrtKernelContext *ctx, const OpKind *op, Job *j, const
     OrtAllocator *a;
     CHECK(g_api->KernelContext_GetAllocator(ctx, g_cpu, &a));
     void *xp = NULL, *full = NULL, *qbuf = NULL;
-    OrtStatus *st = scratch(a, j->T * j->K * sizeof(float), &xp);
-    if (st == NULL && glu) st = scratch(a, j->T * j->N * sizeof(float), &full);  /* gate and up, (T, N) */
+    OrtStatus *st = op_scratch(a, j->T * j->K * sizeof(float), &xp);
+    if (st == NULL && glu) st = op_scratch(a, j->T * j->N * sizeof(float), &full);  /* gate and up, (T, N) */
 #ifdef HAVE_INT8
-    if (st == NULL && j->int8) st = scratch(a, op->bits == 8 ? quantized_bytes8(j) : quantized_bytes(j), &qbuf);
+    if (st == NULL && j->int8) st = op_scratch(a, op->bits == 8 ? quantized_bytes8(j) : quantized_bytes(j), &qbuf);
 #endif
     if (st != NULL) goto done;
     float *xf = (float *)xp;
@@ -156,8 +151,7 @@ done:
     return st;
 }
 
-/* "(d0, d1, ...)" of n dims into out */
-static void dims_text(const int64_t *d, size_t n, char *out, size_t size) {
+void op_dims_text(const int64_t *d, size_t n, char *out, size_t size) {
     int at = snprintf(out, size, "(");
     for (size_t i = 0; i < n && at > 0 && (size_t)at < size; i++)
         at += snprintf(out + at, size - (size_t)at, i ? ", %lld" : "%lld", (long long)d[i]);
@@ -171,20 +165,20 @@ static OrtStatus *weight_inputs(OrtKernelContext *ctx, const OpKind *op, Job *j,
     const OrtValue *vx, *vq, *vs, *vm = NULL;
     int64_t dq[4], ds[4], dm[4] = {0};
     size_t nq, ns, nm = 2;
-    CHECK(input_dims(ctx, op, 0, &vx, dx, nx));
-    CHECK(input_dims(ctx, op, 1, &vq, dq, &nq));
-    CHECK(input_dims(ctx, op, 2, &vs, ds, &ns));
+    CHECK(op_input_dims(ctx, op->name, 0, &vx, dx, nx));
+    CHECK(op_input_dims(ctx, op->name, 1, &vq, dq, &nq));
+    CHECK(op_input_dims(ctx, op->name, 2, &vs, ds, &ns));
     const int64_t row = op->bits == 8 ? BLOCK : BLOCK / 2;  /* bytes per block */
-    if (op->bits == 4) CHECK(input_dims(ctx, op, 3, &vm, dm, &nm));
+    if (op->bits == 4) CHECK(op_input_dims(ctx, op->name, 3, &vm, dm, &nm));
     const size_t n = *nx;
     if (n < 2 || n > 3 || nq != 3 || ns != 2 || nm != 2 || dq[2] != row || dx[n - 1] != dq[1] * BLOCK
         || ds[0] != dq[0] || ds[1] != dq[1] || (op->bits == 4 && (dm[0] != dq[0] || dm[1] != dq[1]))) {
         char msg[300], xs[80], qs[80];
-        dims_text(dx, n, xs, sizeof xs);
-        dims_text(dq, nq, qs, sizeof qs);
+        op_dims_text(dx, n, xs, sizeof xs);
+        op_dims_text(dq, nq, qs, sizeof qs);
         snprintf(msg, sizeof msg, "%s: shapes X %s, QW %s do not match X (T, K) or (B, S, K), QW (N, K/32, %lld), "
                  "SCALES%s (N, K/32)", op->name, xs, qs, (long long)row, op->bits == 4 ? " and MINS" : "");
-        return fail(msg);
+        return op_fail(msg);
     }
     j->T = (size_t)dx[0] * (n == 3 ? (size_t)dx[1] : 1);
     j->K = (size_t)dx[n - 1], j->N = (size_t)dq[0], j->nb = (size_t)dq[1];
@@ -212,7 +206,7 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
     if (glu && j.N % 2 != 0) {
         char msg[128];
         snprintf(msg, sizeof msg, "%s: swiglu needs gate and up rows, an even N; got N=%zu", op->name, j.N);
-        return fail(msg);
+        return op_fail(msg);
     }
     dy[ny - 1] = (int64_t)(glu ? j.N / 2 : j.N);
     OrtValue *vy;
@@ -223,8 +217,7 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
     return run_job(ctx, op, &j, x, out, glu);
 }
 
-/* an int64 attribute, `dflt` where it is absent */
-static int64_t attribute(const OrtKernelInfo *info, const char *name, int64_t dflt) {
+int64_t op_attribute(const OrtKernelInfo *info, const char *name, int64_t dflt) {
     int64_t v;
     OrtStatus *st = g_api->KernelInfoGetAttribute_int64(info, name, &v);
     if (st == NULL) return v;
@@ -233,15 +226,15 @@ static int64_t attribute(const OrtKernelInfo *info, const char *name, int64_t df
 }
 
 static OrtStatus *create(const OpKind *op, const OrtKernelInfo *info, void **kernel) {
-    const int64_t level = attribute(info, "accuracy_level", 0), swiglu = attribute(info, "swiglu", 0);
+    const int64_t level = op_attribute(info, "accuracy_level", 0), swiglu = op_attribute(info, "swiglu", 0);
     char msg[128];
     if (level != 0 && level != 4) {
         snprintf(msg, sizeof msg, "%s: accuracy_level %lld is not 0 or 4", op->name, (long long)level);
-        return fail(msg);
+        return op_fail(msg);
     }
     if (swiglu != 0 && op->bits != 4) {
         snprintf(msg, sizeof msg, "%s: swiglu %lld: only Q4Linear applies SwiGLU", op->name, (long long)swiglu);
-        return fail(msg);
+        return op_fail(msg);
     }
     Kernel *k = (Kernel *)calloc(1, sizeof(Kernel));
     if (k == NULL) return g_api->CreateStatus(ORT_FAIL, "edgesplit linear operator: out of memory");
@@ -295,7 +288,26 @@ static int ORT_API_CALL max_version(const OrtCustomOp *op) { (void)op; return 0x
 static size_t ORT_API_CALL no_pairs(int **in, int **out) { *in = NULL; *out = NULL; return 0; }
 static void ORT_API_CALL release_pairs(int *in, int *out) { (void)in; (void)out; }
 
-static OrtCustomOp g_q4, g_q8;
+void op_define_common(OrtCustomOp *op) {
+    memset(op, 0, sizeof *op);
+    op->version = ORT_API_VERSION;
+    op->GetExecutionProviderType = op_ep;
+    op->KernelDestroy = destroy_kernel;
+    op->GetOutputCharacteristic = required;
+    op->GetInputMemoryType = mem_type;
+    op->GetVariadicInputMinArity = one;
+    op->GetVariadicInputHomogeneity = zero;
+    op->GetVariadicOutputMinArity = one;
+    op->GetVariadicOutputHomogeneity = zero;
+    op->GetStartVersion = one;
+    op->GetEndVersion = max_version;
+    op->GetMayInplace = no_pairs;
+    op->ReleaseMayInplace = release_pairs;
+    op->GetAliasMap = no_pairs;
+    op->ReleaseAliasMap = release_pairs;
+}
+
+static OrtCustomOp g_q4, g_q8, g_attention[2];  /* CachedAttention: f32 and f16 caches */
 static OrtCustomOpDomain *g_domain;  /* lives as long as the process: sessions refer to it */
 
 typedef const char *(ORT_API_CALL *NameFn)(const OrtCustomOp *);
@@ -304,32 +316,17 @@ typedef size_t(ORT_API_CALL *CountFn)(const OrtCustomOp *);
 typedef OrtCustomOpInputOutputCharacteristic(ORT_API_CALL *CharFn)(const OrtCustomOp *, size_t);
 typedef OrtStatus *(ORT_API_CALL *CreateFn)(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *, void **);
 
-/* one operator: its own name, inputs and kernel creation; the rest both share */
+/* a linear operator: its own name, inputs and kernel creation; one f32 output */
 static void define(OrtCustomOp *op, NameFn name, TypeFn inputs, CountFn count, CharFn optional, CreateFn create) {
-    memset(op, 0, sizeof *op);
-    op->version = ORT_API_VERSION;
+    op_define_common(op);
     op->GetName = name;
     op->GetInputType = inputs;
     op->GetInputTypeCount = count;
     op->GetInputCharacteristic = optional;
     op->CreateKernelV2 = create;
-    op->GetExecutionProviderType = op_ep;
     op->GetOutputType = output_type;
     op->GetOutputTypeCount = output_count;
-    op->KernelDestroy = destroy_kernel;
-    op->GetOutputCharacteristic = required;
-    op->GetInputMemoryType = mem_type;
-    op->GetVariadicInputMinArity = one;
-    op->GetVariadicInputHomogeneity = zero;
-    op->GetVariadicOutputMinArity = one;
-    op->GetVariadicOutputHomogeneity = zero;
     op->KernelComputeV2 = compute;
-    op->GetStartVersion = one;
-    op->GetEndVersion = max_version;
-    op->GetMayInplace = no_pairs;
-    op->ReleaseMayInplace = release_pairs;
-    op->GetAliasMap = no_pairs;
-    op->ReleaseAliasMap = release_pairs;
 }
 
 OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
@@ -342,6 +339,8 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
         CHECK(g_api->CreateCustomOpDomain("edgesplit", &g_domain));
         CHECK(g_api->CustomOpDomain_Add(g_domain, &g_q4));
         CHECK(g_api->CustomOpDomain_Add(g_domain, &g_q8));
+        for (int f16 = 0; f16 < 2; f16++)
+            if (attention_define(&g_attention[f16], f16)) CHECK(g_api->CustomOpDomain_Add(g_domain, &g_attention[f16]));
     }
     return g_api->AddCustomOpDomain(options, g_domain);
 }

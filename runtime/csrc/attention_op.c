@@ -1,0 +1,487 @@
+/* CachedAttention (domain "edgesplit"): grouped-query attention over a KV cache that is appended in
+ * place, with interleaved rotary embeddings; the subset of onnxruntime's GroupQueryAttention the
+ * segment graph uses (runtime/graph.py), for an f32 or an f16 cache (two kernels of one name).
+ *
+ *   inputs  QKV f32 (B, S, (H + 2 Hkv) D): each row's queries, then keys, then values (as
+ *           GroupQueryAttention's packed form); PAST_KEY, PAST_VALUE f32 or f16 (B, Hkv, M, D);
+ *           SEQLENS_K int32 (B,): session b's past + S - 1; TOTAL_SEQ_LEN int32 () (checked only);
+ *           COS, SIN f32 (M', D/2), M' >= M: the rotary tables by position
+ *   outputs ATTN f32 (B, S, H D); PRESENT_KEY, PRESENT_VALUE (PAST's type and shape): PAST with the
+ *           S new positions written at past_b .. past_b + S - 1. Bound to the same buffers as PAST
+ *           (the engine's IO binding), nothing else is copied; otherwise PAST is copied first.
+ *           The buffers are this operator's own: each (b, kv head) block of K is stored transposed,
+ *           (D, M), so that a query meets 16 positions in one vector; V is stored as declared.
+ *   attributes num_heads H, kv_num_heads Hkv (H a multiple of Hkv)
+ *
+ * Row s of session b sits at position p = past_b + s (past_b = SEQLENS_K[b] + 1 - S) and attends to
+ * positions [0, p], scaled by 1/sqrt(D). Rotation of each pair (x[2i], x[2i+1]) by angle i at p.
+ *
+ * Why: a one-token step's attention is bound by reading the cache (~300 KB a layer at 200
+ * positions in f32). onnxruntime's GroupQueryAttention took ~2x that time on this 2-core machine
+ * and, with an f16 cache, more than with f32 (it converts). Here a task is one query head of one
+ * session: scores 16 positions a vector from the transposed K, a softmax with a polynomial exp on
+ * vectors, the weighted sum of V's rows in registers; a prefill takes 4 query rows a pass so that
+ * each K and V load serves 4 rows. f16 elements are converted as they are loaded.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ort_ops.h"
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#define MAX_HEAD_DIM 256
+static const char *NAME = "CachedAttention";
+
+#if defined(__FLT16_MAX__)
+#define HAVE_F16 1  /* the compiler has _Float16 (GCC >= 12 on x86-64, aarch64, clang) */
+typedef _Float16 half_t;
+#endif
+
+typedef struct {
+    int64_t heads, kv_heads;
+    int f16;  /* the cache's element type: 0 f32, 1 f16 */
+} Kernel;
+
+typedef struct {
+    const float *qkv, *cos, *sin;
+    void *k, *v;                  /* the cache, f32 or f16 */
+    float *out, *scores;          /* scores: (tasks, RB, M + 16) scratch */
+    int f16;
+    const int32_t *past;          /* (B,) past_b */
+    size_t B, S, H, Hkv, M, D, half;
+    float scale;
+} Job;
+
+/* e^x for x <= 0 (softmax after its max): 2^n 2^f, f in [-0.5, 0.5], 2^f = e^(f ln 2) by its Taylor
+ * series to degree 7 (relative error < 3e-9, below float's); plain arithmetic so that loops of it
+ * vectorize. x < -87 gives e^-87 (~1.6e-38), never a denormal. */
+static inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float t = x * 1.44269504f;
+    const float n = __builtin_floorf(t + 0.5f);
+    const float g = (t - n) * 0.693147181f;
+    float p = 1.0f / 5040.0f;
+    p = p * g + 1.0f / 720.0f;
+    p = p * g + 1.0f / 120.0f;
+    p = p * g + 1.0f / 24.0f;
+    p = p * g + 1.0f / 6.0f;
+    p = p * g + 0.5f;
+    p = p * g + 1.0f;
+    p = p * g + 1.0f;
+    union { int32_t i; float f; } e = {.i = ((int32_t)n + 127) << 23};
+    return p * e.f;
+}
+
+/* x (D,) rotated to position p into y: pairs (x[2i], x[2i+1]) by cos/sin[p, i] */
+static inline void rotate(const Job *j, const float *x, size_t p, float *y) {
+    const float *c = j->cos + p * j->half, *s = j->sin + p * j->half;
+    for (size_t i = 0; i < j->half; i++) {
+        const float a = x[2 * i], b = x[2 * i + 1];
+        y[2 * i] = a * c[i] - b * s[i];
+        y[2 * i + 1] = a * s[i] + b * c[i];
+    }
+}
+
+/* GCC/clang vector types: 16 floats, one AVX-512 register (two AVX2 or four NEON ones elsewhere) */
+#define VL 16
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef float vfu __attribute__((vector_size(4 * VL), aligned(4), may_alias));  /* unaligned access */
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
+#define AI static inline __attribute__((always_inline))
+AI vf vload(const float *p) { return *(const vfu *)p; }
+AI void vstore(float *p, vf v) { *(vfu *)p = v; }
+
+/* The cache's elements: `h` (a constant where inlined) says f16; i counts elements. */
+#ifdef HAVE_F16
+/* 16 f16 values as floats: the conversion instruction where the build has it (GCC 12 turns the
+ * generic form into one call a value on x86 without AVX512-FP16) */
+#if defined(__AVX512F__)
+AI vf load16(const half_t *p) { return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+#elif defined(__F16C__) && defined(__AVX__)
+AI vf load16(const half_t *p) {
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+    vf r;
+    memcpy(&r, &lo, sizeof lo);
+    memcpy((char *)&r + sizeof lo, &hi, sizeof hi);
+    return r;
+}
+#else
+typedef half_t vhu __attribute__((vector_size(2 * VL), aligned(2), may_alias));
+AI vf load16(const half_t *p) { return __builtin_convertvector(*(const vhu *)p, vf); }
+#endif
+AI vf kv_load(const void *base, size_t i, int h) {
+    return h ? load16((const half_t *)base + i) : vload((const float *)base + i);
+}
+AI float kv_at(const void *base, size_t i, int h) { return h ? (float)((const half_t *)base)[i] : ((const float *)base)[i]; }
+AI void kv_put(void *base, size_t i, float x, int h) {
+    if (h) ((half_t *)base)[i] = (half_t)x;
+    else ((float *)base)[i] = x;
+}
+#else
+AI vf kv_load(const void *base, size_t i, int h) { (void)h; return vload((const float *)base + i); }
+AI float kv_at(const void *base, size_t i, int h) { (void)h; return ((const float *)base)[i]; }
+AI void kv_put(void *base, size_t i, float x, int h) { (void)h; ((float *)base)[i] = x; }
+#endif
+
+/* the new rows' keys (rotated, into column p of the transposed block) and values (row p) */
+AI void append(const Job *j, int h) {
+    const size_t W = (j->H + 2 * j->Hkv) * j->D, D = j->D, M = j->M;
+    float kr[MAX_HEAD_DIM];
+    for (size_t b = 0; b < j->B; b++)
+        for (size_t s = 0; s < j->S; s++) {
+            const size_t p = (size_t)j->past[b] + s;
+            const float *row = j->qkv + (b * j->S + s) * W;
+            for (size_t g = 0; g < j->Hkv; g++) {
+                const size_t block = (b * j->Hkv + g) * M * D;
+                const float *v = row + (j->H + j->Hkv + g) * D;
+                rotate(j, row + (j->H + g) * D, p, kr);
+                for (size_t i = 0; i < D; i++) {
+                    kv_put(j->k, block + i * M + p, kr[i], h);
+                    kv_put(j->v, block + p * D + i, v[i], h);
+                }
+            }
+        }
+}
+
+/* sc[t] = q . K[t] for t < n, from K transposed (KT (D, M) at element `kt`): tiles of 16
+ * positions accumulate over the D rows in registers (no horizontal sum per position), four tiles
+ * at a time. A last partial tile reads lanes past n (inside the M columns; not used). */
+AI void scores(const float *q, const void *K, size_t kt, size_t M, size_t n, size_t D, float *sc, int h) {
+    size_t t0 = 0;
+    for (; t0 + 4 * VL <= n; t0 += 4 * VL) {
+        vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (size_t d = 0; d < D; d++) {
+            const size_t at = kt + d * M + t0;
+            const float qd = q[d];
+            a0 += qd * kv_load(K, at, h), a1 += qd * kv_load(K, at + VL, h);
+            a2 += qd * kv_load(K, at + 2 * VL, h), a3 += qd * kv_load(K, at + 3 * VL, h);
+        }
+        vstore(sc + t0, a0), vstore(sc + t0 + VL, a1), vstore(sc + t0 + 2 * VL, a2), vstore(sc + t0 + 3 * VL, a3);
+    }
+    for (; t0 < n && t0 + VL <= M; t0 += VL) {
+        vf a = {0}, b = {0};  /* two chains: one would wait on each FMA's latency */
+        for (size_t d = 0; d < D; d += 2)  /* D is even */
+            a += q[d] * kv_load(K, kt + d * M + t0, h), b += q[d + 1] * kv_load(K, kt + (d + 1) * M + t0, h);
+        a += b;
+        if (t0 + VL <= n) {
+            vstore(sc + t0, a);
+        } else {
+            float lanes[VL];
+            vstore(lanes, a);
+            memcpy(sc + t0, lanes, (n - t0) * sizeof(float));
+        }
+    }
+    for (; t0 < n; t0++) {  /* the last < 16 columns of the buffer */
+        float acc = 0.0f;
+        for (size_t d = 0; d < D; d++) acc += q[d] * kv_at(K, kt + d * M + t0, h);
+        sc[t0] = acc;
+    }
+}
+
+/* exp_neg on 16 lanes: the same series, round-to-nearest as trunc(t - 0.5) (t <= 0) */
+AI vf vexp_neg(vf x) {
+    const vf lo = x - x - 87.0f;
+    const vi small = x < lo;
+    x = (vf)((small & (vi)lo) | (~small & (vi)x));
+    const vf t = x * 1.44269504f;
+    const vi n = __builtin_convertvector(t - 0.5f, vi);
+    const vf g = (t - __builtin_convertvector(n, vf)) * 0.693147181f;
+    vf p = g * (1.0f / 5040.0f) + 1.0f / 720.0f;
+    p = p * g + 1.0f / 120.0f;
+    p = p * g + 1.0f / 24.0f;
+    p = p * g + 1.0f / 6.0f;
+    p = p * g + 0.5f;
+    p = p * g + 1.0f;
+    p = p * g + 1.0f;
+    return p * (vf)((n + 127) << 23);
+}
+
+/* sc[0, n) = softmax weights (unnormalized: e^(s - max)); returns their sum */
+AI float softmax(float *sc, size_t n) {
+    float mx = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : mx)
+    for (size_t t = 0; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+    size_t t = 0;
+    vf acc = {0};
+    for (; t + VL <= n; t += VL) {
+        const vf e = vexp_neg(vload(sc + t) - mx);
+        vstore(sc + t, e);
+        acc += e;
+    }
+    for (int i = 0; i < VL; i++) sum += acc[i];
+    for (; t < n; t++) {
+        sc[t] = exp_neg(sc[t] - mx);
+        sum += sc[t];
+    }
+    return sum;
+}
+
+/* one row's attention for one head at position p: softmax of the scores over [0, p], then the
+ * weighted sum of V's rows (V at element `vt`) into out (D,); D % 16 == 0 keeps it in registers */
+AI void attend_row(const Job *j, const float *q, size_t kt, size_t vt, size_t p, size_t D, float *sc, float *out,
+                   int h) {
+    const size_t n = p + 1;
+    scores(q, j->k, kt, j->M, n, D, sc, h);
+    const float inv = 1.0f / softmax(sc, n);
+    if (D % VL == 0) {
+        vf o[MAX_HEAD_DIM / VL];
+        for (size_t k = 0; k < D / VL; k++) o[k] = (vf){0};
+        for (size_t t = 0; t < n; t++)
+            for (size_t k = 0; k < D / VL; k++) o[k] += sc[t] * kv_load(j->v, vt + t * D + k * VL, h);
+        for (size_t k = 0; k < D / VL; k++) vstore(out + k * VL, o[k] * inv);
+        return;
+    }
+    float o[MAX_HEAD_DIM];
+    for (size_t i = 0; i < D; i++) o[i] = 0.0f;
+    for (size_t t = 0; t < n; t++)
+        for (size_t i = 0; i < D; i++) o[i] += sc[t] * kv_at(j->v, vt + t * D + i, h);
+    for (size_t i = 0; i < D; i++) out[i] = o[i] * inv;
+}
+
+#define RB 4  /* query rows a prefill block attends together: each K and V load serves all of them */
+
+/* rows s0 .. s0 + RB - 1 of one head (D % 16 == 0): q (RB, D) rotated and scaled, at positions
+ * p0 .. p0 + RB - 1. Scores are computed up to the last row's position for every row (those
+ * columns hold this step's later keys: finite, then given weight 0). */
+AI void attend_block(const Job *j, float q[RB][MAX_HEAD_DIM], size_t kt, size_t vt, size_t p0, size_t D, float *sc,
+                     float *out, size_t out_stride, int h) {
+    const size_t M = j->M, n = p0 + RB, stride = M + VL;  /* sc: RB rows of `stride` */
+    size_t t0 = 0;
+    for (; t0 < n && t0 + 2 * VL <= M; t0 += 2 * VL) {  /* two tiles x RB rows: eight independent sums */
+        vf a[RB][2];
+        for (int r = 0; r < RB; r++) a[r][0] = a[r][1] = (vf){0};
+        for (size_t d = 0; d < D; d++) {
+            const vf k0 = kv_load(j->k, kt + d * M + t0, h), k1 = kv_load(j->k, kt + d * M + t0 + VL, h);
+            for (int r = 0; r < RB; r++) a[r][0] += q[r][d] * k0, a[r][1] += q[r][d] * k1;
+        }
+        for (int r = 0; r < RB; r++) vstore(sc + r * stride + t0, a[r][0]), vstore(sc + r * stride + t0 + VL, a[r][1]);
+    }
+    for (int r = 0; r < RB; r++)
+        for (size_t t = t0; t < n; t++) {  /* the buffer's last < 32 columns */
+            float acc = 0.0f;
+            for (size_t d = 0; d < D; d++) acc += q[r][d] * kv_at(j->k, kt + d * M + t, h);
+            sc[r * stride + t] = acc;
+        }
+    float inv[RB];
+    for (int r = 0; r < RB; r++) {
+        inv[r] = 1.0f / softmax(sc + r * stride, p0 + r + 1);
+        for (size_t t = p0 + r + 1; t < n; t++) sc[r * stride + t] = 0.0f;  /* causal */
+    }
+    vf o[RB][MAX_HEAD_DIM / VL];
+    for (int r = 0; r < RB; r++)
+        for (size_t k = 0; k < D / VL; k++) o[r][k] = (vf){0};
+    for (size_t t = 0; t < n; t++)
+        for (size_t k = 0; k < D / VL; k++) {
+            const vf v = kv_load(j->v, vt + t * D + k * VL, h);
+            for (int r = 0; r < RB; r++) o[r][k] += sc[r * stride + t] * v;
+        }
+    for (int r = 0; r < RB; r++)
+        for (size_t k = 0; k < D / VL; k++) vstore(out + r * out_stride + k * VL, o[r][k] * inv[r]);
+}
+
+/* every row s of session b for query head `task % H`, with the head dim D (a constant where
+ * inlined): blocks of RB rows (a prefill), then one row at a time */
+AI void attend_head(const Job *j, size_t task, size_t D, int h) {
+    const size_t b = task / j->H, head = task % j->H, g = head / (j->H / j->Hkv);
+    const size_t W = (j->H + 2 * j->Hkv) * D, block = (b * j->Hkv + g) * j->M * D, ostride = j->H * D;
+    const float *qkv = j->qkv + b * j->S * W + head * D;
+    float *sc = j->scores + task * RB * (j->M + VL), *out = j->out + b * j->S * ostride + head * D;
+    float q[RB][MAX_HEAD_DIM];
+    size_t s = 0;
+    for (; D % VL == 0 && s + RB <= j->S; s += RB) {
+        const size_t p0 = (size_t)j->past[b] + s;
+        for (int r = 0; r < RB; r++) {
+            rotate(j, qkv + (s + r) * W, p0 + r, q[r]);
+            for (size_t i = 0; i < D; i++) q[r][i] *= j->scale;
+        }
+        attend_block(j, q, block, block, p0, D, sc, out + s * ostride, ostride, h);
+    }
+    for (; s < j->S; s++) {
+        const size_t p = (size_t)j->past[b] + s;
+        rotate(j, qkv + s * W, p, q[0]);
+        for (size_t i = 0; i < D; i++) q[0][i] *= j->scale;
+        attend_row(j, q[0], block, block, p, D, sc, out + s * ostride, h);
+    }
+}
+
+/* a parallel task: (b, head); the common head dims and each element type compiled as constants
+ * (their loops unroll into registers) */
+static void attend(void *user, size_t task) {
+    const Job *j = (const Job *)user;
+    if (j->f16) {
+        switch (j->D) {
+        case 64: attend_head(j, task, 64, 1); break;
+        case 128: attend_head(j, task, 128, 1); break;
+        default: attend_head(j, task, j->D, 1);
+        }
+        return;
+    }
+    switch (j->D) {
+    case 64: attend_head(j, task, 64, 0); break;
+    case 128: attend_head(j, task, 128, 0); break;
+    default: attend_head(j, task, j->D, 0);
+    }
+}
+
+/* input i: checked to have `nd` dims (`dims` filled), its data into *data */
+static OrtStatus *input(OrtKernelContext *ctx, size_t i, size_t nd, int64_t *dims, const void **data) {
+    const OrtValue *v;
+    size_t n;
+    CHECK(op_input_dims(ctx, NAME, i, &v, dims, &n));
+    if (n != nd) {
+        char msg[160], ds[80];
+        op_dims_text(dims, n, ds, sizeof ds);
+        snprintf(msg, sizeof msg, "%s: input %zu has shape %s, expected %zu dimensions", NAME, i, ds, nd);
+        return op_fail(msg);
+    }
+    return g_api->GetTensorMutableData((OrtValue *)v, (void **)data);
+}
+
+/* the shapes of every input against H, Hkv and each other, into j */
+static OrtStatus *shapes(OrtKernelContext *ctx, const Kernel *k, Job *j, const int32_t **seqlens, int64_t *dk) {
+    int64_t dq[4], dv[4], ds[4], dt[4], dc[4], dn[4];
+    const void *pv, *ps, *pt, *pc, *pn;
+    CHECK(input(ctx, 0, 3, dq, (const void **)&j->qkv));
+    CHECK(input(ctx, 1, 4, dk, &pv));
+    CHECK(input(ctx, 2, 4, dv, &pv));
+    CHECK(input(ctx, 3, 1, ds, &ps));
+    CHECK(input(ctx, 4, 0, dt, &pt));
+    CHECK(input(ctx, 5, 2, dc, &pc));
+    CHECK(input(ctx, 6, 2, dn, &pn));
+    const int64_t D = dk[3], H = k->heads, Hkv = k->kv_heads;
+    char msg[480];
+    if (dq[0] != dk[0] || dq[0] != ds[0] || dk[1] != Hkv || D < 2 || D % 2 || D > MAX_HEAD_DIM
+        || dq[2] != (H + 2 * Hkv) * D || memcmp(dk, dv, 4 * sizeof *dk) || dc[0] < dk[2] || dc[1] != D / 2
+        || memcmp(dc, dn, 2 * sizeof *dc)) {
+        char a[80], b[80], c[80];
+        op_dims_text(dq, 3, a, sizeof a);
+        op_dims_text(dk, 4, b, sizeof b);
+        op_dims_text(dc, 2, c, sizeof c);
+        snprintf(msg, sizeof msg, "%s: QKV %s, PAST %s, COS %s do not match QKV (B, S, (H + 2 Hkv) D), PAST "
+                 "(B, Hkv, M, D), COS and SIN (>= M, D/2) with H=%lld, Hkv=%lld, D even <= %d, SEQLENS_K (B,)",
+                 NAME, a, b, c, (long long)H, (long long)Hkv, MAX_HEAD_DIM);
+        return op_fail(msg);
+    }
+    *j = (Job){.qkv = j->qkv, .cos = pc, .sin = pn, .B = (size_t)dq[0], .S = (size_t)dq[1], .H = (size_t)H,
+               .Hkv = (size_t)Hkv, .M = (size_t)dk[2], .D = (size_t)D, .half = (size_t)D / 2,
+               .scale = 1.0f / sqrtf((float)D), .f16 = k->f16};
+    *seqlens = ps;
+    return NULL;
+}
+
+/* the present outputs; PAST copied into them where they are other buffers */
+static OrtStatus *present(OrtKernelContext *ctx, Job *j, const int64_t *dk) {
+    for (size_t i = 0; i < 2; i++) {
+        const OrtValue *vin;
+        OrtValue *vout;
+        const void *past;
+        void *pres;
+        CHECK(g_api->KernelContext_GetInput(ctx, 1 + i, &vin));
+        CHECK(g_api->GetTensorMutableData((OrtValue *)vin, (void **)&past));
+        CHECK(g_api->KernelContext_GetOutput(ctx, 1 + i, dk, 4, &vout));
+        CHECK(g_api->GetTensorMutableData(vout, (void **)&pres));
+        if (pres != past) memcpy(pres, past, (size_t)(dk[0] * dk[1] * dk[2] * dk[3]) * (j->f16 ? 2 : 4));
+        *(i ? &j->v : &j->k) = pres;
+    }
+    return NULL;
+}
+
+static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
+    const Kernel *k = (const Kernel *)kernel;
+    Job j = {0};
+    const int32_t *seqlens = NULL;
+    int64_t dk[4];
+    CHECK(shapes(ctx, k, &j, &seqlens, dk));
+    OrtAllocator *a;
+    CHECK(g_api->KernelContext_GetAllocator(ctx, g_cpu, &a));
+    int32_t *past = NULL;
+    OrtStatus *st = op_scratch(a, j.B * sizeof(int32_t), (void **)&past);
+    for (size_t b = 0; st == NULL && b < j.B; b++) {
+        past[b] = seqlens[b] + 1 - (int32_t)j.S;
+        if (past[b] < 0 || (size_t)seqlens[b] >= j.M) {
+            char msg[200];
+            snprintf(msg, sizeof msg, "%s: SEQLENS_K[%zu] = %d with S = %zu new rows: the positions must lie "
+                     "in [0, M=%zu)", NAME, b, seqlens[b], j.S, j.M);
+            st = op_fail(msg);
+        }
+    }
+    j.past = past;
+    if (st == NULL) st = present(ctx, &j, dk);
+    const int64_t dout[3] = {(int64_t)j.B, (int64_t)j.S, (int64_t)(j.H * j.D)};
+    OrtValue *vout;
+    if (st == NULL) st = g_api->KernelContext_GetOutput(ctx, 0, dout, 3, &vout);
+    if (st == NULL) st = g_api->GetTensorMutableData(vout, (void **)&j.out);
+    if (st == NULL && j.B * j.S > 0) {
+        if (j.f16) append(&j, 1);
+        else append(&j, 0);
+        st = op_scratch(a, j.B * j.H * RB * (j.M + VL) * sizeof(float), (void **)&j.scores);
+        if (st == NULL) st = g_api->KernelContext_ParallelFor(ctx, attend, j.B * j.H, 0, &j);
+    }
+    if (j.scores) a->Free(a, j.scores);
+    if (past) a->Free(a, past);
+    g_api->ReleaseAllocator(a);
+    return st;
+}
+
+static OrtStatus *create(const OrtKernelInfo *info, int f16, void **kernel) {
+    const int64_t h = op_attribute(info, "num_heads", 0), kv = op_attribute(info, "kv_num_heads", 0);
+    if (h < 1 || kv < 1 || h % kv) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "%s: num_heads %lld must be a positive multiple of kv_num_heads %lld", NAME,
+                 (long long)h, (long long)kv);
+        return op_fail(msg);
+    }
+    Kernel *k = (Kernel *)calloc(1, sizeof(Kernel));
+    if (k == NULL) return g_api->CreateStatus(ORT_FAIL, "CachedAttention: out of memory");
+    *k = (Kernel){.heads = h, .kv_heads = kv, .f16 = f16};
+    *kernel = k;
+    return NULL;
+}
+static OrtStatus *ORT_API_CALL create_f32(const OrtCustomOp *o, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
+    (void)o; (void)api;
+    return create(info, 0, kernel);
+}
+static OrtStatus *ORT_API_CALL create_f16(const OrtCustomOp *o, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
+    (void)o; (void)api;
+    return create(info, 1, kernel);
+}
+
+static const ONNXTensorElementDataType F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+                                       I32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return NAME; }
+static ONNXTensorElementDataType ORT_API_CALL input_f32(const OrtCustomOp *op, size_t i) {
+    (void)op;
+    return i == 3 || i == 4 ? I32 : F32;
+}
+static ONNXTensorElementDataType ORT_API_CALL input_f16(const OrtCustomOp *op, size_t i) {
+    (void)op;
+    return i == 3 || i == 4 ? I32 : i == 1 || i == 2 ? F16 : F32;
+}
+static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return 7; }
+static ONNXTensorElementDataType ORT_API_CALL output_f32(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return F32; }
+static ONNXTensorElementDataType ORT_API_CALL output_f16(const OrtCustomOp *op, size_t i) { (void)op; return i ? F16 : F32; }
+static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return 3; }
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op, size_t i) {
+    (void)op; (void)i;
+    return INPUT_OUTPUT_REQUIRED;
+}
+
+int attention_define(OrtCustomOp *op, int f16) {
+#ifndef HAVE_F16
+    if (f16) return 0;
+#endif
+    op_define_common(op);
+    op->GetName = name;
+    op->GetInputType = f16 ? input_f16 : input_f32;
+    op->GetInputTypeCount = input_count;
+    op->GetInputCharacteristic = required;
+    op->CreateKernelV2 = f16 ? create_f16 : create_f32;
+    op->GetOutputType = f16 ? output_f16 : output_f32;
+    op->GetOutputTypeCount = output_count;
+    op->KernelComputeV2 = compute;
+    return 1;
+}
