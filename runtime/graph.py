@@ -236,7 +236,7 @@ def _attention(spec: SegmentSpec, i: int, qkv: str, out: str, g: _Graph, kv_scal
     (int8 caches too). Both append to the cache in place and rotate pairs of adjacent channels."""
     cfg = spec.config
     outs = [out, f"present_key.{i}", f"present_value.{i}"]
-    heads = dict(num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads)
+    heads: dict[str, Any] = dict(num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads)
     past = [f"past_key.{i}", f"past_value.{i}"]
     if spec.q4_kernel == "q4linear" and spec.kv_precision in ("f32", "f16"):
         return helper.make_node("CachedAttention", [qkv, *past, "seqlens_k", "total_seq_len", "rope.cos", "rope.sin"],
