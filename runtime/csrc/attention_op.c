@@ -242,7 +242,7 @@ AI void attend_row(const Job *j, const float *q, size_t kt, size_t vt, size_t p,
     for (size_t i = 0; i < D; i++) out[i] = o[i] * inv;
 }
 
-#define RB 4  /* query rows a prefill block attends together: each K and V load serves all of them */
+#define RB 8  /* query rows a prefill block attends together: each K and V load serves all of them */
 
 /* rows s0 .. s0 + RB - 1 of one head (D % 16 == 0): q (RB, D) rotated and scaled, at positions
  * p0 .. p0 + RB - 1. Scores are computed up to the last row's position for every row (those
@@ -251,7 +251,7 @@ AI void attend_block(const Job *j, float q[RB][MAX_HEAD_DIM], size_t kt, size_t 
                      float *out, size_t out_stride, int h) {
     const size_t M = j->M, n = p0 + RB, stride = M + VL;  /* sc: RB rows of `stride` */
     size_t t0 = 0;
-    for (; t0 < n && t0 + 2 * VL <= M; t0 += 2 * VL) {  /* two tiles x RB rows: eight independent sums */
+    for (; t0 < n && t0 + 2 * VL <= M; t0 += 2 * VL) {  /* two tiles x RB rows: 16 independent sums */
         vf a[RB][2];
         for (int r = 0; r < RB; r++) a[r][0] = a[r][1] = (vf){0};
         for (size_t d = 0; d < D; d++) {
@@ -271,16 +271,23 @@ AI void attend_block(const Job *j, float q[RB][MAX_HEAD_DIM], size_t kt, size_t 
         inv[r] = 1.0f / softmax(sc + r * stride, p0 + r + 1);
         for (size_t t = p0 + r + 1; t < n; t++) sc[r * stride + t] = 0.0f;  /* causal */
     }
-    vf o[RB][MAX_HEAD_DIM / VL];
-    for (int r = 0; r < RB; r++)
-        for (size_t k = 0; k < D / VL; k++) o[r][k] = (vf){0};
-    for (size_t t = 0; t < n; t++)
-        for (size_t k = 0; k < D / VL; k++) {
-            const vf v = kv_load(j->v, vt + t * D + k * VL, h);
-            for (int r = 0; r < RB; r++) o[r][k] += sc[r * stride + t] * v;
+    for (size_t k0 = 0; k0 < D / VL; k0 += 2) {  /* 32 columns of V a pass: RB x 2 sums in registers */
+        const int two = D / VL - k0 > 1;
+        vf o[RB][2];
+        for (int r = 0; r < RB; r++) o[r][0] = o[r][1] = (vf){0};
+        for (size_t t = 0; t < n; t++) {
+            const size_t at = vt + t * D + k0 * VL;
+            const vf v0 = kv_load(j->v, at, h), v1 = two ? kv_load(j->v, at + VL, h) : (vf){0};
+            for (int r = 0; r < RB; r++) {
+                const float w = sc[r * stride + t];
+                o[r][0] += w * v0, o[r][1] += w * v1;
+            }
         }
-    for (int r = 0; r < RB; r++)
-        for (size_t k = 0; k < D / VL; k++) vstore(out + r * out_stride + k * VL, o[r][k] * inv[r]);
+        for (int r = 0; r < RB; r++) {
+            vstore(out + r * out_stride + k0 * VL, o[r][0] * inv[r]);
+            if (two) vstore(out + r * out_stride + (k0 + 1) * VL, o[r][1] * inv[r]);
+        }
+    }
 }
 
 /* every row s of session b for query head `task % H`, with the head dim D (a constant where
