@@ -82,14 +82,28 @@ def _reference(qkv, k, v, past, h, hkv, d, cos, sin):
     return out, k, v
 
 
+TILE = 32  # positions a tile of the operator's transposed K holds
+
+
 def _transposed(k: np.ndarray) -> np.ndarray:
-    """The operator's key layout: each (b, kv head) block stored (D, M) in the (B, Hkv, M, D) buffer."""
-    return np.ascontiguousarray(k.transpose(0, 1, 3, 2)).reshape(k.shape)
+    """The operator's key layout: each (b, kv head) block of M positions stored in tiles of 32
+    positions, each tile (D, 32) (the last, partial one (D, M % 32)), in the (B, Hkv, M, D) buffer."""
+    b, hkv, m, d = k.shape
+    out = np.empty((b, hkv, m * d), k.dtype)
+    for t0 in range(0, m, TILE):
+        w = min(TILE, m - t0)
+        out[:, :, t0 * d:(t0 + w) * d] = k[:, :, t0:t0 + w].transpose(0, 1, 3, 2).reshape(b, hkv, d * w)
+    return out.reshape(k.shape)
 
 
 def _untransposed(kt: np.ndarray) -> np.ndarray:
     b, hkv, m, d = kt.shape
-    return kt.reshape(b, hkv, d, m).transpose(0, 1, 3, 2)
+    flat = kt.reshape(b, hkv, m * d)
+    out = np.empty_like(kt)
+    for t0 in range(0, m, TILE):
+        w = min(TILE, m - t0)
+        out[:, :, t0:t0 + w] = flat[:, :, t0 * d:(t0 + w) * d].reshape(b, hkv, d, w).transpose(0, 1, 3, 2)
+    return out
 
 
 def _run(sess, qkv, k, v, past, same_buffers=True, rope_len=None) -> tuple[np.ndarray, ...]:
@@ -129,13 +143,14 @@ def _case(b, s, past, h, hkv, d, m, seed=0):
     return qkv, k, v
 
 
-# (B, S, pasts, H, Hkv, D, M): a decode step, prefills through the 4-row blocks and their
+# (B, S, pasts, H, Hkv, D, M): a decode step, prefills through the 8-row blocks and their
 # leftovers, batched sessions at different lengths, the 64 and 128 head dims compiled as constants
-# and a generic one (24, not a multiple of 16), a buffer whose length is not a multiple of 16 (its
-# last columns take the scalar path), one position left
+# and a generic one (24, not a multiple of 16), buffers whose length is not a multiple of the
+# 32-position tile (the last, partial tile takes the scalar path), up to the buffer's last position
 CASES = [(1, 1, [200], 9, 3, 64, 256), (1, 13, [0], 9, 3, 64, 256), (1, 7, [90], 9, 3, 64, 256),
          (3, 1, [5, 0, 130], 9, 3, 64, 256), (2, 6, [3, 40], 4, 2, 128, 64), (1, 5, [10], 6, 3, 24, 40),
-         (1, 9, [20], 4, 1, 64, 37), (1, 1, [36], 4, 1, 64, 37)]
+         (1, 9, [20], 4, 1, 64, 37), (1, 1, [36], 4, 1, 64, 37), (1, 19, [50], 9, 3, 64, 100),
+         (1, 1, [99], 9, 3, 64, 100)]
 
 
 @pytest.mark.parametrize("kv", ["f32", "f16"])
@@ -151,6 +166,7 @@ def test_attention_matches_the_reference(built, kv, b, s, past, h, hkv, d, m):
     got, gk, gv = _run(_session("cached", h, hkv, d, m, kv), qkv, _transposed(k).astype(dtype), v.astype(dtype), past)
     tol = 2e-6 if kv == "f32" else 4e-3  # f16 keeps 11 bits: the new rows' rounding moves the output
     assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    assert np.array_equal(_untransposed(_transposed(k)), k)  # the helpers are each other's inverse
     assert np.allclose(_untransposed(gk.astype(np.float32)), wk, atol=tol * 10, rtol=tol)
     assert np.allclose(gv.astype(np.float32), wv, atol=tol * 10, rtol=tol)
 
@@ -215,3 +231,16 @@ def test_an_f16_cache_stays_within_its_rounding(built, real_store):
     got = SegmentEngine(real_store, max_seq_len=64, accuracy_level=0, kv_precision="f16").prefill(ids, all_logits=True)
     assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+def test_positions_fill_the_key_block_in_order(built, kv):
+    """40 positions of a 2048-position cache touch only the first two tiles of each key block (the
+    pages a short session makes resident), not every channel's row of the block."""
+    h, hkv, d, m = 4, 2, 64, 2048
+    qkv, k, v = _case(1, 40, [0], h, hkv, d, m)
+    dtype = KV_TYPES[kv][0]
+    gk = _run(_session("cached", h, hkv, d, m, kv), qkv, k.astype(dtype), v.astype(dtype), [0])[1]
+    flat = gk.reshape(hkv, m * d)
+    assert np.count_nonzero(flat[:, :2 * TILE * d]) > 0.99 * hkv * 40 * d  # all 40 (random values: ~never 0)
+    assert not flat[:, 2 * TILE * d:].any()
