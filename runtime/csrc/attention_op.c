@@ -21,8 +21,8 @@
  * positions in f32). onnxruntime's GroupQueryAttention took ~2x that time on this 2-core machine
  * and, with an f16 cache, more than with f32 (it converts). Here a task is one query head of one
  * session: scores 16 positions a vector from the transposed K, a softmax with a polynomial exp on
- * vectors, the weighted sum of V's rows in registers; a prefill takes 4 query rows a pass so that
- * each K and V load serves 4 rows. f16 elements are converted as they are loaded.
+ * vectors, the weighted sum of V's rows in registers; a prefill takes 8 query rows a pass so that
+ * each K and V load serves 8 rows. f16 elements are converted as they are loaded.
  */
 #include <math.h>
 #include <stdio.h>
@@ -58,8 +58,8 @@ typedef struct {
 } Job;
 
 /* e^x for x <= 0 (softmax after its max): 2^n 2^f, f in [-0.5, 0.5], 2^f = e^(f ln 2) by its Taylor
- * series to degree 7 (relative error < 3e-9, below float's); plain arithmetic so that loops of it
- * vectorize. x < -87 gives e^-87 (~1.6e-38), never a denormal. */
+ * series to degree 7 (relative error < 3e-9, below float's). x < -87 gives e^-87 (~1.6e-38), never
+ * a denormal. One value: the tails of vexp_neg's loops (below, the same series on 16 lanes). */
 static inline float exp_neg(float x) {
     x = x < -87.0f ? -87.0f : x;
     const float t = x * 1.44269504f;
