@@ -106,7 +106,7 @@ def _untransposed(kt: np.ndarray) -> np.ndarray:
     return out
 
 
-def _run(sess, qkv, k, v, past, same_buffers=True, rope_len=None) -> tuple[np.ndarray, ...]:
+def _run(sess, qkv, k, v, past, same_buffers=True, rope_len=None, total=None) -> tuple[np.ndarray, ...]:
     """One step through IO binding (the engine's way: present bound to the past buffers)."""
     io = sess.io_binding()
     io.bind_output("o")
@@ -122,7 +122,7 @@ def _run(sess, qkv, k, v, past, same_buffers=True, rope_len=None) -> tuple[np.nd
         io.bind_output("v")
     s = qkv.shape[1]
     io.bind_cpu_input("seqlens_k", (np.asarray(past) + s - 1).astype(np.int32))
-    io.bind_cpu_input("total", np.array(max(past) + s, np.int32))
+    io.bind_cpu_input("total", np.array(max(past) + s if total is None else total, np.int32))
     m, d = k.shape[2], k.shape[3]
     cos, sin = _rope(rope_len or m, d)
     io.bind_cpu_input("cos", cos)
@@ -206,6 +206,12 @@ def test_positions_outside_the_cache_are_errors(built, past, s, msg):
     qkv, k, v = _case(1, s, [0], 4, 2, 64, 64)
     with pytest.raises(Exception, match=msg):
         _run(_session("cached", 4, 2, 64, 64, "f32"), qkv, _transposed(k), v, past)
+
+
+def test_a_total_length_other_than_the_longest_is_an_error(built):
+    qkv, k, v = _case(2, 1, [0, 0], 4, 2, 64, 64)
+    with pytest.raises(Exception, match="TOTAL_SEQ_LEN = 9, the longest SEQLENS_K \\+ 1 is 8"):
+        _run(_session("cached", 4, 2, 64, 64, "f32"), qkv, _transposed(k), v, [3, 7], total=9)
 
 
 def test_mismatched_shapes_are_errors(built):

@@ -4,7 +4,7 @@
  *
  *   inputs  QKV f32 (B, S, (H + 2 Hkv) D): each row's queries, then keys, then values (as
  *           GroupQueryAttention's packed form); PAST_KEY, PAST_VALUE f32 or f16 (B, Hkv, M, D);
- *           SEQLENS_K int32 (B,): session b's past + S - 1; TOTAL_SEQ_LEN int32 () (checked only);
+ *           SEQLENS_K int32 (B,): session b's past + S - 1; TOTAL_SEQ_LEN int32 (): the longest past_b + S (checked);
  *           COS, SIN f32 (M', D/2), M' >= M: the rotary tables by position
  *   outputs ATTN f32 (B, S, H D); PRESENT_KEY, PRESENT_VALUE (PAST's type and shape): PAST with the
  *           S new positions written at past_b .. past_b + S - 1. Bound to the same buffers as PAST
@@ -366,7 +366,8 @@ static OrtStatus *input(OrtKernelContext *ctx, size_t i, size_t nd, int64_t *dim
 }
 
 /* the shapes of every input against H, Hkv and each other, into j */
-static OrtStatus *shapes(OrtKernelContext *ctx, const Kernel *k, Job *j, const int32_t **seqlens, int64_t *dk) {
+static OrtStatus *shapes(OrtKernelContext *ctx, const Kernel *k, Job *j, const int32_t **seqlens, int32_t *total,
+                         int64_t *dk) {
     int64_t dq[4], dv[4], ds[4], dt[4], dc[4], dn[4];
     const void *pv, *ps, *pt, *pc, *pn;
     CHECK(input(ctx, 0, 3, dq, (const void **)&j->qkv));
@@ -394,6 +395,7 @@ static OrtStatus *shapes(OrtKernelContext *ctx, const Kernel *k, Job *j, const i
                .Hkv = (size_t)Hkv, .M = (size_t)dk[2], .D = (size_t)D, .half = (size_t)D / 2,
                .scale = 1.0f / sqrtf((float)D), .f16 = k->f16};
     *seqlens = ps;
+    *total = *(const int32_t *)pt;
     return NULL;
 }
 
@@ -414,25 +416,39 @@ static OrtStatus *present(OrtKernelContext *ctx, Job *j, const int64_t *dk) {
     return NULL;
 }
 
+/* each session's past length into past (B,), checked: its rows' positions inside the cache, and
+ * TOTAL_SEQ_LEN the longest past + S */
+static OrtStatus *positions(const Job *j, const int32_t *seqlens, int32_t total, int32_t *past) {
+    char msg[200];
+    int32_t longest = 0;
+    for (size_t b = 0; b < j->B; b++) {
+        past[b] = seqlens[b] + 1 - (int32_t)j->S;
+        if (past[b] < 0 || (size_t)seqlens[b] >= j->M) {
+            snprintf(msg, sizeof msg, "%s: SEQLENS_K[%zu] = %d with S = %zu new rows: the positions must lie "
+                     "in [0, M=%zu)", NAME, b, seqlens[b], j->S, j->M);
+            return op_fail(msg);
+        }
+        longest = seqlens[b] + 1 > longest ? seqlens[b] + 1 : longest;
+    }
+    if (j->B && total != longest) {
+        snprintf(msg, sizeof msg, "%s: TOTAL_SEQ_LEN = %d, the longest SEQLENS_K + 1 is %d", NAME, total, longest);
+        return op_fail(msg);
+    }
+    return NULL;
+}
+
 static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *ctx) {
     const Kernel *k = (const Kernel *)kernel;
     Job j = {0};
     const int32_t *seqlens = NULL;
     int64_t dk[4];
-    CHECK(shapes(ctx, k, &j, &seqlens, dk));
+    int32_t total = 0;
+    CHECK(shapes(ctx, k, &j, &seqlens, &total, dk));
     OrtAllocator *a;
     CHECK(g_api->KernelContext_GetAllocator(ctx, g_cpu, &a));
     int32_t *past = NULL;
     OrtStatus *st = op_scratch(a, j.B * sizeof(int32_t), (void **)&past);
-    for (size_t b = 0; st == NULL && b < j.B; b++) {
-        past[b] = seqlens[b] + 1 - (int32_t)j.S;
-        if (past[b] < 0 || (size_t)seqlens[b] >= j.M) {
-            char msg[200];
-            snprintf(msg, sizeof msg, "%s: SEQLENS_K[%zu] = %d with S = %zu new rows: the positions must lie "
-                     "in [0, M=%zu)", NAME, b, seqlens[b], j.S, j.M);
-            st = op_fail(msg);
-        }
-    }
+    if (st == NULL) st = positions(&j, seqlens, total, past);
     j.past = past;
     if (st == NULL) st = present(ctx, &j, dk);
     const int64_t dout[3] = {(int64_t)j.B, (int64_t)j.S, (int64_t)(j.H * j.D)};
