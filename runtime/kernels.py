@@ -1,5 +1,5 @@
 """edgesplit's own onnxruntime operators (csrc/linear_ops.c, their arithmetic in csrc/q4_math.h and
-csrc/q8_math.h; csrc/attention_op.c), built on the machine that runs them.
+csrc/q8_math.h; csrc/attention_op.c and csrc/attention_math.h), built on the machine that runs them.
 
 `Q4Linear` (domain "edgesplit") computes a Q4_1 projection in one node read straight from the
 store's q4 layout. onnxruntime offers no such kernel: MatMulNBits has no fast form with Q4_1's
