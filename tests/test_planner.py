@@ -137,6 +137,18 @@ def test_pareto_front_is_exactly_the_non_dominated_set():
             assert any(dominates(f, c) or f.costs == c.costs and f.fidelity == c.fidelity for f in front)
 
 
+def test_an_f16_cache_is_offered_with_q4_layers_on_both_sides_only():
+    """f16 caches are fast on CachedAttention, which runs with q4 layers; q8 and f32 layers run
+    onnxruntime's attention, which converts them each step: those settings are not candidates."""
+    fig = dataclasses.replace(figures(), kv_bytes_per_token_per_layer={"f32": 1024, "f16": 512, "int8": 256})
+    dev = dataclasses.replace(device(), figures=fig)
+    table = dataclasses.replace(TABLE, engine=TABLE.engine + (EngineRow("q4", "f16", 0.975, 10.1, 10.0, 100, "t"),))
+    cands = enumerate_candidates(dev, cloud(), net(), table, Request(**REQ), 1024)
+    f16 = {(c.setting.front_precision, c.setting.back_precision) for c in cands if c.setting.kv_precision == "f16"}
+    assert f16 == {("q4", "q4")}
+    assert {c.setting.front_precision for c in cands} == {"q4", "f32"}  # the others are still there
+
+
 def test_request_validation():
     with pytest.raises(Exception, match="objective 'speed'"):
         Request(objective="speed")

@@ -48,7 +48,7 @@ class Request:
     prompt_tokens: int = 128  # prompt length for TTFT and prefill workspace
     context_tokens: int | None = None  # context at which latency is predicted (None: max_seq_len)
     precisions: tuple[str, ...] = ("q4", "q8", "f32")
-    kv_precisions: tuple[str, ...] = ("f32", "int8")
+    kv_precisions: tuple[str, ...] = ("f32", "f16", "int8")
     codecs: tuple[str, ...] | None = None  # None: every codec in the fidelity table
     # front flash options searched; the default is what the split runtime runs (`edgesplit plan`
     # searches FLASH_OPTIONS)
@@ -97,6 +97,12 @@ def seq_len_candidates(least: int, context_length: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+# KV precisions offered only with q4 layers on both sides: an f16 cache is fast on edgesplit's
+# CachedAttention, which runs where q4 layers run on edgesplit's operators; on onnxruntime's
+# GroupQueryAttention (q8 and f32 layers) it is converted every step, a cost the model does not know.
+FAST_KV_WITH_Q4_ONLY = ("f16",)
+
+
 def enumerate_candidates(dev: DeviceProfile, cloud: CloudProfile, net: NetworkProfile, table: FidelityTable,
                          req: Request, context_length: int) -> list[Candidate]:
     """Every setting with known fidelity and traffic, with its predicted costs."""
@@ -108,6 +114,8 @@ def enumerate_candidates(dev: DeviceProfile, cloud: CloudProfile, net: NetworkPr
     out = []
     for cut, front, back, kv, codec in itertools.product(range(1, L), precisions, precisions,
                                                          req.kv_precisions, codecs):
+        if kv in FAST_KV_WITH_Q4_ONLY and not front == back == "q4":
+            continue  # other layer precisions run onnxruntime's attention, which converts an f16 cache each step
         fid = table.estimate(cut, L, front, back, kv, codec)
         traffic = table.codec_bytes(codec, cut, d)
         if fid is None or traffic is None or kv not in fig.kv_bytes_per_token_per_layer:
