@@ -231,9 +231,9 @@ def rope_cache(cfg: ModelConfig, max_seq_len: int) -> tuple[np.ndarray, np.ndarr
 
 def _attention(spec: SegmentSpec, i: int, qkv: str, out: str, g: _Graph, kv_scales: dict | None) -> onnx.NodeProto:
     """Layer i's attention node: edgesplit's CachedAttention on its operators with an f32 or f16
-    cache (csrc/attention_op.c: about half of GroupQueryAttention's time for a one-token step,
-    and an f16 cache read without converting all of it), else onnxruntime's GroupQueryAttention
-    (int8 caches too). Both append to the cache in place and rotate pairs of adjacent channels."""
+    cache (csrc/attention_op.c: an f16 cache read as it is, where GroupQueryAttention converts
+    it; a long prefill faster), else onnxruntime's GroupQueryAttention (int8 caches too). Both
+    append to the cache in place and rotate pairs of adjacent channels."""
     cfg = spec.config
     outs = [out, f"present_key.{i}", f"present_value.{i}"]
     heads: dict[str, Any] = dict(num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads)
