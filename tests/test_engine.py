@@ -123,10 +123,12 @@ def test_front_segment_returns_hidden_states(tiny_store, tiny_ref):
     assert np.abs(h - tiny_ref.hidden_states(IDS, 0, 2)).max() <= 1e-4
 
 
+@pytest.mark.parametrize("precision", ["f32", "q4"])  # f32 layers: GroupQueryAttention; q4: CachedAttention (f16)
 @pytest.mark.parametrize("kv,tol", [("f16", 0.05), ("int8", 0.5)])
-def test_low_precision_kv_cache_stays_close(tiny_store, kv, tol):
-    ref = SegmentEngine(tiny_store, precision="f32", head_precision="f32", max_seq_len=64)
-    low = SegmentEngine(tiny_store, precision="f32", head_precision="f32", kv_precision=kv, max_seq_len=64)
+def test_low_precision_kv_cache_stays_close(tiny_store, precision, kv, tol):
+    kw = dict(precision=precision, head_precision="f32", accuracy_level=0, max_seq_len=64)
+    ref = SegmentEngine(tiny_store, **kw)
+    low = SegmentEngine(tiny_store, kv_precision=kv, **kw)
     want, got = _decode_all(ref, IDS, 4), _decode_all(low, IDS, 4)
     assert 0 < np.abs(got - want).max() <= tol
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
