@@ -29,26 +29,6 @@ typedef struct {
     float scale;
 } Job;
 
-/* e^x for x <= 0 (softmax after its max): 2^n 2^f, f in [-0.5, 0.5], 2^f = e^(f ln 2) by its Taylor
- * series to degree 7 (relative error < 3e-9, below float's). x < -87 gives e^-87 (~1.6e-38), never
- * a denormal. One value: the tails of vexp_neg's loops (below, the same series on 16 lanes). */
-static inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float t = x * 1.44269504f;
-    const float n = __builtin_floorf(t + 0.5f);
-    const float g = (t - n) * 0.693147181f;
-    float p = 1.0f / 5040.0f;
-    p = p * g + 1.0f / 720.0f;
-    p = p * g + 1.0f / 120.0f;
-    p = p * g + 1.0f / 24.0f;
-    p = p * g + 1.0f / 6.0f;
-    p = p * g + 0.5f;
-    p = p * g + 1.0f;
-    p = p * g + 1.0f;
-    union { int32_t i; float f; } e = {.i = ((int32_t)n + 127) << 23};
-    return p * e.f;
-}
-
 /* x (D,) rotated to position p into y: pairs (x[2i], x[2i+1]) by cos/sin[p, i] */
 static inline void rotate(const Job *j, const float *x, size_t p, float *y) {
     const float *c = j->cos + p * j->half, *s = j->sin + p * j->half;
@@ -170,7 +150,9 @@ AI void scores(const float *q, const void *K, size_t kt, size_t M, size_t n, siz
     }
 }
 
-/* exp_neg on 16 lanes: the same series, round-to-nearest as trunc(t - 0.5) (t <= 0) */
+/* e^x on 16 lanes, for x <= 0 (softmax after its max): 2^n 2^f, n = round(x log2 e) (as
+ * trunc(t - 0.5), t <= 0), f in [-0.5, 0.5], 2^f = e^(f ln 2) by its Taylor series to degree 7
+ * (relative error < 3e-9, below float's). x < -87 gives e^-87 (~1.6e-38), never a denormal. */
 AI vf vexp_neg(vf x) {
     const vf lo = x - x - 87.0f;
     const vi small = x < lo;
@@ -188,7 +170,8 @@ AI vf vexp_neg(vf x) {
     return p * (vf)((n + 127) << 23);
 }
 
-/* sc[0, n) = softmax weights (unnormalized: e^(s - max)); returns their sum */
+/* sc[0, n) = softmax weights (unnormalized: e^(s - max)); returns their sum. sc has 16 floats of
+ * room past n (the scratch rows are M + 16 long): the last < 16 weights take one vector too. */
 AI float softmax(float *sc, size_t n) {
     float mx = -INFINITY, sum = 0.0f;
 #pragma omp simd reduction(max : mx)
@@ -201,9 +184,13 @@ AI float softmax(float *sc, size_t n) {
         acc += e;
     }
     for (int i = 0; i < VL; i++) sum += acc[i];
-    for (; t < n; t++) {
-        sc[t] = exp_neg(sc[t] - mx);
-        sum += sc[t];
+    if (t < n) {
+        float lanes[VL];
+        vstore(lanes, vexp_neg(vload(sc + t) - mx));  /* the lanes past n are not used */
+        for (size_t i = 0; t + i < n; i++) {
+            sc[t + i] = lanes[i];
+            sum += lanes[i];
+        }
     }
     return sum;
 }
