@@ -26,7 +26,6 @@
  */
 #include <math.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "attention_math.h"
@@ -163,11 +162,8 @@ static OrtStatus *create(const OrtKernelInfo *info, int f16, void **kernel) {
                  (long long)h, (long long)kv);
         return op_fail(msg);
     }
-    Kernel *k = (Kernel *)calloc(1, sizeof(Kernel));
-    if (k == NULL) return g_api->CreateStatus(ORT_FAIL, "CachedAttention: out of memory");
-    *k = (Kernel){.heads = h, .kv_heads = kv, .f16 = f16};
-    *kernel = k;
-    return NULL;
+    const Kernel k = {.heads = h, .kv_heads = kv, .f16 = f16};
+    return op_new_kernel(&k, sizeof k, kernel);
 }
 static OrtStatus *ORT_API_CALL create_f32(const OrtCustomOp *o, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
     (void)o; (void)api;
@@ -193,10 +189,6 @@ static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return
 static ONNXTensorElementDataType ORT_API_CALL output_f32(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return F32; }
 static ONNXTensorElementDataType ORT_API_CALL output_f16(const OrtCustomOp *op, size_t i) { (void)op; return i ? F16 : F32; }
 static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return 3; }
-static OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op, size_t i) {
-    (void)op; (void)i;
-    return INPUT_OUTPUT_REQUIRED;
-}
 
 int attention_define(OrtCustomOp *op, int f16) {
 #ifndef HAVE_F16
@@ -206,7 +198,6 @@ int attention_define(OrtCustomOp *op, int f16) {
     op->GetName = name;
     op->GetInputType = f16 ? input_f16 : input_f32;
     op->GetInputTypeCount = input_count;
-    op->GetInputCharacteristic = required;
     op->CreateKernelV2 = f16 ? create_f16 : create_f32;
     op->GetOutputType = f16 ? output_f16 : output_f32;
     op->GetOutputTypeCount = output_count;

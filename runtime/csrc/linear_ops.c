@@ -236,11 +236,8 @@ static OrtStatus *create(const OpKind *op, const OrtKernelInfo *info, void **ker
         snprintf(msg, sizeof msg, "%s: swiglu %lld: only Q4Linear applies SwiGLU", op->name, (long long)swiglu);
         return op_fail(msg);
     }
-    Kernel *k = (Kernel *)calloc(1, sizeof(Kernel));
-    if (k == NULL) return g_api->CreateStatus(ORT_FAIL, "edgesplit linear operator: out of memory");
-    *k = (Kernel){.kind = op, .accuracy_level = level, .swiglu = swiglu};
-    *kernel = k;
-    return NULL;
+    const Kernel k = {.kind = op, .accuracy_level = level, .swiglu = swiglu};
+    return op_new_kernel(&k, sizeof k, kernel);
 }
 
 static OrtStatus *ORT_API_CALL create_q4(const OrtCustomOp *o, const OrtApi *a, const OrtKernelInfo *info, void **kernel) {
@@ -253,6 +250,13 @@ static OrtStatus *ORT_API_CALL create_q8(const OrtCustomOp *o, const OrtApi *a, 
 }
 
 static void ORT_API_CALL destroy_kernel(void *kernel) { free(kernel); }
+
+OrtStatus *op_new_kernel(const void *value, size_t size, void **kernel) {
+    *kernel = malloc(size);
+    if (*kernel == NULL) return g_api->CreateStatus(ORT_FAIL, "edgesplit operator: out of memory for its kernel state");
+    memcpy(*kernel, value, size);
+    return NULL;
+}
 static const char *ORT_API_CALL name_q4(const OrtCustomOp *op) { (void)op; return Q4.name; }
 static const char *ORT_API_CALL name_q8(const OrtCustomOp *op) { (void)op; return Q8.name; }
 static const char *ORT_API_CALL op_ep(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
@@ -293,6 +297,7 @@ void op_define_common(OrtCustomOp *op) {
     op->version = ORT_API_VERSION;
     op->GetExecutionProviderType = op_ep;
     op->KernelDestroy = destroy_kernel;
+    op->GetInputCharacteristic = required;
     op->GetOutputCharacteristic = required;
     op->GetInputMemoryType = mem_type;
     op->GetVariadicInputMinArity = one;

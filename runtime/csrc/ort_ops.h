@@ -24,8 +24,12 @@ void op_dims_text(const int64_t *d, size_t n, char *out, size_t size);
 int64_t op_attribute(const OrtKernelInfo *info, const char *name, int64_t dflt);
 /* `bytes` of the arena `a` into *p (64-byte aligned, as onnxruntime's CPU allocator aligns) */
 OrtStatus *op_scratch(OrtAllocator *a, size_t bytes, void **p);
-/* the fields every operator shares: CPU, version range, kernel destroy with free(), no aliasing */
+/* the fields every operator shares: CPU, version range, every input and output required (an
+ * operator with optional inputs sets its own GetInputCharacteristic), no aliasing, and a kernel
+ * state freed with free() (made by op_new_kernel) */
 void op_define_common(OrtCustomOp *op);
+/* a kernel state: a malloc'd copy of the `size` bytes at `value` into *kernel */
+OrtStatus *op_new_kernel(const void *value, size_t size, void **kernel);
 
 /* CachedAttention (attention_op.c) into op, its kernel for an f32 (f16 = 0) or an f16 cache;
  * 0 where this build has no f16 kernel */
