@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 
 from edgesplit.runtime import kernels
 from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.reference import rope_interleaved, rope_tables
 
 KV_TYPES = {"f32": (np.float32, TensorProto.FLOAT), "f16": (np.float16, TensorProto.FLOAT16)}
 
@@ -22,8 +23,7 @@ def built() -> None:
 
 
 def _rope(m: int, d: int) -> tuple[np.ndarray, np.ndarray]:
-    ang = np.arange(m)[:, None] * (10000.0 ** (-np.arange(d // 2) * 2 / d))[None]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    return rope_tables(np.arange(m), d, 10000.0)
 
 
 def _session(op: str, h: int, hkv: int, d: int, m: int, kv: str, threads: int = 2) -> ort.InferenceSession:
@@ -53,10 +53,8 @@ def _session(op: str, h: int, hkv: int, d: int, m: int, kv: str, threads: int = 
 
 
 def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    y = x.copy()
-    y[..., 0::2] = x[..., 0::2] * cos - x[..., 1::2] * sin
-    y[..., 1::2] = x[..., 0::2] * sin + x[..., 1::2] * cos
-    return y
+    """One head's vector x (D,) at one position (cos, sin (D/2,)): the numpy reference's rotation."""
+    return rope_interleaved(x[None, None], cos[None], sin[None])[0, 0]
 
 
 def _reference(qkv, k, v, past, h, hkv, d, cos, sin):
