@@ -8,7 +8,8 @@ Pure functions, no sockets. Codec settings (`CodecSpec`, CLI form `name[:key=val
   threshold in per-token standard deviations), channels (calibrated outlier channels, `507/247`),
   rotate (1 = block Hadamard rotation of the dense part).
   ecq (calibrated per-channel model + entropy-coded symbols, codec_ec.py): key step (quantizer
-  step in units of the cut's calibrated RMS); needs the cut's table (`table=` below).
+  step in units of the cut's calibrated RMS), trellis (1 = trellis-coded quantization,
+  codec_trellis.py: ~20% less error at the same step and bytes); needs the cut's table (`table=` below).
 
 `table`: the codec_ec.CutTable of the cut, required by ecq on both sides, ignored by the others.
 
@@ -50,7 +51,8 @@ _HEADER = struct.Struct("<BBBBII")
 HEADER_NBYTES = _HEADER.size  # 12
 F_SPARSE, F_FLAT, F_ROTATE, F_CHANNELS = 1, 2, 4, 8
 _KEYS = {"bits": "bits", "budget": "error_budget", "tau": "tau", "k": "k_sigma",
-         "channels": "outlier_channels", "rotate": "rotate", "step": "step"}
+         "channels": "outlier_channels", "rotate": "rotate", "step": "step", "trellis": "trellis"}
+_FLAGS = ("rotate", "trellis")  # keys whose values are 0 or 1
 
 
 def _fmt(v: float) -> str:
@@ -69,6 +71,7 @@ class CodecSpec:
     outlier_channels: tuple[int, ...] = field(default=())
     rotate: bool = False
     step: float | None = None
+    trellis: bool = False  # ecq only
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:
@@ -81,8 +84,8 @@ class CodecSpec:
         if self.name == "ecq":
             self._check_ecq(set_fields)
             return
-        if self.step is not None:
-            raise ConfigError(f"codec {self.name!r} takes no step (that is 'ecq')")
+        if self.step is not None or self.trellis:
+            raise ConfigError(f"codec {self.name!r} takes no step or trellis (those are 'ecq')")
         if (self.bits is None) == (self.error_budget is None):
             raise ConfigError(f"codec {self.name!r}: give exactly one of bits (fixed width) or budget")
         if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, int)
@@ -109,9 +112,12 @@ class CodecSpec:
         object.__setattr__(self, "rotate", bool(self.rotate))
 
     def _check_ecq(self, set_fields: list[str]) -> None:
-        others = [k for k in set_fields if k != "step"]
+        others = [k for k in set_fields if k not in ("step", "trellis")]
         if others or self.step is None:  # (a step of 0 is "set": refused below, not as missing)
-            raise ConfigError(f"codec 'ecq' takes exactly one option, step=S; got {', '.join(others) or 'none'}")
+            raise ConfigError(f"codec 'ecq' takes step=S and optionally trellis=1; got {', '.join(others) or 'no step'}")
+        if not isinstance(self.trellis, (bool, np.bool_)):
+            raise ConfigError(f"codec field trellis={self.trellis!r} must be a bool")
+        object.__setattr__(self, "trellis", bool(self.trellis))
         v = self.step
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
                 or not 0.001 <= v <= 100:
@@ -127,8 +133,7 @@ class CodecSpec:
                 parts.append(f"{key}={_fmt(getattr(self, attr))}")
         if self.outlier_channels:
             parts.append("channels=" + "/".join(map(str, self.outlier_channels)))
-        if self.rotate:
-            parts.append("rotate=1")
+        parts += [f"{key}=1" for key in _FLAGS if getattr(self, key)]
         return self.name + (":" + ",".join(parts) if parts else "")
 
 
@@ -151,7 +156,7 @@ def parse_codec(text: str) -> CodecSpec:
                 parsed = int(value)
             elif key == "channels":
                 parsed = tuple(int(c) for c in value.split("/"))
-            elif key == "rotate":
+            elif key in _FLAGS:
                 parsed = {"0": False, "1": True}[value]
             else:
                 parsed = float(value)
@@ -264,7 +269,7 @@ def encode(x: np.ndarray, spec: CodecSpec, table: CutTable | None = None) -> byt
     if spec.name == "ecq":
         _check_input(x, spec)
         assert spec.step is not None  # CodecSpec requires it for ecq
-        return ec.encode(x, _ecq_table(spec, table), spec.step)
+        return ec.encode(x, _ecq_table(spec, table), spec.step, spec.trellis)
     header, secs = _sections(x, spec)
     blob = b"".join([header] + [m if isinstance(m, bytes) else np.ascontiguousarray(m).tobytes()
                                 for m in (make() for _, make in secs)])
@@ -290,6 +295,7 @@ class BlobInfo:
     flat_indices: bool
     bits: np.ndarray | None  # (T,) uint8 for tabq
     nbytes: int
+    trellis: bool = False  # ecq with trellis-coded symbols
 
 
 class _Reader:
@@ -312,7 +318,7 @@ def _parse(blob: bytes) -> tuple[BlobInfo, dict[str, Any]]:
         raise CodecError(f"codec blob must be bytes, got {type(blob).__name__}")
     if len(blob) and blob[0] == ec.VERSION:
         e = ec.parse(blob)
-        info = BlobInfo(ec.VERSION, "ecq", e.t, e.d, False, 0, e.esc_index.size, True, None, len(blob))
+        info = BlobInfo(ec.VERSION, "ecq", e.t, e.d, False, 0, e.esc_index.size, True, None, len(blob), e.trellis)
         return info, {"ecq": e}
     if len(blob) < HEADER_NBYTES:
         raise CodecError(f"codec blob truncated: {len(blob)} bytes, the header alone needs {HEADER_NBYTES}")
@@ -377,7 +383,7 @@ def blob_matches_setting(info: BlobInfo, setting: str) -> bool:
         spec = parse_codec(setting)
     except ConfigError:
         return False
-    return _CODEC_ID[spec.name] == _CODEC_ID[info.codec]
+    return _CODEC_ID[spec.name] == _CODEC_ID[info.codec] and spec.trellis == info.trellis
 
 
 def describe(blob: bytes) -> BlobInfo:

@@ -6,7 +6,8 @@ store's q4 layout. onnxruntime offers no such kernel: MatMulNBits has no fast fo
 per-block minimums, so without this operator the graph adds ~7 nodes a projection around it
 (graph.py). `Q8Linear` does the same for Q8_0 weights (the q8 head): MatMulNBits would hold a
 repacked copy of its own beside them (35 MB for the head's 30 MB table). `CachedAttention`
-replaces GroupQueryAttention for f32 and f16 caches (graph.py `_attention`).
+replaces GroupQueryAttention for f32 and f16 caches (graph.py `_attention`). The library also
+holds one plain C function, the `ecq` codec's trellis search (csrc/trellis.c, codec_trellis.py).
 
 The library is compiled once per machine (`cc -O3 -march=native`: its vector width is the CPU's)
 into the cache and loaded by onnxruntime (SessionOptions.register_custom_ops_library). Building
@@ -34,7 +35,8 @@ from .models import cache_dir
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "linear_ops.c", CSRC / "attention_op.c")  # linear_ops.c registers every operator
+SOURCES = (CSRC / "linear_ops.c", CSRC / "attention_op.c", CSRC / "trellis.c")  # linear_ops.c registers every operator;
+# trellis.c is no operator: the ecq codec's trellis search, called through ctypes (codec_trellis.py)
 DOMAIN = "edgesplit"
 MAX_OUTLIERS = 16  # outlier channels a Q4Linear or Q8Linear node takes (csrc/q4_math.h: HALF)
 HEADER = "onnxruntime_c_api.h"

@@ -67,9 +67,10 @@ def test_parse_and_print_setting():
     spec = parse_codec("ecq:step=0.25")
     assert spec.step == 0.25 and str(spec) == "ecq:step=0.25" and needs_table(spec)
     assert not needs_table(parse_codec("f16"))
-    for bad, msg in [("ecq", "exactly one option"), ("ecq:step=0.2,rotate=1", "exactly one option"),
+    for bad, msg in [("ecq", "no step"), ("ecq:step=0.2,rotate=1", "got rotate"),
                      ("ecq:step=0", r"\[0.001, 100\]"), ("ecq:step=nan", r"\[0.001, 100\]"),
-                     ("tabq:bits=4,step=0.2", "no step")]:
+                     ("tabq:bits=4,step=0.2", "no step"), ("f16:trellis=1", "no options"),
+                     ("tabq:bits=4,trellis=1", "no step or trellis")]:
         with pytest.raises(ConfigError, match=msg):
             parse_codec(bad)
 
