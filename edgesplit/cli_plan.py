@@ -23,8 +23,11 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
     p.add_argument("--quiet-wait-s", type=float, default=20.0,
                    help="before each timing block, wait up to this long for other processes to leave a core free")
-    p.add_argument("--memory-only", action="store_true",
-                   help="measure only the memory figures again, into the profile --out names (timings kept)")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--memory-only", action="store_true",
+                      help="measure only the memory figures again, into the profile --out names (timings kept)")
+    only.add_argument("--codecs-only", action="store_true",
+                      help="measure only the codec timings again (every default codec), into the profile --out names")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("plan", parents=[common], help="choose cut, precisions, codec and length for a device")
@@ -90,7 +93,7 @@ def add_plan_commands(sub, common: argparse.ArgumentParser) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from edgesplit.device.profiling.timing import ProfileSettings
-    from edgesplit.device.profiling.profiler import profile_machine, remeasure_memory, write_profile
+    from edgesplit.device.profiling.profiler import profile_machine, remeasure_codecs, remeasure_memory, write_profile
     from edgesplit.profiles.toml_fields import to_toml
     from edgesplit.runtime.models import resolve_store
     from edgesplit.runtime.store import ModelStore
@@ -101,9 +104,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     settings = ProfileSettings(quiet_timeout_s=args.quiet_wait_s)
     from edgesplit.harness.worker_proc import WorkerProcess
 
-    if args.memory_only and not args.out:
-        raise ConfigError("--memory-only updates an existing profile: name it with --out FILE")
-    base = _read_profile(Path(args.out)) if args.memory_only else None
+    only = "--memory-only" if args.memory_only else "--codecs-only" if args.codecs_only else None
+    if only and not args.out:
+        raise ConfigError(f"{only} updates an existing profile: name it with --out FILE")
+    base = _read_profile(Path(args.out), only) if only else None
+    if args.codecs_only:
+        assert base is not None
+        print(write_profile(remeasure_codecs(store, base, threads=args.threads, settings=settings), Path(args.out)))
+        return 0
     with WorkerProcess(str(store.path), store.config.d_model, threads=args.threads) as worker:
         if base is not None:
             profile = remeasure_memory(store, worker.endpoint, base, threads=args.threads, settings=settings)
@@ -117,7 +125,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_profile(path: Path) -> dict:
+def _read_profile(path: Path, flag: str) -> dict:
     """A measured device profile's TOML as a dict, checked by the strict loader first."""
     from edgesplit.profiles.device import FOLDER, device_profile_from_dict
     from edgesplit.profiles.toml_fields import read_profile_toml
@@ -125,7 +133,7 @@ def _read_profile(path: Path) -> dict:
     data, origin = read_profile_toml(path, FOLDER, "device")
     device_profile_from_dict(data, origin)
     if data.get("kind") != "measured" or "measured" not in data:
-        raise ConfigError(f"{origin}: --memory-only needs a profile written by `edgesplit profile` "
+        raise ConfigError(f"{origin}: {flag} needs a profile written by `edgesplit profile` "
                           f"(kind 'measured'), this one is kind {data.get('kind')!r}")
     return data
 

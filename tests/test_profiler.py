@@ -3,6 +3,7 @@ a worker process. Figures are checked for shape and sense only (timing lives in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -102,16 +103,37 @@ def test_memory_only_measures_memory_again_and_keeps_the_timings(tiny_profile, t
     load_device_profile(write_profile(fresh, tmp_path / "again.toml"))
 
 
-def test_memory_only_needs_a_measured_profile_to_update(tiny_store, capsys, tmp_path):
+def test_codecs_only_measures_the_codecs_again_and_keeps_the_rest(tiny_profile, tiny_store, tmp_path):
+    """A codec the profile lacks gets its figure; a stale one is measured again; nothing else moves."""
+    import tomllib
+
+    from edgesplit.device.profiling.profiler import remeasure_codecs
+
+    base = tomllib.loads(tiny_profile.read_text())
+    stale = {**base, "measured": {**base["measured"], "codec_ms": {"f32": 9999.0}}}
+    settings = dataclasses.replace(TINY, codecs=("f32", "int8", "ecq:step=0.2,trellis=1"))
+    fresh = remeasure_codecs(tiny_store, stale, threads=1, settings=settings)
+    codec_ms = fresh["measured"]["codec_ms"]
+    assert set(codec_ms) == {"f32", "int8", "ecq:step=0.2,trellis=1"}
+    assert all(0 < v < 9999 for v in codec_ms.values())
+    assert {k: v for k, v in fresh["measured"].items() if k != "codec_ms"} == \
+        {k: v for k, v in stale["measured"].items() if k != "codec_ms"}
+    assert stale["measured"]["codec_ms"] == {"f32": 9999.0}  # the input is not changed
+    assert "codec timings measured again" in fresh["source"]
+    load_device_profile(write_profile(fresh, tmp_path / "again.toml"))
+
+
+@pytest.mark.parametrize("flag", ["--memory-only", "--codecs-only"])
+def test_memory_only_needs_a_measured_profile_to_update(flag, tiny_store, capsys, tmp_path):
     import shutil
     from pathlib import Path
 
     import edgesplit.profiles
 
-    assert main(["profile", "--model", str(tiny_store.path), "--memory-only"]) == 2
-    assert "--memory-only updates an existing profile" in capsys.readouterr().err
+    assert main(["profile", "--model", str(tiny_store.path), flag]) == 2
+    assert f"{flag} updates an existing profile" in capsys.readouterr().err
     datasheet = Path(shutil.copy(Path(edgesplit.profiles.__file__).parent / "devices" / "rpi4-4gb.toml", tmp_path))
     before = datasheet.read_text()
-    assert main(["profile", "--model", str(tiny_store.path), "--memory-only", "--out", str(datasheet)]) == 2
+    assert main(["profile", "--model", str(tiny_store.path), flag, "--out", str(datasheet)]) == 2
     assert "kind 'datasheet'" in capsys.readouterr().err
     assert datasheet.read_text() == before

@@ -202,6 +202,16 @@ def remeasure_memory(store: ModelStore, cloud_endpoint: str, profile: dict, *, t
     return out
 
 
+def remeasure_codecs(store: ModelStore, profile: dict, *, threads: int,
+                     settings: ProfileSettings | None = None) -> dict:
+    """`profile` (a measured profile's dict) with its codec timings measured again, for the
+    settings' codecs (a new codec gets its figure), and everything else kept."""
+    ps = settings or ProfileSettings()
+    out = {**profile, "measured": {**profile["measured"], "codec_ms": codec_timings(store, threads, ps)}}
+    out["source"] = f"{profile['source'].split('; codec')[0]}; codec timings measured again on {_now()} (--codecs-only)"
+    return out
+
+
 COMMENTS = {
     "decode_time_factor": "measured here: the reference itself",
     "usable_memory_mb": "psutil.virtual_memory().available at profiling time, MB",
