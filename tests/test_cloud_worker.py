@@ -521,3 +521,24 @@ def test_a_failing_batched_step_ends_only_its_sessions(tiny_store, fronts, monke
     ch.send(P.DecodeFrame(sid2, 2, activation(h[-1:])))
     reply = ch.recv()
     assert isinstance(reply, P.TokenFrame) and reply.timing["batch"] == 1
+
+
+@pytest.mark.parametrize("setting", ["ecq:step=0.01", "ecq:step=0.01,trellis=1"])
+def test_run_split_with_ecq_through_the_real_worker(tiny_store, setting):
+    """The calibrated codec end to end (run_split -> a real worker; both sides take the cut's table
+    from the store): at a fine step the split's greedy tokens equal local unsplit generation, and a
+    decode row costs well under its f16 form."""
+    from edgesplit.device.split import run_split
+    from edgesplit.runtime.generate import load_local, load_tokenizer
+    from edgesplit.runtime.plan import PlanSettings, make_plan as device_plan
+
+    tok = load_tokenizer(tiny_store)
+    ids = tok.encode("the cat in the hat sat on the mat")
+    whole = load_local(tiny_store, max_seq_len=MAX_SEQ, **EXACT)
+    want = [t for t, _ in generate_step(whole, ids, SamplingParams(), max_tokens=8, stop_ids=())]
+    plan = device_plan(tiny_store, PlanSettings(2, setting, max_seq_len=MAX_SEQ, accuracy_level=0))
+    with running_worker(tiny_store) as worker:
+        out = list(run_split(tiny_store, worker.endpoint, plan, ids, SamplingParams(), 8, stop_ids=(),
+                             tokenizer=tok, timeout_s=30.0))
+    assert [r.token for r in out] == want
+    assert 0 < out[-1].timings.activation_bytes < 2 * tiny_store.config.d_model
