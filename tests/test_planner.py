@@ -250,3 +250,14 @@ def test_cloud_profiles_carry_a_price():
     data = {k: v for k, v in load_cloud_profile("host").to_dict().items() if k != "price_per_hour_usd"}
     with pytest.raises(Exception, match="price_per_hour_usd"):
         cloud_profile_from_dict(data, "x.toml")
+
+
+def test_every_codec_of_the_shipped_table_has_a_timing_in_every_device_profile():
+    """The planner drops a codec without a timing silently (planner.py: `c in fig.codec_ms`), so a
+    fidelity row added without `profile --codecs-only` would never be offered."""
+    from edgesplit.profiles.device import list_device_profiles, load_device_profile
+
+    codecs = set(FidelityTable().codecs())
+    assert {"ecq:step=0.2", "ecq:step=0.2,trellis=1"} <= codecs
+    for name in list_device_profiles():
+        assert codecs <= set(load_device_profile(name).figures.codec_ms), name
