@@ -149,3 +149,21 @@ def test_real_model_rows_less_error_same_bytes(real_store):
         out.append((sum(map(len, blobs)), float(((y - h) ** 2).mean())))
     (n0, e0), (n1, e1) = out
     assert e1 < 0.85 * e0 and abs(n1 - n0) < 0.01 * n0
+
+
+def test_without_the_library_the_numpy_search_makes_the_same_blob(monkeypatch, caplog):
+    """Where the operators' library cannot build, encoding falls back to numpy (logged once) and
+    writes the same bytes."""
+    tab = table(d=64, seed=2)
+    x = sample(tab, 3, seed=4)
+    spec = parse_codec("ecq:step=0.2,trellis=1")
+    want = encode(x, spec, tab)
+    tr._c_search.cache_clear()
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "no compiler (test)")
+    try:
+        with caplog.at_level("WARNING", logger="edgesplit.runtime.codec_trellis"):
+            assert encode(x, spec, tab) == want
+        assert "runs in numpy" in caplog.text and "no compiler (test)" in caplog.text
+    finally:
+        tr._c_search.cache_clear()
