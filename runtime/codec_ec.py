@@ -154,10 +154,11 @@ def encode(x: np.ndarray, table: CutTable, step: float, trellis_mode: bool = Fal
         raise CodecError(f"codec 'ecq': input width d={d}, the cut {table.cut} table has {table.mean.size}")
     s16, delta = step_delta(table, step)
     z = (x - table.mean) / delta
-    esc = np.abs(np.rint(z)) > RANGE
+    q = np.rint(z)
+    esc = np.abs(q) > RANGE
     rows, cols = np.nonzero(esc)
-    z[esc] = 0
-    q = trellis.search(z, RANGE) if trellis_mode else np.rint(z).astype(np.int32)
+    z[esc] = q[esc] = 0
+    q = trellis.search(z, RANGE) if trellis_mode else q.astype(np.int32)
     words = b""
     if q.size:
         model, means, sds = _model_params(table, delta, t, trellis_mode)
