@@ -107,17 +107,20 @@ class CodecSpec:
                 or len(set(chans)) != len(chans):
             raise ConfigError(f"codec field channels={chans!r} must be distinct non-negative integers")
         object.__setattr__(self, "outlier_channels", tuple(sorted(int(c) for c in chans)))
-        if not isinstance(self.rotate, (bool, np.bool_)):
-            raise ConfigError(f"codec field rotate={self.rotate!r} must be a bool")
-        object.__setattr__(self, "rotate", bool(self.rotate))
+        self._flag("rotate")
+
+    def _flag(self, key: str) -> None:
+        """Check that flag field `key` (one of _FLAGS) is a bool and store it as Python's bool."""
+        v = getattr(self, key)
+        if not isinstance(v, (bool, np.bool_)):
+            raise ConfigError(f"codec field {key}={v!r} must be a bool")
+        object.__setattr__(self, key, bool(v))
 
     def _check_ecq(self, set_fields: list[str]) -> None:
         others = [k for k in set_fields if k not in ("step", "trellis")]
         if others or self.step is None:  # (a step of 0 is "set": refused below, not as missing)
             raise ConfigError(f"codec 'ecq' takes step=S and optionally trellis=1; got {', '.join(others) or 'no step'}")
-        if not isinstance(self.trellis, (bool, np.bool_)):
-            raise ConfigError(f"codec field trellis={self.trellis!r} must be a bool")
-        object.__setattr__(self, "trellis", bool(self.trellis))
+        self._flag("trellis")
         v = self.step
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
                 or not 0.001 <= v <= 100:
