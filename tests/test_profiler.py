@@ -110,7 +110,11 @@ def test_codecs_only_measures_the_codecs_again_and_keeps_the_rest(tiny_profile, 
     from edgesplit.device.profiling.profiler import remeasure_codecs
 
     base = tomllib.loads(tiny_profile.read_text())
-    stale = {**base, "measured": {**base["measured"], "codec_ms": {"f32": 9999.0}}}
+    memory_note = "memory figures measured again on 2026-11-30 06:00 UTC (--memory-only)"
+    # an earlier codec note before the memory note: replacing it must keep the memory note
+    old_codecs = "codec timings measured again on 2026-11-29 06:00 UTC (--codecs-only)"
+    stale = {**base, "source": f"{base['source']}; {old_codecs}; {memory_note}",
+             "measured": {**base["measured"], "codec_ms": {"f32": 9999.0}}}
     settings = dataclasses.replace(TINY, codecs=("f32", "int8", "ecq:step=0.2,trellis=1"))
     fresh = remeasure_codecs(tiny_store, stale, threads=1, settings=settings)
     codec_ms = fresh["measured"]["codec_ms"]
@@ -119,7 +123,9 @@ def test_codecs_only_measures_the_codecs_again_and_keeps_the_rest(tiny_profile, 
     assert {k: v for k, v in fresh["measured"].items() if k != "codec_ms"} == \
         {k: v for k, v in stale["measured"].items() if k != "codec_ms"}
     assert stale["measured"]["codec_ms"] == {"f32": 9999.0}  # the input is not changed
-    assert "codec timings measured again" in fresh["source"]
+    assert "codec timings measured again" in fresh["source"] and memory_note in fresh["source"]
+    again = remeasure_codecs(tiny_store, fresh, threads=1, settings=settings)["source"]
+    assert again.count("codec timings measured again") == 1 and memory_note in again and old_codecs not in again
     load_device_profile(write_profile(fresh, tmp_path / "again.toml"))
 
 

@@ -185,6 +185,14 @@ def memory_fields(mem: dict, layers: dict[str, dict]) -> dict:
     return {k: mem[k] for k in ("runtime_overhead_mb", "embedding_mb", "workspace_mb_per_prompt_token")}
 
 
+def _remeasured(source: str, what: str, flag: str) -> str:
+    """A profile's `source` with the note that `what` was measured again now, replacing an earlier
+    note about the same figures and keeping those about others."""
+    note = f"{what} measured again on"
+    kept = [part for part in source.split("; ") if not part.startswith(note)]
+    return "; ".join([*kept, f"{note} {_now()} ({flag})"])
+
+
 def remeasure_memory(store: ModelStore, cloud_endpoint: str, profile: dict, *, threads: int,
                      settings: ProfileSettings | None = None) -> dict:
     """`profile` (a measured profile's dict) with its memory figures measured again and everything
@@ -198,7 +206,7 @@ def remeasure_memory(store: ModelStore, cloud_endpoint: str, profile: dict, *, t
     measured.update(memory_fields(mem, measured["layers"]))
     measured["runtime_overhead_mb"] = calibrated_overhead_mb(measured, split_calibration(store, cloud_endpoint,
                                                                                          threads, ps), ps)
-    out["source"] = f"{profile['source'].split('; memory')[0]}; memory figures measured again on {_now()} (--memory-only)"
+    out["source"] = _remeasured(profile["source"], "memory figures", "--memory-only")
     return out
 
 
@@ -208,7 +216,7 @@ def remeasure_codecs(store: ModelStore, profile: dict, *, threads: int,
     settings' codecs (a new codec gets its figure), and everything else kept."""
     ps = settings or ProfileSettings()
     out = {**profile, "measured": {**profile["measured"], "codec_ms": codec_timings(store, threads, ps)}}
-    out["source"] = f"{profile['source'].split('; codec')[0]}; codec timings measured again on {_now()} (--codecs-only)"
+    out["source"] = _remeasured(profile["source"], "codec timings", "--codecs-only")
     return out
 
 
