@@ -19,6 +19,7 @@ MatMulNBits and GroupQueryAttention (kernel "auto").
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -42,8 +43,10 @@ MAX_OUTLIERS = 16  # outlier channels a Q4Linear or Q8Linear node takes (csrc/q4
 HEADER = "onnxruntime_c_api.h"
 HEADERS_VERSION = "1.21.0"  # the C API the library is built against; onnxruntime >= 1.21 loads it
 MIN_ORT = (1, 21)
-# -fopenmp-simd: the `omp simd` loops vectorize (no OpenMP runtime is linked)
-CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Werror")
+# -fopenmp-simd: the `omp simd` loops vectorize (no OpenMP runtime is linked). -Wno-psabi: GCC
+# warns that vector arguments wider than the CPU's registers pass differently across ABIs; every
+# such function here is static inline, so nothing crosses an ABI boundary.
+CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=gnu11", "-Wall", "-Werror", "-Wno-psabi")
 LIBS = ("-lm",)  # expf in the portable SwiGLU
 KERNELS = ("auto", "q4linear", "matmulnbits")
 
@@ -125,6 +128,18 @@ def unavailable_reason() -> str:
     return _library()[1]
 
 
+@functools.lru_cache(maxsize=None)
+def simd() -> str:
+    """The arithmetic the library compiled for this CPU: "avx512-vnni", "avx2" (each with the int8
+    path of accuracy level 4) or "portable"; "" where the library cannot be built."""
+    path = library()
+    if path is None:
+        return ""
+    fn = ctypes.CDLL(str(path)).edgesplit_simd
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
 def require() -> Path:
     """The library's path; a ConfigError with the reason where it cannot be built."""
     path = library()
@@ -148,19 +163,23 @@ def for_layers(kernel: str, precision: str) -> str:
 
 
 def resolve(kernel: str) -> str:
-    """The q4 kernel an engine runs: "auto" is q4linear where the library builds, else
-    matmulnbits (logged); "q4linear" where it cannot build is a ConfigError with the reason."""
+    """The q4 kernel an engine runs: "auto" is q4linear where the library builds with a vector
+    path (AVX-512 VNNI or AVX2), else matmulnbits (logged); "q4linear" where it cannot build is a
+    ConfigError with the reason (on a portable build it runs, slower)."""
     _known(kernel)
     if kernel == "matmulnbits":
         return kernel
-    if library() is not None:
-        return "q4linear"
     if kernel == "q4linear":
         require()
+        return kernel
+    if library() is not None and simd() != "portable":
+        return "q4linear"
     _warn_fallback()
     return "matmulnbits"
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_fallback() -> None:
-    log.warning("Q4_1 layers and the q8 head run on MatMulNBits (slower, more memory): %s", unavailable_reason())
+    why = unavailable_reason() or ("the library built without a vector path for this CPU (portable C, "
+                                   "slower than MatMulNBits where measured; --kernel q4linear runs it)")
+    log.warning("Q4_1 layers and the q8 head run on MatMulNBits (slower, more memory): %s", why)

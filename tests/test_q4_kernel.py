@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import platform
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -150,6 +152,32 @@ def test_auto_falls_back_to_matmulnbits_and_says_why(no_header, caplog):
 def test_asking_for_q4linear_where_it_cannot_build_is_an_error(no_header):
     with pytest.raises(ConfigError, match=f"kernel 'q4linear' is not available here: .*{no_header.name}"):
         kernels.resolve("q4linear")
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not Path("/proc/cpuinfo").is_file(),
+                    reason="reads x86 CPU flags from /proc/cpuinfo")
+def test_the_library_compiles_the_cpus_vector_path(built):
+    """-march=native picks the int8 path the CPU has: VNNI, else AVX2 (with FMA and F16C), else portable C."""
+    flags = _cpu_flags()
+    want = ("avx512-vnni" if {"avx512_vnni", "avx512bw"} <= flags
+            else "avx2" if {"avx2", "fma", "f16c"} <= flags else "portable")
+    assert kernels.simd() == want
+
+
+def test_auto_skips_a_portable_build_and_says_why(built, monkeypatch, caplog):
+    """The portable loops were 3x slower than MatMulNBits here: "auto" leaves them; asked for, they run."""
+    monkeypatch.setattr(kernels, "simd", lambda: "portable")
+    kernels._warn_fallback.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="edgesplit.runtime.kernels"):
+        assert kernels.resolve("auto") == "matmulnbits"
+    assert "without a vector path" in caplog.text
+    assert kernels.resolve("q4linear") == "q4linear"
+    kernels._warn_fallback.cache_clear()
 
 
 def test_unknown_kernel_is_named():

@@ -22,7 +22,7 @@ typedef _Float16 half_t;
 typedef struct {
     const float *qkv, *cos, *sin;
     void *k, *v;                  /* the cache, f32 or f16 */
-    float *out, *scores;          /* scores: (tasks, RB, M + 16) scratch */
+    float *out, *scores;          /* scores: (tasks, RB, M + VL) scratch */
     int f16;
     const int32_t *past;          /* (B,) past_b */
     size_t B, S, H, Hkv, M, D, half;
@@ -39,8 +39,16 @@ static inline void rotate(const Job *j, const float *x, size_t p, float *y) {
     }
 }
 
-/* GCC/clang vector types: 16 floats, one AVX-512 register (two AVX2 or four NEON ones elsewhere) */
+/* GCC/clang vector types of one native register: 16 floats on AVX-512, 8 on AVX2, 4 elsewhere
+ * (SSE, NEON). Wider than the register, GCC splits each operation and spills the pieces to the
+ * stack (16 lanes on AVX2 measured: attention 23% of a decode step, most of it stack traffic). */
+#if defined(__AVX512F__)
 #define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
 typedef float vf __attribute__((vector_size(4 * VL)));
 typedef float vfu __attribute__((vector_size(4 * VL), aligned(4), may_alias));  /* unaligned access */
 typedef int32_t vi __attribute__((vector_size(4 * VL)));
@@ -50,24 +58,18 @@ AI void vstore(float *p, vf v) { *(vfu *)p = v; }
 
 /* The cache's elements: `h` (a constant where inlined) says f16; i counts elements. */
 #ifdef HAVE_F16
-/* 16 f16 values as floats: the conversion instruction where the build has it (GCC 12 turns the
+/* VL f16 values as floats: the conversion instruction where the build has it (GCC 12 turns the
  * generic form into one call a value on x86 without AVX512-FP16) */
 #if defined(__AVX512F__)
-AI vf load16(const half_t *p) { return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+AI vf loadh(const half_t *p) { return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 #elif defined(__F16C__) && defined(__AVX__)
-AI vf load16(const half_t *p) {
-    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
-    vf r;
-    memcpy(&r, &lo, sizeof lo);
-    memcpy((char *)&r + sizeof lo, &hi, sizeof hi);
-    return r;
-}
+AI vf loadh(const half_t *p) { return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 #else
 typedef half_t vhu __attribute__((vector_size(2 * VL), aligned(2), may_alias));
-AI vf load16(const half_t *p) { return __builtin_convertvector(*(const vhu *)p, vf); }
+AI vf loadh(const half_t *p) { return __builtin_convertvector(*(const vhu *)p, vf); }
 #endif
 AI vf kv_load(const void *base, size_t i, int h) {
-    return h ? load16((const half_t *)base + i) : vload((const float *)base + i);
+    return h ? loadh((const half_t *)base + i) : vload((const float *)base + i);
 }
 AI float kv_at(const void *base, size_t i, int h) { return h ? (float)((const half_t *)base)[i] : ((const float *)base)[i]; }
 AI void kv_put(void *base, size_t i, float x, int h) {
@@ -111,27 +113,30 @@ AI void append(const Job *j, int h) {
         }
 }
 
-/* sc[t] = q . K[t] for t < n, from the transposed K block at element `kt`: 16 positions a vector
- * accumulate over the D channels in registers (no horizontal sum per position), 64 at a time. A
- * last partial vector reads lanes past n (inside its tile; not used); the last partial tile of
- * the buffer is read one value at a time. */
+/* where position t's channel 0 lives in a whole tile; channel d is d KT further */
+AI size_t tile_at(size_t kt, size_t t, size_t D) { return kt + t / KT * KT * D + t % KT; }
+
+/* sc[t] = q . K[t] for t < n, from the transposed K block at element `kt`: VL positions a vector
+ * accumulate over the D channels in registers (no horizontal sum per position), 4 VL at a time
+ * (VL divides KT: a vector never straddles tiles). A last partial vector reads lanes past n
+ * (inside its tile; not used); the last partial tile of the buffer is read one value at a time. */
 AI void scores(const float *q, const void *K, size_t kt, size_t M, size_t n, size_t D, float *sc, int h) {
     const size_t full = M / KT * KT;  /* positions in whole tiles */
     size_t t0 = 0;
-    for (; t0 + 4 * VL <= n && t0 + 4 * VL <= full; t0 += 4 * VL) {  /* two tiles */
+    for (; t0 + 4 * VL <= n && t0 + 4 * VL <= full; t0 += 4 * VL) {
         vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        const size_t base = kt + t0 / KT * KT * D;
+        const size_t b0 = tile_at(kt, t0, D), b1 = tile_at(kt, t0 + VL, D);
+        const size_t b2 = tile_at(kt, t0 + 2 * VL, D), b3 = tile_at(kt, t0 + 3 * VL, D);
         for (size_t d = 0; d < D; d++) {
-            const size_t at = base + d * KT, at2 = at + KT * D;
             const float qd = q[d];
-            a0 += qd * kv_load(K, at, h), a1 += qd * kv_load(K, at + VL, h);
-            a2 += qd * kv_load(K, at2, h), a3 += qd * kv_load(K, at2 + VL, h);
+            a0 += qd * kv_load(K, b0 + d * KT, h), a1 += qd * kv_load(K, b1 + d * KT, h);
+            a2 += qd * kv_load(K, b2 + d * KT, h), a3 += qd * kv_load(K, b3 + d * KT, h);
         }
         vstore(sc + t0, a0), vstore(sc + t0 + VL, a1), vstore(sc + t0 + 2 * VL, a2), vstore(sc + t0 + 3 * VL, a3);
     }
     for (; t0 < n && t0 + VL <= full; t0 += VL) {
         vf a = {0}, b = {0};  /* two chains: one would wait on each FMA's latency */
-        const size_t base = kt + t0 / KT * KT * D + t0 % KT;
+        const size_t base = tile_at(kt, t0, D);
         for (size_t d = 0; d < D; d += 2)  /* D is even */
             a += q[d] * kv_load(K, base + d * KT, h), b += q[d + 1] * kv_load(K, base + (d + 1) * KT, h);
         a += b;
@@ -150,7 +155,7 @@ AI void scores(const float *q, const void *K, size_t kt, size_t M, size_t n, siz
     }
 }
 
-/* e^x on 16 lanes, for x <= 0 (softmax after its max): 2^n 2^f, n = round(x log2 e) (as
+/* e^x on VL lanes, for x <= 0 (softmax after its max): 2^n 2^f, n = round(x log2 e) (as
  * trunc(t - 0.5), t <= 0), f in [-0.5, 0.5], 2^f = e^(f ln 2) by its Taylor series to degree 7
  * (relative error < 3e-9, below float's). x < -87 gives e^-87 (~1.6e-38), never a denormal. */
 AI vf vexp_neg(vf x) {
@@ -170,8 +175,8 @@ AI vf vexp_neg(vf x) {
     return p * (vf)((n + 127) << 23);
 }
 
-/* sc[0, n) = softmax weights (unnormalized: e^(s - max)); returns their sum. sc has 16 floats of
- * room past n (the scratch rows are M + 16 long): the last < 16 weights take one vector too. */
+/* sc[0, n) = softmax weights (unnormalized: e^(s - max)); returns their sum. sc has VL floats of
+ * room past n (the scratch rows are M + VL long): the last < VL weights take one vector too. */
 AI float softmax(float *sc, size_t n) {
     float mx = -INFINITY, sum = 0.0f;
 #pragma omp simd reduction(max : mx)
@@ -196,7 +201,7 @@ AI float softmax(float *sc, size_t n) {
 }
 
 /* one row's attention for one head at position p: softmax of the scores over [0, p], then the
- * weighted sum of V's rows (V at element `vt`) into out (D,); D % 16 == 0 keeps it in registers */
+ * weighted sum of V's rows (V at element `vt`) into out (D,); D % VL == 0 keeps it in registers */
 AI void attend_row(const Job *j, const float *q, size_t kt, size_t vt, size_t p, size_t D, float *sc, float *out,
                    int h) {
     const size_t n = p + 1;
@@ -219,17 +224,17 @@ AI void attend_row(const Job *j, const float *q, size_t kt, size_t vt, size_t p,
 
 #define RB 8  /* query rows a prefill block attends together: each K and V load serves all of them */
 
-/* rows s0 .. s0 + RB - 1 of one head (D % 16 == 0): q (RB, D) rotated and scaled, at positions
+/* rows s0 .. s0 + RB - 1 of one head (D % VL == 0): q (RB, D) rotated and scaled, at positions
  * p0 .. p0 + RB - 1. Scores are computed up to the last row's position for every row (those
  * columns hold this step's later keys: finite, then given weight 0). */
 AI void attend_block(const Job *j, float q[RB][MAX_HEAD_DIM], size_t kt, size_t vt, size_t p0, size_t D, float *sc,
                      float *out, size_t out_stride, int h) {
     const size_t M = j->M, n = p0 + RB, stride = M + VL, full = M / KT * KT;  /* sc: RB rows of `stride` */
     size_t t0 = 0;
-    for (; t0 < n && t0 + KT <= full; t0 += KT) {  /* a tile (two vectors) x RB rows: 16 independent sums */
+    for (; t0 < n && t0 + 2 * VL <= full; t0 += 2 * VL) {  /* two vectors x RB rows: 16 independent sums */
         vf a[RB][2];
         for (int r = 0; r < RB; r++) a[r][0] = a[r][1] = (vf){0};
-        const size_t base = kt + t0 * D;
+        const size_t base = tile_at(kt, t0, D);
         for (size_t d = 0; d < D; d++) {
             const vf k0 = kv_load(j->k, base + d * KT, h), k1 = kv_load(j->k, base + d * KT + VL, h);
             for (int r = 0; r < RB; r++) a[r][0] += q[r][d] * k0, a[r][1] += q[r][d] * k1;

@@ -13,7 +13,8 @@
  *           (level 4): OUTLIERS int64 (n,), n <= 16, and OUTLIER_W f32 (N, n), SCALES * q there
  *   output  Y f32 (T, N), Y[t, n] = sum_k X[t, k] * SCALES[n, k/32] * (u[n, k] - 128)
  * Both: attribute accuracy_level: 0 = fp32 compute (exact), 4 = X rounded to int8 per block of
- *   32, as MatMulNBits' level 4 rounds it (AVX-512 VNNI builds; elsewhere level 4 computes as 0).
+ *   32, as MatMulNBits' level 4 rounds it (AVX-512 VNNI and AVX2 builds; elsewhere level 4
+ *   computes as 0).
  *
  * Why: onnxruntime's MatMulNBits has no Q4_1 form that is both exact and fast (its float zero
  * point path is 12-33x slower), so the engine ran MatMulNBits on d*(q-8) and added the minimums
@@ -24,8 +25,8 @@
  * Loop shape: parallel tasks own ranges of outputs; a tile of NT outputs x RT rows dequantizes
  * each weight block once and meets every row of the tile with it. Q4Linear first de-interleaves X
  * per block (its 16 even, then its 16 odd elements: the order the nibbles come in). AVX-512 where
- * the build machine has it, else portable C loops the compiler vectorizes (-O3 -march=native).
- */
+ * the build machine has it; the int8 path on AVX2 where it has no AVX-512 VNNI (int8_avx2.h);
+ * else portable C loops the compiler vectorizes (-O3 -march=native). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -50,7 +51,7 @@ static const OpKind Q4 = {"Q4Linear", 4}, Q8 = {"Q8Linear", 8};
 
 typedef struct {
     const OpKind *kind;
-    int64_t accuracy_level;  /* attribute: 0 fp32 compute (exact), 4 int8 activations (AVX-512 VNNI builds) */
+    int64_t accuracy_level;  /* attribute: 0 fp32 compute (exact), 4 int8 activations (AVX-512 VNNI, AVX2 builds) */
     int64_t swiglu;          /* attribute (Q4Linear): 1 = the weight is gate rows then up rows; Y = silu(gate) * up, (T, N/2) */
 } Kernel;
 
@@ -348,4 +349,17 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
             if (attention_define(&g_attention[f16], f16)) CHECK(g_api->CustomOpDomain_Add(g_domain, &g_attention[f16]));
     }
     return g_api->AddCustomOpDomain(options, g_domain);
+}
+
+/* Which arithmetic this build compiled (for runtime/kernels.py): "avx512-vnni", "avx2" (both with
+ * the int8 path of accuracy level 4) or "portable" (C loops the compiler vectorizes, fp32 at
+ * every level: slower than MatMulNBits where measured, so "auto" does not pick it). */
+const char *edgesplit_simd(void) {
+#if defined(INT8_VNNI)
+    return "avx512-vnni";
+#elif defined(HAVE_INT8)
+    return "avx2";
+#else
+    return "portable";
+#endif
 }

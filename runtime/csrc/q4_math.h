@@ -15,7 +15,11 @@
 #define NT 4            /* outputs per tile (a multiple of 4): they share each row's x loads */
 #endif
 #ifndef RT
+#if defined(__AVX512F__)
 #define RT 3            /* rows of X per tile */
+#else
+#define RT 2            /* AVX2 has 16 registers: 8 accumulators */
+#endif
 #endif
 #define N_PER_TASK 32   /* outputs per parallel task */
 #ifndef PREFETCH_ROWS
@@ -106,6 +110,7 @@ static void outputs(const Job *j, size_t n, int nt, const float *sf, const float
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define HAVE_INT8 1
+#define INT8_VNNI 1
 /* The int8 path (accuracy level 4, as MatMulNBits'): X quantized to int8 per block with one fp32
  * step dx per block. Four weight blocks are 64 bytes of nibbles: their low nibbles are the
  * blocks' even elements and their high nibbles the odd ones, and each meets the 64 matching int8
@@ -207,6 +212,10 @@ static void outputs(const Job *j, size_t n, int nt, const float *sf, const float
 }
 #endif
 
+#if !defined(INT8_VNNI) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "int8_avx2.h"  /* x86 without AVX-512 VNNI: the int8 path on AVX2 */
+#endif
+
 /* dst[0 .. padded) = src[0 .. n) as fp32, then zeros */
 static inline void to_f32(const _Float16 *src, size_t n, float *dst, size_t padded) {
     size_t b = 0;
@@ -249,53 +258,7 @@ static void run_task(void *user, size_t task) {
 }
 
 #ifdef HAVE_INT8
-/* bytes of quantize_rows' buffer */
-static size_t quantized_bytes(const Job *j) {
-    return j->T * (j->ng * 4 * BLOCK + 4 * (j->ng * HALF + 2 * 4 * j->ng + HALF));
-}
-
-/* X's rows prepared for the int8 path (see tile_int8) in `buf` (quantized_bytes, 64-byte
- * aligned). xp: X de-interleaved. */
-static void quantize_rows(Job *j, float *xp, char *buf) {
-    const size_t kq = j->ng * 4 * BLOCK, stride = 4 * j->ng;
-    const size_t q_bytes = j->T * kq, dxe_floats = j->T * j->ng * HALF, sum_floats = j->T * stride;
-    const size_t floats = dxe_floats + 2 * sum_floats + j->T * HALF;
-    int8_t *qx = (int8_t *)buf;
-    float *dxe = (float *)(buf + q_bytes), *xsum = dxe + dxe_floats, *resid = xsum + sum_floats;
-    j->xo = resid + sum_floats;
-    memset(buf, 0, 4 * floats + q_bytes);
-    for (size_t t = 0; t < j->T; t++)
-        for (size_t b = 0; b < j->nb; b++)  /* the minimums meet the whole block's sum, outliers included */
-            xsum[t * stride + b] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(xp + t * j->K + b * BLOCK),
-                                                                      _mm512_loadu_ps(xp + t * j->K + b * BLOCK + HALF)));
-    for (size_t t = 0; t < j->T; t++)
-        for (size_t o = 0; o < j->n_out; o++) {  /* outliers leave the int8 path (xp is this call's copy) */
-            const size_t c = (size_t)j->oidx[o], at = t * j->K + (c / BLOCK) * BLOCK + (c % 2) * HALF + (c % BLOCK) / 2;
-            j->xo[t * HALF + o] = xp[at];
-            xp[at] = 0.0f;
-        }
-    for (size_t t = 0; t < j->T; t++)
-        for (size_t b = 0; b < j->nb; b++) {
-            const float *x = xp + t * j->K + b * BLOCK;
-            int8_t *q = qx + t * kq + (b / 4) * 4 * BLOCK + (b % 4) * HALF;  /* evens; the odds 64 bytes on */
-            const __m512 ev = _mm512_loadu_ps(x), od = _mm512_loadu_ps(x + HALF);
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(ev), _mm512_abs_ps(od)));
-            const float sum = _mm512_reduce_add_ps(_mm512_add_ps(ev, od));
-            const float dx = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-            /* round to nearest even (the default rounding mode), as MatMulNBits' quantizer */
-            const __m512i qe = _mm512_cvtps_epi32(_mm512_mul_ps(ev, _mm512_set1_ps(inv)));
-            const __m512i qo = _mm512_cvtps_epi32(_mm512_mul_ps(od, _mm512_set1_ps(inv)));
-            _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(qe));
-            _mm_storeu_si128((__m128i *)(q + 2 * BLOCK), _mm512_cvtsepi32_epi8(qo));
-            const int qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(qe, qo));
-            for (int l = 0; l < 4; l++) dxe[(t * j->ng + b / 4) * HALF + (b % 4) * 4 + l] = dx;
-            resid[t * stride + b] = 8.0f * (sum - dx * (float)qsum);  /* sum: without the outliers */
-        }
-    j->qx = qx;
-    j->dxe = dxe;
-    j->xsum = xsum;
-    j->resid = resid;
-}
+#include "quantize_x.h"
 #endif
 
 /* SwiGLU of one row: out[i] = silu(y[i]) * y[F + i], silu(g) = g / (1 + exp(-g)) */

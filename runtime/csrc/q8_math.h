@@ -53,7 +53,7 @@ static void outputs8(const Job *j, size_t n, int nt) {
     }
 }
 
-#ifdef HAVE_INT8
+#ifdef INT8_VNNI
 /* The int8 path (accuracy level 4): X rounded to int8 per block (step dx), as MatMulNBits' level 4
  * and Q4Linear's. Two weight blocks are 64 bytes of u, met by their 64 int8 x values in one VNNI
  * dot product (vpdpbusd takes u unsigned and x signed; int32 lanes 8b'..8b'+7 hold block b').
@@ -112,46 +112,6 @@ static void outputs8_int8(const Job *j, size_t n, int nt) {
     } else {
         for (; t < j->T; t++) tile8_int8(j, n, t, 1, 1);
     }
-}
-
-/* bytes of quantize_rows8's buffer */
-static size_t quantized_bytes8(const Job *j) {
-    return j->T * (j->ng * 2 * BLOCK + 4 * (j->ng * HALF + 2 * j->ng + HALF));
-}
-
-/* X's rows prepared for the int8 path (see tile8_int8) in `buf` (quantized_bytes8, 64-byte
- * aligned). xp: this call's copy of X. */
-static void quantize_rows8(Job *j, float *xp, char *buf) {
-    const size_t kq = j->ng * 2 * BLOCK, stride = 2 * j->ng;
-    const size_t q_bytes = j->T * kq, dxe_floats = j->T * j->ng * HALF, resid_floats = j->T * stride;
-    const size_t floats = dxe_floats + resid_floats + j->T * HALF;
-    int8_t *qx = (int8_t *)buf;
-    float *dxe = (float *)(buf + q_bytes), *resid = dxe + dxe_floats;
-    j->xo = resid + resid_floats;
-    memset(buf, 0, 4 * floats + q_bytes);
-    for (size_t t = 0; t < j->T; t++)
-        for (size_t o = 0; o < j->n_out; o++) {  /* outliers leave the int8 path */
-            j->xo[t * HALF + o] = xp[t * j->K + (size_t)j->oidx[o]];
-            xp[t * j->K + (size_t)j->oidx[o]] = 0.0f;
-        }
-    for (size_t t = 0; t < j->T; t++)
-        for (size_t b = 0; b < j->nb; b++) {
-            const float *x = xp + t * j->K + b * BLOCK;
-            const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + HALF);
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-            const float dx = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-            /* round to nearest even (the default rounding mode), as MatMulNBits' quantizer */
-            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(inv)));
-            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(inv)));
-            int8_t *q = qx + t * kq + b * BLOCK;
-            _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(q0));
-            _mm_storeu_si128((__m128i *)(q + HALF), _mm512_cvtsepi32_epi8(q1));
-            for (int l = 0; l < 8; l++) dxe[(t * j->ng + b / 2) * HALF + (b % 2) * 8 + l] = dx;
-            resid[t * stride + b] = -128.0f * dx * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-        }
-    j->qx = qx;
-    j->dxe = dxe;
-    j->resid = resid;
 }
 #endif
 #else

@@ -1,0 +1,177 @@
+/* The int8 path (accuracy level 4) of Q4Linear and Q8Linear on AVX2 + FMA + F16C, for x86 CPUs
+ * without AVX-512 VNNI (q4_math.h and q8_math.h describe the layouts and the algebra; X's int8
+ * form is quantize_x.h's, the same on every build). Included by q4_math.h on such builds.
+ *
+ * Q4: two weight blocks are 32 bytes of nibbles. Each nibble (0..15, unsigned) meets its int8 x
+ * in vpmaddubsw: pairs of products summed to int16 (at most 2 * 15 * 127 per pair, twice: no
+ * saturation), then vpmaddwd by ones to int32 lanes, 4 per block, as VNNI's vpdpbusd gives them.
+ * Q8: a block's 32 bytes u = q + 128 (0..255) would saturate vpmaddubsw (2 * 255 * 127 > 32767),
+ * so u and x are widened to int16 and meet in vpmaddwd, exact; the -128 offset is `resid`, as on
+ * the VNNI path. */
+#ifndef EDGESPLIT_INT8_AVX2_H
+#define EDGESPLIT_INT8_AVX2_H
+
+#include <immintrin.h>
+
+#define HAVE_INT8 1
+
+/* The four sums of a, b, c, d's lanes, in that order. */
+static inline __m128 sum4_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  /* per 128: a b c d */
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+static inline float hsum_avx2(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+/* acc + the outlier channels' weights . their x values (exactly); past the last multiple of 8
+ * into *tail */
+static inline __m256 outliers(const Job *j, size_t n, size_t t, __m256 acc, float *tail) {
+    const float *w = j->ow + n * j->n_out, *x = j->xo + t * HALF;
+    size_t o = 0;
+    for (; o + 8 <= j->n_out; o += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + o), _mm256_loadu_ps(x + o), acc);
+    for (; o < j->n_out; o++) *tail += w[o] * x[o];
+    return acc;
+}
+
+/* Y[t, n0 .. n0+nt] from acc (its lanes' sums) and each output's outliers */
+static inline __attribute__((always_inline)) void store_tile(const Job *j, size_t n0, size_t t, __m256 *acc, const int nt) {
+    float *y = j->y + t * j->N + n0, tail[NT] = {0};
+    for (int i = 0; i < nt; i++) acc[i] = outliers(j, n0 + i, t, acc[i], &tail[i]);
+    if (nt == NT)
+        for (int i = 0; i < NT; i += 4)
+            _mm_storeu_ps(y + i, _mm_add_ps(sum4_avx2(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]), _mm_loadu_ps(tail + i)));
+    else
+        for (int i = 0; i < nt; i++) y[i] = hsum_avx2(acc[i]) + tail[i];
+}
+
+/* 4 f16 values from p in the low 64 bits: n of them (the rest zeros). Past a row's last block the
+ * 8-byte load reads the next row's values, then masked off; only the buffer's last row (`last`)
+ * is copied instead, as its load would end past the buffer. */
+static inline __m128i load4h(const _Float16 *p, size_t n, int last) {
+    if (n >= 4) return _mm_loadl_epi64((const __m128i *)p);
+    if (last) {
+        _Float16 pad[8] = {0};
+        memcpy(pad, p, n * sizeof(_Float16));
+        return _mm_loadu_si128((const __m128i *)pad);
+    }
+    const __m128i keep = _mm_cvtsi64_si128((long long)((1ULL << (16 * n)) - 1));
+    return _mm_and_si128(_mm_loadl_epi64((const __m128i *)p), keep);
+}
+
+/* Group g (4 blocks, two halves of 32 bytes; `left` of them in the row, a constant 4 for whole
+ * groups) of outputs n0 .. n0+nt against rows t0 .. t0+R into acc. Per output, the 4 blocks'
+ * MINS and SCALES are one vector [m0..m3 d0..d3]: it meets the rows' [S_b | E_b] in one FMA (the
+ * minimums' and the x rounding's terms) and gives each half's scales by a permute. */
+static inline __attribute__((always_inline)) void group(const Job *j, __m256 acc[RT][NT], size_t n0, size_t t0,
+                                                         size_t g, const size_t left, const int nt, const int R) {
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i first = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), second = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
+    const size_t row_bytes = j->nb * HALF, kq = j->ng * 4 * BLOCK, stride = 4 * j->ng;
+    const int halves = left >= 3 ? 2 : 1;
+    __m256i xe[RT][2], xo[RT][2];  /* the rows' int8 x: evens, odds of each half */
+    __m256 dx[RT][2], se[RT];      /* their steps, 4 lanes a block; [S_b | E_b] */
+    for (int r = 0; r < R; r++) {
+        const size_t t = t0 + r;
+        const int8_t *x = j->qx + t * kq + g * 4 * BLOCK;
+        for (int h = 0; h < halves; h++) {
+            xe[r][h] = _mm256_loadu_si256((const __m256i *)(x + h * BLOCK));
+            xo[r][h] = _mm256_loadu_si256((const __m256i *)(x + 2 * BLOCK + h * BLOCK));
+            dx[r][h] = _mm256_loadu_ps(j->dxe + (t * j->ng + g) * HALF + h * 8);
+        }
+        se[r] = _mm256_loadu2_m128(j->resid + t * stride + 4 * g, j->xsum + t * stride + 4 * g);
+    }
+    for (int i = 0; i < nt; i++) {
+        const uint8_t *q = j->qw + (n0 + i) * row_bytes + g * 4 * HALF;
+        _mm_prefetch((const char *)(q + PREFETCH_ROWS * row_bytes), _MM_HINT_T0);  /* a tile ahead */
+        const size_t at = (n0 + i) * j->nb + 4 * g;
+        const int last = n0 + i + 1 == j->N;
+        const __m256 md = _mm256_cvtph_ps(_mm_unpacklo_epi64(load4h(j->m + at, left, last), load4h(j->s + at, left, last)));
+        for (int r = 0; r < R; r++) acc[r][i] = _mm256_fmadd_ps(md, se[r], acc[r][i]);
+        for (int h = 0; h < halves; h++) {
+            const __m256i w = 2 * h + 1 < (int)left ? _mm256_loadu_si256((const __m256i *)(q + h * BLOCK))
+                                                     : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(q + h * BLOCK)));
+            const __m256i lo = _mm256_and_si256(w, mask), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+            const __m256 dw = _mm256_permutevar8x32_ps(md, h ? second : first);
+            for (int r = 0; r < R; r++) {
+                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[r][h]), _mm256_maddubs_epi16(hi, xo[r][h]));
+                acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_mul_ps(dw, dx[r][h]), acc[r][i]);
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t n0, size_t t0, const int nt, const int R) {
+    __m256 acc[RT][NT];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < nt; i++) acc[r][i] = _mm256_setzero_ps();
+    const size_t whole = j->nb / 4;
+    for (size_t g = 0; g < whole; g++) group(j, acc, n0, t0, g, 4, nt, R);
+    switch (j->nb - 4 * whole) {  /* a last, partial group: its size a constant too */
+    case 1: group(j, acc, n0, t0, whole, 1, nt, R); break;
+    case 2: group(j, acc, n0, t0, whole, 2, nt, R); break;
+    case 3: group(j, acc, n0, t0, whole, 3, nt, R); break;
+    default: break;
+    }
+    for (int r = 0; r < R; r++) store_tile(j, n0, t0 + r, acc[r], nt);
+}
+
+static void outputs_int8(const Job *j, size_t n, int nt) {
+    size_t t = 0;
+    if (nt == NT) {
+        for (; t + RT <= j->T; t += RT) tile_int8(j, n, t, NT, RT);
+        for (; t < j->T; t++) tile_int8(j, n, t, NT, 1);
+    } else {
+        for (; t < j->T; t++) tile_int8(j, n, t, 1, 1);
+    }
+}
+
+/* Per block: the rows' widened x, steps and -128 offset terms are loaded once for the tile's
+ * outputs; the offset term (resid, one per block) is spread over the 8 lanes of the block's dot
+ * product, so that one FMA by the block's scale takes both. */
+static inline __attribute__((always_inline)) void tile8_int8(const Job *j, size_t n0, size_t t0, const int nt, const int R) {
+    __m256 acc[RT][NT];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < nt; i++) acc[r][i] = _mm256_setzero_ps();
+    const size_t kq = j->ng * 2 * BLOCK, stride = 2 * j->ng;
+    for (size_t b = 0; b < j->nb; b++) {
+        __m256i x0[RT], x1[RT];
+        __m256 dx[RT], re[RT];
+        for (int r = 0; r < R; r++) {
+            const size_t t = t0 + r;
+            const int8_t *x = j->qx + t * kq + b * BLOCK;
+            x0[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x));
+            x1[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(x + HALF)));
+            dx[r] = _mm256_loadu_ps(j->dxe + (t * j->ng + b / 2) * HALF + (b % 2) * 8);
+            re[r] = _mm256_set1_ps(j->resid[t * stride + b] * 0.125f);
+        }
+        for (int i = 0; i < nt; i++) {
+            const uint8_t *q = j->qw + (n0 + i) * j->K + b * BLOCK;
+            if (b % 2 == 0)  /* a tile ahead, a cache line (2 blocks) at a time */
+                _mm_prefetch((const char *)(q + PREFETCH_ROWS * j->K), _MM_HINT_T0);
+            const __m256i u0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
+            const __m256i u1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + HALF)));
+            const __m256 d = _mm256_set1_ps((float)j->s[(n0 + i) * j->nb + b]);
+            for (int r = 0; r < R; r++) {
+                const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(u0, x0[r]), _mm256_madd_epi16(u1, x1[r]));
+                acc[r][i] = _mm256_fmadd_ps(d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dx[r], re[r]), acc[r][i]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) store_tile(j, n0, t0 + r, acc[r], nt);
+}
+
+static void outputs8_int8(const Job *j, size_t n, int nt) {
+    size_t t = 0;
+    if (nt == NT) {
+        for (; t + RT <= j->T; t += RT) tile8_int8(j, n, t, NT, RT);
+        for (; t < j->T; t++) tile8_int8(j, n, t, NT, 1);
+    } else {
+        for (; t < j->T; t++) tile8_int8(j, n, t, 1, 1);
+    }
+}
+
+#endif
