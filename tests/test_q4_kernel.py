@@ -91,7 +91,7 @@ def test_real_layer_matches_the_exact_projection(built, real_store):
         assert _rel_error(_session(w, 576, 0, threads=threads).run(None, {"x": x})[0], want) < 1e-5
 
 
-@pytest.mark.parametrize("f", [16, 24, 40])  # whole 16-lane chunks and a remainder
+@pytest.mark.parametrize("f", [16, 20, 24, 40])  # whole vectors of 16 or 8 lanes, and remainders
 @pytest.mark.parametrize("acc", [0, 4])
 def test_swiglu_inside_the_gate_up_node(built, f, acc):
     """swiglu: the weight is gate rows then up rows, the node returns silu(gate) * up; the gate

@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vec_math.h"
+
 #define BLOCK 32
 #define HALF 16         /* a block's even (low-nibble) or odd (high-nibble) elements */
 #ifndef NT
@@ -300,6 +302,8 @@ static void glu_row(void *user, size_t t) {
         const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
         _mm512_storeu_ps(out + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
     }
+#else
+    for (; i + VL <= g->F; i += VL) vstore(out + i, vsilu(vload(gate + i)) * vload(up + i));  /* libm's expf: a call a value */
 #endif
     for (; i < g->F; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
