@@ -128,14 +128,16 @@ def unavailable_reason() -> str:
     return _library()[1]
 
 
-@functools.lru_cache(maxsize=None)
 def simd() -> str:
     """The arithmetic the library compiled for this CPU: "avx512-vnni", "avx2" (each with the int8
     path of accuracy level 4) or "portable"; "" where the library cannot be built."""
     path = library()
-    if path is None:
-        return ""
-    fn = ctypes.CDLL(str(path)).edgesplit_simd
+    return "" if path is None else _simd_of(str(path))
+
+
+@functools.lru_cache(maxsize=None)
+def _simd_of(path: str) -> str:
+    fn = ctypes.CDLL(path).edgesplit_simd
     fn.restype = ctypes.c_char_p
     return fn().decode()
 
@@ -181,5 +183,5 @@ def resolve(kernel: str) -> str:
 @functools.lru_cache(maxsize=None)
 def _warn_fallback() -> None:
     why = unavailable_reason() or ("the library built without a vector path for this CPU (portable C, "
-                                   "slower than MatMulNBits where measured; --kernel q4linear runs it)")
+                                   "15x slower than MatMulNBits where measured; --kernel q4linear runs it)")
     log.warning("Q4_1 layers and the q8 head run on MatMulNBits (slower, more memory): %s", why)
