@@ -123,16 +123,6 @@ static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t
     }
 }
 
-static void outputs_int8(const Job *j, size_t n, int nt) {
-    size_t t = 0;
-    if (nt == NT) {
-        for (; t + RT <= j->T; t += RT) tile_int8(j, n, t, NT, RT);
-        for (; t < j->T; t++) tile_int8(j, n, t, NT, 1);
-    } else {
-        for (; t < j->T; t++) tile_int8(j, n, t, 1, 1);
-    }
-}
-
 /* Outputs n0 .. n0+nt one after another, each row of weights read in order (as tile_int8). The
  * -128 offset term (resid, one per block and row) is spread over the 8 lanes of the block's dot
  * product, so that one FMA by the block's scale takes both. */
@@ -163,16 +153,6 @@ static inline __attribute__((always_inline)) void tile8_int8(const Job *j, size_
         }
     }
     for (int r = 0; r < R; r++) store_tile(j, n0, t0 + r, acc[r], nt);
-}
-
-static void outputs8_int8(const Job *j, size_t n, int nt) {
-    size_t t = 0;
-    if (nt == NT) {
-        for (; t + RT <= j->T; t += RT) tile8_int8(j, n, t, NT, RT);
-        for (; t < j->T; t++) tile8_int8(j, n, t, NT, 1);
-    } else {
-        for (; t < j->T; t++) tile8_int8(j, n, t, 1, 1);
-    }
 }
 
 #endif

@@ -178,15 +178,6 @@ static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t
     }
 }
 
-static void outputs_int8(const Job *j, size_t n, int nt) {
-    size_t t = 0;
-    if (nt == NT) {
-        for (; t + RT <= j->T; t += RT) tile_int8(j, n, t, NT, RT);
-        for (; t < j->T; t++) tile_int8(j, n, t, NT, 1);
-    } else {
-        for (; t < j->T; t++) tile_int8(j, n, t, 1, 1);
-    }
-}
 #endif
 #else
 /* Portable C with the same tiling over 16-lane arrays, for the compiler to vectorize (NEON on
@@ -217,6 +208,19 @@ static void outputs(const Job *j, size_t n, int nt, const float *sf, const float
 
 #if !defined(INT8_VNNI) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include "int8_avx2.h"  /* x86 without AVX-512 VNNI: the int8 path on AVX2 */
+#endif
+
+#ifdef HAVE_INT8
+/* every row of X against outputs n .. n+nt on the int8 path (the build's tile_int8) */
+static void outputs_int8(const Job *j, size_t n, int nt) {
+    size_t t = 0;
+    if (nt == NT) {
+        for (; t + RT <= j->T; t += RT) tile_int8(j, n, t, NT, RT);
+        for (; t < j->T; t++) tile_int8(j, n, t, NT, 1);
+    } else {
+        for (; t < j->T; t++) tile_int8(j, n, t, 1, 1);
+    }
+}
 #endif
 
 /* dst[0 .. padded) = src[0 .. n) as fp32, then zeros */

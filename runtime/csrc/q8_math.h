@@ -104,15 +104,6 @@ static inline __attribute__((always_inline)) void tile8_int8(const Job *j, size_
     }
 }
 
-static void outputs8_int8(const Job *j, size_t n, int nt) {
-    size_t t = 0;
-    if (nt == NT) {
-        for (; t + RT <= j->T; t += RT) tile8_int8(j, n, t, NT, RT);
-        for (; t < j->T; t++) tile8_int8(j, n, t, NT, 1);
-    } else {
-        for (; t < j->T; t++) tile8_int8(j, n, t, 1, 1);
-    }
-}
 #endif
 #else
 /* Portable C for the compiler to vectorize: one output's dequantized row against every row of X. */
@@ -130,6 +121,19 @@ static void outputs8(const Job *j, size_t n, int nt) {
             for (int l = 0; l < HALF; l++) sum += acc[l];
             j->y[t * j->N + n + i] = sum;
         }
+    }
+}
+#endif
+
+#ifdef HAVE_INT8
+/* every row of X against outputs n .. n+nt on the int8 path (the build's tile8_int8) */
+static void outputs8_int8(const Job *j, size_t n, int nt) {
+    size_t t = 0;
+    if (nt == NT) {
+        for (; t + RT <= j->T; t += RT) tile8_int8(j, n, t, NT, RT);
+        for (; t < j->T; t++) tile8_int8(j, n, t, NT, 1);
+    } else {
+        for (; t < j->T; t++) tile8_int8(j, n, t, 1, 1);
     }
 }
 #endif
