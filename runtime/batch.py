@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .engine import SegmentEngine
 from .errors import ConfigError
-from .graph import SegmentSpec
+from .spec import SegmentSpec
 from .kv_cache import KV_NUMPY, KVCache
 
 

@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from . import kernels, malloc
 from .errors import ConfigError
 from .calibration import outlier_channels
 from .embedding import EmbeddingRows
-from .graph import KV_TYPES, SegmentSpec, WeightSink, build_segment
+from .graph_cache import key as graph_key, open_session
 from .hparams import DEFAULT_MAX_SEQ_LEN
-from .kv_cache import KVCache
-from .session_file import open_session
+from .kv_cache import KV_NUMPY, KVCache
+from .spec import SegmentSpec
 from .store import EMBEDDING_PRECISIONS, ModelStore
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .graph import WeightSink
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,7 @@ class EngineSettings:
 
     def __post_init__(self) -> None:
         for name, allowed in (("precision", LAYER_PRECISIONS), ("head_precision", EMBEDDING_PRECISIONS),
-                              ("kv_precision", tuple(KV_TYPES)), ("kernel", kernels.KERNELS)):
+                              ("kv_precision", tuple(KV_NUMPY)), ("kernel", kernels.KERNELS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name, low, high in (("accuracy_level", 0, 4), ("head_accuracy_level", 0, 4), ("outlier_channels", 0, None),
@@ -136,6 +140,8 @@ def build_session(store: ModelStore, s: SegmentSpec, threads: int, spin: bool, o
     outliers = segment_outliers(store.manifest, s, outlier_channels, head_outlier_channels)
 
     def build(sink: WeightSink | None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        from .graph import build_segment  # imports onnx: only when a graph is built
+
         # The head's table (28 MB in q8) goes to a file from its mapped shard, copied out and
         # never held whole; weights handed over in memory must be ours, read as they are. A
         # layer's shard (~2 MB) is simply read, and freed with the layer.
@@ -146,7 +152,9 @@ def build_session(store: ModelStore, s: SegmentSpec, threads: int, spin: bool, o
         return build_segment(s, _Layers(store, s), head, norm, kv_scales, outliers, sink)
 
     so = session_options(threads, spin, profile_prefix, s.q4_kernel)
-    session = open_session(lambda sink: build(sink)[0], so, store.path)
+    want = graph_key(s, outliers, kv_scales, outlier_channels=outlier_channels,
+                     head_outlier_channels=head_outlier_channels)
+    session = open_session(lambda sink: build(sink)[0], so, store.path, want, s)
     if session is not None:
         return session, []
     model, weights = build(None)
@@ -181,8 +189,8 @@ class SegmentEngine:
         max_seq_len = min(DEFAULT_MAX_SEQ_LEN, cfg.context_length) if max_seq_len is None else max_seq_len
         if not 0 <= start < end <= cfg.n_layers:
             raise ConfigError(f"segment [{start}, {end}) is not a non-empty range within [0, {cfg.n_layers})")
-        if kv_precision not in KV_TYPES:
-            raise ConfigError(f"kv precision {kv_precision!r} is not one of {', '.join(KV_TYPES)}")
+        if kv_precision not in KV_NUMPY:
+            raise ConfigError(f"kv precision {kv_precision!r} is not one of {', '.join(KV_NUMPY)}")
         if head_precision not in EMBEDDING_PRECISIONS:
             raise ConfigError(f"head precision {head_precision!r} is not one of {', '.join(EMBEDDING_PRECISIONS)}")
         if not 0 < max_seq_len <= cfg.context_length:

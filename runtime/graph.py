@@ -20,47 +20,21 @@ Outputs: `logits` f32 (n, V) if end == L (and spec.with_head), else `hidden_out`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .hparams import DEFAULT_MAX_SEQ_LEN, ModelConfig
+from .hparams import ModelConfig
 from .errors import ConfigError
 from .kernels import DOMAIN as Q4_DOMAIN, MAX_OUTLIERS as Q4_MAX_OUTLIERS
 from .quant import dense_columns
+from .spec import SegmentSpec
 
 SMALL_BYTES = 256
 KV_TYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-
-
-@dataclass(frozen=True)
-class SegmentSpec:
-    """What one engine runs: a half-open global layer range and its precisions."""
-
-    config: ModelConfig
-    start: int
-    end: int
-    precision: str = "q4"  # layer weights
-    head_precision: str = "q8"  # embedding table and head
-    kv_precision: str = "f32"
-    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
-    accuracy_level: int = 0  # layers: 0 = fp32 compute (exact), 4 = int8 activations
-    q4_kernel: str = "matmulnbits"  # "q4linear": edgesplit's operators (kernels.py) run the q4 layers and a q8 head
-    head_accuracy_level: int = 4  # the head's (fp32 compute of a 49152-row head is ~4x slower)
-    embed_ids: bool = True  # at start 0: the engine takes token ids (rows from the store, embedding.py); False: hidden states
-    with_head: bool = True  # False: a segment ending at n_layers returns hidden states, no norm/head
-
-    @property
-    def has_embedding(self) -> bool:
-        return self.start == 0 and self.embed_ids
-
-    @property
-    def has_head(self) -> bool:
-        return self.end == self.config.n_layers and self.with_head
 
 
 class WeightSink(Protocol):

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ConfigError, KVCacheOverflowError
-from .graph import SegmentSpec
+from .spec import SegmentSpec
 
 KV_NUMPY = {"f32": np.float32, "f16": np.float16, "int8": np.int8}
 

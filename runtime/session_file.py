@@ -15,11 +15,11 @@ session is open, the pages it mapped from the file and did not modify are droppe
 process (malloc.drop_clean_file_pages): those onnxruntime repacked but keeps mapped (the scales)
 are not read again, and anything else comes back from the file when read.
 
-The files go to a private folder under `directory` (the model store's folder: the same disk as
-the shards; never a tmpfs, whose pages would be RAM not counted as this process's) and are
-unlinked once the session is open; what onnxruntime still maps stays readable until it unmaps it
-(on Linux an unlinked file lives while mapped: its disk space, up to the segment's weights, comes
-back when the process exits).
+The files go to a private folder (`new_folder`) under a directory of the model store (the same
+disk as the shards; never a tmpfs, whose pages would be RAM not counted as this process's). An
+engine's are then kept as an entry of the graph cache (graph_cache.py); a packed session's are
+unlinked once it is open: what onnxruntime still maps stays readable until it unmaps it (on
+Linux an unlinked file lives while mapped: its disk space comes back when the process exits).
 """
 
 from __future__ import annotations
@@ -32,12 +32,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from . import graph, malloc
+from . import malloc
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # onnx is imported by the graph builder only: opening a kept graph never needs it
+    import onnx
+
+    from .graph import WeightSink
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +82,7 @@ class WeightFile:
         self._f.close()
 
 
-def _write_graph(build: "Build", folder: Path) -> Path:
+def write_graph(build: "Build", folder: Path) -> Path:
     """The model `build(sink)` makes, written to `folder`: weights by the sink as they are made,
     then the graph; returns the graph's path."""
     sink = WeightFile(folder / DATA_NAME)
@@ -122,39 +128,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _new_folder(directory: Path) -> Path:
+def new_folder(directory: Path) -> Path:
     """A private folder under `directory` for one load (PREFIX + pid + "-" + random), after
     removing the folders dead loads left there."""
     _remove_stale(directory)
     return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=directory))
 
 
-Build = Callable[[graph.WeightSink], onnx.ModelProto]
-
-
-def open_session(build: Build, so: ort.SessionOptions, directory: Path) -> ort.InferenceSession | None:
-    """The session of the model `build(sink)` makes, its weights written by the sink into files
-    under `directory` as they are made. None when `directory` or the files cannot be written (a
-    read-only store, a full disk): the caller builds again with the weights in memory."""
-    try:
-        folder = _new_folder(directory)
-    except OSError as exc:
-        log.warning("cannot write to %s (%s): the weights go to onnxruntime in memory, which "
-                    "keeps a second copy of the repacked ones", directory, exc)
-        return None
-    try:
-        try:
-            path = _write_graph(build, folder)
-        except OSError as exc:  # e.g. the disk is full
-            log.warning("cannot write the graph to %s (%s): the weights go to onnxruntime in memory",
-                        folder, exc)
-            return None
-        malloc.trim()
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        malloc.drop_clean_file_pages(str(folder / DATA_NAME))
-        return session
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+Build = Callable[["WeightSink"], "onnx.ModelProto"]
 
 
 PACKED_MODEL_NAME, PACKED_DATA_NAME = "packed.onnx", "packed.bin"
@@ -183,12 +164,12 @@ def open_packed_session(build: Build, options: Callable[[], ort.SessionOptions],
     maps them. The packed layout is onnxruntime's and this CPU's, so it is made at every load and
     never kept. Raises ConfigError when `directory` cannot be written."""
     try:
-        folder = _new_folder(directory)
+        folder = new_folder(directory)
     except OSError as exc:
         raise ConfigError(f"layer streaming writes each streamed layer's packed weights under {directory}, "
                           f"which cannot be written ({exc})") from exc
     try:
-        path = _write_graph(build, folder)
+        path = write_graph(build, folder)
         so = options()
         so.optimized_model_filepath = str(folder / PACKED_MODEL_NAME)
         for key, value in (("session.save_external_prepacked_constant_initializers", "1"),

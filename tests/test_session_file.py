@@ -3,7 +3,9 @@ in memory, nothing left behind, and the in-memory fallback where the store canno
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,8 +14,9 @@ import numpy as np
 import pytest
 
 from edgesplit.runtime import engine as engine_mod
-from edgesplit.runtime import session_file
+from edgesplit.runtime import graph_cache, session_file
 from edgesplit.runtime.engine import SegmentEngine
+from edgesplit.runtime.graph import build_segment
 
 IDS = np.array([1, 40, 7, 263, 259, 90, 100, 2, 5, 33, 61, 120])
 
@@ -43,14 +46,17 @@ def test_file_and_memory_sessions_give_identical_outputs(tiny_store, monkeypatch
 def test_no_loading_folder_is_left_behind(tiny_store):
     SegmentEngine(tiny_store, 0, 1, max_seq_len=16)
     assert not list(tiny_store.path.glob(session_file.PREFIX + "*"))
+    assert not list((tiny_store.path / graph_cache.DIR_NAME).glob(session_file.PREFIX + "*"))
 
 
 def test_stale_folders_of_dead_processes_are_removed(tiny_store):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
-    stale = tiny_store.path / f"{session_file.PREFIX}{int(dead.stdout)}-x"
-    live = tiny_store.path / f"{session_file.PREFIX}{os.getppid()}-y"  # the test runner's parent: alive
-    young = tiny_store.path / f"{session_file.PREFIX}{int(dead.stdout)}-z"  # another namespace's, maybe
+    loading = tiny_store.path / graph_cache.DIR_NAME  # where an engine's graph is built
+    loading.mkdir(exist_ok=True)
+    stale = loading / f"{session_file.PREFIX}{int(dead.stdout)}-x"
+    live = loading / f"{session_file.PREFIX}{os.getppid()}-y"  # the test runner's parent: alive
+    young = loading / f"{session_file.PREFIX}{int(dead.stdout)}-z"  # another namespace's, maybe
     old_s = time.time() - 2 * session_file.STALE_AFTER_S
     for d in (stale, live, young):
         d.mkdir()
@@ -58,7 +64,7 @@ def test_stale_folders_of_dead_processes_are_removed(tiny_store):
     for d in (stale, live):
         os.utime(d, (old_s, old_s))
     try:
-        SegmentEngine(tiny_store, 0, 1, max_seq_len=16)
+        SegmentEngine(tiny_store, 0, 1, max_seq_len=15)  # a graph not yet kept: it is built
         assert not stale.exists()
         assert live.exists() and young.exists()
     finally:
@@ -72,9 +78,11 @@ def test_an_unwritable_directory_falls_back_to_memory(tiny_store, tmp_path, capl
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     from edgesplit.runtime.engine import session_options
+    from edgesplit.runtime.spec import SegmentSpec
 
     built = []
-    assert session_file.open_session(built.append, session_options(1), not_a_dir) is None
+    spec = SegmentSpec(tiny_store.config, 0, 1)
+    assert graph_cache.open_session(built.append, session_options(1), not_a_dir, "0" * 64, spec) is None
     assert "cannot write" in caplog.text and str(not_a_dir) in caplog.text
     assert built == []  # nothing was built: the caller builds with the weights in memory
 
@@ -105,7 +113,7 @@ def test_a_packed_session_leaves_no_folder_and_keeps_its_file_open(tiny_store):
 
 def _segment_graph(store, engine, sink=None):
     layers = {i: store.layer(i, engine.spec.precision) for i in range(engine.start, engine.end)}
-    return engine_mod.build_segment(engine.spec, layers, None, None, None, {}, sink)
+    return build_segment(engine.spec, layers, None, None, None, {}, sink)
 
 
 def test_weights_are_written_as_made_at_page_aligned_offsets(tiny_store, tmp_path):
@@ -134,6 +142,8 @@ def test_a_failed_write_falls_back_to_memory_with_the_same_outputs(tiny_store, m
     """A disk that fills while the weights or the graph are written: the engine builds again in
     memory, with the same outputs, and the partial files are removed."""
     expected = _logits(SegmentEngine(tiny_store, max_seq_len=32))
+    cache = tiny_store.path / graph_cache.DIR_NAME
+    shutil.rmtree(cache)  # the graph is built again, not opened from the cache
     full = OSError(28, "No space left on device")
     if where == "weights":
         real_put, calls = session_file.WeightFile.put, []
@@ -157,7 +167,7 @@ def test_a_failed_write_falls_back_to_memory_with_the_same_outputs(tiny_store, m
     assert "No space left on device" in caplog.text
     assert len(engine._weights) > 0  # handed over in memory
     np.testing.assert_array_equal(_logits(engine), expected)
-    assert not list(tiny_store.path.glob(session_file.PREFIX + "*"))
+    assert not list(cache.iterdir())  # neither a partial entry nor a loading folder is left
 
 
 def _resident_kb(marker: str) -> int:
@@ -176,20 +186,20 @@ linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="
 
 
 @linux_only
-def test_an_opened_session_keeps_no_clean_page_of_its_file(tiny_store, monkeypatch):
-    """Right after opening, the data file's pages onnxruntime maps are not resident; running reads
-    back what it needs (the embedding rows)."""
-    paths, real_init = [], session_file.WeightFile.__init__
-
-    def init(self, path):
-        paths.append(str(path))
-        real_init(self, path)
-
-    monkeypatch.setattr(session_file.WeightFile, "__init__", init)
+@pytest.mark.parametrize("kept", [False, True])
+def test_an_opened_session_keeps_no_clean_page_of_its_file(tiny_store, kept):
+    """Right after opening, built or from the graph cache, the data file's pages onnxruntime maps
+    are not resident; running reads back what it needs (the embedding rows)."""
+    cache = tiny_store.path / graph_cache.DIR_NAME
+    if not kept:
+        shutil.rmtree(cache, ignore_errors=True)
     engine = SegmentEngine(tiny_store, max_seq_len=32)
-    assert len(paths) == 1 and _resident_kb(paths[0]) == 0
+    (entry,) = [p for p in cache.iterdir() if (p / graph_cache.ENTRY_NAME).is_file()
+                and json.loads((p / graph_cache.ENTRY_NAME).read_text())["spec"] == graph_cache.describe(engine.spec)]
+    data = str(entry / session_file.DATA_NAME)
+    assert _resident_kb(data) == 0
     assert np.isfinite(_logits(engine)).all()
-    assert _resident_kb(paths[0]) > 0  # the mapping is live: what runs reads it back
+    assert _resident_kb(data) > 0  # the mapping is live: what runs reads it back
 
 
 @linux_only

@@ -11,7 +11,8 @@ import numpy as np
 
 from edgesplit.runtime import kernels
 from edgesplit.runtime.engine import segment_outliers
-from edgesplit.runtime.graph import SegmentSpec, WeightSink, build_segment
+from edgesplit.runtime.graph import WeightSink, build_segment
+from edgesplit.runtime.spec import SegmentSpec
 from edgesplit.runtime.quant import q4_dense
 from edgesplit.runtime.store import ModelStore
 
