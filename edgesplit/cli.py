@@ -43,9 +43,9 @@ def _add_engine(p: argparse.ArgumentParser, segments: bool = True) -> None:
     """Precision, accuracy, thread (and segment) flags shared by generate, eval and bench."""
     p.add_argument("--precision", default="q4", help="layer weight precision: q4, q8, f16, f32 (default q4)")
     p.add_argument("--head-precision", default="q8", help="embedding/head precision: q8, f16, f32 (default q8)")
-    p.add_argument("--kv-precision", default="f32",
-                   help="KV cache precision: f32 (default), f16 (half the memory; faster on edgesplit's "
-                        "CachedAttention), int8")
+    p.add_argument("--kv-precision", default="auto",
+                   help="KV cache precision: auto (default: f16 where edgesplit's CachedAttention runs, "
+                        "else f32), f32, f16 (half the memory), int8")
     p.add_argument("--accuracy-level", type=int, default=4,
                    help="accuracy level of the layers: 0 = fp32 compute (exact), "
                         "4 = int8 activations (default, faster)")

@@ -187,5 +187,6 @@ def evaluate(store: ModelStore, reference, tokens, *, window: int = 512, segment
         stats.add(ref, ours, ids[1:])
     out = stats.result()
     out.update({k: settings[k] for k in ENGINE_SETTINGS})
-    out.update(q4_kernel=chain.engines[0].spec.q4_kernel, segments=bounds, window=window)
+    out.update(q4_kernel=chain.engines[0].spec.q4_kernel, kv_precision=chain.engines[0].spec.kv_precision,
+               segments=bounds, window=window)
     return out

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tiny_gguf, with or without tes
 from tiny_gguf import write_tiny_gguf  # noqa: E402
 
 from edgesplit.harness.bench import bench, prompt_ids  # noqa: E402
+from edgesplit.runtime import kernels  # noqa: E402
 from edgesplit.runtime.errors import ConfigError  # noqa: E402
 from edgesplit.runtime.store import ModelStore, convert  # noqa: E402
 
@@ -29,7 +30,8 @@ def test_bench_figures_and_keys(store):
         assert r[key] > 0, key
     assert len(r["decode_tok_s_runs"]) == 1
     assert (r["threads"], r["runs"], r["prompt_tokens"], r["decode_tokens"]) == (2, 1, 16, 8)
-    assert (r["precision"], r["head_precision"], r["kv_precision"]) == ("q4", "q8", "f32")
+    auto_kv = "f16" if kernels.resolve("auto") == "q4linear" else "f32"  # what "auto" keeps here
+    assert (r["precision"], r["head_precision"], r["kv_precision"]) == ("q4", "q8", auto_kv)
     assert (r["accuracy_level"], r["head_accuracy_level"], r["vs"]) == (4, 4, None)
     assert (r["outlier_channels"], r["head_outlier_channels"]) == (8, 16)
     assert "ref_decode_tok_s" not in r and "decode_ratio" not in r

@@ -21,7 +21,7 @@ from edgesplit.runtime.sampling import SamplingParams
 from edgesplit.runtime.store import sha256_file
 from worker_thread import running_worker
 
-EXACT = dict(accuracy_level=0, head_accuracy_level=0)
+EXACT = dict(accuracy_level=0, head_accuracy_level=0, kv_precision="f32")
 
 
 def hidden_both(front, ort, ids: np.ndarray, prompt: int) -> tuple[np.ndarray, np.ndarray]:

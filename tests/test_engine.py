@@ -43,7 +43,7 @@ def _decode_chained(parts, ids, n_prefill):
 @pytest.mark.parametrize("precision,head", [("f32", "f32"), ("q4", "q8"), ("q4", "f32")])
 def test_engine_matches_reference(tiny_store, tiny_ref, precision, head):
     # q4 is the GGUF's own Q4_1 blocks and q8 the Q8_0 table: both exact at accuracy level 0
-    e = SegmentEngine(tiny_store, precision=precision, head_precision=head, max_seq_len=64,
+    e = SegmentEngine(tiny_store, precision=precision, head_precision=head, kv_precision="f32", max_seq_len=64,
                       accuracy_level=0, head_accuracy_level=0)
     want = tiny_ref.forward(IDS)
     assert np.abs(e.prefill(IDS, all_logits=True) - want).max() <= 1e-4
@@ -127,12 +127,25 @@ def test_front_segment_returns_hidden_states(tiny_store, tiny_ref):
 @pytest.mark.parametrize("kv,tol", [("f16", 0.05), ("int8", 0.5)])
 def test_low_precision_kv_cache_stays_close(tiny_store, precision, kv, tol):
     kw = dict(precision=precision, head_precision="f32", accuracy_level=0, max_seq_len=64)
-    ref = SegmentEngine(tiny_store, **kw)
+    ref = SegmentEngine(tiny_store, kv_precision="f32", **kw)
     low = SegmentEngine(tiny_store, kv_precision=kv, **kw)
     want, got = _decode_all(ref, IDS, 4), _decode_all(low, IDS, 4)
     assert 0 < np.abs(got - want).max() <= tol
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
     assert low.kv_bytes() < ref.kv_bytes()
+
+
+@pytest.mark.parametrize("kernel,precision,want", [
+    ("q4linear", "q4", "f16"),  # CachedAttention reads an f16 cache directly
+    ("matmulnbits", "q4", "f32"),  # GroupQueryAttention would convert an f16 cache every step
+    ("q4linear", "f32", "f32"),  # f32 layers never run on q4linear
+])
+def test_auto_kv_cache_follows_the_attention_kernel(tiny_store, kernel, precision, want):
+    e = SegmentEngine(tiny_store, precision=precision, kernel=kernel, max_seq_len=16)
+    assert e.spec.kv_precision == want
+    assert e.kv_bytes() == SegmentEngine(tiny_store, precision=precision, kernel=kernel, kv_precision=want,
+                                         max_seq_len=16).kv_bytes()
+    assert SegmentEngine(tiny_store, kernel=kernel, kv_precision="int8", max_seq_len=16).spec.kv_precision == "int8"
 
 
 def test_kv_cache_overflow_is_a_clear_error(tiny_store):

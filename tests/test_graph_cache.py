@@ -54,7 +54,7 @@ def test_a_kept_graph_is_opened_with_the_same_logits(tiny_store, cache, monkeypa
 
 def test_other_settings_make_another_entry(tiny_store, cache):
     SegmentEngine(tiny_store, max_seq_len=32)
-    SegmentEngine(tiny_store, max_seq_len=32, kv_precision="f16")
+    SegmentEngine(tiny_store, max_seq_len=32, kv_precision="f32")
     SegmentEngine(tiny_store, 0, 1, max_seq_len=32)
     assert len(_entries(cache)) == 3
 

@@ -129,8 +129,8 @@ def test_too_many_outliers_are_refused(built):
 def test_engine_kernels_agree(built, tiny_store):
     """The whole tiny model: Q4Linear and MatMulNBits, both exact at level 0, give the same logits."""
     ids = np.arange(1, 9)
-    a = SegmentEngine(tiny_store, max_seq_len=32, kernel="q4linear", accuracy_level=0).prefill(ids, all_logits=True)
-    b = SegmentEngine(tiny_store, max_seq_len=32, kernel="matmulnbits", accuracy_level=0).prefill(ids, all_logits=True)
+    a = SegmentEngine(tiny_store, max_seq_len=32, kv_precision="f32", kernel="q4linear", accuracy_level=0).prefill(ids, all_logits=True)
+    b = SegmentEngine(tiny_store, max_seq_len=32, kv_precision="f32", kernel="matmulnbits", accuracy_level=0).prefill(ids, all_logits=True)
     assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
 
 

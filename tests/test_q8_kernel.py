@@ -126,7 +126,7 @@ def test_whole_model_logits_agree_with_matmulnbits(built, real_store):
     """The real model at accuracy level 0 for layers and head (exact on both kernels): Q4Linear
     layers with the Q8Linear head give MatMulNBits' logits."""
     ids = np.arange(100, 116)
-    kw = dict(max_seq_len=32, accuracy_level=0, head_accuracy_level=0)
+    kw = dict(max_seq_len=32, kv_precision="f32", accuracy_level=0, head_accuracy_level=0)
     a = SegmentEngine(real_store, kernel="q4linear", **kw).prefill(ids, all_logits=True)
     b = SegmentEngine(real_store, kernel="matmulnbits", **kw).prefill(ids, all_logits=True)
     assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()

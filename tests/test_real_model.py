@@ -38,8 +38,8 @@ def test_f32_engine_matches_numpy_reference(real_store, ids, reference_logits):
 
 def test_q4_blocks_are_the_gguf_weights(real_store, ids, reference_logits):
     # the reference is the GGUF dequantized: q4 layers at fp32 compute reproduce it
-    e = SegmentEngine(real_store, precision="q4", head_precision="f32", accuracy_level=0,
-                      head_accuracy_level=0, max_seq_len=128)
+    e = SegmentEngine(real_store, precision="q4", head_precision="f32", kv_precision="f32",
+                      accuracy_level=0, head_accuracy_level=0, max_seq_len=128)
     assert np.abs(e.prefill(ids, all_logits=True) - reference_logits).max() <= 1e-3
 
 
@@ -101,8 +101,8 @@ def test_lossless_split_over_zeromq_equals_unsplit(real_store, accuracy_level):
     plan = make_plan(real_store, PlanSettings(15, accuracy_level=accuracy_level, max_seq_len=256))
     result = simulate(real_store, plan, GenerationRequest(prompt, 24))
     tok = load_tokenizer(real_store)
-    local = load_local(real_store, precision="q4", head_precision="q8", accuracy_level=accuracy_level,
-                       head_accuracy_level=accuracy_level, max_seq_len=256)
+    local = load_local(real_store, precision="q4", head_precision="q8", kv_precision=plan.kv_precision,
+                       accuracy_level=accuracy_level, head_accuracy_level=accuracy_level, max_seq_len=256)
     want = [t for t, _ in generate_step(local, tok.encode(prompt), SamplingParams(), max_tokens=24,
                                         stop_ids=tok.eos_ids)]
     assert result["tokens"] == want

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgesplit.runtime import kernels
-from edgesplit.runtime.engine import segment_outliers
+from edgesplit.runtime.engine import kv_for, segment_outliers
 from edgesplit.runtime.graph import WeightSink, build_segment
 from edgesplit.runtime.spec import SegmentSpec
 from edgesplit.runtime.quant import q4_dense
@@ -21,8 +21,10 @@ FLASH_SETTINGS = ("precision", "kv_precision", "accuracy_level", "outlier_channe
 
 def flash_settings(**engine_kwargs) -> dict:
     """The engine settings a streamed layer's graph depends on (defaults as SegmentEngine's)."""
-    defaults = {"precision": "q4", "kv_precision": "f32", "accuracy_level": 4, "outlier_channels": 8, "kernel": "auto"}
-    return {k: engine_kwargs.get(k, defaults[k]) for k in FLASH_SETTINGS}
+    defaults = {"precision": "q4", "kv_precision": "auto", "accuracy_level": 4, "outlier_channels": 8, "kernel": "auto"}
+    out = {k: engine_kwargs.get(k, defaults[k]) for k in FLASH_SETTINGS}
+    out["kv_precision"] = kv_for(out["kv_precision"], kernels.for_layers(out["kernel"], out["precision"]))
+    return out
 
 
 def q4_kernel(settings: dict) -> str:

@@ -110,6 +110,7 @@ def bench(store: ModelStore, gguf_path: str | os.PathLike | None, *, threads: in
         out["memory_ratio"] = out["own_process_peak_rss_mb"] / out["ref_peak_rss_mb"]
     out.update({k: settings[k] for k in ENGINE_SETTINGS})
     out["q4_kernel"] = eng.spec.q4_kernel  # what "auto" ran on this machine
+    out["kv_precision"] = eng.spec.kv_precision  # and the cache "auto" kept
     out.update(threads=threads, runs=runs, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, max_seq_len=context,
                vs="llama.cpp" if vs_llama else None, load_avg_1m=load_avg_1m)
     return out

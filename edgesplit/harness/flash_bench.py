@@ -63,7 +63,7 @@ class FlashBenchRequest:
     plot: str | None = None
     accuracy_level: int = 4
     outlier_channels: int = 8
-    kv_precision: str = "f32"
+    kv_precision: str = "auto"
     threads: int = 2
 
     def __post_init__(self) -> None:
