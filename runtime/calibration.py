@@ -92,7 +92,7 @@ def outlier_channels(manifest: dict, key: str, n: int, layer: int | None = None)
     the store has no calibration or n == 0.
     """
     absmax = (manifest.get("calibration") or {}).get(f"{key}_absmax")
-    if not absmax or n <= 0:
+    if absmax is None or len(absmax) == 0 or n <= 0:
         return None
     values = np.asarray(absmax if layer is None else absmax[layer])
     return np.sort(np.argsort(-values)[:n])

@@ -151,6 +151,26 @@ def test_store_without_calibration_is_refused(tiny_gguf, tmp_path):
         ModelStore(out)
 
 
+def test_calibration_is_kept_as_float32_arrays_equal_to_the_manifest(tiny_gguf, tmp_path):
+    out = convert(tiny_gguf, tmp_path / "s", progress=False)
+    want = json.loads((out / "manifest.json").read_text())["calibration"]
+    got = ModelStore(out).manifest["calibration"]
+    for key, value in want.items():
+        if isinstance(value, list):
+            assert got[key].dtype == np.float32 and np.array_equal(got[key], np.asarray(value, np.float64)), key
+        else:
+            assert got[key] == value, key
+
+
+def test_ragged_calibration_is_refused_with_its_key(tiny_gguf, tmp_path):
+    out = convert(tiny_gguf, tmp_path / "s", progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    m["calibration"]["k_absmax"][1] = m["calibration"]["k_absmax"][1][:-1]
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelFormatError, match="calibration 'k_absmax' is not a rectangular"):
+        ModelStore(out)
+
+
 def test_a_swapped_tokenizer_is_refused(tiny_gguf, tmp_path):
     """Every file of the store is covered by the manifest: a changed tokenizer.json is not used."""
     from edgesplit.runtime.generate import load_tokenizer
