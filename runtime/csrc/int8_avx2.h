@@ -32,10 +32,12 @@ static inline float hsum_avx2(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-/* acc + the outlier channels' weights . their x values (exactly); past the last multiple of 8
+/* acc + the outlier channels' weights (f16) . their x values (fp32); past the last multiple of 8
  * into *tail */
 static inline __m256 outliers(const Job *j, size_t n, size_t t, __m256 acc, float *tail) {
-    const float *w = j->ow + n * j->n_out, *x = j->xo + t * HALF;
+    const float *x = j->xo + t * HALF;
+    float w[HALF];
+    for (size_t o = 0; o < j->n_out; o++) w[o] = (float)j->ow[n * j->n_out + o];
     size_t o = 0;
     for (; o + 8 <= j->n_out; o += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + o), _mm256_loadu_ps(x + o), acc);
     for (; o < j->n_out; o++) *tail += w[o] * x[o];

@@ -4,13 +4,13 @@
  * Q4Linear, the Q4_1 values (arithmetic in q4_math.h):
  *   inputs  X f32 (T, K) or (B, S, K); QW uint8 (N, K/32, 16), element 2j of a block in the low nibble of byte j;
  *           SCALES f16 (N, K/32); MINS f16 (N, K/32); optional (level 4): OUTLIERS int64 (n,),
- *           input channels kept out of the int8 rounding, n <= 16, and OUTLIER_W f32 (N, n), their
+ *           input channels kept out of the int8 rounding, n <= 16, and OUTLIER_W f16 (N, n), their
  *           weights' SCALES * q
  *   output  Y f32 (T, N) (or (B, S, N)), Y[t, n] = sum_k X[t, k] * (SCALES[n, k/32] * q[n, k] + MINS[n, k/32])
  *   attribute swiglu: 1 = the weight is gate rows then up rows; Y = silu(gate) * up, (T, N/2)
  * Q8Linear, the Q8_0 values (arithmetic in q8_math.h):
  *   inputs  X f32 (T, K) or (B, S, K); QW uint8 (N, K/32, 32), u = q + 128; SCALES f16 (N, K/32); optional
- *           (level 4): OUTLIERS int64 (n,), n <= 16, and OUTLIER_W f32 (N, n), SCALES * q there
+ *           (level 4): OUTLIERS int64 (n,), n <= 16, and OUTLIER_W f16 (N, n), SCALES * q there
  *   output  Y f32 (T, N), Y[t, n] = sum_k X[t, k] * SCALES[n, k/32] * (u[n, k] - 128)
  * Both: attribute accuracy_level: 0 = fp32 compute (exact), 4 = X rounded to int8 per block of
  *   32, as MatMulNBits' level 4 rounds it (AVX-512 VNNI and AVX2 builds; elsewhere level 4
@@ -265,12 +265,12 @@ static const ONNXTensorElementDataType F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
                                        F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, I64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
 static ONNXTensorElementDataType ORT_API_CALL inputs_q4(const OrtCustomOp *op, size_t i) {
     (void)op;
-    const ONNXTensorElementDataType types[6] = {F32, U8, F16, F16, I64, F32};
+    const ONNXTensorElementDataType types[6] = {F32, U8, F16, F16, I64, F16};
     return types[i];
 }
 static ONNXTensorElementDataType ORT_API_CALL inputs_q8(const OrtCustomOp *op, size_t i) {
     (void)op;
-    const ONNXTensorElementDataType types[5] = {F32, U8, F16, I64, F32};
+    const ONNXTensorElementDataType types[5] = {F32, U8, F16, I64, F16};
     return types[i];
 }
 static size_t ORT_API_CALL count_q4(const OrtCustomOp *op) { (void)op; return 6; }

@@ -90,11 +90,11 @@ static inline __attribute__((always_inline)) void tile8_int8(const Job *j, size_
             for (int i = 0; i < nt; i++)
                 acc[i][r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, j->s + (n0 + i) * j->nb + c)), re, acc[i][r]);
         }
-        if (j->n_out) {  /* the outlier channels, exactly */
+        if (j->n_out) {  /* the outlier channels, at fp32 x and f16 weights */
             const __mmask16 m = (__mmask16)((1u << j->n_out) - 1);
             const __m512 xo = _mm512_loadu_ps(j->xo + t * HALF);
             for (int i = 0; i < nt; i++)
-                acc[i][r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, j->ow + (n0 + i) * j->n_out), xo, acc[i][r]);
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, j->ow + (n0 + i) * j->n_out)), xo, acc[i][r]);
         }
         float *y = j->y + t * j->N + n0;
         if (nt == NT)
