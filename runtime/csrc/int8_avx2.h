@@ -35,12 +35,12 @@ static inline float hsum_avx2(__m256 v) {
 /* acc + the outlier channels' weights (f16) . their x values (fp32); past the last multiple of 8
  * into *tail */
 static inline __m256 outliers(const Job *j, size_t n, size_t t, __m256 acc, float *tail) {
+    const _Float16 *w = j->ow + n * j->n_out;
     const float *x = j->xo + t * HALF;
-    float w[HALF];
-    for (size_t o = 0; o < j->n_out; o++) w[o] = (float)j->ow[n * j->n_out + o];
     size_t o = 0;
-    for (; o + 8 <= j->n_out; o += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + o), _mm256_loadu_ps(x + o), acc);
-    for (; o < j->n_out; o++) *tail += w[o] * x[o];
+    for (; o + 8 <= j->n_out; o += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + o))), _mm256_loadu_ps(x + o), acc);
+    for (; o < j->n_out; o++) *tail += (float)w[o] * x[o];
     return acc;
 }
 
