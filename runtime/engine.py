@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .calibration import outlier_channels
 from .embedding import EmbeddingRows
 from .graph_cache import key as graph_key, open_session
-from .hparams import DEFAULT_MAX_SEQ_LEN
+from .hparams import DEFAULT_MAX_SEQ_LEN, PREFILL_CHUNK
 from .kv_cache import KV_NUMPY, KVCache
 from .spec import SegmentSpec
 from .store import EMBEDDING_PRECISIONS, ModelStore
@@ -277,10 +277,17 @@ class SegmentEngine:
 
         Returns hidden states (T, d) for a segment without the head; with it, logits (1, V) of the
         last position, or (T, V) for every position when `all_logits` (teacher forcing, eval).
+        Runs in chunks of PREFILL_CHUNK positions (the same values, less activation memory).
         `cache`: the session to extend (default: the engine's own).
         """
         x = self._rows.rows(x) if self._rows is not None else np.asarray(x)
-        return (cache or self.cache).run(x, np.arange(x.shape[0]) if all_logits else None)
+        cache = cache or self.cache
+        keep_all = all_logits or not self.spec.has_head  # else only the last position's logits (1, V)
+        outs: list[np.ndarray] = []
+        for s in range(0, max(x.shape[0], 1), PREFILL_CHUNK):
+            out = cache.run(x[s:s + PREFILL_CHUNK], np.arange(min(PREFILL_CHUNK, x.shape[0] - s)) if all_logits else None)
+            outs = [*outs, out] if keep_all else [out]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)  # (1, V), (T, d) or (T, V)
 
     def decode(self, x: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
         """One step for one new token (id, or hidden row (1, d)); returns (1, d) or logits (1, V)."""

@@ -92,6 +92,34 @@ def test_prefill_returns_last_position_only_by_default(tiny_store, tiny_ref):
     assert int(out.argmax()) == int(tiny_ref.forward(IDS)[-1].argmax())
 
 
+@pytest.mark.parametrize("settings,tol", [({}, 0.0), ({"precision": "f32", "head_precision": "f32"}, 1e-5)])
+def test_a_long_prompt_runs_in_chunks_with_the_same_values(tiny_store, monkeypatch, settings, tol):
+    """A prompt longer than PREFILL_CHUNK runs in chunks against its own cache: the last
+    position's logits, every position's (teacher forcing) and a front's hidden states equal one
+    run's, and the decode after it continues the same. Bit for bit at the default setting: its
+    operators work row by row, and CachedAttention takes a prefill's rows in blocks of 8, so a
+    chunk that is a multiple of 8 (as PREFILL_CHUNK is) gives every row the same arithmetic. f32
+    layers' GEMMs may block differently by row count."""
+    import edgesplit.runtime.engine as engine_module
+
+    def outputs(chunk: int) -> list[np.ndarray]:
+        monkeypatch.setattr(engine_module, "PREFILL_CHUNK", chunk)
+        whole = SegmentEngine(tiny_store, max_seq_len=64, **settings)
+        front = SegmentEngine(tiny_store, 0, 2, max_seq_len=64, **settings)
+        last = whole.prefill(IDS)
+        pos = whole.pos
+        step = whole.decode(np.array([5]))
+        whole.reset()
+        return [last, step, whole.prefill(IDS, all_logits=True), front.prefill(IDS), np.array([pos])]
+
+    one, chunked = outputs(len(IDS)), outputs(8)  # 20 positions: one run, or runs of 8, 8 and 4
+    assert chunked[0].shape == (1, tiny_store.config.vocab_size) and chunked[4][0] == len(IDS)
+    assert chunked[2].shape == (len(IDS), tiny_store.config.vocab_size)
+    assert chunked[3].shape == (len(IDS), tiny_store.config.d_model)
+    for a, b in zip(chunked, one):
+        assert a.shape == b.shape and np.abs(a - b).max() <= tol
+
+
 @pytest.mark.parametrize("cuts", [[0, 1, 3], [0, 2, 3], [0, 1, 2, 3]])
 def test_a_cut_changes_nothing_at_the_default_setting(tiny_store, cuts):
     """q4 layers, int8 activations with outlier channels (accuracy level 4, the default): chained

@@ -16,6 +16,7 @@ from edgesplit.device.planning.planner import InfeasibleError, Request, choose, 
 from edgesplit.profiles.cloud import CloudProfile
 from edgesplit.profiles.device import DeviceProfile, LayerFigures, MeasuredFigures
 from edgesplit.profiles.network import NetworkProfile
+from edgesplit.runtime.hparams import PREFILL_CHUNK
 from edgesplit.runtime.plan import Plan
 
 L, D = 4, 8
@@ -61,6 +62,17 @@ def test_memory_model_adds_its_parts():
     f = figures()
     # 100 overhead + 20 embedding + 2 x 10 MB layers + 2 layers x 1024 B x 512 tokens (1.048576 MB)
     assert device_memory_mb(f, 2, "q4", "f32", tokens=512) == pytest.approx(141.048576)
+
+
+def test_prompt_workspace_stops_growing_at_the_prefill_chunk():
+    """A prompt runs in chunks of PREFILL_CHUNK positions (the engine), so the activation workspace
+    the model adds grows with the prompt only up to one chunk."""
+    f = dataclasses.replace(figures(), workspace_mb_per_prompt_token=0.05)
+    base = device_memory_mb(f, 2, "q4", "f32", tokens=2048)
+    assert device_memory_mb(f, 2, "q4", "f32", tokens=2048, prompt_tokens=100) == pytest.approx(base + 5.0)
+    for prompt in (PREFILL_CHUNK, 4 * PREFILL_CHUNK):
+        assert device_memory_mb(f, 2, "q4", "f32", tokens=2048, prompt_tokens=prompt) == \
+            pytest.approx(base + 0.05 * PREFILL_CHUNK)
 
 
 def test_layer_time_is_interpolated_in_the_context():

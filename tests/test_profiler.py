@@ -143,3 +143,27 @@ def test_memory_only_needs_a_measured_profile_to_update(flag, tiny_store, capsys
     assert main(["profile", "--model", str(tiny_store.path), flag, "--out", str(datasheet)]) == 2
     assert "kind 'datasheet'" in capsys.readouterr().err
     assert datasheet.read_text() == before
+
+
+def test_workspace_is_per_prompt_token_of_a_prefill_chunk(tiny_store, monkeypatch):
+    """memory_figures recovers the workspace per prompt token from probes whose long prompt runs
+    in chunks: peaks built from known parts (a stand-in for the probe processes, a unit test of the
+    arithmetic only) give back the parts."""
+    from edgesplit.device.profiling import profiler
+    from edgesplit.runtime.hparams import PREFILL_CHUNK
+
+    overhead, per_layer, workspace = 100.0, 5.0, 0.04
+    kv_mb = 2 * tiny_store.config.n_kv_heads * tiny_store.config.head_dim * 4 / 1e6  # f32, a layer and token
+
+    def probe(kind, cfg):
+        assert kind == "memory"
+        n, prompt = cfg["end"], cfg["prompt_tokens"]
+        peak = overhead + n * per_layer + n * kv_mb * prompt + workspace * min(prompt, PREFILL_CHUNK)
+        return {"baseline_rss_mb": overhead, "peak_rss_mb": peak}
+
+    monkeypatch.setattr(profiler, "run_probe", probe)
+    settings = dataclasses.replace(TINY, memory_prompts=(16, 4 * PREFILL_CHUNK))
+    got = profiler.memory_figures(tiny_store, ("q4",), 1, settings)
+    assert got["workspace_mb_per_prompt_token"] == pytest.approx(workspace)
+    assert got["resident_mb"]["q4"] == pytest.approx(per_layer + kv_mb * 16)
+    assert got["runtime_overhead_mb"] == overhead

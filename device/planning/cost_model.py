@@ -4,7 +4,8 @@ Pure functions over profiles (no I/O, no model): the planner calls them for ever
 
 Memory (MB, device process peak RSS):
     runtime overhead + embedding + cut x resident MB per layer at the front precision
-    + cut x KV bytes per token per layer x tokens held + workspace MB per prompt token x prompt.
+    + cut x KV bytes per token per layer x tokens held + workspace MB per prompt token x prompt
+    (at most PREFILL_CHUNK positions: longer prompts run in chunks).
 "Resident per layer" is measured RSS (onnxruntime's packed weights, wider than the shards), not
 the shard size: that is what the device pays.
 
@@ -39,6 +40,7 @@ from edgesplit.profiles.cloud import CloudProfile
 from edgesplit.profiles.device import DeviceProfile, LayerFigures, MeasuredFigures
 from edgesplit.profiles.network import NetworkProfile
 from edgesplit.runtime.errors import ConfigError
+from edgesplit.runtime.hparams import PREFILL_CHUNK
 from edgesplit.runtime.plan import FRONT_FLASH
 from edgesplit.transport.link import rto_ms, serialization_ms
 
@@ -106,7 +108,7 @@ def device_memory_mb(fig: MeasuredFigures, cut: int, front_precision: str, kv_pr
     """Peak RSS (MB) of a device process holding [0, cut) with `tokens` positions of KV in use."""
     kv_mb = cut * fig.kv_bytes_per_token_per_layer[kv_precision] * tokens / MB
     return (fig.runtime_overhead_mb + fig.embedding_mb + cut * fig.layer(front_precision).resident_mb
-            + kv_mb + fig.workspace_mb_per_prompt_token * prompt_tokens)
+            + kv_mb + fig.workspace_mb_per_prompt_token * min(prompt_tokens, PREFILL_CHUNK))
 
 
 def link_ms(net: NetworkProfile, up_bytes: float, down_bytes: float) -> float:

@@ -29,6 +29,7 @@ import psutil
 
 from edgesplit.runtime.memory import MB
 from edgesplit.runtime.files import write_text_atomic
+from edgesplit.runtime.hparams import PREFILL_CHUNK
 from edgesplit.device.profiling.flash_probe import flash_read_figures
 from edgesplit.device.profiling.probe import run_probe
 from edgesplit.device.profiling.quiet import wait_until_quiet
@@ -58,8 +59,10 @@ def memory_figures(store: ModelStore, precisions, threads: int, ps: ProfileSetti
     per_layer = {p: max((peaks[(p, big)] - peaks[(p, small)]) / (big - small), 0.0) for p in precisions}
     p0 = precisions[0]
     embedding = peaks[(p0, small)] - overhead - small * per_layer[p0]
-    kv_mb_per_token = big * _kv_bytes(store, "f32") / MB  # KV pages touched by the long prompt
-    workspace = (long_run["peak_rss_mb"] - peaks[(p0, big)]) / (long_ - short) - kv_mb_per_token
+    kv_mb = big * _kv_bytes(store, "f32") / MB * (long_ - short)  # KV pages touched by the long prompt
+    # a prompt runs in chunks of PREFILL_CHUNK positions: the workspace grows with the chunk
+    chunked = min(long_, PREFILL_CHUNK) - min(short, PREFILL_CHUNK)
+    workspace = (long_run["peak_rss_mb"] - peaks[(p0, big)] - kv_mb) / max(chunked, 1)
     return {"runtime_overhead_mb": overhead, "embedding_mb": max(embedding, 0.0),
             "workspace_mb_per_prompt_token": max(workspace, 0.0), "resident_mb": per_layer}
 
@@ -230,7 +233,7 @@ COMMENTS = {
     "runtime_overhead_mb": "MB RSS of a device split process beyond the modeled parts: the calibration "
                            "session's peak RSS minus embedding, layers, KV and workspace",
     "embedding_mb": "MB RSS the q8 embedding adds (4-layer front minus bare process minus 4 layers)",
-    "workspace_mb_per_prompt_token": "MB peak RSS per prompt token (1024- vs 16-token prompt, KV removed)",
+    "workspace_mb_per_prompt_token": "MB peak RSS per prompt token up to a prefill chunk (1024- vs 16-token prompt, KV removed)",
     "kv_bytes_per_token_per_layer": "computed: 2 x n_kv_heads x head_dim x element size",
     "codec_ms": "ms to encode + decode one decode-step row (1, d), median of 64",
     "decode_ms": "ms per layer per decode step at context_tokens: (28-layer - 4-layer segment) / 24, "
