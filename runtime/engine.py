@@ -285,7 +285,8 @@ class SegmentEngine:
         keep_all = all_logits or not self.spec.has_head  # else only the last position's logits (1, V)
         outs: list[np.ndarray] = []
         for s in range(0, max(x.shape[0], 1), PREFILL_CHUNK):
-            out = cache.run(x[s:s + PREFILL_CHUNK], np.arange(min(PREFILL_CHUNK, x.shape[0] - s)) if all_logits else None)
+            part = x[s:s + PREFILL_CHUNK]
+            out = cache.run(part, np.arange(part.shape[0]) if all_logits else None)
             outs = [*outs, out] if keep_all else [out]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)  # (1, V), (T, d) or (T, V)
 
