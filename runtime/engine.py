@@ -287,7 +287,9 @@ class SegmentEngine:
         for s in range(0, max(x.shape[0], 1), PREFILL_CHUNK):
             part = x[s:s + PREFILL_CHUNK]
             out = cache.run(part, np.arange(part.shape[0]) if all_logits else None)
-            outs = [*outs, out] if keep_all else [out]
+            if not keep_all:
+                outs.clear()
+            outs.append(out)
         return outs[0] if len(outs) == 1 else np.concatenate(outs)  # (1, V), (T, d) or (T, V)
 
     def decode(self, x: np.ndarray, cache: KVCache | None = None) -> np.ndarray:

@@ -167,3 +167,15 @@ def test_workspace_is_per_prompt_token_of_a_prefill_chunk(tiny_store, monkeypatc
     assert got["workspace_mb_per_prompt_token"] == pytest.approx(workspace)
     assert got["resident_mb"]["q4"] == pytest.approx(per_layer + kv_mb * 16)
     assert got["runtime_overhead_mb"] == overhead
+
+
+def test_memory_prompts_must_differ_within_a_prefill_chunk(tiny_store):
+    """Both memory prompts at or beyond a chunk hold the same activations: the workspace cannot be
+    measured from them, and the profiler says so before running any probe."""
+    from edgesplit.device.profiling import profiler
+    from edgesplit.runtime.errors import ConfigError
+    from edgesplit.runtime.hparams import PREFILL_CHUNK
+
+    settings = dataclasses.replace(TINY, memory_prompts=(PREFILL_CHUNK, 4 * PREFILL_CHUNK))
+    with pytest.raises(ConfigError, match=rf"memory_prompts \({PREFILL_CHUNK}, {4 * PREFILL_CHUNK}\)"):
+        profiler.memory_figures(tiny_store, ("q4",), 1, settings)

@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 
 from edgesplit.runtime.memory import MB
+from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.files import write_text_atomic
 from edgesplit.runtime.hparams import PREFILL_CHUNK
 from edgesplit.device.profiling.flash_probe import flash_read_figures
@@ -48,6 +49,10 @@ def memory_figures(store: ModelStore, precisions, threads: int, ps: ProfileSetti
     base = dict(store=str(store.path), start=0, kv_precision="f32", threads=threads, decode_tokens=4,
                 max_seq_len=ps.max_seq_len)
     (short, long_), (small, big) = ps.memory_prompts, ps.layers
+    chunked = min(long_, PREFILL_CHUNK) - min(short, PREFILL_CHUNK)  # prompt positions a run holds more
+    if chunked <= 0:
+        raise ConfigError(f"memory_prompts {ps.memory_prompts}: the short prompt must be shorter than "
+                          f"the long one and than a prefill chunk ({PREFILL_CHUNK} positions)")
     peaks, baseline = {}, []
     for p in precisions:
         for n in (small, big):
@@ -59,10 +64,9 @@ def memory_figures(store: ModelStore, precisions, threads: int, ps: ProfileSetti
     per_layer = {p: max((peaks[(p, big)] - peaks[(p, small)]) / (big - small), 0.0) for p in precisions}
     p0 = precisions[0]
     embedding = peaks[(p0, small)] - overhead - small * per_layer[p0]
-    kv_mb = big * _kv_bytes(store, "f32") / MB * (long_ - short)  # KV pages touched by the long prompt
+    kv_mb = big * _kv_bytes(store, "f32") / MB * (long_ - short)  # the long prompt's extra KV pages
     # a prompt runs in chunks of PREFILL_CHUNK positions: the workspace grows with the chunk
-    chunked = min(long_, PREFILL_CHUNK) - min(short, PREFILL_CHUNK)
-    workspace = (long_run["peak_rss_mb"] - peaks[(p0, big)] - kv_mb) / max(chunked, 1)
+    workspace = (long_run["peak_rss_mb"] - peaks[(p0, big)] - kv_mb) / chunked
     return {"runtime_overhead_mb": overhead, "embedding_mb": max(embedding, 0.0),
             "workspace_mb_per_prompt_token": max(workspace, 0.0), "resident_mb": per_layer}
 
