@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import os
 import re
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,15 @@ def drop_clean_file_pages(path: str) -> int:
             dropped += 1
     log.debug("dropped the resident pages of %d clean mapping(s) of %s", dropped, path)
     return dropped
+
+
+def drop_library_pages(library_file: str) -> int:
+    """Drop this process's resident code pages of the shared library `library_file` (its path as
+    imported, e.g. a module's __file__): what its loading and set-up ran and later work does not
+    run again stops counting in RSS; code that runs faults back in from the file. Only mappings
+    never written are dropped (malloc.drop_clean_file_pages), never the library's data. The number
+    of mappings dropped."""
+    return drop_clean_file_pages(os.path.realpath(library_file))  # /proc/self/maps names real paths
 
 
 def mapped_resident_bytes(path: str) -> dict[int, int]:
