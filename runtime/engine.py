@@ -241,9 +241,10 @@ class SegmentEngine:
     def _build(self) -> ort.InferenceSession:
         session, self._weights = build_session(self.store, self.spec, self.threads, self.spin,
                                                self.outlier_channels, self.head_outlier_channels, self.profile_prefix)
-        # onnxruntime's library (~21 MiB resident once a session is made) is mostly code that
-        # loading, graph optimisation and kernel registration ran; a run faults back the ~9 MiB
-        # it uses (whole model: peak RSS 189 -> 176 MB, 128 + 128 tokens at max_seq_len 256).
+        # onnxruntime's library (~21-30 MiB resident once a session is made) is mostly code that
+        # loading, graph optimisation and kernel registration ran; a run faults back the ~9-12 MiB
+        # it uses (whole model, 128 + 128 tokens at max_seq_len 256: peak RSS 189 -> 175 MB,
+        # 199 -> 177 where the library's file was freshly installed; malloc.drop_library_pages).
         malloc.drop_library_pages(ORT_LIBRARY)
         return session
 
