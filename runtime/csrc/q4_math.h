@@ -82,6 +82,10 @@ static inline __m256 outlier8(const Job *j, size_t n, size_t o0) {
  * output and call. */
 static inline void outlier_row(const Job *j, size_t n, float *w) {
 #if defined(__AVX2__) && defined(__F16C__)
+    if (n + PREFETCH_ROWS < j->N) {  /* a tile ahead, as the weights are: the gather may otherwise wait on memory */
+        _mm_prefetch((const char *)(j->s + (n + PREFETCH_ROWS) * j->nb), _MM_HINT_T0);
+        _mm_prefetch((const char *)(j->ow + (n + PREFETCH_ROWS) * j->n_out), _MM_HINT_T0);
+    }
     if (j->nb >= 2) {  /* one scale is 2 bytes: a 32-bit word needs two */
         _mm256_storeu_ps(w, outlier8(j, n, 0));
         _mm256_storeu_ps(w + 8, j->n_out > 8 ? outlier8(j, n, 8) : _mm256_setzero_ps());
