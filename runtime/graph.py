@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .hparams import ModelConfig
 from .errors import ConfigError
 from .kernels import DOMAIN as Q4_DOMAIN, MAX_OUTLIERS as Q4_MAX_OUTLIERS
-from .quant import column_codes, dense_columns
+from .quant import dense_columns
 from .spec import SegmentSpec
 
 SMALL_BYTES = 256
@@ -159,11 +159,11 @@ class _Graph:
                  swiglu: bool = False) -> str:
         """One edgesplit operator node (kernels.py): Q4Linear for a q4 weight (the minimums inside),
         Q8Linear for a q8 one, both read from the store's layout as it is. At accuracy level 4 the
-        outlier channels go in as indices with their weights' codes (N, n_out): q4's nibbles or
-        q8's values, one byte each, which the kernel meets with their blocks' scales (exact; as
-        f16 weights they were 3.5 MB of the whole model's 100.6 MB read a token, as f32 7 MB); the
-        kernel keeps them out of its int8 rounding and adds them at fp32 x (a q4 block's minimums
-        meet the block sums). `swiglu` (Q4Linear): w is gate rows then up
+        outlier channels go in as indices with their weights' exact values less a q4 block's
+        minimum (N, n_out), rounded to f16 (relative 2^-11, far below the int8 rounding they
+        escape; as f32 they were 7 MB of the whole model's 104 MB read a token); the kernel keeps
+        them out of its int8 rounding and adds them at fp32 x (a q4 block's minimums meet the
+        block sums). `swiglu` (Q4Linear): w is gate rows then up
         rows and the node returns silu(gate) * up, (T, N / 2)."""
         q4 = w["qweight"].shape[2] == 16
         op = "Q4Linear" if q4 else "Q8Linear"
@@ -173,8 +173,11 @@ class _Graph:
         if outliers is not None and acc == 4:
             if len(outliers) > Q4_MAX_OUTLIERS:
                 raise ConfigError(f"{prefix}: {len(outliers)} outlier channels; {op} keeps at most {Q4_MAX_OUTLIERS}")
+            exact = dense_columns(w, outliers)  # (N, n_out)
+            if q4:
+                exact = exact - w["mins"].astype(np.float32)[:, outliers // 32]
             inputs += [self.init(f"{prefix}.outliers", outliers.astype(np.int64)),
-                       self.init(f"{prefix}.outlier_w", column_codes(w, outliers))]  # (N, n_out)
+                       self.init(f"{prefix}.outlier_w", exact.astype(np.float16))]
         attrs = {"swiglu": int(swiglu)} if q4 else {}
         return self.op1(op, inputs, domain=Q4_DOMAIN, accuracy_level=4 if acc == 4 else 0, **attrs)
 

@@ -111,23 +111,15 @@ def q8_dense(qweight: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return (q * scales.astype(np.float32)[..., None]).reshape(qweight.shape[0], -1)
 
 
-def column_codes(w: dict[str, np.ndarray], cols: np.ndarray) -> np.ndarray:
-    """The quantized codes (N, len(cols)) of some input columns of a q4/q8 weight: q4's nibbles
-    (uint8, 0..15) or q8's values (int8); the weight is code * scale (+ min for q4)."""
-    cols = np.asarray(cols, np.int64)
-    qw = w["qweight"]
-    blocks, pos = cols // BLOCK, cols % BLOCK
-    if qw.shape[2] == BLOCK // 2:  # q4: element 2j in the low nibble of byte j
-        byte = qw[:, blocks, pos // 2]  # (N, n)
-        return np.where(pos % 2 == 0, byte & 0x0F, byte >> 4).astype(np.uint8)
-    return (qw[:, blocks, pos].astype(np.int16) - 128).astype(np.int8)  # stored with +128
-
-
 def dense_columns(w: dict[str, np.ndarray], cols: np.ndarray) -> np.ndarray:
     """fp32 values (N, len(cols)) of some input columns of a q4/q8 weight, without expanding the
     rest (the tied 49152-row head would otherwise be a 113 MB temporary for 16 columns)."""
     cols = np.asarray(cols, np.int64)
-    blocks = cols // BLOCK
-    q = column_codes(w, cols).astype(np.float32) * w["scales"].astype(np.float32)[:, blocks]
-    q4 = w["qweight"].shape[2] == BLOCK // 2
-    return q + w["mins"].astype(np.float32)[:, blocks] if q4 else q
+    qw, scales = w["qweight"], w["scales"].astype(np.float32)
+    blocks, pos = cols // BLOCK, cols % BLOCK
+    if qw.shape[2] == BLOCK // 2:  # q4: element 2j in the low nibble of byte j
+        byte = qw[:, blocks, pos // 2]  # (N, n)
+        q = np.where(pos % 2 == 0, byte & 0x0F, byte >> 4).astype(np.float32)
+        return q * scales[:, blocks] + w["mins"].astype(np.float32)[:, blocks]
+    q = qw[:, blocks, pos].astype(np.float32) - np.float32(128)
+    return q * scales[:, blocks]

@@ -32,22 +32,22 @@ static inline float hsum_avx2(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-/* acc + one output's outlier weights w (outlier_row) . their x values (fp32); past the last
- * multiple of 8 into *tail */
-static inline __m256 outliers(const Job *j, const float *w, size_t t, __m256 acc, float *tail) {
+/* acc + the outlier channels' weights (f16) . their x values (fp32); past the last multiple of 8
+ * into *tail */
+static inline __m256 outliers(const Job *j, size_t n, size_t t, __m256 acc, float *tail) {
+    const _Float16 *w = j->ow + n * j->n_out;
     const float *x = j->xo + t * HALF;
     size_t o = 0;
     for (; o + 8 <= j->n_out; o += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + o), _mm256_loadu_ps(x + o), acc);
-    for (; o < j->n_out; o++) *tail += w[o] * x[o];
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + o))), _mm256_loadu_ps(x + o), acc);
+    for (; o < j->n_out; o++) *tail += (float)w[o] * x[o];
     return acc;
 }
 
 /* Y[t, n0 .. n0+nt] from acc (its lanes' sums) and each output's outliers */
-static inline __attribute__((always_inline)) void store_tile(const Job *j, size_t n0, size_t t, __m256 *acc, const int nt,
-                                                              const float *ow) {
+static inline __attribute__((always_inline)) void store_tile(const Job *j, size_t n0, size_t t, __m256 *acc, const int nt) {
     float *y = j->y + t * j->N + n0, tail[NT] = {0};
-    for (int i = 0; i < nt; i++) acc[i] = outliers(j, ow + i * HALF, t, acc[i], &tail[i]);
+    for (int i = 0; i < nt; i++) acc[i] = outliers(j, n0 + i, t, acc[i], &tail[i]);
     if (nt == NT)
         for (int i = 0; i < NT; i += 4)
             _mm_storeu_ps(y + i, _mm_add_ps(sum4_avx2(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]), _mm_loadu_ps(tail + i)));
@@ -105,8 +105,7 @@ static inline __attribute__((always_inline)) void group(const Job *j, __m256 *ac
 
 /* Outputs n0 .. n0+nt one after another (each row of weights read in order: interleaving the
  * tile's rows halved the bandwidth on an AMD EPYC) against rows t0 .. t0+R. */
-static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t n0, size_t t0, const int nt, const int R,
-                                                             const float *ow) {
+static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t n0, size_t t0, const int nt, const int R) {
     __m256 acc[NT][RT];
     const size_t whole = j->nb / 4;
     for (int i = 0; i < nt; i++) {
@@ -122,15 +121,14 @@ static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t
     for (int r = 0; r < R; r++) {
         __m256 row[NT];
         for (int i = 0; i < nt; i++) row[i] = acc[i][r];
-        store_tile(j, n0, t0 + r, row, nt, ow);
+        store_tile(j, n0, t0 + r, row, nt);
     }
 }
 
 /* Outputs n0 .. n0+nt one after another, each row of weights read in order (as tile_int8). The
  * -128 offset term (resid, one per block and row) is spread over the 8 lanes of the block's dot
  * product, so that one FMA by the block's scale takes both. */
-static inline __attribute__((always_inline)) void tile8_int8(const Job *j, size_t n0, size_t t0, const int nt, const int R,
-                                                              const float *ow) {
+static inline __attribute__((always_inline)) void tile8_int8(const Job *j, size_t n0, size_t t0, const int nt, const int R) {
     __m256 acc[RT][NT];
     for (int r = 0; r < R; r++)
         for (int i = 0; i < nt; i++) acc[r][i] = _mm256_setzero_ps();
@@ -156,7 +154,7 @@ static inline __attribute__((always_inline)) void tile8_int8(const Job *j, size_
             }
         }
     }
-    for (int r = 0; r < R; r++) store_tile(j, n0, t0 + r, acc[r], nt, ow);
+    for (int r = 0; r < R; r++) store_tile(j, n0, t0 + r, acc[r], nt);
 }
 
 #endif

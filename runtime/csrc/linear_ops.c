@@ -92,17 +92,11 @@ static OrtStatus *outlier_inputs(OrtKernelContext *ctx, const OpKind *op, size_t
     }
     CHECK(g_api->GetTensorMutableData((OrtValue *)vi, (void **)&j->oidx));
     CHECK(g_api->GetTensorMutableData((OrtValue *)vw, (void **)&j->ow));
-    for (int64_t o = 0; o < di[0]; o++) {
+    for (int64_t o = 0; o < di[0]; o++)
         if (j->oidx[o] < 0 || j->oidx[o] >= (int64_t)j->K) {
             snprintf(msg, sizeof msg, "%s: outlier channel %lld is outside [0, K=%zu)", op->name, (long long)j->oidx[o], j->K);
             return op_fail(msg);
         }
-        j->oblk[o] = (uint16_t)(j->oidx[o] / BLOCK);
-        const int last = (size_t)j->oblk[o] + 1 == j->nb;  /* its word would pass the row: read the one before */
-        j->oofs[o] = 2 * (int32_t)j->oblk[o] - (last ? 2 : 0);
-        j->osh[o] = last ? 16 : 0;
-    }
-    j->ow_signed = op->bits == 8;
     j->n_out = (size_t)di[0];
     return NULL;
 }
@@ -268,16 +262,15 @@ static const char *ORT_API_CALL name_q4(const OrtCustomOp *op) { (void)op; retur
 static const char *ORT_API_CALL name_q8(const OrtCustomOp *op) { (void)op; return Q8.name; }
 static const char *ORT_API_CALL op_ep(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static const ONNXTensorElementDataType F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, U8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-                                       F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, I64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
-                                       I8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+                                       F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, I64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
 static ONNXTensorElementDataType ORT_API_CALL inputs_q4(const OrtCustomOp *op, size_t i) {
     (void)op;
-    const ONNXTensorElementDataType types[6] = {F32, U8, F16, F16, I64, U8};  /* outlier codes: nibbles */
+    const ONNXTensorElementDataType types[6] = {F32, U8, F16, F16, I64, F16};
     return types[i];
 }
 static ONNXTensorElementDataType ORT_API_CALL inputs_q8(const OrtCustomOp *op, size_t i) {
     (void)op;
-    const ONNXTensorElementDataType types[5] = {F32, U8, F16, I64, I8};  /* outlier codes: Q8_0's values */
+    const ONNXTensorElementDataType types[5] = {F32, U8, F16, I64, F16};
     return types[i];
 }
 static size_t ORT_API_CALL count_q4(const OrtCustomOp *op) { (void)op; return 6; }

@@ -38,14 +38,8 @@ typedef struct {
     size_t ng;            /* groups of 4 blocks: ceil(nb / 4) (the fp32 path's sf, mf rows are 4 * ng long) */
     const int64_t *oidx;  /* int8 path: outlier input channels, kept out of the int8 rounding (or NULL) */
     size_t n_out;         /* how many (at most HALF) */
-    const uint8_t *ow;    /* (N, n_out) their weights' codes q: Q4_1's nibble (uint8) or Q8_0's value (int8), met by
-                           * the block's SCALES here (the minimums meet the exact block sums): the same weights as
-                           * f16 copies were 3.5 MB of the whole model's 100.6, read every token */
-    int ow_signed;        /* the codes are Q8_0's (int8) */
-    uint16_t oblk[HALF];  /* the block of each outlier channel */
-    int32_t oofs[HALF], osh[HALF];  /* the byte offset of the 32-bit word holding its block's scale and
-                                     * that scale's shift in it (16 in the row's last block, so that no
-                                     * read passes the row's last scale); 0 past n_out */
+    const _Float16 *ow;   /* (N, n_out) their weights' SCALES * q, rounded to f16 once at build (the minimums meet
+                           * the exact block sums); f32 was 7 MB of the whole model's 104 */
     float *xo;            /* (T, HALF) their x values, zero-padded */
     int int8;             /* run the int8 path */
     const uint8_t *qw;    /* (N, nb, 16) */
@@ -54,49 +48,6 @@ typedef struct {
     float *y;             /* (T, N) */
     size_t T, K, N, nb;
 } Job;
-
-#if defined(__AVX2__) && defined(__F16C__)
-#include <immintrin.h>
-/* Lanes o0 .. o0+7 of output n's outlier weights, 0 past n_out: the codes in one load, their
- * blocks' scales gathered as the 32-bit words holding them (oofs, osh), then converted. */
-static inline __m256 outlier8(const Job *j, size_t n, size_t o0) {
-    const uint8_t *q = j->ow + n * j->n_out + o0;
-    uint8_t pad[8] = {0};
-    if (j->n_out - o0 < 8) {  /* a short load would pass the buffer at its last row */
-        memcpy(pad, q, j->n_out - o0);
-        q = pad;
-    }
-    const __m128i qb = _mm_loadl_epi64((const __m128i *)q);
-    const __m256 qf = _mm256_cvtepi32_ps(j->ow_signed ? _mm256_cvtepi8_epi32(qb) : _mm256_cvtepu8_epi32(qb));
-    const __m256i words = _mm256_i32gather_epi32((const int *)(j->s + n * j->nb),
-                                                 _mm256_loadu_si256((const __m256i *)(j->oofs + o0)), 1);
-    const __m256i h = _mm256_and_si256(_mm256_srlv_epi32(words, _mm256_loadu_si256((const __m256i *)(j->osh + o0))),
-                                       _mm256_set1_epi32(0xFFFF));
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);  /* 8 x f16, low half */
-    return _mm256_mul_ps(qf, _mm256_cvtph_ps(_mm256_castsi256_si128(packed)));
-}
-#endif
-
-/* Output n's outlier weights into w (HALF floats, 0 past n_out): each code times its block's
- * SCALES, read from the row's scales (Q8_0's codes are signed); shared by the int8 paths, once an
- * output and call. */
-static inline void outlier_row(const Job *j, size_t n, float *w) {
-#if defined(__AVX2__) && defined(__F16C__)
-    if (n + PREFETCH_ROWS < j->N) {  /* a tile ahead, as the weights are: the gather may otherwise wait on memory */
-        _mm_prefetch((const char *)(j->s + (n + PREFETCH_ROWS) * j->nb), _MM_HINT_T0);
-        _mm_prefetch((const char *)(j->ow + (n + PREFETCH_ROWS) * j->n_out), _MM_HINT_T0);
-    }
-    if (j->nb >= 2) {  /* one scale is 2 bytes: a 32-bit word needs two */
-        _mm256_storeu_ps(w, outlier8(j, n, 0));
-        _mm256_storeu_ps(w + 8, j->n_out > 8 ? outlier8(j, n, 8) : _mm256_setzero_ps());
-        return;
-    }
-#endif
-    const uint8_t *q = j->ow + n * j->n_out;
-    const _Float16 *row = j->s + n * j->nb;
-    for (size_t o = 0; o < HALF; o++)
-        w[o] = o < j->n_out ? (float)row[j->oblk[o]] * (j->ow_signed ? (float)(int8_t)q[o] : (float)q[o]) : 0.0f;
-}
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -173,8 +124,7 @@ static void outputs(const Job *j, size_t n, int nt, const float *sf, const float
  * S the block's exact fp32 sum: the dot product runs on the unsigned nibbles, but its x rounding
  * error meets q - 8 (centred, as MatMulNBits' symmetric form; q itself doubled the error), and
  * the rest is two fp32 terms per block: m S + d E with E = 8 (S - dx sum qx), kept per row. */
-static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t n0, size_t t0, const int nt, const int R,
-                                                             const float *ow) {
+static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t n0, size_t t0, const int nt, const int R) {
     __m512 acc[NT][RT];
     for (int i = 0; i < nt; i++)
         for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
@@ -215,9 +165,11 @@ static inline __attribute__((always_inline)) void tile_int8(const Job *j, size_t
                 acc[i][r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mn, j->s + row)), re, acc[i][r]);
             }
         }
-        if (j->n_out) {  /* the outlier channels, at fp32 x */
+        if (j->n_out) {  /* the outlier channels, at fp32 x and f16 weights */
+            const __mmask16 m = (__mmask16)((1u << j->n_out) - 1);
             const __m512 xo = _mm512_loadu_ps(j->xo + t * HALF);
-            for (int i = 0; i < nt; i++) acc[i][r] = _mm512_fmadd_ps(_mm512_loadu_ps(ow + i * HALF), xo, acc[i][r]);
+            for (int i = 0; i < nt; i++)
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, j->ow + (n0 + i) * j->n_out)), xo, acc[i][r]);
         }
         if (nt == NT)
             for (int i = 0; i < NT; i += 4)
@@ -262,14 +214,12 @@ static void outputs(const Job *j, size_t n, int nt, const float *sf, const float
 #ifdef HAVE_INT8
 /* every row of X against outputs n .. n+nt on the int8 path (the build's tile_int8) */
 static void outputs_int8(const Job *j, size_t n, int nt) {
-    float ow[NT * HALF];  /* the tile's outlier weights, once for every row */
-    for (int i = 0; j->n_out && i < nt; i++) outlier_row(j, n + (size_t)i, ow + i * HALF);
     size_t t = 0;
     if (nt == NT) {
-        for (; t + RT <= j->T; t += RT) tile_int8(j, n, t, NT, RT, ow);
-        for (; t < j->T; t++) tile_int8(j, n, t, NT, 1, ow);
+        for (; t + RT <= j->T; t += RT) tile_int8(j, n, t, NT, RT);
+        for (; t < j->T; t++) tile_int8(j, n, t, NT, 1);
     } else {
-        for (; t < j->T; t++) tile_int8(j, n, t, 1, 1, ow);
+        for (; t < j->T; t++) tile_int8(j, n, t, 1, 1);
     }
 }
 #endif

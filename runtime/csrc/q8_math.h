@@ -59,8 +59,7 @@ static void outputs8(const Job *j, size_t n, int nt) {
  * dot product (vpdpbusd takes u unsigned and x signed; int32 lanes 8b'..8b'+7 hold block b').
  * Per block, sum_l d (u_l - 128) dx qx_l = d dx sum_l u_l qx_l - 128 d dx sum_l qx_l: the second
  * term is one fp32 value per block and row (`resid`, -128 dx sum qx), met by the scales at the end. */
-static inline __attribute__((always_inline)) void tile8_int8(const Job *j, size_t n0, size_t t0, const int nt, const int R,
-                                                              const float *ow) {
+static inline __attribute__((always_inline)) void tile8_int8(const Job *j, size_t n0, size_t t0, const int nt, const int R) {
     __m512 acc[NT][RT];
     for (int i = 0; i < nt; i++)
         for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
@@ -91,9 +90,11 @@ static inline __attribute__((always_inline)) void tile8_int8(const Job *j, size_
             for (int i = 0; i < nt; i++)
                 acc[i][r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, j->s + (n0 + i) * j->nb + c)), re, acc[i][r]);
         }
-        if (j->n_out) {  /* the outlier channels, at fp32 x */
+        if (j->n_out) {  /* the outlier channels, at fp32 x and f16 weights */
+            const __mmask16 m = (__mmask16)((1u << j->n_out) - 1);
             const __m512 xo = _mm512_loadu_ps(j->xo + t * HALF);
-            for (int i = 0; i < nt; i++) acc[i][r] = _mm512_fmadd_ps(_mm512_loadu_ps(ow + i * HALF), xo, acc[i][r]);
+            for (int i = 0; i < nt; i++)
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, j->ow + (n0 + i) * j->n_out)), xo, acc[i][r]);
         }
         float *y = j->y + t * j->N + n0;
         if (nt == NT)
@@ -127,14 +128,12 @@ static void outputs8(const Job *j, size_t n, int nt) {
 #ifdef HAVE_INT8
 /* every row of X against outputs n .. n+nt on the int8 path (the build's tile8_int8) */
 static void outputs8_int8(const Job *j, size_t n, int nt) {
-    float ow[NT * HALF];  /* the tile's outlier weights, once for every row */
-    for (int i = 0; j->n_out && i < nt; i++) outlier_row(j, n + (size_t)i, ow + i * HALF);
     size_t t = 0;
     if (nt == NT) {
-        for (; t + RT <= j->T; t += RT) tile8_int8(j, n, t, NT, RT, ow);
-        for (; t < j->T; t++) tile8_int8(j, n, t, NT, 1, ow);
+        for (; t + RT <= j->T; t += RT) tile8_int8(j, n, t, NT, RT);
+        for (; t < j->T; t++) tile8_int8(j, n, t, NT, 1);
     } else {
-        for (; t < j->T; t++) tile8_int8(j, n, t, 1, 1, ow);
+        for (; t < j->T; t++) tile8_int8(j, n, t, 1, 1);
     }
 }
 #endif
