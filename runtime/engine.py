@@ -243,8 +243,8 @@ class SegmentEngine:
                                                self.outlier_channels, self.head_outlier_channels, self.profile_prefix)
         # onnxruntime's library (~21-30 MiB resident once a session is made) is mostly code that
         # loading, graph optimisation and kernel registration ran; a run faults back the ~9-12 MiB
-        # it uses (whole model, 128 + 128 tokens at max_seq_len 256: peak RSS 189 -> 175 MB,
-        # 199 -> 177 where the library's file was freshly installed; malloc.drop_library_pages).
+        # it uses (whole model, 128 + 128 tokens at max_seq_len 256: peak RSS 189 -> 173 MB;
+        # ~20 MB less where the library's file was freshly installed; malloc.drop_library_pages).
         malloc.drop_library_pages(ORT_LIBRARY)
         return session
 
