@@ -115,14 +115,17 @@ def _clean_mappings(path: str, smaps: str) -> list[tuple[int, int]]:
     return [(start, end) for start, end, kb in _mapping_field(path, smaps, "Anonymous:") if kb == 0]
 
 
-def drop_clean_file_pages(path: str) -> int:
+def drop_clean_file_pages(path: str, reclaim: bool = False) -> int:
     """Drop this process's resident pages of file `path` where its mappings were never written
     (Linux; elsewhere a no-op). A page read again faults back in from the file (still readable
     while mapped, even unlinked), so nothing changes but what stays resident. Returns the number of
     mappings dropped. Call it while nothing else uses those mappings (e.g. right after a session
-    that mapped them is opened, before it runs)."""
+    that mapped them is opened, before it runs). `reclaim`: first take the pages only this process
+    maps out of the page cache too (MADV_PAGEOUT; see drop_library_pages)."""
     dropped = 0
     for start, end in _clean_mappings(path, _smaps()):
+        if reclaim:
+            madvise(start, end - start, MADV_PAGEOUT)  # best effort: EINVAL before Linux 5.4
         if madvise(start, end - start, MADV_DONTNEED) == 0:
             dropped += 1
     log.debug("dropped the resident pages of %d clean mapping(s) of %s", dropped, path)
@@ -140,10 +143,7 @@ def drop_library_pages(library_file: str) -> int:
     (a pip install) sits in the page cache in large folios (Linux 6.x), and a fault maps a large
     folio whole, so onnxruntime's code came back as ~24-28 MiB instead of ~9. The price is
     reading that code from storage once, at the first run."""
-    path = os.path.realpath(library_file)  # /proc/self/maps names real paths
-    for start, end in _clean_mappings(path, _smaps()):
-        madvise(start, end - start, MADV_PAGEOUT)  # best effort: EINVAL before Linux 5.4
-    return drop_clean_file_pages(path)
+    return drop_clean_file_pages(os.path.realpath(library_file), reclaim=True)  # maps names real paths
 
 
 def mapped_resident_bytes(path: str) -> dict[int, int]:
