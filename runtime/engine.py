@@ -241,11 +241,12 @@ class SegmentEngine:
     def _build(self) -> ort.InferenceSession:
         session, self._weights = build_session(self.store, self.spec, self.threads, self.spin,
                                                self.outlier_channels, self.head_outlier_channels, self.profile_prefix)
-        # onnxruntime's library (~21-30 MiB resident once a session is made) is mostly code that
-        # loading, graph optimisation and kernel registration ran; a run faults back the ~9-12 MiB
-        # it uses (whole model, 128 + 128 tokens at max_seq_len 256: peak RSS 189 -> 173 MB;
-        # ~20 MB less where the library's file was freshly installed; malloc.drop_library_pages).
-        malloc.drop_library_pages(ORT_LIBRARY)
+        # The libraries' code resident once a session is made is mostly what importing, loading,
+        # graph optimisation and kernel registration ran (onnxruntime's alone ~21-30 MiB); a run
+        # faults back what it uses (onnxruntime ~9-12 MiB). Whole model, 128 + 128 tokens at
+        # max_seq_len 256: peak RSS 189 -> 173 MB dropping onnxruntime's, -> 164 MB dropping
+        # every library's (numpy, libpython, libcrypto, ...); malloc.drop_library_pages.
+        malloc.drop_library_pages()
         return session
 
     @property

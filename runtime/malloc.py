@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import re
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -95,58 +96,66 @@ def _smaps() -> str:
         return ""
 
 
-def _mapping_field(path: str, smaps: str, field: str) -> list[tuple[int, int, int]]:
-    """(start, end, value in kB) of `field` (e.g. 'Rss:') for each mapping of file `path` in
-    `smaps` (/proc/<pid>/smaps text)."""
+def _mapping_field(path: str | None, smaps: str, field: str) -> list[tuple[int, int, int, str]]:
+    """(start, end, value in kB, file) of `field` (e.g. 'Rss:') for each mapping of file `path`
+    (None: of every shared library, a file whose name holds '.so') in `smaps` (/proc/<pid>/smaps
+    text)."""
     found, current = [], None
     for line in smaps.splitlines():
         m = _MAPPING.match(line)
         if m:
-            current = (int(m.group(1), 16), int(m.group(2), 16)) if _mapped_name(m) == path else None
+            name = _mapped_name(m)
+            wanted = name == path if path is not None else name.startswith("/") and ".so" in Path(name).name
+            current = (int(m.group(1), 16), int(m.group(2), 16), name) if wanted else None
         elif current is not None and line.startswith(field):
-            found.append((*current, int(line.split()[1])))
+            found.append((current[0], current[1], int(line.split()[1]), current[2]))
             current = None
     return found
 
 
-def _clean_mappings(path: str, smaps: str) -> list[tuple[int, int]]:
-    """(start, end) of the mappings of file `path` in `smaps` (/proc/<pid>/smaps text) holding no
-    anonymous pages: nothing in them was written (copy-on-write), so each page equals the file's."""
-    return [(start, end) for start, end, kb in _mapping_field(path, smaps, "Anonymous:") if kb == 0]
+def _clean_mappings(path: str | None, smaps: str) -> list[tuple[int, int]]:
+    """(start, end) of the mappings of file `path` (None: of every shared library) in `smaps`
+    holding no anonymous pages: nothing in them was written (copy-on-write), so each page equals
+    the file's."""
+    return [(start, end) for start, end, kb, _ in _mapping_field(path, smaps, "Anonymous:") if kb == 0]
 
 
-def drop_clean_file_pages(path: str, reclaim: bool = False) -> int:
-    """Drop this process's resident pages of file `path` where its mappings were never written
-    (Linux; elsewhere a no-op). A page read again faults back in from the file (still readable
-    while mapped, even unlinked), so nothing changes but what stays resident. Returns the number of
-    mappings dropped. Call it while nothing else uses those mappings (e.g. right after a session
-    that mapped them is opened, before it runs). `reclaim`: first take the pages only this process
-    maps out of the page cache too (MADV_PAGEOUT; see drop_library_pages)."""
+def drop_clean_file_pages(path: str | None, reclaim: bool = False) -> int:
+    """Drop this process's resident pages of file `path` (None: of every shared library mapped)
+    where its mappings were never written (Linux; elsewhere a no-op). A page read again faults
+    back in from the file (still readable while mapped, even unlinked), so nothing changes but
+    what stays resident. Returns the number of mappings dropped. Call it while nothing else uses
+    those mappings (e.g. right after a session that mapped them is opened, before it runs).
+    `reclaim`: first take the pages only this process maps out of the page cache too
+    (MADV_PAGEOUT; see drop_library_pages)."""
     dropped = 0
     for start, end in _clean_mappings(path, _smaps()):
         if reclaim:
             madvise(start, end - start, MADV_PAGEOUT)  # best effort: EINVAL before Linux 5.4
         if madvise(start, end - start, MADV_DONTNEED) == 0:
             dropped += 1
-    log.debug("dropped the resident pages of %d clean mapping(s) of %s", dropped, path)
+    log.debug("dropped the resident pages of %d clean mapping(s) of %s", dropped, path or "every library")
     return dropped
 
 
-def drop_library_pages(library_file: str) -> int:
+def drop_library_pages(library_file: str | None = None) -> int:
     """Drop this process's resident code pages of the shared library `library_file` (its path as
-    imported, e.g. a module's __file__): what its loading and set-up ran and later work does not
-    run again stops counting in RSS; code that runs faults back in from the file. Only mappings
-    never written are touched, never the library's data. The number of mappings dropped.
+    imported, e.g. a module's __file__), or of every shared library mapped (None): what loading
+    and set-up ran and later work does not run again stops counting in RSS; code that runs
+    faults back in from the file. Only mappings never written are touched, never a library's
+    data, never a file that is not a library (mapped weights). The number of mappings dropped.
 
     The pages only this process maps are first reclaimed from the page cache (MADV_PAGEOUT), so
     what runs later is read back in small pieces: a library file freshly written or read whole
     (a pip install) sits in the page cache in large folios (Linux 6.x), and a fault maps a large
     folio whole, so onnxruntime's code came back as ~24-28 MiB instead of ~9. The price is
-    reading that code from storage once, at the first run."""
-    return drop_clean_file_pages(os.path.realpath(library_file), reclaim=True)  # maps names real paths
+    reading that code from storage once, at the first run. Pages other processes map too (libc,
+    libpython) stay in the page cache and are only unmapped here."""
+    path = None if library_file is None else os.path.realpath(library_file)  # maps names real paths
+    return drop_clean_file_pages(path, reclaim=True)
 
 
 def mapped_resident_bytes(path: str) -> dict[int, int]:
     """Per mapping of file `path` (by start address), its bytes resident in this process (Linux
     smaps Rss; elsewhere none)."""
-    return {start: kb * 1024 for start, _, kb in _mapping_field(path, _smaps(), "Rss:")}
+    return {start: kb * 1024 for start, _, kb, _ in _mapping_field(path, _smaps(), "Rss:")}

@@ -248,6 +248,30 @@ def test_a_library_is_found_by_the_path_it_was_imported_from(tmp_path):
 
 
 @linux_only
+def test_every_librarys_clean_pages_drop_but_not_a_mapped_data_file(tmp_path):
+    """drop_library_pages() without a file takes every shared library mapped (a name holding
+    '.so'), and leaves other mapped files (the weights) resident."""
+    import mmap
+
+    from edgesplit.runtime import malloc
+
+    maps = {}
+    for name in ("libfake.so.1", "weights.bin"):
+        path = tmp_path / name
+        path.write_bytes(bytes(range(256)) * (4 * mmap.PAGESIZE // 256))
+        with open(path, "rb") as f:
+            maps[name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        assert maps[name][:: mmap.PAGESIZE] == bytes(4)  # every page touched
+        assert _resident_kb(str(path)) > 0
+    assert malloc.drop_library_pages() >= 1
+    assert _resident_kb(str(tmp_path / "libfake.so.1")) == 0
+    assert _resident_kb(str(tmp_path / "weights.bin")) == 4 * mmap.PAGESIZE // 1024
+    assert maps["libfake.so.1"][mmap.PAGESIZE + 1] == 1  # still readable: faults back in
+    for m in maps.values():
+        m.close()
+
+
+@linux_only
 def test_a_built_engine_leaves_most_of_onnxruntimes_code_unmapped(tiny_store):
     """Opening a session runs ~21 MiB of onnxruntime's code (loading, optimisation, kernel
     registration) that a run does not; the engine drops it, and running faults back what it uses.
