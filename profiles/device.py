@@ -58,6 +58,11 @@ class MeasuredFigures:
     runtime_overhead_mb: float  # MB RSS of a process with the runtime, tokenizer and socket, no engine
     embedding_mb: float  # MB RSS the embedding table adds (q8)
     workspace_mb_per_prompt_token: float  # MB of peak RSS per prompt token at prefill (activations)
+    # MB peak RSS while a device process opens its front: open_overhead_mb + open_mb_per_layer x cut.
+    # The libraries' set-up code is resident then (dropped once the engine is built), so a small
+    # front's process peaks while it opens, a large one's while it runs.
+    open_overhead_mb: float
+    open_mb_per_layer: float
     kv_bytes_per_token_per_layer: dict[str, int]  # KV precision -> bytes (K and V) per token per layer
     codec_ms: dict[str, float]  # codec setting -> ms to encode + decode one decode-step row
     split_overhead_ms: float  # ms per split decode token beyond compute and link (loop, frames, sockets)
@@ -102,7 +107,7 @@ _MEASURED = {
     "model": Str(), "n_layers": Int(2), "d_model": Int(1), "threads": Int(1), "context_tokens": IntList(1),
     "prefill_tokens": Int(1), "step_overhead_ms": Num(), "embed_ms": Num(), "head_decode_ms": Num(),
     "head_prefill_ms": Num(), "runtime_overhead_mb": Num(), "embedding_mb": Num(),
-    "workspace_mb_per_prompt_token": Num(),
+    "workspace_mb_per_prompt_token": Num(), "open_overhead_mb": Num(), "open_mb_per_layer": Num(),
     "kv_bytes_per_token_per_layer": MapOf(Int(1), KV_PRECISIONS),
     "codec_ms": MapOf(Num()), "split_overhead_ms": Num(), "frame_up_bytes": Int(0), "frame_down_bytes": Int(0),
     "layers": MapOf(Table(_LAYER), LAYER_PRECISIONS),

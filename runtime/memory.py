@@ -53,6 +53,18 @@ def peak_rss_mb() -> float:
     return peak / MB if sys.platform == "darwin" else peak * 1024 / MB  # ru_maxrss: bytes on macOS, KiB on Linux
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's peak RSS (VmHWM) again from its current RSS (Linux: writing 5 to
+    /proc/self/clear_refs), so a later peak_rss_mb() is the peak of what ran since. False where it
+    cannot (then the peak keeps counting from the start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def segment_memory(store: ModelStore, start: int, end: int, *, prompt_tokens: int = 64,
                    **engine_kwargs) -> dict:
     """Load layers [start, end), run a prompt through them, and report what it cost.

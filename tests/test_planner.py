@@ -27,7 +27,7 @@ def figures() -> MeasuredFigures:
     return MeasuredFigures(
         model="synthetic", n_layers=L, d_model=D, threads=1, context_tokens=(64, 1024), prefill_tokens=16,
         step_overhead_ms=0.5, embed_ms=0.1, head_decode_ms=1.0, head_prefill_ms=2.0, runtime_overhead_mb=100.0,
-        embedding_mb=20.0, workspace_mb_per_prompt_token=0.0,
+        embedding_mb=20.0, workspace_mb_per_prompt_token=0.0, open_overhead_mb=0.0, open_mb_per_layer=0.0,
         kv_bytes_per_token_per_layer={"f32": 1024, "int8": 256},
         codec_ms={"f32": 0.01, "int8": 0.05}, split_overhead_ms=0.0, frame_up_bytes=100, frame_down_bytes=100,
         layers=layers)
@@ -36,6 +36,10 @@ def figures() -> MeasuredFigures:
 def device(factor: float = 1.0, usable_mb: float = 10_000.0) -> DeviceProfile:
     return DeviceProfile("dev", "d", "test", "datasheet", "host", factor, factor, 20_000.0, usable_mb, 1,
                          40.0, 4.0, 15.0, figures())
+
+
+def device_with(f: MeasuredFigures) -> DeviceProfile:
+    return dataclasses.replace(device(), figures=f)
 
 
 def cloud(factor: float = 1.0) -> CloudProfile:
@@ -62,6 +66,22 @@ def test_memory_model_adds_its_parts():
     f = figures()
     # 100 overhead + 20 embedding + 2 x 10 MB layers + 2 layers x 1024 B x 512 tokens (1.048576 MB)
     assert device_memory_mb(f, 2, "q4", "f32", tokens=512) == pytest.approx(141.048576)
+
+
+def test_memory_is_the_larger_of_opening_and_running_the_front():
+    """A process peaks while it opens its front (the libraries' set-up code still resident) or
+    while it runs it, whichever is larger: a small front opens above what it runs in."""
+    f = dataclasses.replace(figures(), open_overhead_mb=150.0, open_mb_per_layer=1.0)
+    # running: 100 + 20 + cut x 10 MB + KV (cut x 1024 B x 512 tokens)
+    assert device_memory_mb(f, 1, "q4", "f32", tokens=512) == pytest.approx(151.0)  # opening: 150 + 1
+    assert device_memory_mb(f, 4, "q4", "f32", tokens=512) == pytest.approx(160.0 + 4 * 1024 * 512 / 1e6)
+    s = Setting(1, "q4", "q4", "f32", "f32", 512)
+    c = costs(device(), cloud(), net(), s, up_bytes=100.0, prompt_bytes_per_token=100.0, context=64,
+              prompt_tokens=16)
+    assert c is not None and c.device_memory_mb == pytest.approx(100.0 + 20.0 + 10.0 + 1024 * 512 / 1e6)
+    c = costs(device_with(f), cloud(), net(), s, up_bytes=100.0, prompt_bytes_per_token=100.0, context=64,
+              prompt_tokens=16)
+    assert c is not None and c.device_memory_mb == pytest.approx(151.0)
 
 
 def test_prompt_workspace_stops_growing_at_the_prefill_chunk():

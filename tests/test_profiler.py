@@ -159,7 +159,7 @@ def test_workspace_is_per_prompt_token_of_a_prefill_chunk(tiny_store, monkeypatc
         assert kind == "memory"
         n, prompt = cfg["end"], cfg["prompt_tokens"]
         peak = overhead + n * per_layer + n * kv_mb * prompt + workspace * min(prompt, PREFILL_CHUNK)
-        return {"baseline_rss_mb": overhead, "peak_rss_mb": peak}
+        return {"baseline_rss_mb": overhead, "run_peak_rss_mb": peak, "open_peak_rss_mb": 150.0 + 0.5 * n}
 
     monkeypatch.setattr(profiler, "run_probe", probe)
     settings = dataclasses.replace(TINY, memory_prompts=(16, 4 * PREFILL_CHUNK))
@@ -167,6 +167,7 @@ def test_workspace_is_per_prompt_token_of_a_prefill_chunk(tiny_store, monkeypatc
     assert got["workspace_mb_per_prompt_token"] == pytest.approx(workspace)
     assert got["resident_mb"]["q4"] == pytest.approx(per_layer + kv_mb * 16)
     assert got["runtime_overhead_mb"] == overhead
+    assert got["open_mb_per_layer"] == pytest.approx(0.5) and got["open_overhead_mb"] == pytest.approx(150.0)
 
 
 def test_memory_prompts_must_differ_within_a_prefill_chunk(tiny_store):

@@ -103,12 +103,25 @@ def layer_decode_ms(lf: LayerFigures, contexts: tuple[int, ...], context: int) -
     return float(ys[-1] + slope * (context - xs[-1]))
 
 
-def device_memory_mb(fig: MeasuredFigures, cut: int, front_precision: str, kv_precision: str,
-                     tokens: int, prompt_tokens: int = 0) -> float:
-    """Peak RSS (MB) of a device process holding [0, cut) with `tokens` positions of KV in use."""
+def running_memory_mb(fig: MeasuredFigures, cut: int, front_precision: str, kv_precision: str,
+                      tokens: int, prompt_tokens: int = 0) -> float:
+    """Peak RSS (MB) of a device process running [0, cut) with `tokens` positions of KV in use."""
     kv_mb = cut * fig.kv_bytes_per_token_per_layer[kv_precision] * tokens / MB
     return (fig.runtime_overhead_mb + fig.embedding_mb + cut * fig.layer(front_precision).resident_mb
             + kv_mb + fig.workspace_mb_per_prompt_token * min(prompt_tokens, PREFILL_CHUNK))
+
+
+def opening_memory_mb(fig: MeasuredFigures, cut: int) -> float:
+    """Peak RSS (MB) of a device process while it opens a front of `cut` layers."""
+    return fig.open_overhead_mb + cut * fig.open_mb_per_layer
+
+
+def device_memory_mb(fig: MeasuredFigures, cut: int, front_precision: str, kv_precision: str,
+                     tokens: int, prompt_tokens: int = 0) -> float:
+    """Peak RSS (MB) of a device process holding [0, cut) with `tokens` positions of KV in use:
+    the larger of its peak while opening the front and while running it."""
+    return max(opening_memory_mb(fig, cut),
+               running_memory_mb(fig, cut, front_precision, kv_precision, tokens, prompt_tokens))
 
 
 def link_ms(net: NetworkProfile, up_bytes: float, down_bytes: float) -> float:
@@ -227,8 +240,8 @@ def costs(dev: DeviceProfile, cloud: CloudProfile, net: NetworkProfile, s: Setti
     `s.flash` does not apply to `s` (see `front_flash`).
     """
     f = dev.figures
-    all_resident_mb = device_memory_mb(f, s.cut, s.front_precision, s.kv_precision, s.max_seq_len, prompt_tokens)
-    other_mb = all_resident_mb - f.embedding_mb - s.cut * f.layer(s.front_precision).resident_mb
+    running_mb = running_memory_mb(f, s.cut, s.front_precision, s.kv_precision, s.max_seq_len, prompt_tokens)
+    other_mb = running_mb - f.embedding_mb - s.cut * f.layer(s.front_precision).resident_mb
     front = front_flash(dev, s, context, prompt_tokens,
                         dev.usable_memory_mb if budget_mb is None else budget_mb, other_mb)
     if front is None:
@@ -236,7 +249,7 @@ def costs(dev: DeviceProfile, cloud: CloudProfile, net: NetworkProfile, s: Setti
     breakdown = decode_costs(dev, cloud, net, s, up_bytes, context, device_ms=front.decode_ms)
     typical = sum(breakdown.values())
     retry = retransmit_ms(net, up_bytes + f.frame_up_bytes, f.frame_down_bytes)
-    memory = all_resident_mb if s.flash == "resident" else other_mb + front.front_mb
+    memory = max(opening_memory_mb(f, s.cut), running_mb if s.flash == "resident" else other_mb + front.front_mb)
     ttft = ttft_ms(dev, cloud, net, s, prompt_bytes_per_token, prompt_tokens) + front.prefill_io_ms
     return Costs(memory, typical, typical + retry, ttft, breakdown, front,
                  cloud_usd_per_mtok(cloud, breakdown["cloud_compute"]))

@@ -7,7 +7,10 @@ cut of a sweep is measured in its own process started from here:
     python -m edgesplit.device.profiling.probe split  '{"store": ..., "endpoint": ..., "cut": 4, ...}'
 
 `memory` loads what a device process loads (runtime, transport, tokenizer), notes its RSS, loads
-the segment, runs a prompt and a few decode steps, and reports the peak. `split` is a device run
+the segment (the peak so far: opening it), runs a prompt and a few decode steps, and reports the
+peak of the run apart. Opening peaks on its own: the libraries' set-up code is resident then and
+dropped once the engine is built (malloc.drop_library_pages), so a small front's process peaks
+while it opens and a large one's while it runs. `split` is a device run
 against a running cloud worker with an emulated link: a short warm-up session (so the worker has
 built its back segment), then the measured session, summarized as `simulate` does.
 """
@@ -35,17 +38,24 @@ def _rss_mb() -> float:
     return 0.0
 
 
+def _peaks(open_peak: float, run_peak: float) -> dict:
+    """open_peak_rss_mb (while the engine was loaded), run_peak_rss_mb (of what ran after: the whole
+    process's where the peak cannot be reset) and peak_rss_mb (the whole process's), MB."""
+    return {"open_peak_rss_mb": open_peak, "run_peak_rss_mb": run_peak, "peak_rss_mb": max(open_peak, run_peak)}
+
+
 def memory_probe(cfg: dict) -> dict:
     """Peak RSS of a device-like process holding segment [start, end) after a prompt and decodes.
 
     cfg: store, start, end, precision, kv_precision, max_seq_len, prompt_tokens, decode_tokens.
-    Returns baseline_rss_mb (runtime + tokenizer loaded, no engine), peak_rss_mb, kv_mb (allocated).
+    Returns baseline_rss_mb (runtime + tokenizer loaded, no engine), the peaks (_peaks), kv_mb
+    (allocated).
     """
     importlib.import_module("edgesplit.device.remote")  # what a device process imports (zmq, transport)
     from edgesplit.runtime.memory import prompt_ids
     from edgesplit.runtime.engine import SegmentEngine
     from edgesplit.runtime.generate import load_tokenizer
-    from edgesplit.runtime.memory import peak_rss_mb
+    from edgesplit.runtime.memory import peak_rss_mb, reset_peak_rss
     from edgesplit.runtime.store import ModelStore
 
     store = ModelStore(cfg["store"])
@@ -53,26 +63,29 @@ def memory_probe(cfg: dict) -> dict:
     baseline = _rss_mb()
     eng = SegmentEngine(store, cfg["start"], cfg["end"], precision=cfg["precision"],
                         kv_precision=cfg["kv_precision"], max_seq_len=cfg["max_seq_len"], threads=cfg.get("threads", 2))
+    open_peak = peak_rss_mb()
+    reset_peak_rss()
     d = store.config.d_model
     ids = prompt_ids(cfg["prompt_tokens"], store.config.vocab_size)
     x = ids if cfg["start"] == 0 else np.zeros((ids.size, d), np.float32)
     out = eng.prefill(x)
     for _ in range(cfg["decode_tokens"]):
         out = eng.decode(ids[:1] if cfg["start"] == 0 else out[-1:])
-    return {"baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb(), "kv_mb": eng.kv_bytes() / MB}
+    return {"baseline_rss_mb": baseline, **_peaks(open_peak, peak_rss_mb()), "kv_mb": eng.kv_bytes() / MB}
 
 
 def split_probe(cfg: dict) -> dict:
     """One measured split session against the worker at cfg['endpoint'] (see the module docstring).
 
     cfg: store, endpoint, cut, network, codec, prompt, max_tokens, warmup_tokens, plan (dict:
-    PlanSettings fields besides cut and codec), threads, link_seed. Returns simulate's summary keys plus peak_rss_mb and
+    PlanSettings fields besides cut and codec), threads, link_seed. Returns simulate's summary keys plus
+    the peaks (_peaks: opening the front, the sessions after it, the whole process) and
     downlink_bytes_per_token.
     """
     from edgesplit.device.split import load_front, run_split
     from edgesplit.device.timings import summarize
     from edgesplit.profiles.network import load_network_profile
-    from edgesplit.runtime.memory import peak_rss_mb
+    from edgesplit.runtime.memory import peak_rss_mb, reset_peak_rss
     from edgesplit.transport.link import EmulatedLink
 
     from edgesplit.runtime.generate import load_tokenizer
@@ -82,6 +95,8 @@ def split_probe(cfg: dict) -> dict:
     tok = load_tokenizer(store)
     ids = tok.encode(cfg["prompt"])
     front = load_front(store, plan, threads=cfg["threads"])
+    open_peak = peak_rss_mb()
+    reset_peak_rss()
     profile = load_network_profile(cfg["network"])
     for _ in run_split(store, cfg["endpoint"], plan, ids, None, cfg["warmup_tokens"], None, stop_ids=(),
                        tokenizer=tok, front=front, timeout_s=60.0):
@@ -95,7 +110,7 @@ def split_probe(cfg: dict) -> dict:
         responses.append(resp)
     out = summarize(responses, times, t_start)
     out.update(cut=plan.cut, network=profile.name, codec=str(plan.codec), prompt_tokens=len(ids),
-               tokens=len(responses), peak_rss_mb=peak_rss_mb(),
+               tokens=len(responses), **_peaks(open_peak, peak_rss_mb()),
                downlink_bytes_per_token=float(np.median([r.timings.downlink_bytes for r in responses[1:]])))
     return out
 

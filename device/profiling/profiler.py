@@ -53,11 +53,11 @@ def memory_figures(store: ModelStore, precisions, threads: int, ps: ProfileSetti
     if chunked <= 0:
         raise ConfigError(f"memory_prompts {ps.memory_prompts}: the short prompt must be shorter than "
                           f"the long one and than a prefill chunk ({PREFILL_CHUNK} positions)")
-    peaks, baseline = {}, []
+    peaks, open_peaks, baseline = {}, {}, []
     for p in precisions:
         for n in (small, big):
             r = run_probe("memory", dict(base, end=n, precision=p, prompt_tokens=short))
-            peaks[(p, n)] = r["peak_rss_mb"]
+            peaks[(p, n)], open_peaks[(p, n)] = r["run_peak_rss_mb"], r["open_peak_rss_mb"]
             baseline.append(r["baseline_rss_mb"])
     long_run = run_probe("memory", dict(base, end=big, precision=precisions[0], prompt_tokens=long_))
     overhead = statistics.median(baseline)
@@ -66,9 +66,12 @@ def memory_figures(store: ModelStore, precisions, threads: int, ps: ProfileSetti
     embedding = peaks[(p0, small)] - overhead - small * per_layer[p0]
     kv_mb = big * _kv_bytes(store, "f32") / MB * (long_ - short)  # the long prompt's extra KV pages
     # a prompt runs in chunks of PREFILL_CHUNK positions: the workspace grows with the chunk
-    workspace = (long_run["peak_rss_mb"] - peaks[(p0, big)] - kv_mb) / chunked
+    workspace = (long_run["run_peak_rss_mb"] - peaks[(p0, big)] - kv_mb) / chunked
+    open_per_layer = (open_peaks[(p0, big)] - open_peaks[(p0, small)]) / (big - small)
     return {"runtime_overhead_mb": overhead, "embedding_mb": max(embedding, 0.0),
-            "workspace_mb_per_prompt_token": max(workspace, 0.0), "resident_mb": per_layer}
+            "workspace_mb_per_prompt_token": max(workspace, 0.0), "resident_mb": per_layer,
+            "open_mb_per_layer": max(open_per_layer, 0.0),
+            "open_overhead_mb": open_peaks[(p0, small)] - small * max(open_per_layer, 0.0)}
 
 
 def _kv_bytes(store: ModelStore, kv_precision: str) -> int:
@@ -125,8 +128,20 @@ def calibrated_overhead_mb(measured: dict, calibs: list[dict], ps: ProfileSettin
         kv = cut * measured["kv_bytes_per_token_per_layer"]["f32"] * (prompt + ps.calibration_tokens) / MB
         modeled = (measured["embedding_mb"] + cut * measured["layers"]["q4"]["resident_mb"] + kv
                    + measured["workspace_mb_per_prompt_token"] * prompt)
-        out.append(c["peak_rss_mb"] - modeled)
+        out.append(c["run_peak_rss_mb"] - modeled)
     return statistics.median(out)
+
+
+def calibrated_open_mb(measured: dict, calibs: list[dict]) -> float:
+    """The fixed part (MB) of a real device split process's peak while it opens its front: median
+    over the calibration sessions of that peak minus the per-layer part (the probes give the slope)."""
+    return statistics.median(c["open_peak_rss_mb"] - c["cut"] * measured["open_mb_per_layer"] for c in calibs)
+
+
+def calibrate_memory(measured: dict, calibs: list[dict], ps: ProfileSettings) -> None:
+    """Set the measured figures' runtime overhead and opening overhead from the split sessions."""
+    measured["runtime_overhead_mb"] = calibrated_overhead_mb(measured, calibs, ps)
+    measured["open_overhead_mb"] = calibrated_open_mb(measured, calibs)
 
 
 def profile_machine(store: ModelStore, cloud_endpoint: str, *, model_name: str, precisions=("q4", "q8"),
@@ -165,7 +180,7 @@ def profile_machine(store: ModelStore, cloud_endpoint: str, *, model_name: str, 
     measured.update(frame_up_bytes=int(calib[0]["bytes_per_token"] - calib[0]["activation_bytes_per_token"]),
                     frame_down_bytes=int(calib[0]["downlink_bytes_per_token"]), split_overhead_ms=0.0)
     log.info("profile: runtime overhead %.1f MB in a bare process", measured["runtime_overhead_mb"])
-    measured["runtime_overhead_mb"] = calibrated_overhead_mb(measured, calib, ps)
+    calibrate_memory(measured, calib, ps)
     profile = {
         "name": "host", "description": f"this machine ({platform.machine()}, {os.cpu_count()} logical CPUs), "
                                        "measured by edgesplit profile",
@@ -186,10 +201,12 @@ def _now() -> str:
 
 def memory_fields(mem: dict, layers: dict[str, dict]) -> dict:
     """memory_figures' results into a profile: each layer's `resident_mb` is set in `layers` (by
-    precision); returns the other fields (runtime overhead of a bare process, embedding, workspace)."""
+    precision); returns the other fields (runtime overhead of a bare process, embedding, workspace,
+    the opening peak's overhead in a bare process and its growth per layer)."""
     for p, figures in layers.items():
         figures["resident_mb"] = mem["resident_mb"][p]
-    return {k: mem[k] for k in ("runtime_overhead_mb", "embedding_mb", "workspace_mb_per_prompt_token")}
+    return {k: mem[k] for k in ("runtime_overhead_mb", "embedding_mb", "workspace_mb_per_prompt_token",
+                                "open_overhead_mb", "open_mb_per_layer")}
 
 
 def _remeasured(source: str, what: str, flag: str) -> str:
@@ -211,8 +228,7 @@ def remeasure_memory(store: ModelStore, cloud_endpoint: str, profile: dict, *, t
     measured = out["measured"]
     mem = memory_figures(store, list(measured["layers"]), threads, ps)
     measured.update(memory_fields(mem, measured["layers"]))
-    measured["runtime_overhead_mb"] = calibrated_overhead_mb(measured, split_calibration(store, cloud_endpoint,
-                                                                                         threads, ps), ps)
+    calibrate_memory(measured, split_calibration(store, cloud_endpoint, threads, ps), ps)
     out["source"] = _remeasured(profile["source"], "memory figures", "--memory-only")
     return out
 
@@ -237,6 +253,10 @@ COMMENTS = {
     "runtime_overhead_mb": "MB RSS of a device split process beyond the modeled parts: the calibration "
                            "session's peak RSS minus embedding, layers, KV and workspace",
     "embedding_mb": "MB RSS the q8 embedding adds (4-layer front minus bare process minus 4 layers)",
+    "open_overhead_mb": "MB peak RSS of a device split process while it opens its front, beyond "
+                        "open_mb_per_layer per layer: the calibration sessions' opening peaks (median)",
+    "open_mb_per_layer": "MB of that opening peak per layer loaded: (28-layer - 4-layer front opening "
+                         "peak) / 24, fresh processes",
     "workspace_mb_per_prompt_token": "MB peak RSS per prompt token up to a prefill chunk (1024- vs 16-token prompt, KV removed)",
     "kv_bytes_per_token_per_layer": "computed: 2 x n_kv_heads x head_dim x element size",
     "codec_ms": "ms to encode + decode one decode-step row (1, d), median of 64",

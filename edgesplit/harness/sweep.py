@@ -46,6 +46,7 @@ def _row(r: dict, dev, cloud, net, setting: Setting, tokens: int) -> dict:
     return {"cut": setting.cut, "measured_ms_per_token": r["per_token_ms"], "predicted_ms_per_token": pred_ms,
             "latency_ratio": pred_ms / r["per_token_ms"], "measured_peak_rss_mb": r["peak_rss_mb"],
             "predicted_memory_mb": pred_mem, "memory_ratio": pred_mem / r["peak_rss_mb"],
+            "measured_open_peak_rss_mb": r["open_peak_rss_mb"], "measured_run_peak_rss_mb": r["run_peak_rss_mb"],
             "measured_ms_per_token_runs": r["per_token_ms_runs"], "busy_cores_before_runs": r["busy_cores_before_runs"],
             "measured_ttft_ms": r["ttft_ms"], "measured_breakdown_ms": r["breakdown_ms"],
             "predicted_breakdown_ms": pred, "bytes_per_token": r["bytes_per_token"],
