@@ -87,6 +87,23 @@ def test_plain_client_against_a_curve_worker_is_refused(tiny_store, keys):
         assert worker.frames_handled == 0
 
 
+def test_a_send_that_no_connection_takes_says_the_key_was_refused(tiny_store, keys):
+    """Frames sent while the refused handshake is dropped and retried: a send no connection takes
+    (zmq.Again) names the refusal from the monitor, never a bare "send queue full" (a race the
+    session above hit once in CI, when its prefill followed the open too late)."""
+    with running_worker(tiny_store, keys=security.ServerKeys.load(keys["folder"])) as worker:
+        channel = Channel(worker.endpoint, timeout_s=2.0)
+        try:
+            with pytest.raises(KeyRefusedError):
+                for seq in range(1, 41):
+                    channel.send(P.CloseFrame("0" * 32, seq))
+                    time.sleep(0.05)
+                channel.recv()
+        finally:
+            channel.close()
+        assert worker.frames_handled == 0
+
+
 def test_revocation_closes_the_devices_sessions_and_enrolment_needs_no_restart(tiny_store, keys, tmp_path):
     with running_worker(tiny_store, keys=security.ServerKeys.load(keys["folder"])) as worker:
         curve = security.device_keys(keys["pi"], keys["cloud_key"])

@@ -53,6 +53,7 @@ class KeyRefusedError(TransportError):
 
 # ZeroMQ heartbeats (ZMTP PING/PONG): a peer silent for HEARTBEAT_TIMEOUT_MS counts as disconnected
 HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 1000, 3000
+_REFUSAL_WAIT_S = 0.2  # how long a failed send waits for the monitor to say why (a handshake's events)
 _MONITORED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
               | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
@@ -154,9 +155,18 @@ class Channel:
             # NOBLOCK: a full queue (the cloud gone for long) is an error, not a hang.
             self._sock.send(data, zmq.NOBLOCK, copy=False)
         except zmq.Again as exc:
+            # No connection takes it: the cloud refused this device's key or went away after an
+            # earlier frame was queued; the monitor knows which, so say that rather than "full".
+            self._check_events(_REFUSAL_WAIT_S)
             raise TransportError(f"cannot send to {self.endpoint}: send queue full (is the cloud worker up?)") from exc
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot send to {self.endpoint}: {exc}") from exc
+
+    def _check_events(self, wait_s: float) -> None:
+        """Raise for the first monitor event waiting (or arriving within `wait_s`) that ends a session."""
+        deadline = time.perf_counter() + wait_s
+        while self._monitor.poll(max(int((deadline - time.perf_counter()) * 1000), 0)):
+            self._check_event(recv_monitor_message(self._monitor))
 
     def _take(self, timeout_s: float) -> bytes | None:
         """One encoded frame from the peer, or None when none arrives within `timeout_s`.
