@@ -242,10 +242,11 @@ class SegmentEngine:
         # The libraries' resident code is mostly what importing, loading, graph optimisation and
         # kernel registration ran (onnxruntime's alone ~21-30 MiB); a run faults back what it uses
         # (onnxruntime ~9-12 MiB); malloc.drop_library_pages. Dropped before the session is made
-        # (what the imports ran) and after (what making it ran), so the two never add up: a
-        # device split process at cut 1 peaks at 117 MB instead of 128 while it opens; the whole
-        # model, 128 + 128 tokens at max_seq_len 256, at 163 MB instead of 173 while it runs.
-        malloc.drop_library_pages()
+        # (what the imports ran) and after (what making it ran, paged out the first time), so the
+        # two never add up: a device split process at cut 1 peaks at 117 MB instead of 128 while
+        # it opens; the whole model, 128 + 128 tokens at max_seq_len 256, at 163 MB instead of 173
+        # while it runs.
+        malloc.drop_library_pages(reclaim=False)
         session, self._weights = build_session(self.store, self.spec, self.threads, self.spin,
                                                self.outlier_channels, self.head_outlier_channels, self.profile_prefix)
         malloc.drop_library_pages()

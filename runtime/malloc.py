@@ -113,46 +113,61 @@ def _mapping_field(path: str | None, smaps: str, field: str) -> list[tuple[int, 
     return found
 
 
-def _clean_mappings(path: str | None, smaps: str) -> list[tuple[int, int]]:
-    """(start, end) of the mappings of file `path` (None: of every shared library) in `smaps`
-    holding no anonymous pages: nothing in them was written (copy-on-write), so each page equals
-    the file's."""
-    return [(start, end) for start, end, kb, _ in _mapping_field(path, smaps, "Anonymous:") if kb == 0]
+def _clean_mappings(path: str | None, smaps: str) -> list[tuple[int, int, str]]:
+    """(start, end, file) of the mappings of file `path` (None: of every shared library) in
+    `smaps` holding no anonymous pages: nothing in them was written (copy-on-write), so each page
+    equals the file's."""
+    return [(start, end, name) for start, end, kb, name in _mapping_field(path, smaps, "Anonymous:") if kb == 0]
 
 
-def drop_clean_file_pages(path: str | None, reclaim: bool = False) -> int:
-    """Drop this process's resident pages of file `path` (None: of every shared library mapped)
-    where its mappings were never written (Linux; elsewhere a no-op). A page read again faults
-    back in from the file (still readable while mapped, even unlinked), so nothing changes but
-    what stays resident. Returns the number of mappings dropped. Call it while nothing else uses
-    those mappings (e.g. right after a session that mapped them is opened, before it runs).
-    `reclaim`: first take the pages only this process maps out of the page cache too
-    (MADV_PAGEOUT; see drop_library_pages)."""
+def _drop(mappings: list[tuple[int, int, str]], reclaim: set[str]) -> int:
+    """MADV_DONTNEED each mapping, MADV_PAGEOUT first for those of the files in `reclaim`; the
+    number dropped."""
     dropped = 0
-    for start, end in _clean_mappings(path, _smaps()):
-        if reclaim:
+    for start, end, name in mappings:
+        if name in reclaim:
             madvise(start, end - start, MADV_PAGEOUT)  # best effort: EINVAL before Linux 5.4
         if madvise(start, end - start, MADV_DONTNEED) == 0:
             dropped += 1
-    log.debug("dropped the resident pages of %d clean mapping(s) of %s", dropped, path or "every library")
     return dropped
 
 
-def drop_library_pages(library_file: str | None = None) -> int:
+def drop_clean_file_pages(path: str, reclaim: bool = False) -> int:
+    """Drop this process's resident pages of file `path` where its mappings were never written
+    (Linux; elsewhere a no-op). A page read again faults back in from the file (still readable
+    while mapped, even unlinked), so nothing changes but what stays resident. Returns the number of
+    mappings dropped. Call it while nothing else uses those mappings (e.g. right after a session
+    that mapped them is opened, before it runs). `reclaim`: first take the pages only this process
+    maps out of the page cache too (MADV_PAGEOUT; see drop_library_pages)."""
+    dropped = _drop(_clean_mappings(path, _smaps()), {path} if reclaim else set())
+    log.debug("dropped the resident pages of %d clean mapping(s) of %s", dropped, path)
+    return dropped
+
+
+_RECLAIMED: set[str] = set()  # library files this process has paged out once (drop_library_pages)
+
+
+def drop_library_pages(library_file: str | None = None, reclaim: bool = True) -> int:
     """Drop this process's resident code pages of the shared library `library_file` (its path as
     imported, e.g. a module's __file__), or of every shared library mapped (None): what loading
     and set-up ran and later work does not run again stops counting in RSS; code that runs
     faults back in from the file. Only mappings never written are touched, never a library's
     data, never a file that is not a library (mapped weights). The number of mappings dropped.
 
-    The pages only this process maps are first reclaimed from the page cache (MADV_PAGEOUT), so
-    what runs later is read back in small pieces: a library file freshly written or read whole
-    (a pip install) sits in the page cache in large folios (Linux 6.x), and a fault maps a large
-    folio whole, so onnxruntime's code came back as ~24-28 MiB instead of ~9. The price is
-    reading that code from storage once, at the first run. Pages other processes map too (libc,
-    libpython) stay in the page cache and are only unmapped here."""
+    `reclaim`: the first time this process drops a library, its pages only this process maps are
+    first reclaimed from the page cache (MADV_PAGEOUT), so what runs later is read back in small
+    pieces: a library file freshly written or read whole (a pip install) sits in the page cache
+    in large folios (Linux 6.x), and a fault maps a large folio whole, so onnxruntime's code came
+    back as ~24-28 MiB instead of ~9. The price is reading that code from storage once; later
+    drops only unmap (a long-running server's hot code is never evicted again). Pages other
+    processes map too (libc, libpython) stay in the page cache and are only unmapped here."""
     path = None if library_file is None else os.path.realpath(library_file)  # maps names real paths
-    return drop_clean_file_pages(path, reclaim=True)
+    mappings = _clean_mappings(path, _smaps())
+    first = {name for _, _, name in mappings} - _RECLAIMED if reclaim else set()
+    dropped = _drop(mappings, first)
+    _RECLAIMED.update(first)
+    log.debug("dropped the resident pages of %d clean library mapping(s), %d file(s) paged out", dropped, len(first))
+    return dropped
 
 
 def mapped_resident_bytes(path: str) -> dict[int, int]:

@@ -400,6 +400,9 @@ def test_kv_memory_cap(tiny_store, fronts, reference):
         a.open()
         b.open()
         client.expect_silence()
+        deadline = time.monotonic() + 10.0  # opens have no reply: the first builds the back segment
+        while len(worker.sessions) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert worker.sessions[a.sid].cache.nbytes == pytest.approx(need * 1e6)  # the formula is the allocation
         c.open()
         err = client.expect_error(P.LIMIT, f"needs {need:.1f} MB")

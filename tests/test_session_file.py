@@ -317,4 +317,5 @@ Anonymous:             0 kB
 7f0000005000-7f0000006000 rw-p 00000000 00:00 0
 Anonymous:             4 kB
 """
-    assert malloc._clean_mappings("/s/.loading-1-a/weights.bin", smaps) == [(0x7F0000000000, 0x7F0000002000)]
+    name = "/s/.loading-1-a/weights.bin"
+    assert malloc._clean_mappings(name, smaps) == [(0x7F0000000000, 0x7F0000002000, name)]
