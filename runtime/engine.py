@@ -56,7 +56,6 @@ def session_options(threads: int, spin: bool = True, profile_prefix: str | None 
 
 LAYER_PRECISIONS = ("q4", "q8", "f16", "f32")
 KV_PRECISIONS = ("auto", *KV_NUMPY)
-ORT_LIBRARY = ort.capi.onnxruntime_pybind11_state.__file__  # onnxruntime's native library
 
 
 def kv_for(kv_precision: str, q4_kernel: str) -> str:

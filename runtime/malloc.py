@@ -15,7 +15,6 @@ import errno
 import logging
 import os
 import re
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def _mapping_field(path: str | None, smaps: str, field: str) -> list[tuple[int, 
         m = _MAPPING.match(line)
         if m:
             name = _mapped_name(m)
-            wanted = name == path if path is not None else name.startswith("/") and ".so" in Path(name).name
+            wanted = name == path if path is not None else name.startswith("/") and ".so" in os.path.basename(name)
             current = (int(m.group(1), 16), int(m.group(2), 16), name) if wanted else None
         elif current is not None and line.startswith(field):
             found.append((current[0], current[1], int(line.split()[1]), current[2]))
@@ -132,14 +131,13 @@ def _drop(mappings: list[tuple[int, int, str]], reclaim: set[str]) -> int:
     return dropped
 
 
-def drop_clean_file_pages(path: str, reclaim: bool = False) -> int:
+def drop_clean_file_pages(path: str) -> int:
     """Drop this process's resident pages of file `path` where its mappings were never written
     (Linux; elsewhere a no-op). A page read again faults back in from the file (still readable
     while mapped, even unlinked), so nothing changes but what stays resident. Returns the number of
     mappings dropped. Call it while nothing else uses those mappings (e.g. right after a session
-    that mapped them is opened, before it runs). `reclaim`: first take the pages only this process
-    maps out of the page cache too (MADV_PAGEOUT; see drop_library_pages)."""
-    dropped = _drop(_clean_mappings(path, _smaps()), {path} if reclaim else set())
+    that mapped them is opened, before it runs)."""
+    dropped = _drop(_clean_mappings(path, _smaps()), set())
     log.debug("dropped the resident pages of %d clean mapping(s) of %s", dropped, path)
     return dropped
 
