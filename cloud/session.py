@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgesplit.runtime import codec
 from edgesplit.runtime.memory import MB
 from edgesplit.runtime.batch import BatchedSegment
 from edgesplit.runtime.generate import finish_reason
@@ -69,21 +70,37 @@ class Session:
     finish_reason: str | None = None  # set once a token frame finished the session
     last_active_s: float = field(default_factory=time.monotonic)  # time.monotonic() of the last accepted frame
     codec_setting: str = ""  # str(plan.codec): what a tensor's codec field usually says, compared without parsing
+    stream: codec.Stream | None = None  # the session's end of the codec (adaptive codecs learn from its rows)
 
     @classmethod
     def from_open(cls, frame: OpenFrame, routing_id: bytes, owner: str, engine: BatchedSegment,
-                  kv_mb: float = 0.0) -> "Session":
-        """A fresh session for an accepted `open` frame, with a slot of `engine`'s KV pool."""
+                  kv_mb: float = 0.0, table: codec.CutTable | None = None) -> "Session":
+        """A fresh session for an accepted `open` frame, with a slot of `engine`'s KV pool; `table`:
+        the cut's codec table when the plan's codec needs one."""
         params = frame.sampling_params()
         slot, cache = engine.new_cache()
         return cls(frame.session, routing_id, owner, frame.plan, params, int(frame.sampling["max_tokens"]),
                    frozenset(int(i) for i in frame.sampling["stop_ids"]), engine, slot, cache,
-                   concrete_seed(params.seed), SequenceCheck(frame.session), kv_mb, codec_setting=str(frame.plan.codec))
+                   concrete_seed(params.seed), SequenceCheck(frame.session), kv_mb, codec_setting=str(frame.plan.codec),
+                   stream=codec.Stream(frame.plan.codec, table))
+
+    @property
+    def sampling_needs_prompt_ids(self) -> bool:
+        """Whether sampling reads the prompt's ids (a repetition penalty also penalizes prompt tokens)."""
+        return self.params.repetition_penalty != 1
 
     @property
     def needs_prompt_ids(self) -> bool:
-        """Whether sampling reads the prompt's ids (a repetition penalty also penalizes prompt tokens)."""
-        return self.params.repetition_penalty != 1
+        """Whether a prefill must carry the prompt's ids: sampling reads them, or the codec learns
+        from every row's token (adapt=1)."""
+        return self.sampling_needs_prompt_ids or (self.stream is not None and self.stream.needs_ids)
+
+    def decode_hidden(self, frame: PrefillFrame | DecodeFrame, d: int) -> np.ndarray:
+        """The frame's hidden states (T, d) (d: the model's width), through the session's codec end (CodecError if bad). A
+        decode row's token is the one this session sampled last (the device fed it back)."""
+        assert self.stream is not None
+        ids = frame.prompt_ids if isinstance(frame, PrefillFrame) else self.history[-1:]
+        return self.stream.decode(frame.tensor.data, d, ids if self.stream.needs_ids else None)
 
     @property
     def pos(self) -> int:
@@ -113,9 +130,10 @@ class Session:
             raise ProtocolError(SEQUENCE, where + f"a second prefill (seq {frame.seq}); the prompt was "
                                 f"already prefilled at seq 1", self.session_id, frame.seq)
         if isinstance(frame, PrefillFrame) and self.needs_prompt_ids and frame.prompt_ids is None:
+            why = (f"repetition_penalty {self.params.repetition_penalty:g}" if self.sampling_needs_prompt_ids
+                   else f"codec {self.codec_setting}")
             raise ProtocolError(BAD_FRAME, where + f"prefill (seq {frame.seq}) without prompt_ids, but the session's "
-                                f"repetition_penalty {self.params.repetition_penalty:g} needs them",
-                                self.session_id, frame.seq)
+                                f"{why} needs them", self.session_id, frame.seq)
         if frame.kind == DECODE and self.seq.last == 0:
             raise ProtocolError(SEQUENCE, where + f"decode (seq {frame.seq}) before prefill; "
                                 "send prefill with seq 1 first", self.session_id, frame.seq)
@@ -134,7 +152,7 @@ class Session:
         """Consume the frame's seq (after `check_order` and every input check passed); a prefill's
         prompt ids start the repetition history when sampling needs them."""
         self.seq.check(frame.seq)
-        if isinstance(frame, PrefillFrame) and self.needs_prompt_ids:
+        if isinstance(frame, PrefillFrame) and self.sampling_needs_prompt_ids:
             assert frame.prompt_ids is not None  # check_order refused a prefill without them
             self.history.extend(frame.prompt_ids)
         self.touch()

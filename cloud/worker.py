@@ -364,7 +364,8 @@ class CloudWorker:
         cfg = self.store.config
         need_mb = kv_cache_mb(plan, cfg.n_kv_heads, cfg.head_dim)
         check_limits(self.limits(), self.sessions, owner, sid, plan, need_mb)
-        self.sessions[sid] = Session.from_open(frame, routing_id, owner, self.pool.engine_for(plan), need_mb)
+        self.sessions[sid] = Session.from_open(frame, routing_id, owner, self.pool.engine_for(plan), need_mb,
+                                               self.pool.codec_table(plan))
         log.info("session %s opened: cut %d, max_seq_len %d, codec %s (%d open)", sid, plan.cut,
                  plan.max_seq_len, plan.codec, len(self.sessions))
 
@@ -381,21 +382,22 @@ class CloudWorker:
             raise ProtocolError(TENSOR, f"{frame.kind} tensor.shape [{t}, {d}]: the model's width is "
                                 f"{self.store.config.d_model}", frame.session, frame.seq)
         session.check_room(frame, t)
+        # The codec setting and prompt ids are checked before decoding: an adaptive codec's state
+        # moves on with every blob it decodes, so a frame refused after that would desync it.
+        if (frame.tensor.codec != session.codec_setting
+                and codec.parse_codec(frame.tensor.codec).name != session.plan.codec.name):
+            raise ProtocolError(TENSOR, f"{frame.kind} tensor.codec {frame.tensor.codec!r} is not the plan's "
+                                f"codec {session.codec_setting!r}", frame.session, frame.seq)
+        self._check_prompt_ids(frame)
         t0 = time.perf_counter()
         try:
-            hidden = codec.decode(frame.tensor.data, self.store.config.d_model, self.pool.codec_table(session.plan))
+            hidden = session.decode_hidden(frame, self.store.config.d_model)
         except codec.CodecError as exc:
             raise ProtocolError(TENSOR, f"{frame.kind} tensor.data: {exc}", frame.session, frame.seq) from None
         if not np.isfinite(hidden).all():
             raise ProtocolError(TENSOR, f"{frame.kind} tensor.data: {int((~np.isfinite(hidden)).sum())} value(s) are "
                                 "NaN or infinite", frame.session, frame.seq)
         decode_ms = (time.perf_counter() - t0) * 1000.0
-        # The plan's own setting string (the usual case) needs no parsing on every token.
-        if (frame.tensor.codec != session.codec_setting
-                and codec.parse_codec(frame.tensor.codec).name != session.plan.codec.name):
-            raise ProtocolError(TENSOR, f"{frame.kind} tensor.codec {frame.tensor.codec!r} is not the plan's "
-                                f"codec {session.codec_setting!r}", frame.session, frame.seq)
-        self._check_prompt_ids(frame)
         session.accept(frame)
         if isinstance(frame, DecodeFrame):
             self.batch.add(Pending(routing_id, session, frame, hidden, decode_ms, self._t_frame))

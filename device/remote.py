@@ -116,6 +116,8 @@ class RemoteSegment:
         self.finish_reason: str | None = None  # the cloud's, once it has finished
         self.timings = SplitTimings()  # accumulates until take_timings()
         self.log: ReplayLog | None = None  # this session's frames and tokens (kept with a failover)
+        self.stream: codec.Stream | None = None  # this session's end of the codec (adaptive codecs learn)
+        self.last_token: int | None = None  # the last token received: the next decode row's token
         self.recoveries: list[Recovery] = []
 
     # -- the segment interface -------------------------------------------------------------
@@ -123,12 +125,14 @@ class RemoteSegment:
         """End the current session (close it on the cloud if still open); the next prefill opens one."""
         self.close()
         self.session, self.seq, self.generated, self.finish_reason, self.log = None, 0, 0, None, None
+        self.stream, self.last_token = None, None
 
     def prefill(self, x: np.ndarray) -> int:
         """Open a session and send the prompt's hidden states (T, d); returns the first token id."""
         if self.session is not None:
             raise ConfigError("RemoteSegment.prefill called twice in one session: call reset() first")
         self.session = new_session_id()
+        self.stream = codec.Stream(self.plan.codec, self.codec_table)
         if self.failover is not None and self.failover.routes is not None:
             self._use(self.failover.routes(self.session)[0])  # the session's own replica
         # a concrete seed, so that a replay of this session on another worker draws the same tokens
@@ -184,20 +188,27 @@ class RemoteSegment:
         t.uplink_bytes += self.channel.last_up_bytes
 
     def _prompt_ids_for(self, x: np.ndarray) -> tuple[int, ...] | None:
-        """The prompt ids to send with the prefill of `x` (T, d): only when sampling needs them."""
-        if self.params.repetition_penalty == 1:
+        """The prompt ids to send with the prefill of `x` (T, d): only when sampling or the codec
+        (adapt=1: it learns from every row's token) needs them."""
+        assert self.stream is not None
+        if self.params.repetition_penalty == 1 and not self.stream.needs_ids:
             return None
         if self.prompt_ids is None or len(self.prompt_ids) != x.shape[0]:
             have = None if self.prompt_ids is None else len(self.prompt_ids)
-            raise ConfigError(f"repetition_penalty {self.params.repetition_penalty:g} needs the prompt ids on the "
-                              f"cloud: RemoteSegment got {have} prompt id(s) for a prefill of {x.shape[0]} positions")
+            why = (f"repetition_penalty {self.params.repetition_penalty:g}" if self.params.repetition_penalty != 1
+                   else f"codec {self.plan.codec}")
+            raise ConfigError(f"{why} needs the prompt ids on the cloud: RemoteSegment got {have} prompt id(s) "
+                              f"for a prefill of {x.shape[0]} positions")
         return self.prompt_ids
 
     def _exchange(self, frame_cls, x: np.ndarray, *extra) -> int:
         """Encode `x`, send it as `frame_cls` (with `extra` fields) with the next seq, wait for its token."""
         t0 = time.perf_counter()
         hidden = np.ascontiguousarray(x, dtype=np.float32)
-        blob = codec.encode(hidden, self.plan.codec, self.codec_table)
+        assert self.stream is not None  # prefill made it
+        # a prefill's rows are the prompt's tokens (extra[0]); a decode row is the last token received
+        ids = (extra[0] if frame_cls is PrefillFrame else (self.last_token,)) if self.stream.needs_ids else None
+        blob = self.stream.encode(hidden, ids)
         self.seq += 1
         frame = frame_cls(self.session, self.seq, Activation(str(self.plan.codec), hidden.shape, blob), *extra)
         t = self.timings
@@ -214,6 +225,7 @@ class RemoteSegment:
             reply = self._recover(exc)
         if self.log is not None:
             self.log.answered(reply.token)
+        self.last_token = reply.token
         ch = self.channel
         t.downlink_ms += ch.last_downlink_ms
         t.framing_ms += ch.last_framing_ms

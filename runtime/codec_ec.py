@@ -46,9 +46,9 @@ from .errors import EdgesplitError
 VERSION = 2
 CODEC_ID = 4
 TRELLIS_ID = 5  # the same layout, trellis-coded symbols
-_TRELLIS_CENTRE = -0.25  # where the trellis symbols' Gaussians are centred (module docstring)
+TRELLIS_CENTRE = -0.25  # where the trellis symbols' Gaussians are centred (module docstring)
 RANGE = 4096  # symbol support [-RANGE, RANGE]; values further from the channel mean escape
-_MIN_SD = 0.05  # model std floor in symbols (a near-constant channel still has nonzero mass around 0)
+MIN_SD = 0.05  # model std floor in symbols (a near-constant channel still has nonzero mass around 0)
 _FIXED = struct.Struct("<BBHe")  # version, codec id, table check, step
 
 
@@ -98,7 +98,8 @@ def cut_table(calibration: dict | None, cut: int) -> CutTable:
     return CutTable.make(cut, cal["residual_mean"][cut], cal["residual_std"][cut])
 
 
-def _coder():
+def coder():
+    """The `constriction` module (the range coder), or CodecError saying how to install it."""
     try:
         import constriction
     except ImportError:  # an optional extra: aarch64 has no wheel (it builds with Rust)
@@ -110,10 +111,10 @@ def _coder():
 def _model_params(table: CutTable, delta: np.float32, t: int,
                   trellis_mode: bool) -> tuple[object, np.ndarray, np.ndarray]:
     """The entropy model family and per-symbol means/stds (T*d,) float64 for T rows."""
-    cs = _coder()
-    sd = np.maximum(table.std.astype(np.float64) / float(delta), _MIN_SD)
+    cs = coder()
+    sd = np.maximum(table.std.astype(np.float64) / float(delta), MIN_SD)
     model = cs.stream.model.QuantizedGaussian(-RANGE, RANGE)
-    return model, np.full(t * sd.size, _TRELLIS_CENTRE if trellis_mode else 0.0), np.tile(sd, t)
+    return model, np.full(t * sd.size, TRELLIS_CENTRE if trellis_mode else 0.0), np.tile(sd, t)
 
 
 def step_delta(table: CutTable, step: float) -> tuple[float, np.float32]:
@@ -124,7 +125,8 @@ def step_delta(table: CutTable, step: float) -> tuple[float, np.float32]:
     return s16, np.float32(s16) * np.float32(table.rms)
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """n >= 0 as LEB128."""
     out = bytearray()
     while True:
         b, n = n & 0x7F, n >> 7
@@ -133,7 +135,8 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(buf: memoryview, off: int, what: str) -> tuple[int, int]:
+def read_varint(buf: memoryview, off: int, what: str) -> tuple[int, int]:
+    """(value, next offset) of the LEB128 at `off`; CodecError naming `what` if truncated or too long."""
     value = shift = 0
     for i in range(5):  # at most 35 bits: T, d and counts are u32
         if off + i >= len(buf):
@@ -162,12 +165,12 @@ def encode(x: np.ndarray, table: CutTable, step: float, trellis_mode: bool = Fal
     words = b""
     if q.size:
         model, means, sds = _model_params(table, delta, t, trellis_mode)
-        coder = _coder().stream.queue.RangeEncoder()
-        coder.encode(q.reshape(-1), model, means, sds)
-        words = coder.get_compressed().astype("<u4").tobytes()
+        enc = coder().stream.queue.RangeEncoder()
+        enc.encode(q.reshape(-1), model, means, sds)
+        words = enc.get_compressed().astype("<u4").tobytes()
     cid = TRELLIS_ID if trellis_mode else CODEC_ID
-    return b"".join([_FIXED.pack(VERSION, cid, table.check, s16), _varint(t), _varint(d),
-                     _varint(rows.size), _varint(len(words) // 4), (rows * d + cols).astype("<u4").tobytes(),
+    return b"".join([_FIXED.pack(VERSION, cid, table.check, s16), varint(t), varint(d),
+                     varint(rows.size), varint(len(words) // 4), (rows * d + cols).astype("<u4").tobytes(),
                      x[rows, cols].astype("<f2").tobytes(), words])
 
 
@@ -195,10 +198,10 @@ def parse(blob) -> Parsed:
         raise CodecError(f"codec blob: version {version} codec id {cid} is not an ecq blob")
     if not (np.isfinite(step) and step > 0):
         raise CodecError(f"codec blob ecq step {step} is not a positive number")
-    t, off = _read_varint(buf, _FIXED.size, "row count T")
-    d, off = _read_varint(buf, off, "width d")
-    n, off = _read_varint(buf, off, "escape count")
-    m, off = _read_varint(buf, off, "payload word count")
+    t, off = read_varint(buf, _FIXED.size, "row count T")
+    d, off = read_varint(buf, off, "width d")
+    n, off = read_varint(buf, off, "escape count")
+    m, off = read_varint(buf, off, "payload word count")
     if d < 1 or t * d > 2**32 or n > t * d:
         raise CodecError(f"codec blob ecq header invalid: T={t}, d={d}, {n} escapes")
     end = off + 6 * n
@@ -231,11 +234,11 @@ def decode(p: Parsed, table: CutTable | None) -> np.ndarray:
     if p.t:
         model, means, sds = _model_params(table, delta, p.t, p.trellis)
         try:
-            coder = _coder().stream.queue.RangeDecoder(p.words.astype(np.uint32))
-            q = coder.decode(model, means, sds)
+            dec = coder().stream.queue.RangeDecoder(p.words.astype(np.uint32))
+            q = dec.decode(model, means, sds)
         except (ValueError, RuntimeError) as exc:
             raise CodecError(f"codec blob ecq payload invalid: {exc}") from None
-        if not coder.maybe_exhausted():
+        if not dec.maybe_exhausted():
             raise CodecError(f"codec blob ecq payload inconsistent: {p.words.size} words do not hold "
                              f"{p.t * p.d} symbols (truncated or corrupted)")
         q = q.reshape(p.t, p.d)

@@ -526,7 +526,7 @@ def test_a_failing_batched_step_ends_only_its_sessions(tiny_store, fronts, monke
     assert isinstance(reply, P.TokenFrame) and reply.timing["batch"] == 1
 
 
-@pytest.mark.parametrize("setting", ["ecq:step=0.01", "ecq:step=0.01,trellis=1"])
+@pytest.mark.parametrize("setting", ["ecq:step=0.01", "ecq:step=0.01,trellis=1", "ecq:step=0.01,trellis=1,adapt=1"])
 def test_run_split_with_ecq_through_the_real_worker(tiny_store, setting):
     """The calibrated codec end to end (run_split -> a real worker; both sides take the cut's table
     from the store): at a fine step the split's greedy tokens equal local unsplit generation, and a
@@ -545,3 +545,35 @@ def test_run_split_with_ecq_through_the_real_worker(tiny_store, setting):
                              tokenizer=tok, timeout_s=30.0))
     assert [r.token for r in out] == want
     assert 0 < out[-1].timings.activation_bytes < 2 * tiny_store.config.d_model
+
+
+def test_a_session_codec_stays_in_step_with_the_device(tiny_store):
+    """adapt=1 through the real worker's frame handling: the prefill carries the prompt ids, decode
+    rows take the token the worker sampled, and after every step the device's and the worker's
+    codec states are bit-identical; a frame refused before decoding leaves the worker's as it was."""
+    from edgesplit.device.remote import RemoteSegment
+    from edgesplit.runtime.plan import PlanSettings, make_plan as device_plan
+
+    plan = device_plan(tiny_store, PlanSettings(2, "ecq:step=0.1,trellis=1,adapt=1", max_seq_len=MAX_SEQ))
+    table = codec.table_for(plan.codec, tiny_store.manifest["calibration"], plan.cut)
+    front = SegmentEngine(tiny_store, 0, plan.cut, max_seq_len=MAX_SEQ)
+    worker = CloudWorker(tiny_store, bind=None)
+    remote = RemoteSegment(MemoryChannel(worker.handle_frame), plan, SamplingParams(), max_tokens=20,
+                           stop_ids=(), prompt_ids=PROMPT, codec_table=table)
+    token = remote.prefill(front.prefill(np.asarray(PROMPT)))
+    for _ in range(5):
+        cloud = worker.sessions[remote.session].stream
+        assert remote.stream is not None and cloud is not None
+        dev_state, cloud_state = remote.stream.state, cloud.state
+        assert dev_state is not None and cloud_state is not None
+        assert (dev_state.n, dev_state.blobs) == (cloud_state.n, cloud_state.blobs)
+        assert np.array_equal(dev_state.total, cloud_state.total) and dev_state.memory.keys() == cloud_state.memory.keys()
+        token = remote.decode(front.decode(np.asarray([token])))
+    state = worker.sessions[remote.session].stream.state
+    d = tiny_store.config.d_model
+    remote.channel.send(P.DecodeFrame(remote.session, remote.seq + 1, activation(np.zeros((1, d), np.float32))))
+    with pytest.raises(RemoteError, match="tensor.codec"):
+        remote.channel.recv()
+    assert worker.sessions[remote.session].stream.state is state
+    remote.close()
+    worker.close()

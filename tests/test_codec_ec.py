@@ -70,7 +70,7 @@ def test_parse_and_print_setting():
     for bad, msg in [("ecq", "no step"), ("ecq:step=0.2,rotate=1", "got rotate"),
                      ("ecq:step=0", r"\[0.001, 100\]"), ("ecq:step=nan", r"\[0.001, 100\]"),
                      ("tabq:bits=4,step=0.2", "no step"), ("f16:trellis=1", "no options"),
-                     ("tabq:bits=4,trellis=1", "no step or trellis")]:
+                     ("tabq:bits=4,trellis=1", "no step, trellis or adapt"), ("tabq:bits=4,adapt=1", "no step, trellis or adapt")]:
         with pytest.raises(ConfigError, match=msg):
             parse_codec(bad)
 

@@ -69,6 +69,22 @@ def test_killed_worker_session_finishes_with_the_same_tokens(tiny_store, plan, p
     assert r.ms > 0
 
 
+def test_a_session_codec_survives_a_killed_worker(tiny_store):
+    """An adaptive codec (its state follows every blob): the replay rebuilds the worker's state
+    from the first frame on, so the session goes on with the same tokens."""
+    plan = make_plan(tiny_store, PlanSettings(1, codec="ecq:step=0.2,trellis=1,adapt=1", max_seq_len=64))
+    with workers(tiny_store, 2) as ws:
+        want = generate(tiny_store, plan, ws[0].endpoint, SamplingParams())
+
+        def kill_at(n):
+            if n == 9:
+                ws[0].kill()
+
+        recoveries: list = []
+        got = generate(tiny_store, plan, [w.endpoint for w in ws], SamplingParams(), kill_at, recoveries)
+    assert got == want and len(got) == MAX_TOKENS and len(recoveries) == 1
+
+
 def test_without_failover_a_killed_worker_is_an_error(tiny_store, plan):
     with workers(tiny_store, 1) as ws:
         with pytest.raises(TransportError, match="disconnected"):

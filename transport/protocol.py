@@ -136,7 +136,9 @@ class Activation:
             info = codec.describe(self.data)
         except codec.CodecError as exc:
             raise ProtocolError(TENSOR, f"tensor.data: {exc}") from exc
-        _need(shape == (info.t, info.d), "tensor.shape", f"the blob's [T, d] = [{info.t}, {info.d}]", list(shape), TENSOR)
+        # (an adaptive ecq blob leaves d to its session: info.d None; the worker checks the width)
+        _need(shape[0] == info.t and info.d in (None, shape[1]), "tensor.shape",
+              f"the blob's [T, d] = [{info.t}, {info.d if info.d is not None else 'the session d'}]", list(shape), TENSOR)
         _need(codec.blob_matches_setting(info, self.codec), "tensor.codec",
               f"a codec setting matching the blob's kind ({info.codec})", self.codec, TENSOR)
         object.__setattr__(self, "shape", shape)

@@ -128,16 +128,23 @@ def ends_timings(store: ModelStore, threads: int, ps: ProfileSettings) -> dict:
 
 
 def codec_timings(store: ModelStore, threads: int, ps: ProfileSettings) -> dict:
-    """ms to encode + decode one (1, d) row, per codec setting, on hidden states at the middle layer."""
+    """ms to encode + decode one (1, d) row, per codec setting, on hidden states at the middle layer
+    (through one session's two codec ends, as a split session codes its decode rows)."""
     rows = min(64, ps.max_seq_len)
     mid = max(store.config.n_layers // 2, 1)
     eng = _engine(store, 0, mid, "q4", threads, rows)
-    h = eng.prefill(prompt_ids(rows, store.config.vocab_size))  # (rows, d)
+    ids = prompt_ids(rows, store.config.vocab_size)
+    h = eng.prefill(ids)  # (rows, d)
     out = {}
     for setting in ps.codecs:
         spec = codec_lib.parse_codec(setting)
         table = codec_lib.table_for(spec, store.manifest.get("calibration"), mid)  # ecq's calibrated table
+        device, cloud = codec_lib.Stream(spec, table), codec_lib.Stream(spec, table)
         it = iter(range(10**9))
-        out[str(spec)] = _ms(lambda: codec_lib.decode(codec_lib.encode(h[next(it) % rows:][:1], spec, table),
-                                                      None, table), 64)
+
+        def row() -> None:
+            i = next(it) % rows
+            cloud.decode(device.encode(h[i:i + 1], ids[i:i + 1]), None, ids[i:i + 1])
+
+        out[str(spec)] = _ms(row, 64)
     return out

@@ -1,8 +1,9 @@
 """Teacher-forced evaluation of a two-segment split with the activation codec in the loop.
 
 The model runs as [0, cut) and [cut, n_layers). Per window the front's hidden states (T, d) are
-encoded one token row at a time (each row alone, `encode(h[i:i+1])`, as a device sends them while
-decoding), decoded, and fed to the back segment. The same windows also run through the split with
+encoded one token row at a time (each row its own blob, as a device sends them while decoding; a
+window is one session, so an adaptive codec learns from the window's earlier rows), decoded, and
+fed to the back segment. The same windows also run through the split with
 the lossless codec (f32), so the codec's own damage (`top1_vs_lossless`, `ppl` vs `ppl_lossless`)
 is separated from the engine's (both against the fp32 reference).
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgesplit.runtime.codec import CodecSpec, CutTable, decode, encode, parse_codec, table_for
+from edgesplit.runtime.codec import CodecSpec, CutTable, Stream, parse_codec, table_for
 from edgesplit.runtime.errors import ConfigError
 from edgesplit.runtime.evaluate import LogitComparison, check_inputs, windows
 from edgesplit.runtime.engine import ENGINE_SETTINGS, SegmentEngine
@@ -24,17 +25,20 @@ from edgesplit.runtime.store import ModelStore
 LOSSLESS = "f32"
 
 
-def codec_rows(h: np.ndarray, spec: CodecSpec, table: CutTable | None = None) -> tuple[np.ndarray, list[int]]:
-    """h (T, d) float32 through the codec one token row at a time: (decoded (T, d), row sizes).
+def codec_rows(h: np.ndarray, ids: np.ndarray, spec: CodecSpec,
+               table: CutTable | None = None) -> tuple[np.ndarray, list[int]]:
+    """h (T, d) float32, the rows of tokens `ids` (T,), through the codec one token row at a time,
+    as one session decodes them: (decoded (T, d), row sizes).
 
     `table`: the cut's calibrated table, for codecs that need one (ecq)."""
     h = np.ascontiguousarray(h, dtype=np.float32)
     out = np.empty_like(h)
     sizes = []
+    device, cloud = Stream(spec, table), Stream(spec, table)  # a session's two ends
     for i in range(h.shape[0]):
-        blob = encode(h[i:i + 1], spec, table)
+        blob = device.encode(h[i:i + 1], ids[i:i + 1])
         sizes.append(len(blob))
-        out[i] = decode(blob, h.shape[1], table)[0]
+        out[i] = cloud.decode(blob, h.shape[1], ids[i:i + 1])[0]
     return out, sizes
 
 
@@ -86,10 +90,10 @@ def evaluate_split(store: ModelStore, reference, tokens, *, cut, codec, window: 
     for ids in windows(tokens, window):
         front.reset()
         h = np.ascontiguousarray(front.prefill(ids), dtype=np.float32)  # (T, d)
-        h_codec, sizes = codec_rows(h, spec, table)
-        h_lossless, _ = codec_rows(h, lossless)
+        h_codec, sizes = codec_rows(h, ids, spec, table)
+        h_lossless, _ = codec_rows(h, ids, lossless)
         row_bytes += sizes
-        prompt_bytes += len(encode(h, spec, table))
+        prompt_bytes += len(Stream(spec, table).encode(h, ids))
         n_rows += h.shape[0]
         if ids.size < 2:
             continue  # a lone trailing token predicts nothing (its traffic still counts)
