@@ -290,6 +290,19 @@ def test_every_codec_of_the_shipped_table_has_a_timing_in_every_device_profile()
     from edgesplit.profiles.device import list_device_profiles, load_device_profile
 
     codecs = set(FidelityTable().codecs())
-    assert {"ecq:step=0.2", "ecq:step=0.2,trellis=1"} <= codecs
+    assert {"ecq:step=0.2", "ecq:step=0.2,trellis=1", "ecq:step=0.2,trellis=1,adapt=1"} <= codecs
     for name in list_device_profiles():
         assert codecs <= set(load_device_profile(name).figures.codec_ms), name
+
+
+def test_an_adaptive_codecs_prompt_traffic_counts_the_prompt_ids():
+    """adapt=1 sends the prompt's ids (int32) with the prefill: 4 B a prompt token on top of the
+    measured blob bytes; its decode rows cost what was measured."""
+    from edgesplit.device.planning.fidelity import PROMPT_ID_BYTES
+    from edgesplit.device.planning.fidelity_data import CODEC_ROWS
+
+    row = next(r for r in CODEC_ROWS if r.codec.endswith("adapt=1") and r.cut == 15)
+    got = FidelityTable().codec_bytes(row.codec, 15, 576)
+    assert got == (row.bytes_per_token, row.bytes_per_prompt_token + PROMPT_ID_BYTES) and PROMPT_ID_BYTES == 4
+    static = next(r for r in CODEC_ROWS if r.codec == "ecq:step=0.2,trellis=1" and r.cut == 15)
+    assert FidelityTable().codec_bytes(static.codec, 15, 576) == (static.bytes_per_token, static.bytes_per_prompt_token)

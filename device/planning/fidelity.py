@@ -10,7 +10,8 @@ setting's figure is composed, and says how (`basis`):
   cut between the measured cuts (held constant beyond them); perplexity multiplied likewise by
   ppl / ppl_lossless. f32 is lossless by construction.
 Bytes of fixed-size codecs (f32, f16, int8) come from `codec.encoded_nbytes` on a row; data-dependent
-codecs (tabq) take the measured bytes, interpolated over the cut the same way.
+codecs (tabq, ecq) take the measured bytes, interpolated over the cut the same way; an adaptive
+codec (`adapt=1`) adds the prompt ids its prefill carries to the bytes per prompt token.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from edgesplit.device.planning.fidelity_data import CODEC_ROWS, ENGINE_ROWS, Cod
 FIXED_SIZE = ("f32", "f16", "int8")
 LOSSLESS = "f32"
 PROMPT_ROWS = 512  # prompt blob size used for bytes per prompt token of fixed codecs
+PROMPT_ID_BYTES = 4.0  # per prompt token: the prompt ids (int32) an adapt=1 codec's prefill sends
 
 
 @functools.lru_cache(maxsize=64)
@@ -106,5 +108,6 @@ class FidelityTable:
         if per_token is None:
             return None
         assert per_prompt is not None  # the same rows as per_token
+        ids = PROMPT_ID_BYTES if parse_codec(codec).adapt else 0.0  # an adaptive codec's prefill carries the ids
         return (float(np.interp(cut, per_token[0], per_token[1])),
-                float(np.interp(cut, per_prompt[0], per_prompt[1])))
+                float(np.interp(cut, per_prompt[0], per_prompt[1])) + ids)

@@ -101,4 +101,13 @@ CODEC_ROWS = (
     CodecRow(25, "ecq:step=0.15,trellis=1", 0.9716, 0.9755, 27.641, 27.599, 365, 352.3),
     CodecRow(25, "ecq:step=0.2", 0.9682, 0.9755, 27.663, 27.599, 336, 322.5),
     CodecRow(25, "ecq:step=0.2,trellis=1", 0.9677, 0.9755, 27.654, 27.599, 336, 322.6),
+    # ecq's adaptive session mode (codec_stream.py), same command, default engine, measured
+    # 2026-12-02 (the lossless split that day: 0.9799, ppl 27.634); a window is one session, its
+    # rows coded one at a time; bytes per prompt token are the blob's (the planner adds the ids)
+    CodecRow(5, "ecq:step=0.15,trellis=1,adapt=1", 0.9660, 0.9799, 27.617, 27.634, 246, 240.3),
+    CodecRow(15, "ecq:step=0.15,trellis=1,adapt=1", 0.9684, 0.9799, 27.649, 27.634, 297, 291.4),
+    CodecRow(25, "ecq:step=0.15,trellis=1,adapt=1", 0.9746, 0.9799, 27.658, 27.634, 323, 316.6),
+    CodecRow(5, "ecq:step=0.2,trellis=1,adapt=1", 0.9594, 0.9799, 27.730, 27.634, 218, 211.8),
+    CodecRow(15, "ecq:step=0.2,trellis=1,adapt=1", 0.9662, 0.9799, 27.631, 27.634, 268, 262.1),
+    CodecRow(25, "ecq:step=0.2,trellis=1,adapt=1", 0.9648, 0.9799, 27.667, 27.634, 293, 287.1),
 )

@@ -17,7 +17,8 @@ from edgesplit.runtime.store import ModelStore
 
 DEFAULT_CODECS = ("f32", "f16", "int8", "ts+tabq:bits=4,k=6", "ts+tabq:budget=0.1,tau=40,rotate=1",
                   "ts+tabq:budget=0.05,tau=40,rotate=1", "ecq:step=0.15", "ecq:step=0.2",
-                  "ecq:step=0.15,trellis=1", "ecq:step=0.2,trellis=1")
+                  "ecq:step=0.15,trellis=1", "ecq:step=0.2,trellis=1", "ecq:step=0.15,trellis=1,adapt=1",
+                  "ecq:step=0.2,trellis=1,adapt=1")
 
 
 @dataclass(frozen=True)
