@@ -42,8 +42,9 @@ def check_limits(limits: Limits, sessions: Mapping[str, Session], owner: str, si
     if len(mine) >= limits.max_sessions_per_device:
         raise ProtocolError(LIMIT, f"open: this device holds {len(mine)} sessions, the per-device limit is "
                             f"{limits.max_sessions_per_device}; close one first", sid, 0)
-    what = (f"the session's KV cache needs {need_mb:.1f} MB ({plan.n_layers - plan.cut} layers x "
-            f"{plan.max_seq_len} positions, {plan.kv_precision})")
+    what = (f"the session needs {need_mb:.1f} MB (KV cache of {plan.n_layers - plan.cut} layers x "
+            f"{plan.max_seq_len} positions, {plan.kv_precision}" + (", and the adaptive codec's state)"
+                                                                    if plan.codec.adapt else ")"))
     used_mb = sum(s.kv_mb for s in sessions.values())
     if used_mb + need_mb > limits.max_kv_mb:
         raise ProtocolError(LIMIT, f"open: {what} but only {limits.max_kv_mb - used_mb:.1f} MB of max_kv_mb "

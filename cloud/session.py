@@ -35,6 +35,12 @@ def kv_cache_mb(plan: Plan, n_kv_heads: int, head_dim: int) -> float:
     return layers * 2 * plan.max_seq_len * n_kv_heads * head_dim * itemsize / MB
 
 
+def codec_state_mb(plan: Plan, d_model: int) -> float:
+    """MB an adaptive codec's state (runtime/codec_stream.py) can reach in one session: a float64
+    row per distinct token, at most one per position, plus its ~10 fixed rows; 0 otherwise."""
+    return (plan.max_seq_len + 10) * d_model * 8 / MB if plan.codec.adapt else 0.0
+
+
 @dataclass
 class StepResult:
     """What one prefill/decode step produced: the token, why generation ended (or None), its cost in ms."""

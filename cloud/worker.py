@@ -42,7 +42,7 @@ from .engines import EnginePool
 from .listener import Listener, Message
 from .prefills import DEFAULT_CHUNK, PrefillJob, PrefillQueue
 from .refusals import RefusalLog
-from .session import Session, kv_cache_mb
+from .session import Session, codec_state_mb, kv_cache_mb
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ class CloudWorker:
             raise ProtocolError(SEQUENCE, f"open: session {sid} is already open; close it first", sid, 0)
         check_plan(self.store, self.pool, sid, plan)
         cfg = self.store.config
-        need_mb = kv_cache_mb(plan, cfg.n_kv_heads, cfg.head_dim)
+        need_mb = kv_cache_mb(plan, cfg.n_kv_heads, cfg.head_dim) + codec_state_mb(plan, cfg.d_model)
         check_limits(self.limits(), self.sessions, owner, sid, plan, need_mb)
         self.sessions[sid] = Session.from_open(frame, routing_id, owner, self.pool.engine_for(plan), need_mb,
                                                self.pool.codec_table(plan))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zmq
 
-from edgesplit.cloud.session import Session, kv_cache_mb
+from edgesplit.cloud.session import Session, codec_state_mb, kv_cache_mb
 from edgesplit.cloud.worker import CloudWorker
 from edgesplit.runtime import codec
 from edgesplit.runtime.engine import SegmentEngine
@@ -576,4 +576,24 @@ def test_a_session_codec_stays_in_step_with_the_device(tiny_store):
         remote.channel.recv()
     assert worker.sessions[remote.session].stream.state is state
     remote.close()
+    worker.close()
+
+
+def test_an_adaptive_codecs_state_counts_against_the_kv_budget(tiny_store):
+    """Its state grows with the distinct tokens of a session (at most one row a position): the
+    worker reserves that bound with the KV cache, and the refusal says so."""
+    from edgesplit.runtime.plan import PlanSettings, make_plan as device_plan
+
+    plan = device_plan(tiny_store, PlanSettings(2, "ecq:step=0.1,adapt=1", max_seq_len=MAX_SEQ))
+    cfg = tiny_store.config
+    kv, state = kv_cache_mb(plan, cfg.n_kv_heads, cfg.head_dim), codec_state_mb(plan, cfg.d_model)
+    assert state == (MAX_SEQ + 10) * cfg.d_model * 8 / 1e6
+    assert codec_state_mb(make_plan(tiny_store, 2), cfg.d_model) == 0
+    worker = CloudWorker(tiny_store, bind=None, max_kv_mb=kv + state / 2)
+    ch = MemoryChannel(worker.handle_frame)
+    sid = P.new_session_id()
+    ch.send(P.OpenFrame(sid, plan, P.make_sampling()))
+    ch.send(P.CloseFrame(sid, 1))
+    with pytest.raises(RemoteError, match="adaptive codec's state"):
+        ch.recv()
     worker.close()
