@@ -102,8 +102,9 @@ class Session:
         return self.sampling_needs_prompt_ids or (self.stream is not None and self.stream.needs_ids)
 
     def decode_hidden(self, frame: PrefillFrame | DecodeFrame, d: int) -> np.ndarray:
-        """The frame's hidden states (T, d) (d: the model's width), through the session's codec end (CodecError if bad). A
-        decode row's token is the one this session sampled last (the device fed it back)."""
+        """The frame's hidden states (T, d) (d: the model's width), through the session's codec end
+        (CodecError if bad). A decode row's token is the one this session sampled last (the device
+        fed it back)."""
         assert self.stream is not None
         ids = frame.prompt_ids if isinstance(frame, PrefillFrame) else self.history[-1:]
         return self.stream.decode(frame.tensor.data, d, ids if self.stream.needs_ids else None)

@@ -139,8 +139,9 @@ def encode(s: State, x: np.ndarray, ids) -> tuple[bytes, State]:
             walk.learn(tokens[r], _points(s, q, mu), mu, c)
     idx = np.concatenate(esc_index) if esc_index else np.zeros(0, np.int64)
     words = enc.get_compressed().astype("<u4").tobytes() if t else b""
-    first = s.blobs == 0
-    head = bytes([TAGS[s.trellis] | (FIRST_FLAG if first else 0)]) + (_FIRST.pack(s.table.check, s.step) if first else b"")
+    head = bytes([TAGS[s.trellis]])
+    if s.blobs == 0:  # the session's first blob says which table and step the session uses
+        head = bytes([head[0] | FIRST_FLAG]) + _FIRST.pack(s.table.check, s.step)
     blob = b"".join([head, ec.varint(t), ec.varint(idx.size), ec.varint(len(words) // 4),
                      idx.astype("<u4").tobytes(), x.reshape(-1)[idx].astype("<f2").tobytes(), words])
     return blob, walk.state()
