@@ -107,7 +107,7 @@ class Session:
         fed it back)."""
         assert self.stream is not None
         ids = frame.prompt_ids if isinstance(frame, PrefillFrame) else self.history[-1:]
-        return self.stream.decode(frame.tensor.data, d, ids if self.stream.needs_ids else None)
+        return self.stream.decode(frame.tensor.data, d, ids)
 
     @property
     def pos(self) -> int:

@@ -207,8 +207,7 @@ class RemoteSegment:
         hidden = np.ascontiguousarray(x, dtype=np.float32)
         assert self.stream is not None  # prefill made it
         # a prefill's rows are the prompt's tokens (extra[0]); a decode row is the last token received
-        ids = (extra[0] if frame_cls is PrefillFrame else (self.last_token,)) if self.stream.needs_ids else None
-        blob = self.stream.encode(hidden, ids)
+        blob = self.stream.encode(hidden, extra[0] if frame_cls is PrefillFrame else (self.last_token,))
         self.seq += 1
         frame = frame_cls(self.session, self.seq, Activation(str(self.plan.codec), hidden.shape, blob), *extra)
         t = self.timings

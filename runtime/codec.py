@@ -343,7 +343,8 @@ class Stream:
         return self.state is not None
 
     def encode(self, x: np.ndarray, ids=None) -> bytes:
-        """The blob of x (T, d) float32, the rows of tokens `ids` (needed when `needs_ids`)."""
+        """The blob of x (T, d) float32, the rows of tokens `ids` (needed when `needs_ids`, ignored
+        otherwise)."""
         if self.state is None:
             return encode(x, self.spec, self.table)
         _check_input(x, self.spec)
@@ -354,12 +355,13 @@ class Stream:
         """The rows (T, d) float32 of the session's next blob (`ids` as for `encode`)."""
         if self.state is None:
             return decode(blob, d, self.table)
-        info = describe(blob)
-        if not info.adapt:
+        if not (isinstance(blob, (bytes, bytearray, memoryview)) and len(blob) and blob[0] in cs.TAG_BYTES):
+            info = describe(blob)  # (raises for what is no blob at all)
             raise CodecError(f"codec blob is {info.codec} version {info.version}, the session's codec is {self.spec}")
         if d is not None and d != self.state.table.mean.size:
             raise CodecError(f"codec: width d={d}, the session's table has d={self.state.table.mean.size}")
-        x, self.state = cs.decode(self.state, blob, _ids(ids, info.t))
+        p = cs.parse(blob)
+        x, self.state = cs.decode(self.state, p, _ids(ids, p.t))
         return x
 
 

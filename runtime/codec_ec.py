@@ -108,13 +108,17 @@ def coder():
     return constriction
 
 
+def symbol_model():
+    """The symbols' entropy model family: a Gaussian quantized to the integers in [-RANGE, RANGE]
+    (each symbol's mean and std are given with the symbols)."""
+    return coder().stream.model.QuantizedGaussian(-RANGE, RANGE)
+
+
 def _model_params(table: CutTable, delta: np.float32, t: int,
                   trellis_mode: bool) -> tuple[object, np.ndarray, np.ndarray]:
     """The entropy model family and per-symbol means/stds (T*d,) float64 for T rows."""
-    cs = coder()
     sd = np.maximum(table.std.astype(np.float64) / float(delta), MIN_SD)
-    model = cs.stream.model.QuantizedGaussian(-RANGE, RANGE)
-    return model, np.full(t * sd.size, TRELLIS_CENTRE if trellis_mode else 0.0), np.tile(sd, t)
+    return symbol_model(), np.full(t * sd.size, TRELLIS_CENTRE if trellis_mode else 0.0), np.tile(sd, t)
 
 
 def step_delta(table: CutTable, step: float) -> tuple[float, np.float32]:

@@ -124,7 +124,7 @@ def encode(s: State, x: np.ndarray, ids) -> tuple[bytes, State]:
         raise CodecError(f"codec 'ecq': input width d={d}, the cut {s.table.cut} table has {s.table.mean.size}")
     tokens, walk = list(ids), _Walk(s)
     enc = ec.coder().stream.queue.RangeEncoder()
-    model = ec.coder().stream.model.QuantizedGaussian(-ec.RANGE, ec.RANGE)
+    model = ec.symbol_model()
     esc_index: list[np.ndarray] = []
     for r in range(t):
         mu, sd, c = walk.predict(tokens[r])
@@ -199,9 +199,9 @@ def parse(blob) -> Parsed:
                   np.frombuffer(buf, "<u4", m, off + 6 * n))
 
 
-def decode(s: State, blob, ids) -> tuple[np.ndarray, State]:
-    """The rows (T, d) float32 of a blob made on state `s` (tokens `ids`), and the state after it."""
-    p = parse(blob)
+def decode(s: State, p: Parsed, ids) -> tuple[np.ndarray, State]:
+    """The rows (T, d) float32 of a parsed blob made on state `s` (tokens `ids`, (T,), checked by
+    the caller), and the state after it."""
     if p.trellis != s.trellis:
         raise CodecError(f"codec blob: an adaptive ecq blob {'with' if p.trellis else 'without'} trellis, "
                          f"the session's setting is {'with' if s.trellis else 'without'}")
@@ -219,7 +219,7 @@ def decode(s: State, blob, ids) -> tuple[np.ndarray, State]:
     walk = _Walk(s)
     if t:
         esc_rows = set((p.esc_index // d).tolist())
-        model = ec.coder().stream.model.QuantizedGaussian(-ec.RANGE, ec.RANGE)
+        model = ec.symbol_model()
         try:
             dec = ec.coder().stream.queue.RangeDecoder(p.words.astype(np.uint32))
             for r in range(t):
